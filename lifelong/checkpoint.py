@@ -1,0 +1,121 @@
+"""Checkpoints: the complete engine state (plus the daemon's offsets) written atomically with a checksum.
+
+A checkpoint is one file ``checkpoint-<seq>.ckpt`` in the checkpoint directory: a magic line, the SHA-256 of
+the payload, then the payload, a ``torch.save`` of tensors and JSON-like metadata that is read back with
+``weights_only=True`` (no arbitrary unpickling). It is written to a temporary file, fsynced, renamed, and
+the directory fsynced; files are mode 0600. Loading takes the newest checkpoint that verifies and says
+which ones it refused and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, EngineConfig, LabelsConfig
+from .engine import Engine
+from .errors import StateError
+
+MAGIC = b"LIFELONG-CHECKPOINT-1\n"
+NAME = re.compile(r"^checkpoint-(\d{12})\.ckpt$")
+log = logging.getLogger(__name__)
+
+
+def _files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if NAME.match(p.name)), reverse=True)
+
+
+def write(directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write one checkpoint atomically; keep the newest ``keep`` files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    existing = _files(directory)
+    seq = int(NAME.match(existing[0].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+    buf = io.BytesIO()
+    torch.save({"tensors": tensors, "meta": meta}, buf)
+    payload = buf.getvalue()
+    path = directory / f"checkpoint-{seq:012d}.ckpt"
+    tmp = directory / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    for old in _files(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify and load one checkpoint file; ``StateError`` says what is wrong with it."""
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise StateError(f"{path}: not a lifelong checkpoint (bad header)")
+    digest, sep, payload = data[len(MAGIC):].partition(b"\n")
+    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise StateError(f"{path}: checksum mismatch (truncated or corrupt)")
+    try:
+        obj = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means the file is unusable
+        raise StateError(f"{path}: unreadable payload ({exc})") from None
+    return obj["tensors"], obj["meta"]
+
+
+def latest(directory: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that verifies, or None when there is none; bad ones are logged and skipped."""
+    for path in _files(Path(directory)):
+        try:
+            tensors, meta = read(path)
+        except StateError as exc:
+            log.error("refusing checkpoint: %s; trying the previous one", exc)
+            continue
+        return path, tensors, meta
+    return None
+
+
+def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Checkpoint ``engine`` (and the daemon's ``extra`` metadata, e.g. offsets)."""
+    tensors, meta = engine.state()
+    meta["extra"] = extra or {}
+    return write(directory, tensors, meta, keep)
+
+
+def load_engine(directory: str | Path, cfg: Config | EngineConfig,
+                labels: LabelsConfig | None = None) -> Engine:
+    """An engine restored from the newest good checkpoint in ``directory``.
+
+    The saved ``engine.dim`` is used when the configuration leaves it at 0.
+    """
+    found = latest(directory)
+    if found is None:
+        raise StateError(f"no usable checkpoint in {directory}")
+    _, tensors, meta = found
+    engine_cfg = cfg.engine if isinstance(cfg, Config) else cfg
+    if isinstance(cfg, Config):
+        labels = cfg.labels
+    if engine_cfg.dim == 0:
+        import dataclasses
+
+        engine_cfg = dataclasses.replace(engine_cfg, dim=int(meta["config"]["dim"]))
+    engine = Engine(engine_cfg, labels)
+    engine.load_state(tensors, meta)
+    return engine

@@ -1,0 +1,99 @@
+"""Command line: ``lifelong generate | evaluate | kb`` (and ``run``/``demo`` for the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .errors import LifelongError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import stream, write_jsonl
+
+    n = write_jsonl(stream(args.kind, n_tasks=args.tasks, events=args.events, dim=args.dim, block=args.block,
+                           seed=args.seed), args.out)
+    print(f"wrote {n} events to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    cfg = load_config(args.config)
+    report = evaluate(args.input, cfg, infer=args.config is None, plot=args.plot, progress=not args.quiet)
+    Path(args.report_json).write_text(json.dumps(report, indent=1))
+    m = report["methods"]
+    print(f"{'method':<10} {'error':>8} {'log loss':>9}")
+    for name in ("lifelong", "itl", "pooled", "kb_only"):
+        print(f"{name:<10} {m[name]['cumulative_error']:>8.4f} {m[name]['cumulative_log_loss']:>9.4f}")
+    r = report["regret"]
+    early = report["early"]
+    print(f"events {report['events']}  {report['events_per_s']:,.0f} ev/s  early error (first {early['first_n']})"
+          f" lifelong {early['lifelong']:.4f} itl {early['itl']:.4f}")
+    print(f"regret: top level max {r['top_level_max']:.4f} (bound {r['top_level_bound']:.4f}), "
+          f"KB max {r['kb_max']:.4f} (bound {r['kb_bound']:.4f})")
+    print(f"report: {args.report_json}" + (f"  plot: {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _kb(args: argparse.Namespace) -> int:
+    from .checkpoint import load_engine
+
+    engine = load_engine(args.checkpoint, load_config(args.config))
+    rows = engine.kb_summary()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"KB: {engine.kb.size}/{engine.kb.capacity} members, {engine.n_tasks} tasks, basis "
+          f"{'ready' if engine.kb.basis_ready else 'not ready'}; counts {engine.kb.counts}")
+    print(f"{'slot':>5}  {'member':<40} {'source task':<30} {'total weight':>12}")
+    for r in sorted(rows, key=lambda r: -r["weight"]):
+        print(f"{r['slot']!s:>5}  {r['id']:<40} {r['source']:<30} {r['weight']:>12.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lifelong", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write a synthetic or dataset stream as JSONL")
+    g.add_argument("--kind", choices=("related", "unrelated", "digits"), required=True)
+    g.add_argument("--out", required=True, help="output JSONL file")
+    g.add_argument("--tasks", type=int, default=None, help="number of tasks (default 300; digits: all 45 pairs)")
+    g.add_argument("--events", type=int, default=100, help="events per synthetic task")
+    g.add_argument("--dim", type=int, default=20, help="features of synthetic tasks")
+    g.add_argument("--block", type=int, default=20, help="consecutive events of one task")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser("evaluate", help="prequential evaluation of a JSONL stream with baselines")
+    e.add_argument("--input", required=True)
+    e.add_argument("--report-json", required=True)
+    e.add_argument("--config", default=None, help="config.yaml (default: built-in defaults, task kind inferred)")
+    e.add_argument("--plot", default=None, help="PNG of cumulative error against events")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_evaluate)
+
+    k = sub.add_parser("kb", help="inspect the knowledge base of a checkpoint")
+    k.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    k.add_argument("--config", default=None)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_kb)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LifelongError as exc:
+        print(f"lifelong: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""The engine: task states, the knowledge base and the two-level combination (no Kafka inside).
+
+``Engine.process(events)`` predicts every event that has features, accounts the loss of every labelled
+one, then learns from it, in arrival order. Events of different tasks are independent given the KB, so a
+micro-batch is computed in waves: the k-th event of each task in the batch goes in wave k, and wave k is
+predicted after wave k-1 was learned. Snapshots for the KB are taken when triggered (every
+``snapshot_every`` learned events of a task, and on ``control: end``) and published every
+``publish_every`` engine events, a count that does not depend on how the stream is cut into batches; so
+a batched run equals an event-by-event run.
+
+Per task, the prediction mixes two levels with exponential weights (``hedge.py``): the task's own learner
+and the KB level, itself a mixture of the basis expert and every member. Absent experts (before the KB
+has members, or a slot not yet filled) are treated as sleeping: they "predict" the mixture, so they are
+charged exactly the mixture's loss and the bounds hold against each expert from when it joined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import EngineConfig, LabelsConfig
+from .errors import StateError
+from .events import Event, Schema
+from .hedge import Mixing, mix
+from .knowledge import KnowledgeBase, Staged
+from .learners import make_learners, pick_device
+
+EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
+KB_TOP = 3  # members listed in each prediction
+# Columns of the per-task statistics table.
+STATS = ("loss", "loss_local", "loss_kb", "errors", "errors_local", "errors_kb", "early_errors",
+         "early_errors_local", "early_n")
+S = {name: i for i, name in enumerate(STATS)}
+
+# Outcome of each event in a batch.
+IGNORED, PREDICTED, LEARNED, LABEL_JOINED, LABEL_EXPIRED, LABEL_UNMATCHED, CONTROL = range(7)
+OUTCOMES = ("ignored", "predicted", "learned", "label_joined", "label_expired", "label_unmatched", "control")
+
+
+@dataclass
+class _Pending:
+    """Everything needed to account and learn when the label of an unlabelled prediction arrives."""
+
+    x: torch.Tensor
+    kb_experts: torch.Tensor
+    top: torch.Tensor
+    pred: torch.Tensor
+    versions: torch.Tensor
+
+
+@dataclass
+class _Plan:
+    """Per event of a segment: its wave, the row of the prediction a label joins (-1: stored earlier),
+    the task's labelled count before it, and whether a KB snapshot follows it."""
+
+    wave: np.ndarray
+    ref: np.ndarray
+    n_before: np.ndarray
+    trigger: np.ndarray
+
+
+@dataclass
+class BatchResult:
+    """Per-event outputs of one ``process`` call, as arrays in batch order (NaN where not applicable)."""
+
+    events: list[Event]
+    outcome: np.ndarray
+    pred: np.ndarray
+    p_local: np.ndarray
+    p_kb: np.ndarray
+    w_local: np.ndarray
+    errors: np.ndarray  # [n, 3]: combined, local, KB level (0/1 for classification, squared error otherwise)
+    losses: np.ndarray  # [n, 3]: the mixing loss of the same three
+    model_version: np.ndarray
+    task_index: np.ndarray
+    kb_slots: np.ndarray  # [n, KB_TOP] expert index of the heaviest KB experts, weights in kb_weights
+    kb_weights: np.ndarray
+    segment: np.ndarray  # which entry of kb_names names the experts of each event
+    kb_names: list[list[str]] = field(default_factory=list)
+    seq0: int = 0  # engine event count before this batch
+
+    @classmethod
+    def empty(cls, events: list[Event], n_pred: int) -> BatchResult:
+        n = len(events)
+        nan = np.full((n, n_pred), np.nan)
+        return cls(events, np.zeros(n, np.int8), nan.copy(), nan.copy(), nan.copy(), np.full(n, np.nan),
+                   np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.zeros(n, np.int64),
+                   np.zeros(n, np.int64), np.zeros((n, KB_TOP), np.int64), np.zeros((n, KB_TOP)),
+                   np.zeros(n, np.int64))
+
+    def kb_top(self, i: int) -> list[list[Any]]:
+        names = self.kb_names[self.segment[i]]
+        return [[names[s], round(float(w), 6)] for s, w in zip(self.kb_slots[i], self.kb_weights[i], strict=True)
+                if w > 0]
+
+    def records(self, task_kind: str) -> list[tuple[int, dict[str, Any]]]:
+        """Prediction records (DESIGN §3) with their position in the batch, for every predicted event."""
+        out = []
+        for i in np.flatnonzero((self.outcome == PREDICTED) | (self.outcome == LEARNED)):
+            e = self.events[i]
+            p = self.pred[i]
+            rec: dict[str, Any] = {"task": e.task, "id": e.id}
+            if task_kind == "regression":
+                rec["y_pred"] = float(p[0])
+                rec["p_local"], rec["p_kb"] = float(self.p_local[i, 0]), float(self.p_kb[i, 0])
+            else:
+                rec["y_pred"] = int(np.argmax(p))
+                rec["proba"] = [round(float(v), 6) for v in p]
+                rec["p_local"] = [round(float(v), 6) for v in self.p_local[i]]
+                rec["p_kb"] = [round(float(v), 6) for v in self.p_kb[i]]
+            rec["w_local"] = round(float(self.w_local[i]), 6)
+            rec["kb_top"] = self.kb_top(int(i))
+            rec["model_version"] = int(self.model_version[i])
+            out.append((int(i), rec))
+        return out
+
+
+class Engine:
+    """Two-level lifelong online learner over many tasks.
+
+    Examples
+    --------
+    >>> from lifelong.config import EngineConfig
+    >>> from lifelong.events import Event
+    >>> import numpy as np
+    >>> eng = Engine(EngineConfig(dim=2))
+    >>> batch = [Event("a", f"e{i}", np.array([1.0, float(i % 2)], np.float32), i % 2) for i in range(40)]
+    >>> result = eng.process(batch)
+    >>> eng.counters["learned"]
+    40
+    >>> eng.report()["tasks"]["a"]["events"]
+    40
+    """
+
+    def __init__(self, cfg: EngineConfig, labels: LabelsConfig | None = None):
+        if cfg.dim <= 0:
+            raise StateError("engine.dim must be known before the engine starts (set it, or infer it from data)")
+        self.cfg = cfg
+        self.labels = labels or LabelsConfig()
+        self.device = pick_device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        self.schema = Schema(cfg.dim, cfg.task, cfg.n_classes, cfg.target_range, frozenset(cfg.tasks))
+        self.learners = make_learners(cfg, cfg.dim, self.device)
+        self.kb = KnowledgeBase(cfg, self.learners, cfg.dim, self.device)
+        self.n_pred = self.learners.n_pred
+        self.n_experts = 1 + cfg.kb_capacity
+        loss = "hedge" if cfg.mixing == "hedge" else "squared" if cfg.task == "regression" else "log"
+        self.top_mix = Mixing(loss, cfg.target_range, hedge_m=2)
+        self.kb_mix = Mixing(loss, cfg.target_range, hedge_m=self.n_experts)
+        self.task_names: list[str] = []
+        self.task_index: dict[str, int] = {}
+        self.t = self._task_tables(0)
+        self.kb_version = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
+        self.pending_keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.staged: list[Staged] = []
+        self.n_labelled = np.zeros(0, np.int64)  # labelled events learned per task (host side: drives the plan)
+        self.events_seen = 0
+        self.now_ts = -math.inf
+        self.counters = {name: 0 for name in ("predicted", "learned", "label_expired", "label_unmatched",
+                                              "controls", "tasks_created", "snapshots")}
+
+    # --- per-task tables ---
+
+    def _task_tables(self, n: int) -> dict[str, torch.Tensor]:
+        dev, k, f64 = self.device, self.n_experts, torch.float64
+        return {
+            "L_top": torch.zeros(n, 2, dtype=f64, device=dev),
+            "in_top": torch.zeros(n, 2, dtype=torch.bool, device=dev),
+            "n_top": torch.zeros(n, dtype=torch.long, device=dev),
+            "L_kb": torch.zeros(n, k, dtype=f64, device=dev),
+            "in_kb": torch.zeros(n, k, dtype=torch.bool, device=dev),
+            "n_kb": torch.zeros(n, dtype=torch.long, device=dev),
+            "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
+        }
+
+    def _kb_present(self) -> torch.Tensor:
+        present = torch.cat([torch.tensor([self.kb.basis_ready], device=self.device), self.kb.valid])
+        return present
+
+    def _task(self, name: str) -> int:
+        i = self.task_index.get(name)
+        if i is not None:
+            return i
+        if len(self.task_names) >= self.cfg.max_tasks:
+            raise StateError(f"engine.max_tasks ({self.cfg.max_tasks}) reached; task {name!r} refused")
+        i = len(self.task_names)
+        self.task_names.append(name)
+        self.task_index[name] = i
+        self.counters["tasks_created"] += 1
+        cap = self.t["stats"].shape[0]
+        if i >= cap:
+            grown = self._task_tables(max(16, 2 * cap))
+            for key, old in self.t.items():
+                grown[key][:cap] = old
+            self.t = grown
+            self.n_labelled = np.concatenate([self.n_labelled, np.zeros(len(grown["stats"]) - cap, np.int64)])
+        self.learners.ensure(i + 1)
+        self.kb.ensure(i + 1)
+        present = self._kb_present()
+        self.t["in_kb"][i] = present
+        self.t["n_kb"][i] = int(present.sum())
+        has_kb = bool(present.any())
+        self.t["in_top"][i] = torch.tensor([True, has_kb])
+        self.t["n_top"][i] = 1 + int(has_kb)
+        return i
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    # --- processing ---
+
+    def process(self, events: list[Event]) -> BatchResult:
+        """Predict, account and learn a batch of valid events in arrival order."""
+        result = BatchResult.empty(events, self.n_pred)
+        result.seq0 = self.events_seen
+        start = 0
+        while start < len(events):
+            room = self.cfg.publish_every - self.events_seen % self.cfg.publish_every
+            stop = min(len(events), start + room)
+            self._segment(events, start, stop, result)
+            self.events_seen += stop - start
+            if self.events_seen % self.cfg.publish_every == 0:
+                self._publish()
+            start = stop
+        return result
+
+    def _plan(self, events: list[Event], start: int, stop: int, result: BatchResult) -> _Plan:
+        """Arrival-order bookkeeping (tasks, pending labels and their TTL, label counts) and waves."""
+        n = stop - start
+        plan = _Plan(wave=np.zeros(n, np.int64), ref=np.full(n, -1, np.int64), n_before=np.zeros(n, np.int64),
+                     trigger=np.zeros(n, bool))
+        depth: dict[int, int] = {}
+        ttl, cap, every = self.labels.pending_ttl_s, self.labels.pending_max, self.cfg.snapshot_every
+        keys = self.pending_keys
+        outcome = result.outcome
+        for j, e in enumerate(events[start:stop]):
+            pos = start + j
+            if e.ts is not None and e.ts > self.now_ts:
+                self.now_ts = e.ts
+            while keys:  # the oldest entries expire first; arrival order, so independent of batching
+                key, (_, ts) = next(iter(keys.items()))
+                if ts >= self.now_ts - ttl:
+                    break
+                self._drop_pending(key)
+            ti = self._task(e.task)
+            result.task_index[pos] = ti
+            labelled = False
+            if e.control is not None:
+                outcome[pos] = CONTROL
+                self.counters["controls"] += 1
+                plan.trigger[j] = True
+            elif e.x is None:
+                key = (e.task, e.id or "")
+                entry = keys.pop(key, None)
+                if entry is None:
+                    outcome[pos] = LABEL_UNMATCHED
+                    self.counters["label_unmatched"] += 1
+                    continue
+                outcome[pos] = LABEL_JOINED
+                labelled = True
+                if entry[0] >= result.seq0 + start:
+                    plan.ref[j] = entry[0] - result.seq0 - start
+            elif e.y is None:
+                outcome[pos] = PREDICTED
+                key = (e.task, e.id or "")
+                keys.pop(key, None)
+                self.pending.pop(key, None)
+                keys[key] = (result.seq0 + pos, e.ts if e.ts is not None else self.now_ts)
+                while len(keys) > cap:
+                    self._drop_pending(next(iter(keys)))
+            else:
+                outcome[pos] = LEARNED
+                labelled = True
+            counts = self.n_labelled
+            plan.n_before[j] = counts[ti]
+            if labelled:
+                counts[ti] += 1
+                plan.trigger[j] = every > 0 and counts[ti] % every == 0
+            k = depth.get(ti, 0)
+            depth[ti] = k + 1
+            plan.wave[j] = k
+        return plan
+
+    def _drop_pending(self, key: tuple[str, str]) -> None:
+        del self.pending_keys[key]
+        self.pending.pop(key, None)
+        self.counters["label_expired"] += 1
+
+    def _segment(self, events: list[Event], start: int, stop: int, result: BatchResult) -> None:
+        """Waves for the sequential part (each task's learner and basis code), then the mixtures of the
+        whole segment at once: the KB is fixed within a segment, and given the experts' predictions the
+        exponential weights are per-task cumulative sums."""
+        plan = self._plan(events, start, stop, result)
+        n, dev = stop - start, self.device
+        outcome = result.outcome[start:stop]
+        tasks = result.task_index[start:stop]
+        has_x = (outcome == PREDICTED) | (outcome == LEARNED)
+        joined = outcome == LABEL_JOINED
+        labelled = (outcome == LEARNED) | joined
+        x_np = np.zeros((n, self.cfg.dim), np.float32)
+        y_np = np.zeros(n, np.float64)
+        for j in np.flatnonzero(has_x | labelled):
+            e = events[start + j]
+            if e.x is not None:
+                x_np[j] = e.x
+            if e.y is not None:
+                y_np[j] = e.y
+        same = joined & (plan.ref >= 0)
+        x_np[same] = x_np[plan.ref[same]]
+        x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
+        stored_rows = np.flatnonzero(joined & (plan.ref < 0))
+        stored = [self.pending.pop((events[start + j].task, events[start + j].id or "")) for j in stored_rows]
+        if stored:
+            x[torch.as_tensor(stored_rows, device=dev)] = torch.stack([en.x for en in stored])
+        y = torch.as_tensor(y_np, dtype=self.dtype if self.cfg.task == "regression" else torch.long, device=dev)
+        idx = torch.as_tensor(tasks, device=dev)
+
+        # Sequential part: wave k holds the k-th event of each task. Rows are sorted by (wave, labelled),
+        # so that every call below takes contiguous slices.
+        x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        z = x1 @ self.kb.B
+        key = plan.wave * 2 + labelled
+        order = np.argsort(key, kind="stable")
+        perm = torch.as_tensor(order, device=dev)
+        idx_p, x1_p, z_p, y_p = idx[perm], x1[perm], z[perm], y[perm]
+        raw_local, raw_basis = [], []
+        cuts = [0, *(np.flatnonzero(np.diff(key[order])) + 1).tolist(), n]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            g = slice(a, b)
+            gy = y_p[g] if labelled[order[a]] else None
+            raw_local.append(self.learners.forward(idx_p[g], x1_p[g], gy))
+            raw_basis.append(self.kb.forward_basis(idx_p[g], z_p[g], gy))
+            for j in order[a:b][plan.trigger[order[a:b]]]:
+                self._stage(int(tasks[j]), int(plan.n_before[j] + labelled[j]), result.seq0 + start + int(j))
+        p_local = torch.empty(n, self.n_pred, dtype=self.dtype, device=dev)
+        p_basis = torch.empty_like(p_local)
+        p_local[perm] = self.learners.finish(torch.cat(raw_local))
+        p_basis[perm] = self.kb.finish_basis(torch.cat(raw_basis))
+
+        self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
+        result.segment[start:stop] = len(result.kb_names)
+        result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
+
+    def _mix(self, events: list[Event], start: int, plan: _Plan, result: BatchResult, x: torch.Tensor,
+             y: torch.Tensor, idx: torch.Tensor, p_local: torch.Tensor, p_basis: torch.Tensor,
+             stored: list[_Pending], stored_rows: np.ndarray) -> None:
+        dev, t = self.device, self.t
+        n = len(plan.wave)
+        outcome = result.outcome[start:start + n]
+        has_x_np = (outcome == PREDICTED) | (outcome == LEARNED)
+        lab_np = (outcome == LEARNED) | (outcome == LABEL_JOINED)
+        lab = torch.as_tensor(lab_np, device=dev)
+        n_before = torch.as_tensor(plan.n_before, device=dev)
+        # Which row's predictions each labelled row is scored on (itself, or the earlier prediction it
+        # labels); rows labelled from a stored pending prediction are filled in below.
+        src = torch.as_tensor(np.where(plan.ref >= 0, plan.ref, np.arange(n)), device=dev)
+        st_rows = torch.as_tensor(stored_rows, dtype=torch.long, device=dev)
+
+        p_local = p_local.double()
+        kb_x = torch.cat([p_basis.unsqueeze(1), self.learners.member_predict(self.kb.store, x)], dim=1).double()
+        lab_kb_x = kb_x[src]
+        if stored:
+            s_kb = torch.stack([en.kb_experts for en in stored])
+            stale = torch.stack([en.versions for en in stored]) != self.kb_version
+            s_top = torch.stack([en.top for en in stored])
+            # A slot refilled since that prediction is another expert: it slept, so it "predicted" the mixture.
+            lab_kb_x[st_rows] = torch.where(stale.unsqueeze(-1), s_top[:, 1:2].expand_as(s_kb), s_kb)
+        y_col = y.unsqueeze(-1)
+        c_kb = torch.where(lab.unsqueeze(-1), self.kb_mix.loss(lab_kb_x, y_col), 0.0)
+        in_kb = t["in_kb"][idx]
+        round_n = n_before + 1
+        w_kb = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][idx] + _exclusive_cumsum(idx, c_kb), in_kb, round_n))
+        p_kb = mix(w_kb, kb_x)
+        in_top = t["in_top"][idx]
+        p_kb = torch.where(in_top[:, 1:2], p_kb, p_local)  # finite stand-in; its weight is 0 until the KB joins
+        top = torch.stack([p_local, p_kb], dim=1)
+        lab_top = top[src]
+        if stored:
+            lab_top[st_rows] = s_top
+        c_top = torch.where(lab.unsqueeze(-1), self.top_mix.loss(lab_top, y_col), 0.0)
+        w_top = self.top_mix.weights(t["L_top"][idx] + _exclusive_cumsum(idx, c_top), in_top, round_n)
+        pred = mix(w_top, top)
+        top[:, 1] = torch.where(in_top[:, 1:2], top[:, 1], pred)  # the sleeping KB level predicts the mixture
+        three = torch.cat([pred.unsqueeze(1), top], dim=1)[src]
+        if stored:
+            three[st_rows] = torch.cat([torch.stack([en.pred for en in stored]).unsqueeze(1), s_top], dim=1)
+            three[st_rows, 2] = torch.where(in_top[st_rows, 1:2], three[st_rows, 2], three[st_rows, 0])
+
+        li = torch.as_tensor(np.flatnonzero(lab_np), device=dev)
+        if len(li):
+            ti = idx[li]
+            loss3 = self.top_mix.loss(three[li], y_col[li])
+            err3 = self._errors(three[li], y[li])
+            early = (n_before[li] < EARLY_N).double().unsqueeze(-1)
+            t["L_kb"].index_add_(0, ti, c_kb[li])
+            t["L_top"].index_add_(0, ti, c_top[li])
+            t["stats"].index_add_(0, ti, torch.cat([loss3, err3, err3[:, :2] * early, early], dim=1))
+            rows = start + lab_np.nonzero()[0]
+            result.errors[rows] = err3.cpu().numpy()
+            result.losses[rows] = loss3.cpu().numpy()
+            self.counters["learned"] += len(li)
+
+        pi_np = np.flatnonzero(has_x_np)
+        if len(pi_np):
+            pi = torch.as_tensor(pi_np, device=dev)
+            rows = start + pi_np
+            result.pred[rows] = pred[pi].cpu().numpy()
+            result.p_local[rows] = top[pi, 0].cpu().numpy()
+            result.p_kb[rows] = top[pi, 1].cpu().numpy()
+            result.w_local[rows] = w_top[pi, 0].cpu().numpy()
+            result.model_version[rows] = plan.n_before[pi_np]
+            k = min(KB_TOP, w_kb.shape[1])
+            tw, ts = torch.topk(w_kb[pi], k, dim=1)
+            result.kb_slots[rows, :k] = ts.cpu().numpy()
+            result.kb_weights[rows, :k] = tw.cpu().numpy()
+            self.counters["predicted"] += len(pi_np)
+        for j in np.flatnonzero(outcome == PREDICTED):
+            e = events[start + j]
+            key = (e.task, e.id or "")
+            if key in self.pending_keys:
+                self.pending[key] = _Pending(x[j].clone(), kb_x[j].to(self.dtype), top[j].clone(), pred[j].clone(),
+                                             self.kb_version.clone())
+
+    def _errors(self, preds: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.cfg.task == "regression":
+            return (preds[..., 0].double() - y.double().unsqueeze(-1)) ** 2
+        return (preds.argmax(-1) != y.unsqueeze(-1)).double()
+
+    # --- knowledge base ---
+
+    def _stage(self, task: int, learned: int, seq: int) -> None:
+        if learned == 0:
+            return
+        self.staged.append(self.kb.snapshot(task, self.task_names[task], learned, seq))
+        self.counters["snapshots"] += 1
+
+    def _publish(self) -> None:
+        if not self.staged:
+            return
+        n, t = self.n_tasks, self.t
+        weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())
+        usefulness = torch.nan_to_num(weights).sum(0)[1:]
+        self.staged.sort(key=lambda st: st.seq)  # arrival order of the triggers, whatever the batching
+        entered = [1 + s for s in self.kb.publish(self.staged, usefulness)]
+        self.staged = []
+        everyone = torch.ones(n, dtype=torch.bool, device=self.device)
+        for e in entered:
+            self.kb_version[e] += 1
+            self._enter(e, everyone)
+        if self.kb.basis_ready:
+            self._enter(0, ~t["in_kb"][:n, 0])
+        newly = ~t["in_top"][:n, 1] & t["in_kb"][:n].any(1)
+        t["L_top"][:n, 1] = torch.where(newly, t["stats"][:n, S["loss"]], t["L_top"][:n, 1])
+        t["in_top"][:n, 1] |= newly
+        t["n_top"][:n] += newly.long()
+
+    def _rounds(self) -> torch.Tensor:
+        return torch.as_tensor(self.n_labelled[: self.n_tasks] + 1, device=self.device)
+
+    def _enter(self, expert: int, fresh: torch.Tensor) -> None:
+        """KB expert ``expert`` joins the mixtures of the ``fresh`` tasks, starting at the KB level's loss."""
+        n, t = self.n_tasks, self.t
+        t["L_kb"][:n, expert] = torch.where(fresh, t["stats"][:n, S["loss_kb"]], t["L_kb"][:n, expert])
+        t["in_kb"][:n, expert] |= fresh
+        t["n_kb"][:n] += fresh.long()
+
+    # --- reporting ---
+
+    def regrets(self) -> dict[str, np.ndarray]:
+        """Per task: regret of the combined predictor vs the better level, of the KB vs its best expert,
+        and the bound of each."""
+        n, t = self.n_tasks, self.t
+        st = t["stats"][:n]
+        best_level = torch.where(t["in_top"][:n], t["L_top"][:n], math.inf).min(1).values
+        top = (st[:, S["loss"]] - best_level).cpu().numpy()
+        best_kb = torch.where(t["in_kb"][:n], t["L_kb"][:n], math.inf).min(1).values
+        kb = torch.where(torch.isfinite(best_kb), st[:, S["loss_kb"]] - best_kb, 0.0).cpu().numpy()
+        counts = self.n_labelled[:n].tolist()
+        top_bound = np.array([self.top_mix.bound(c, k) for c, k in zip(counts, t["n_top"][:n].tolist(), strict=True)])
+        kb_bound = np.array([self.kb_mix.bound(c, k) for c, k in zip(counts, t["n_kb"][:n].tolist(), strict=True)])
+        return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
+
+    def report(self) -> dict[str, Any]:
+        """Cumulative figures per method and per task (the core of ``lifelong evaluate``'s report)."""
+        n = self.n_tasks
+        st = self.t["stats"][:n].cpu().numpy()
+        counts = self.n_labelled[:n]
+        total = max(1, int(counts.sum()))
+        reg = self.regrets()
+
+        def method(err: str, loss: str) -> dict[str, float]:
+            return {"cumulative_error": float(st[:, S[err]].sum() / total),
+                    "cumulative_log_loss": float(st[:, S[loss]].sum() / total)}
+
+        tasks = {}
+        for i, name in enumerate(self.task_names):
+            c = max(1, int(counts[i]))
+            tasks[name] = {"events": int(counts[i]), "cumulative_error": float(st[i, S["errors"]] / c),
+                           "cumulative_error_local": float(st[i, S["errors_local"]] / c),
+                           "regret": float(reg["top"][i]), "regret_bound": float(reg["top_bound"][i]),
+                           "kb_regret": float(reg["kb"][i]), "kb_regret_bound": float(reg["kb_bound"][i])}
+        early_n = max(1.0, float(st[:, S["early_n"]].sum()))
+        i_top = int(np.argmax(reg["top"] - reg["top_bound"])) if n else 0
+        i_kb = int(np.argmax(reg["kb"] - reg["kb_bound"])) if n else 0
+        return {
+            "labelled": int(counts.sum()),
+            "methods": {"lifelong": method("errors", "loss"), "itl": method("errors_local", "loss_local"),
+                        "kb_only": method("errors_kb", "loss_kb")},
+            "regret": {"top_level_max": float(reg["top"][i_top]) if n else 0.0,
+                       "top_level_bound": float(reg["top_bound"][i_top]) if n else 0.0,
+                       "kb_max": float(reg["kb"][i_kb]) if n else 0.0,
+                       "kb_bound": float(reg["kb_bound"][i_kb]) if n else 0.0,
+                       "top_level_total": float(reg["top"].sum()), "kb_total": float(reg["kb"].sum())},
+            "early": {"first_n": EARLY_N, "lifelong": float(st[:, S["early_errors"]].sum() / early_n),
+                      "itl": float(st[:, S["early_errors_local"]].sum() / early_n)},
+            "kb": {"size": self.kb.size, "capacity": self.kb.capacity, **self.kb.counts},
+            "counters": dict(self.counters),
+            "tasks": tasks,
+        }
+
+    # --- state ---
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """All state as tensors plus JSON metadata; ``load_state`` of the pair restores it exactly."""
+        n = self.n_tasks
+        tensors: dict[str, Any] = {f"task.{k}": v[:n].cpu() for k, v in self.t.items()}
+        tensors["task.n_labelled"] = torch.as_tensor(self.n_labelled[:n].copy())
+        tensors.update({f"learner.{k}": v for k, v in self.learners.state().items()})
+        tensors.update(self.kb.state())
+        tensors["kb_version"] = self.kb_version.cpu()
+        tensors["torch_rng"] = torch.get_rng_state()
+        keys = list(self.pending_keys)
+        if keys:
+            entries = [self.pending[k] for k in keys]
+            for name in ("x", "kb_experts", "top", "pred", "versions"):
+                tensors[f"pending.{name}"] = torch.stack([getattr(en, name) for en in entries]).cpu()
+        for i, st in enumerate(self.staged):
+            for k, v in self.learners.store_state(st.store).items():
+                tensors[f"staged.{i}.{k}"] = v
+        meta = {
+            "version": 1,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.cfg.__dict__.items()},
+            "task_names": self.task_names, "events_seen": self.events_seen, "now_ts": self.now_ts,
+            "counters": self.counters, "kb": self.kb.meta(),
+            "pending": [[k[0], k[1], *self.pending_keys[k]] for k in keys],
+            "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("version") != 1:
+            raise StateError(f"unsupported state version {meta.get('version')!r}")
+        saved = meta["config"]
+        for key in ("dim", "task", "n_classes", "backend", "model", "hidden", "kb_capacity", "basis_rank"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise StateError(f"state was saved with engine.{key}={saved.get(key)!r}, config has "
+                                 f"{getattr(self.cfg, key)!r}")
+        dev = self.device
+        self.task_names = list(meta["task_names"])
+        self.task_index = {name: i for i, name in enumerate(self.task_names)}
+        n = len(self.task_names)
+        self.t = self._task_tables(max(16, n))
+        for k in self.t:
+            self.t[k][:n] = tensors[f"task.{k}"].to(dev)
+        self.n_labelled = np.zeros(len(self.t["stats"]), np.int64)
+        self.n_labelled[:n] = tensors["task.n_labelled"].numpy()
+        self.learners.load_state({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
+        self.kb.load_state(tensors, meta["kb"])
+        self.kb_version = tensors["kb_version"].to(dev)
+        torch.set_rng_state(tensors["torch_rng"])
+        self.pending_keys = OrderedDict()
+        self.pending = {}
+        for j, (task, eid, seq, ts) in enumerate(meta["pending"]):
+            pkey = (task, eid)
+            self.pending_keys[pkey] = (int(seq), float(ts))
+            self.pending[pkey] = _Pending(*(tensors[f"pending.{name}"][j].to(dev)
+                                           for name in ("x", "kb_experts", "top", "pred", "versions")))
+        self.staged = []
+        for i, (task, name, learned, seq) in enumerate(meta["staged"]):
+            prefix = f"staged.{i}."
+            store = self.learners.load_store({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.staged.append(Staged(int(task), name, int(learned), int(seq), store))
+        self.events_seen = int(meta["events_seen"])
+        self.now_ts = float(meta["now_ts"])
+        self.counters = dict(meta["counters"])
+
+    def kb_summary(self) -> list[dict[str, Any]]:
+        """One row per KB member: slot, id, source task and its total weight over tasks."""
+        n, t = self.n_tasks, self.t
+        if n:
+            weights = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())).sum(0)
+        else:
+            weights = torch.zeros(self.n_experts)
+        rows = [{"slot": "basis", "id": "basis", "source": "-", "weight": float(weights[0])}] if self.kb.basis_ready \
+            else []
+        for s, mid in enumerate(self.kb.ids):
+            if mid is not None and bool(self.kb.valid[s]):
+                rows.append({"slot": s, "id": mid, "source": self.kb.source[s], "weight": float(weights[1 + s])})
+        return rows
+
+
+def _exclusive_cumsum(group: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For each row, the sum of ``values`` over the earlier rows of the same group (rows in order)."""
+    order = torch.argsort(group, stable=True)
+    sorted_v = values[order]
+    total = sorted_v.cumsum(0)
+    g = group[order]
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[1:] = g[1:] != g[:-1]
+    pos = torch.arange(len(g), device=g.device)
+    start = torch.cummax(torch.where(first, pos, 0), 0).values
+    before = total - sorted_v - (total[start] - sorted_v[start])
+    out = torch.empty_like(values)
+    out[order] = before
+    return out

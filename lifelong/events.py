@@ -1,0 +1,185 @@
+"""Schema v1 events: decoding and validation of raw payloads into ``Event`` objects."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidEvent
+
+MAX_TASK_LEN = 256
+MAX_ID_LEN = 256
+CONTROLS = ("end",)
+
+
+@dataclass(slots=True)
+class Event:
+    """One decoded event. ``x`` is None for label-only and control events; ``y`` None means predict only."""
+
+    task: str
+    id: str | None = None
+    x: np.ndarray | None = None
+    y: int | float | None = None
+    ts: float | None = None
+    control: str | None = None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a valid event looks like for one engine.
+
+    Sparse ``x`` maps names to values; each name lands in bucket ``crc32(name) % dim`` (values of
+    colliding names add up), so any name works and no vocabulary has to be kept.
+    """
+
+    dim: int
+    task: str = "binary"
+    n_classes: int = 2
+    target_range: tuple[float, float] = (0.0, 1.0)
+    tasks: frozenset[str] = frozenset()
+    max_bytes: int = 1_000_000
+
+
+def hash_index(name: str, dim: int) -> int:
+    """Stable bucket of a sparse feature name (the same in every process and Python version)."""
+    return zlib.crc32(name.encode("utf-8")) % dim
+
+
+def _number(field: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise InvalidEvent(field, f"expected a number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise InvalidEvent(field, "not finite (NaN or infinity)")
+    return f
+
+
+def _features(x: Any, dim: int) -> np.ndarray:
+    if isinstance(x, list):
+        if len(x) != dim:
+            raise InvalidEvent("x", f"expected {dim} values, got {len(x)}")
+        if not all(type(v) is float or type(v) is int for v in x):  # bools and strings are not features
+            raise InvalidEvent("x", "expected a list of numbers")
+        arr = np.asarray(x, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise InvalidEvent("x", "contains NaN or infinity")
+        return arr.astype(np.float32)
+    if isinstance(x, dict):
+        arr = np.zeros(dim, dtype=np.float64)
+        for name, v in x.items():
+            arr[hash_index(name, dim)] += _number(f"x.{name}", v)
+        return arr.astype(np.float32)
+    raise InvalidEvent("x", f"expected a list or a name->number map, got {type(x).__name__}")
+
+
+def _label(y: Any, schema: Schema) -> int | float:
+    if schema.task == "regression":
+        f = _number("y", y)
+        lo, hi = schema.target_range
+        if not lo <= f <= hi:
+            raise InvalidEvent("y", f"{f} is outside engine.target_range [{lo}, {hi}]")
+        return f
+    if isinstance(y, bool):
+        y = int(y)
+    if isinstance(y, float) and y.is_integer():
+        y = int(y)
+    if not isinstance(y, int):
+        raise InvalidEvent("y", f"expected a class label (integer), got {y!r}")
+    if not 0 <= y < schema.n_classes:
+        raise InvalidEvent("y", f"class {y} is outside 0..{schema.n_classes - 1}")
+    return y
+
+
+def from_dict(d: Any, schema: Schema) -> Event:
+    """Validate a parsed JSON object.
+
+    >>> s = Schema(dim=2)
+    >>> from_dict({"task": "a", "x": [1, 2], "y": 1}, s).y
+    1
+    >>> from_dict({"task": "a", "x": [1], "y": 1}, s)
+    Traceback (most recent call last):
+    ...
+    lifelong.errors.InvalidEvent: x: expected 2 values, got 1
+    """
+    if not isinstance(d, dict):
+        raise InvalidEvent("event", f"expected a JSON object, got {type(d).__name__}")
+    task = d.get("task")
+    if not isinstance(task, str) or not task:
+        raise InvalidEvent("task", "required non-empty string")
+    if len(task) > MAX_TASK_LEN:
+        raise InvalidEvent("task", f"longer than {MAX_TASK_LEN} characters")
+    if schema.tasks and task not in schema.tasks:
+        raise InvalidEvent("task", f"unknown task {task!r} (engine.tasks refuses unknown tasks)")
+    eid = d.get("id")
+    if eid is not None and (not isinstance(eid, str) or len(eid) > MAX_ID_LEN):
+        raise InvalidEvent("id", f"expected a string of at most {MAX_ID_LEN} characters")
+    ts = d.get("ts")
+    if ts is not None:
+        ts = _number("ts", ts)
+    if "control" in d:
+        if d["control"] not in CONTROLS:
+            raise InvalidEvent("control", f"unknown control {d['control']!r} (known: {', '.join(CONTROLS)})")
+        return Event(task=task, id=eid, ts=ts, control=d["control"])
+    y = d.get("y")
+    if y is not None:
+        y = _label(y, schema)
+    if "x" not in d:
+        if y is None:
+            raise InvalidEvent("y", "a label-only event (no x) needs y")
+        if eid is None:
+            raise InvalidEvent("id", "a label-only event needs the id of the prediction it labels")
+        return Event(task=task, id=eid, y=y, ts=ts)
+    if y is None and eid is None:
+        raise InvalidEvent("id", "required when y is missing, so that the label can come later")
+    return Event(task=task, id=eid, x=_features(d["x"], schema.dim), y=y, ts=ts)
+
+
+def decode(raw: bytes | str, schema: Schema) -> Event:
+    """Decode one payload (UTF-8 JSON) into an ``Event`` or raise ``InvalidEvent``.
+
+    >>> decode(b'{"task": "t", "id": "e1", "x": {"amount": 2.5}}', Schema(dim=4)).x.sum()
+    np.float32(2.5)
+    >>> decode(b'\\xff', Schema(dim=4))
+    Traceback (most recent call last):
+    ...
+    lifelong.errors.InvalidEvent: payload: not UTF-8
+    """
+    if len(raw) > schema.max_bytes:
+        raise InvalidEvent("payload", f"{len(raw)} bytes is more than the limit of {schema.max_bytes}")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidEvent("payload", "not UTF-8") from None
+    try:
+        d = json.loads(raw, parse_constant=_reject_constant)
+    except InvalidEvent:
+        raise
+    except (ValueError, RecursionError):
+        raise InvalidEvent("payload", "not JSON") from None
+    return from_dict(d, schema)
+
+
+def _reject_constant(name: str) -> float:
+    raise InvalidEvent("payload", f"{name} is not a valid JSON number")
+
+
+def to_dict(e: Event) -> dict[str, Any]:
+    """The JSON form of an event (dense ``x``)."""
+    d: dict[str, Any] = {"task": e.task}
+    if e.id is not None:
+        d["id"] = e.id
+    if e.control is not None:
+        d["control"] = e.control
+    if e.x is not None:
+        d["x"] = [round(float(v), 6) for v in e.x]
+    if e.y is not None:
+        d["y"] = e.y
+    if e.ts is not None:
+        d["ts"] = e.ts
+    return d

@@ -1,0 +1,197 @@
+"""The knowledge base: frozen members from earlier tasks, their eviction, and the shared-basis expert.
+
+Members are snapshots of task learners, one slot per source task (a newer snapshot of the same task
+replaces the older one in place). A snapshot that is a near-duplicate of another task's member (cosine of
+the parameter vectors at least ``engine.duplicate_cosine``) is dropped. When all ``kb_capacity`` slots are
+used, the member with the least total weight over all tasks is evicted. All members are evaluated for a
+batch in one batched operation.
+
+The basis expert (ELLA-style, linear learners only) keeps the top right singular vectors of the members'
+weight vectors (bias included, not centred, so the mean direction is kept) and learns per task a code in
+that basis online, by an extended Kalman filter (Laplace) update that starts from the members' own code
+distribution: a task related to earlier ones needs a few events instead of hundreds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import EngineConfig
+from .learners import Learners, ekf
+
+JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
+
+
+@dataclass
+class Staged:
+    """A snapshot waiting for the next publication: taken when triggered, published every publish_every."""
+
+    task: int
+    task_name: str
+    learned: int
+    seq: int  # engine event count of the trigger: publication order is arrival order
+    store: Any  # a one-slot member store holding the snapshot's parameters
+
+
+class KnowledgeBase:
+    """Members, per-slot metadata and the basis expert. Expert 0 is the basis; expert ``1 + s`` is slot s."""
+
+    def __init__(self, cfg: EngineConfig, learners: Learners, dim: int, device: torch.device):
+        self.cfg = cfg
+        self.learners = learners
+        self.capacity = cfg.kb_capacity
+        self.device = device
+        self.dtype = getattr(torch, cfg.dtype)
+        self.store = learners.new_store(self.capacity)
+        self.ids: list[str | None] = [None] * self.capacity
+        self.source: list[str | None] = [None] * self.capacity
+        self.valid = torch.zeros(self.capacity, dtype=torch.bool, device=device)
+        self.vectors: torch.Tensor | None = None  # unit parameter vectors per slot, for duplicate checks
+        self.counts = {"added": 0, "replaced": 0, "evicted": 0, "duplicates": 0}
+        self.n_out = learners.n_pred if cfg.task == "multiclass" else 1
+        self.basis_on = cfg.basis and learners.linear
+        self.basis_ready = False
+        r, c = cfg.basis_rank, self.n_out
+        self.B = torch.zeros(dim + 1, r, dtype=self.dtype, device=device)
+        self.prior_mu = torch.zeros(c, r, dtype=self.dtype, device=device)
+        self.prior_S = torch.eye(r, dtype=self.dtype, device=device)
+        self.mu = torch.zeros(0, c, r, dtype=self.dtype, device=device)
+        self.S = torch.zeros(0, c, r, r, dtype=self.dtype, device=device)
+
+    @property
+    def size(self) -> int:
+        return int(self.valid.sum())
+
+    def ensure(self, n_tasks: int) -> None:
+        """Give new tasks the prior code (the members' code distribution)."""
+        n = self.mu.shape[0]
+        if n_tasks <= n:
+            return
+        extra = n_tasks - n
+        c, r = self.prior_mu.shape
+        self.mu = torch.cat([self.mu, self.prior_mu.expand(extra, c, r)])
+        self.S = torch.cat([self.S, self.prior_S.expand(extra, c, r, r)])
+
+    # --- prediction and learning ---
+
+    def forward_basis(self, idx: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs of the basis expert for codes' inputs ``z = x1 @ B``; with ``y``, then one EKF step."""
+        if not self.basis_on:
+            return torch.zeros(len(idx), 2 * self.n_out, dtype=self.dtype, device=self.device)
+        if y is not None and self.cfg.task == "regression":
+            lo, hi = self.cfg.target_range
+            y = (y - lo) / (hi - lo)
+        return ekf.forward(self.mu, self.S, idx, z, y, self.cfg.task)
+
+    def finish_basis(self, raw: torch.Tensor) -> torch.Tensor:
+        if not self.basis_on:  # a placeholder; the basis expert never joins a mixture
+            return torch.zeros(len(raw), self.learners.n_pred, dtype=self.dtype, device=self.device)
+        return self.learners.to_pred(ekf.predictive_logits(raw, self.cfg.task))
+
+    # --- membership ---
+
+    def snapshot(self, task: int, task_name: str, learned: int, seq: int) -> Staged:
+        one = self.learners.new_store(1)
+        self.learners.write_member(one, 0, task)
+        return Staged(task, task_name, learned, seq, one)
+
+    def publish(self, staged: list[Staged], usefulness: torch.Tensor) -> list[int]:
+        """Add staged snapshots in order; return the slots whose expert is new (empty or evicted before)."""
+        entered: list[int] = []
+        touched: set[int] = set()
+        for snap in staged:
+            vec = self._vector(snap)
+            slot = self.source.index(snap.task_name) if snap.task_name in self.source else None
+            if slot is None and self._is_duplicate(vec):
+                self.counts["duplicates"] += 1
+                continue
+            if slot is not None:
+                self.counts["replaced"] += 1
+            else:
+                free = (~self.valid).nonzero()
+                if len(free):
+                    slot = int(free[0])
+                else:
+                    score = usefulness.clone()
+                    score[list(touched)] = math.inf
+                    slot = int(torch.argmin(score))
+                    self.counts["evicted"] += 1
+                entered.append(slot)
+                self.counts["added"] += 1
+            touched.add(slot)
+            self._write(slot, snap, vec)
+        if staged and self.basis_on and self.size >= 2:
+            self._refresh_basis()
+        return entered
+
+    def _vector(self, snap: Staged) -> torch.Tensor:
+        vec = self.learners.member_vector(snap.store, 0)
+        return vec / vec.norm().clamp_min(1e-12) if vec.numel() else vec
+
+    def _is_duplicate(self, vec: torch.Tensor) -> bool:
+        if self.vectors is None or vec.numel() == 0 or not bool(self.valid.any()):
+            return False
+        cos = self.vectors[self.valid] @ vec
+        return bool(cos.max() >= self.cfg.duplicate_cosine)
+
+    def _write(self, slot: int, snap: Staged, vec: torch.Tensor) -> None:
+        self.learners.copy_member(self.store, slot, snap.store)
+        self.ids[slot] = f"{snap.task_name}@{snap.learned}"
+        self.source[slot] = snap.task_name
+        self.valid[slot] = True
+        if vec.numel():
+            if self.vectors is None:
+                self.vectors = torch.zeros(self.capacity, vec.numel(), dtype=vec.dtype, device=self.device)
+            self.vectors[slot] = vec
+
+    def _refresh_basis(self) -> None:
+        weights = self.learners.linear_weights(self.store)
+        assert weights is not None
+        members = weights[self.valid]  # [K, d+1, C]
+        rows = members.permute(0, 2, 1).reshape(-1, members.shape[1])  # [K*C, d+1]
+        _, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+        r_max = self.cfg.basis_rank
+        keep = int(min(r_max, int((sv > sv[0] * 1e-6).sum())))
+        B = torch.zeros_like(self.B)
+        B[:, :keep] = vh[:keep].T
+        codes = torch.einsum("kdc,dr->kcr", members, B)  # [K, C, r]
+        prior_mu = codes.mean(0)
+        centred = (codes - prior_mu).reshape(-1, r_max)
+        eye = torch.eye(r_max, dtype=self.dtype, device=self.device)
+        prior_S = centred.T @ centred / max(1, centred.shape[0] - 1) + JITTER * eye
+        # Carry every task's code into the new basis; directions the old basis lacked get the prior.
+        rot = B.T @ self.B  # [r_new, r_old]
+        perp = eye - rot @ rot.T
+        self.mu = torch.einsum("tcr,sr->tcs", self.mu, rot) + prior_mu @ perp.T
+        self.S = rot @ self.S @ rot.T + perp @ prior_S @ perp.T
+        self.B, self.prior_mu, self.prior_S = B, prior_mu, prior_S
+        self.basis_ready = True
+
+    # --- state ---
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"kb.store.{k}": v for k, v in self.learners.store_state(self.store).items()}
+        out.update({"kb.valid": self.valid.cpu(), "kb.B": self.B.cpu(), "kb.prior_mu": self.prior_mu.cpu(),
+                    "kb.prior_S": self.prior_S.cpu(), "kb.mu": self.mu.cpu(), "kb.S": self.S.cpu()})
+        if self.vectors is not None:
+            out["kb.vectors"] = self.vectors.cpu()
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"ids": self.ids, "source": self.source, "counts": self.counts, "basis_ready": self.basis_ready}
+
+    def load_state(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        prefix = "kb.store."
+        self.store = self.learners.load_store({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        dev = self.device
+        self.valid = state["kb.valid"].to(dev)
+        self.B, self.prior_mu, self.prior_S = (state[k].to(dev) for k in ("kb.B", "kb.prior_mu", "kb.prior_S"))
+        self.mu, self.S = state["kb.mu"].to(dev), state["kb.S"].to(dev)
+        self.vectors = state["kb.vectors"].to(dev) if "kb.vectors" in state else None
+        self.ids, self.source = list(meta["ids"]), list(meta["source"])
+        self.counts, self.basis_ready = dict(meta["counts"]), bool(meta["basis_ready"])
+

@@ -1,0 +1,218 @@
+"""Torch backend: logistic/softmax/linear regression and small MLPs for many tasks as stacked tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+from ..hedge import smooth
+from . import ekf
+
+EKF_MAX_DIM = 256  # optimizer "auto" uses the EKF up to this many features (its state is quadratic in them)
+
+ADAGRAD_INIT = 0.1  # initial AdaGrad accumulator: keeps the first steps of a new task moderate
+
+
+class TorchLearners:
+    """One learner per task; parameters of all tasks are stacked along dimension 0.
+
+    Linear models learn by EKF steps (``optimizer: ekf``, a Bayesian online update with a Gaussian prior
+    of variance ``prior_var``) or by AdaGrad; MLPs by AdaGrad. One event at a time per task; rows of one
+    call are distinct tasks, so a batched update equals the same updates made one by one.
+
+    Examples
+    --------
+    >>> from lifelong.config import EngineConfig
+    >>> ls = TorchLearners(EngineConfig(), dim=2, device=torch.device("cpu"))
+    >>> ls.ensure(1)
+    >>> idx, x1 = torch.tensor([0]), torch.tensor([[1.0, -1.0, 1.0]])
+    >>> for _ in range(20):
+    ...     _ = ls.forward(idx, x1, torch.tensor([1]))
+    >>> bool(ls.finish(ls.forward(idx, x1))[0, 1] > 0.9)
+    True
+    """
+
+    def __init__(self, cfg: EngineConfig, dim: int, device: torch.device):
+        self.cfg = cfg
+        self.dim = dim
+        self.device = device
+        self.dtype = getattr(torch, cfg.dtype)
+        self.task = cfg.task
+        self.n_out = cfg.n_classes if cfg.task == "multiclass" else 1
+        self.n_pred = cfg.n_classes if cfg.task == "multiclass" else (2 if cfg.task == "binary" else 1)
+        self.linear = cfg.model == "logistic"
+        opt = cfg.optimizer
+        if opt == "auto":
+            opt = "ekf" if self.linear and dim <= EKF_MAX_DIM else "adagrad"
+        self.use_ekf = opt == "ekf"
+        if self.use_ekf and not self.linear:
+            from ..errors import ConfigError
+
+            raise ConfigError("engine.optimizer: ekf needs engine.model: logistic")
+        self.lo, self.hi = cfg.target_range
+        self._gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self._n = 0
+        self.params: dict[str, torch.Tensor] = {
+            name: torch.zeros((0, *shape), dtype=self.dtype, device=device) for name, shape in self._shapes()
+        }
+        # AdaGrad's squared-gradient sums; the EKF keeps its own curvature in S.
+        self.accum = {} if self.use_ekf else {name: torch.zeros_like(p) for name, p in self.params.items()}
+
+    def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        d, c, h = self.dim, self.n_out, self.cfg.hidden
+        if self.use_ekf:
+            return [("mu", (c, d + 1)), ("S", (c, d + 1, d + 1))]
+        if self.linear:
+            return [("w", (d, c)), ("b", (c,))]
+        return [("w1", (d, h)), ("b1", (h,)), ("w2", (h, c)), ("b2", (c,))]
+
+    def ensure(self, n_tasks: int) -> None:
+        if n_tasks <= self._n:
+            return
+        cap = self.params[next(iter(self.params))].shape[0]
+        if n_tasks > cap:
+            new_cap = max(n_tasks, 2 * cap, 16)
+            for store in (self.params, self.accum):
+                for name, old in store.items():
+                    grown = torch.zeros((new_cap, *old.shape[1:]), dtype=self.dtype, device=self.device)
+                    grown[:cap] = old
+                    store[name] = grown
+        new = slice(self._n, n_tasks)
+        for name, p in self.params.items():
+            p[new] = self._init(name, n_tasks - self._n)
+        for acc in self.accum.values():
+            acc[new] = ADAGRAD_INIT
+        self._n = n_tasks
+
+    def _init(self, name: str, n: int) -> torch.Tensor | float:
+        if name == "S":
+            eye = torch.eye(self.dim + 1, dtype=self.dtype, device=self.device) * self.cfg.prior_var
+            return eye.expand(n, self.n_out, -1, -1)
+        if self.linear or name.startswith("b"):
+            return 0.0
+        fan_in = self.dim if name == "w1" else self.cfg.hidden
+        shape = self.params[name].shape[1:]
+        return (torch.randn((n, *shape), generator=self._gen, dtype=self.dtype) / fan_in**0.5).to(self.device)
+
+    def _logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, C]`` for per-row parameters (leading dim n) and inputs ``[n, d]``."""
+        if self.linear:
+            return torch.einsum("nd,ndc->nc", x, p["w"]) + p["b"]
+        h = torch.relu(torch.einsum("nd,ndh->nh", x, p["w1"]) + p["b1"])
+        return torch.einsum("nh,nhc->nc", h, p["w2"]) + p["b2"]
+
+    def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
+        """Map logits ``[..., C]`` into the prediction space shared by all levels."""
+        if self.task == "binary":
+            p1 = torch.sigmoid(logits)
+            return smooth(torch.cat([1 - p1, p1], dim=-1))
+        if self.task == "multiclass":
+            return smooth(torch.softmax(logits, dim=-1))
+        return self.lo + (self.hi - self.lo) * logits.clamp(0.0, 1.0)
+
+    def forward(self, idx: torch.Tensor, x1: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs of the rows' tasks for inputs with a trailing 1 (``x1 [n, d + 1]``), before
+        learning; with ``y``, each row then learns its label. ``finish`` maps raw outputs to predictions."""
+        if self.use_ekf:
+            return ekf.forward(self.params["mu"], self.params["S"], idx, x1,
+                               None if y is None else self._scaled(y, x1.dtype), self.task)
+        x = x1[:, :-1]
+        p = {k: v[idx] for k, v in self.params.items()}
+        logits = self._logits(p, x)
+        if y is not None:
+            self._adagrad(idx, p, x, logits, y)
+        return logits
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.to_pred(ekf.predictive_logits(raw, self.task) if self.use_ekf else raw)
+
+    def _scaled(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (y.to(dtype) - self.lo) / (self.hi - self.lo) if self.task == "regression" else y
+
+    def _grad_logits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """d loss / d logits: log loss for classification, half squared loss on the scaled target."""
+        if self.task == "binary":
+            return torch.sigmoid(logits) - y.to(logits.dtype).unsqueeze(-1)
+        if self.task == "multiclass":
+            return torch.softmax(logits, -1) - torch.nn.functional.one_hot(y.long(), self.n_out).to(logits.dtype)
+        return logits - self._scaled(y, logits.dtype).unsqueeze(-1)
+
+    def _adagrad(self, idx: torch.Tensor, p: dict[str, torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
+                 y: torch.Tensor) -> None:
+        if self.linear:
+            g_out = self._grad_logits(logits, y)
+            grads = {"w": x.unsqueeze(-1) * g_out.unsqueeze(1), "b": g_out}
+        else:
+            leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
+            with torch.enable_grad():
+                out = self._logits(leaves, x)
+                gs = torch.autograd.grad(out, list(leaves.values()), grad_outputs=self._grad_logits(logits, y))
+            grads = dict(zip(leaves, gs, strict=True))
+        lr = self.cfg.lr
+        for name, g in grads.items():
+            acc = self.accum[name][idx] + g * g
+            self.accum[name][idx] = acc
+            self.params[name][idx] = p[name] - lr * g / acc.sqrt()
+
+    # --- knowledge-base members: frozen copies of task parameters, stacked by slot ---
+
+    def new_store(self, capacity: int) -> dict[str, torch.Tensor]:
+        shapes = [("w", (self.dim, self.n_out)), ("b", (self.n_out,))] if self.use_ekf else \
+            [(k, tuple(v.shape[1:])) for k, v in self.params.items()]
+        return {k: torch.zeros((capacity, *shape), dtype=self.dtype, device=self.device) for k, shape in shapes}
+
+    def write_member(self, store: dict[str, torch.Tensor], slot: int, task: int) -> None:
+        if self.use_ekf:  # a member is the posterior mean
+            mu = self.params["mu"][task]
+            store["w"][slot], store["b"][slot] = mu[:, :-1].T, mu[:, -1]
+            return
+        for k, v in self.params.items():
+            store[k][slot] = v[task]
+
+    def copy_member(self, store: dict[str, torch.Tensor], slot: int, one: dict[str, torch.Tensor]) -> None:
+        for k in store:
+            store[k][slot] = one[k][0]
+
+    def member_vector(self, store: dict[str, torch.Tensor], slot: int) -> torch.Tensor:
+        return torch.cat([v[slot].reshape(-1) for v in store.values()])
+
+    def store_state(self, store: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {k: v.cpu() for k, v in store.items()}
+
+    def load_store(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in state.items()}
+
+    def member_predict(self, store: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[n, K, P]`` of every member slot for inputs ``[n, d]``: one batched operation."""
+        if self.linear:
+            logits = torch.einsum("nd,kdc->nkc", x, store["w"]) + store["b"]
+        else:
+            h = torch.relu(torch.einsum("nd,kdh->nkh", x, store["w1"]) + store["b1"])
+            logits = torch.einsum("nkh,khc->nkc", h, store["w2"]) + store["b2"]
+        return self.to_pred(logits)
+
+    def linear_weights(self, store: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Members as ``[K, d + 1, C]`` (weights with the bias last), or None for non-linear models."""
+        if not self.linear:
+            return None
+        return torch.cat([store["w"], store["b"].unsqueeze(1)], dim=1)
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"param.{k}": v[: self._n].cpu() for k, v in self.params.items()}
+        out.update({f"accum.{k}": v[: self._n].cpu() for k, v in self.accum.items()})
+        out["rng"] = self._gen.get_state()
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        n = state[f"param.{next(iter(self.params))}"].shape[0]
+        self._n = 0
+        self.params = {k: v[:0] for k, v in self.params.items()}
+        self.accum = {k: v[:0] for k, v in self.accum.items()}
+        self.ensure(n)
+        for k in self.params:
+            self.params[k][:n] = state[f"param.{k}"].to(self.device)
+        for k in self.accum:
+            self.accum[k][:n] = state[f"accum.{k}"].to(self.device)
+        self._gen.set_state(state["rng"])

@@ -1,0 +1,82 @@
+"""Property tests of every regret bound the code claims, on adversarial sequences (hypothesis)."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lifelong.hedge import Mixing, mix, smooth
+
+TOL = 1e-9
+
+
+def run_mixture(mixing: Mixing, preds: list[list[float]], labels: list[float], entries: list[int],
+                as_proba: bool) -> tuple[float, list[float], int]:
+    """Play the mixture with sleeping experts (an expert joins at its entry round with the mixture's
+    cumulative loss). Returns the mixture's loss, each expert's loss, and how many experts took part."""
+    k = len(entries)
+    cum = torch.zeros(k, dtype=torch.float64)
+    present = torch.zeros(k, dtype=torch.bool)
+    total = 0.0
+    for t, (row, y) in enumerate(zip(preds, labels, strict=True)):
+        for e in range(k):
+            if entries[e] == t:
+                present[e] = True
+                cum[e] = total
+        if not present.any():
+            continue
+        p = torch.tensor(row, dtype=torch.float64)
+        experts = smooth(torch.stack([1 - p, p], dim=-1)) if as_proba else p.unsqueeze(-1)
+        w = mixing.weights(cum, present, torch.tensor(t + 1))
+        combined = mix(w, experts)
+        target = torch.tensor(y)
+        total += float(mixing.loss(combined, target))
+        cum += mixing.loss(experts, target.expand(k, 1).squeeze(-1))
+    return total, cum.tolist(), int(present.sum())
+
+
+def sequences(value: st.SearchStrategy, label: st.SearchStrategy):
+    return st.integers(1, 5).flatmap(lambda k: st.integers(1, 40).flatmap(lambda n: st.tuples(
+        st.lists(st.lists(value, min_size=k, max_size=k), min_size=n, max_size=n),
+        st.lists(label, min_size=n, max_size=n),
+        st.lists(st.integers(0, n - 1), min_size=k, max_size=k).map(lambda e: [0, *e[1:]]),
+    )))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequences(st.floats(0, 1), st.integers(0, 1)))
+def test_log_loss_mixture_regret_at_most_ln_n(seq):
+    preds, labels, entries = seq
+    mixing = Mixing("log")
+    total, experts, n = run_mixture(mixing, preds, labels, entries, as_proba=True)
+    for loss in experts:
+        assert total - loss <= math.log(n) + TOL
+    assert mixing.bound(len(labels), n) == math.log(n) or n == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequences(st.floats(-2, 3), st.floats(-2, 3)))
+def test_squared_loss_exp_concave_regret(seq):
+    preds, labels, entries = seq
+    mixing = Mixing("squared", (-2.0, 3.0))
+    total, experts, n = run_mixture(mixing, preds, labels, entries, as_proba=False)
+    for loss in experts:
+        assert total - loss <= mixing.bound(len(labels), n) + TOL
+    assert abs(mixing.bound(10, 2) - math.log(2) * 2 * 5.0**2) < 1e-12
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequences(st.floats(0, 1), st.integers(0, 1)), st.integers(2, 6))
+def test_anytime_hedge_regret(seq, m):
+    preds, labels, entries = seq
+    mixing = Mixing("hedge", hedge_m=m)
+    total, experts, n = run_mixture(mixing, preds, labels, entries, as_proba=True)
+    for loss in experts:
+        assert total - loss <= mixing.bound(len(labels), n) + TOL
+
+
+def test_hedge_bound_grows_like_sqrt_n():
+    mixing = Mixing("hedge", hedge_m=2)
+    b100, b10000 = mixing.bound(100, 2), mixing.bound(10_000, 2)
+    assert 8 < b10000 / b100 < 12  # sqrt(100) = 10: the average regret vanishes
