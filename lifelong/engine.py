@@ -161,7 +161,7 @@ class Engine:
         self.pending_keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.staged: list[Staged] = []
-        self.n_labelled = np.zeros(0, np.int64)  # labelled events learned per task (host side: drives the plan)
+        self.n_labelled: list[int] = []  # labelled events learned per task (host side: drives the plan)
         self.events_seen = 0
         self.now_ts = -math.inf
         self.counters = {name: 0 for name in ("predicted", "learned", "label_expired", "label_unmatched",
@@ -194,6 +194,7 @@ class Engine:
         i = len(self.task_names)
         self.task_names.append(name)
         self.task_index[name] = i
+        self.n_labelled.append(0)
         self.counters["tasks_created"] += 1
         cap = self.t["stats"].shape[0]
         if i >= cap:
@@ -201,7 +202,6 @@ class Engine:
             for key, old in self.t.items():
                 grown[key][:cap] = old
             self.t = grown
-            self.n_labelled = np.concatenate([self.n_labelled, np.zeros(len(grown["stats"]) - cap, np.int64)])
         self.learners.ensure(i + 1)
         self.kb.ensure(i + 1)
         present = self._kb_present()
@@ -234,16 +234,17 @@ class Engine:
         return result
 
     def _plan(self, events: list[Event], start: int, stop: int, result: BatchResult) -> _Plan:
-        """Arrival-order bookkeeping (tasks, pending labels and their TTL, label counts) and waves."""
+        """Arrival-order bookkeeping (tasks, pending labels and their TTL, label counts) and waves.
+
+        A plain Python loop over plain Python lists: it runs once per event.
+        """
         n = stop - start
-        plan = _Plan(wave=np.zeros(n, np.int64), ref=np.full(n, -1, np.int64), n_before=np.zeros(n, np.int64),
-                     trigger=np.zeros(n, bool))
+        wave, ref, n_before, trigger, outcome, tasks = [0] * n, [-1] * n, [0] * n, [False] * n, [0] * n, [0] * n
         depth: dict[int, int] = {}
         ttl, cap, every = self.labels.pending_ttl_s, self.labels.pending_max, self.cfg.snapshot_every
-        keys = self.pending_keys
-        outcome = result.outcome
+        keys, counts, index = self.pending_keys, self.n_labelled, self.task_index
+        seg0 = result.seq0 + start
         for j, e in enumerate(events[start:stop]):
-            pos = start + j
             if e.ts is not None and e.ts > self.now_ts:
                 self.now_ts = e.ts
             while keys:  # the oldest entries expire first; arrival order, so independent of batching
@@ -251,44 +252,48 @@ class Engine:
                 if ts >= self.now_ts - ttl:
                     break
                 self._drop_pending(key)
-            ti = self._task(e.task)
-            result.task_index[pos] = ti
+            ti = index.get(e.task)
+            if ti is None:
+                ti = self._task(e.task)
+            tasks[j] = ti
             labelled = False
             if e.control is not None:
-                outcome[pos] = CONTROL
+                outcome[j] = CONTROL
                 self.counters["controls"] += 1
-                plan.trigger[j] = True
+                trigger[j] = True
             elif e.x is None:
                 key = (e.task, e.id or "")
                 entry = keys.pop(key, None)
                 if entry is None:
-                    outcome[pos] = LABEL_UNMATCHED
+                    outcome[j] = LABEL_UNMATCHED
                     self.counters["label_unmatched"] += 1
                     continue
-                outcome[pos] = LABEL_JOINED
+                outcome[j] = LABEL_JOINED
                 labelled = True
-                if entry[0] >= result.seq0 + start:
-                    plan.ref[j] = entry[0] - result.seq0 - start
+                if entry[0] >= seg0:
+                    ref[j] = entry[0] - seg0
             elif e.y is None:
-                outcome[pos] = PREDICTED
+                outcome[j] = PREDICTED
                 key = (e.task, e.id or "")
                 keys.pop(key, None)
                 self.pending.pop(key, None)
-                keys[key] = (result.seq0 + pos, e.ts if e.ts is not None else self.now_ts)
+                keys[key] = (seg0 + j, e.ts if e.ts is not None else self.now_ts)
                 while len(keys) > cap:
                     self._drop_pending(next(iter(keys)))
             else:
-                outcome[pos] = LEARNED
+                outcome[j] = LEARNED
                 labelled = True
-            counts = self.n_labelled
-            plan.n_before[j] = counts[ti]
+            c = counts[ti]
+            n_before[j] = c
             if labelled:
-                counts[ti] += 1
-                plan.trigger[j] = every > 0 and counts[ti] % every == 0
+                counts[ti] = c + 1
+                trigger[j] = every > 0 and (c + 1) % every == 0
             k = depth.get(ti, 0)
             depth[ti] = k + 1
-            plan.wave[j] = k
-        return plan
+            wave[j] = k
+        result.outcome[start:stop] = outcome
+        result.task_index[start:stop] = tasks
+        return _Plan(np.array(wave), np.array(ref), np.array(n_before), np.array(trigger, bool))
 
     def _drop_pending(self, key: tuple[str, str]) -> None:
         del self.pending_keys[key]
@@ -307,13 +312,10 @@ class Engine:
         joined = outcome == LABEL_JOINED
         labelled = (outcome == LEARNED) | joined
         x_np = np.zeros((n, self.cfg.dim), np.float32)
-        y_np = np.zeros(n, np.float64)
-        for j in np.flatnonzero(has_x | labelled):
-            e = events[start + j]
-            if e.x is not None:
-                x_np[j] = e.x
-            if e.y is not None:
-                y_np[j] = e.y
+        rows_x = np.flatnonzero(has_x)
+        if len(rows_x):
+            x_np[rows_x] = np.stack([events[start + j].x for j in rows_x.tolist()])
+        y_np = np.array([0 if e.y is None else e.y for e in events[start:stop]], np.float64)
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
         x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
@@ -334,13 +336,17 @@ class Engine:
         idx_p, x1_p, z_p, y_p = idx[perm], x1[perm], z[perm], y[perm]
         raw_local, raw_basis = [], []
         cuts = [0, *(np.flatnonzero(np.diff(key[order])) + 1).tolist(), n]
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            g = slice(a, b)
-            gy = y_p[g] if labelled[order[a]] else None
-            raw_local.append(self.learners.forward(idx_p[g], x1_p[g], gy))
-            raw_basis.append(self.kb.forward_basis(idx_p[g], z_p[g], gy))
-            for j in order[a:b][plan.trigger[order[a:b]]]:
-                self._stage(int(tasks[j]), int(plan.n_before[j] + labelled[j]), result.seq0 + start + int(j))
+        # KB snapshots are taken right after the group holding their trigger has learned.
+        triggers: dict[int, list[int]] = {}
+        for pos in np.flatnonzero(plan.trigger[order]).tolist():
+            triggers.setdefault(int(np.searchsorted(cuts, pos, side="right")) - 1, []).append(int(order[pos]))
+        is_labelled = labelled[order[cuts[:-1]]].tolist()
+        for group, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            gy = y_p[a:b] if is_labelled[group] else None
+            raw_local.append(self.learners.forward(idx_p[a:b], x1_p[a:b], gy))
+            raw_basis.append(self.kb.forward_basis(idx_p[a:b], z_p[a:b], gy))
+            for j in triggers.get(group, ()):
+                self._stage(int(tasks[j]), int(plan.n_before[j] + labelled[j]), result.seq0 + start + j)
         p_local = torch.empty(n, self.n_pred, dtype=self.dtype, device=dev)
         p_basis = torch.empty_like(p_local)
         p_local[perm] = self.learners.finish(torch.cat(raw_local))
@@ -378,7 +384,8 @@ class Engine:
         c_kb = torch.where(lab.unsqueeze(-1), self.kb_mix.loss(lab_kb_x, y_col), 0.0)
         in_kb = t["in_kb"][idx]
         round_n = n_before + 1
-        w_kb = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][idx] + _exclusive_cumsum(idx, c_kb), in_kb, round_n))
+        earlier = _EarlierSum(idx)
+        w_kb = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][idx] + earlier(c_kb), in_kb, round_n))
         p_kb = mix(w_kb, kb_x)
         in_top = t["in_top"][idx]
         p_kb = torch.where(in_top[:, 1:2], p_kb, p_local)  # finite stand-in; its weight is 0 until the KB joins
@@ -387,7 +394,7 @@ class Engine:
         if stored:
             lab_top[st_rows] = s_top
         c_top = torch.where(lab.unsqueeze(-1), self.top_mix.loss(lab_top, y_col), 0.0)
-        w_top = self.top_mix.weights(t["L_top"][idx] + _exclusive_cumsum(idx, c_top), in_top, round_n)
+        w_top = self.top_mix.weights(t["L_top"][idx] + earlier(c_top), in_top, round_n)
         pred = mix(w_top, top)
         top[:, 1] = torch.where(in_top[:, 1:2], top[:, 1], pred)  # the sleeping KB level predicts the mixture
         three = torch.cat([pred.unsqueeze(1), top], dim=1)[src]
@@ -450,28 +457,26 @@ class Engine:
         weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())
         usefulness = torch.nan_to_num(weights).sum(0)[1:]
         self.staged.sort(key=lambda st: st.seq)  # arrival order of the triggers, whatever the batching
-        entered = [1 + s for s in self.kb.publish(self.staged, usefulness)]
+        slots = self.kb.publish(self.staged, usefulness)
         self.staged = []
-        everyone = torch.ones(n, dtype=torch.bool, device=self.device)
-        for e in entered:
-            self.kb_version[e] += 1
-            self._enter(e, everyone)
+        if slots:  # new members join every task's mixture, starting at the KB level's loss
+            entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
+            self.kb_version[entered] += 1
+            t["L_kb"][:n, entered] = t["stats"][:n, S["loss_kb"]].unsqueeze(1)
+            t["in_kb"][:n, entered] = True
+            t["n_kb"][:n] += len(slots)
         if self.kb.basis_ready:
-            self._enter(0, ~t["in_kb"][:n, 0])
+            fresh = ~t["in_kb"][:n, 0]
+            t["L_kb"][:n, 0] = torch.where(fresh, t["stats"][:n, S["loss_kb"]], t["L_kb"][:n, 0])
+            t["in_kb"][:n, 0] |= fresh
+            t["n_kb"][:n] += fresh.long()
         newly = ~t["in_top"][:n, 1] & t["in_kb"][:n].any(1)
         t["L_top"][:n, 1] = torch.where(newly, t["stats"][:n, S["loss"]], t["L_top"][:n, 1])
         t["in_top"][:n, 1] |= newly
         t["n_top"][:n] += newly.long()
 
     def _rounds(self) -> torch.Tensor:
-        return torch.as_tensor(self.n_labelled[: self.n_tasks] + 1, device=self.device)
-
-    def _enter(self, expert: int, fresh: torch.Tensor) -> None:
-        """KB expert ``expert`` joins the mixtures of the ``fresh`` tasks, starting at the KB level's loss."""
-        n, t = self.n_tasks, self.t
-        t["L_kb"][:n, expert] = torch.where(fresh, t["stats"][:n, S["loss_kb"]], t["L_kb"][:n, expert])
-        t["in_kb"][:n, expert] |= fresh
-        t["n_kb"][:n] += fresh.long()
+        return torch.tensor(self.n_labelled, device=self.device) + 1
 
     # --- reporting ---
 
@@ -484,7 +489,7 @@ class Engine:
         top = (st[:, S["loss"]] - best_level).cpu().numpy()
         best_kb = torch.where(t["in_kb"][:n], t["L_kb"][:n], math.inf).min(1).values
         kb = torch.where(torch.isfinite(best_kb), st[:, S["loss_kb"]] - best_kb, 0.0).cpu().numpy()
-        counts = self.n_labelled[:n].tolist()
+        counts = self.n_labelled
         top_bound = np.array([self.top_mix.bound(c, k) for c, k in zip(counts, t["n_top"][:n].tolist(), strict=True)])
         kb_bound = np.array([self.kb_mix.bound(c, k) for c, k in zip(counts, t["n_kb"][:n].tolist(), strict=True)])
         return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
@@ -493,7 +498,7 @@ class Engine:
         """Cumulative figures per method and per task (the core of ``lifelong evaluate``'s report)."""
         n = self.n_tasks
         st = self.t["stats"][:n].cpu().numpy()
-        counts = self.n_labelled[:n]
+        counts = np.array(self.n_labelled, np.int64)
         total = max(1, int(counts.sum()))
         reg = self.regrets()
 
@@ -533,7 +538,7 @@ class Engine:
         """All state as tensors plus JSON metadata; ``load_state`` of the pair restores it exactly."""
         n = self.n_tasks
         tensors: dict[str, Any] = {f"task.{k}": v[:n].cpu() for k, v in self.t.items()}
-        tensors["task.n_labelled"] = torch.as_tensor(self.n_labelled[:n].copy())
+        tensors["task.n_labelled"] = torch.tensor(self.n_labelled, dtype=torch.long)
         tensors.update({f"learner.{k}": v for k, v in self.learners.state().items()})
         tensors.update(self.kb.state())
         tensors["kb_version"] = self.kb_version.cpu()
@@ -571,8 +576,7 @@ class Engine:
         self.t = self._task_tables(max(16, n))
         for k in self.t:
             self.t[k][:n] = tensors[f"task.{k}"].to(dev)
-        self.n_labelled = np.zeros(len(self.t["stats"]), np.int64)
-        self.n_labelled[:n] = tensors["task.n_labelled"].numpy()
+        self.n_labelled = tensors["task.n_labelled"].tolist()
         self.learners.load_state({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.kb_version = tensors["kb_version"].to(dev)
@@ -608,17 +612,20 @@ class Engine:
         return rows
 
 
-def _exclusive_cumsum(group: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """For each row, the sum of ``values`` over the earlier rows of the same group (rows in order)."""
-    order = torch.argsort(group, stable=True)
-    sorted_v = values[order]
-    total = sorted_v.cumsum(0)
-    g = group[order]
-    first = torch.ones_like(g, dtype=torch.bool)
-    first[1:] = g[1:] != g[:-1]
-    pos = torch.arange(len(g), device=g.device)
-    start = torch.cummax(torch.where(first, pos, 0), 0).values
-    before = total - sorted_v - (total[start] - sorted_v[start])
-    out = torch.empty_like(values)
-    out[order] = before
-    return out
+class _EarlierSum:
+    """For rows in order, each tagged with a group: the sum of values over the earlier rows of its group."""
+
+    def __init__(self, group: torch.Tensor):
+        self.order = torch.argsort(group, stable=True)
+        g = group[self.order]
+        first = torch.ones_like(g, dtype=torch.bool)
+        first[1:] = g[1:] != g[:-1]
+        pos = torch.arange(len(g), device=g.device)
+        self.start = torch.cummax(torch.where(first, pos, 0), 0).values
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        v = values[self.order]
+        total = v.cumsum(0)
+        out = torch.empty_like(values)
+        out[self.order] = total - v - (total[self.start] - v[self.start])
+        return out

@@ -74,8 +74,9 @@ def digit_pairs(seed: int) -> list[tuple[str, Any, Any]]:
 
 
 def stream(kind: str, n_tasks: int | None = None, events: int = 100, dim: int = 20, rank: int = 3,
-           block: int = 20, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Events of one generated stream, in order.
+           block: int = 20, seed: int = 0, spread: float | None = None) -> Iterator[dict[str, Any]]:
+    """Events of one generated stream, in order. Task k's blocks are spread over ``[k, k + spread x blocks]``,
+    so about ``spread x blocks per task`` tasks are active at once.
 
     >>> evs = list(stream("related", n_tasks=3, events=10, dim=4, block=5))
     >>> len([e for e in evs if "y" in e]), len([e for e in evs if e.get("control") == "end"])
@@ -89,7 +90,8 @@ def stream(kind: str, n_tasks: int | None = None, events: int = 100, dim: int = 
             tasks = tasks[:n_tasks]
     else:
         tasks = synthetic(kind, n_tasks or 300, events, dim, rank, seed)
-    spread = 8.0 if kind != "digits" else 2.0
+    if spread is None:
+        spread = 8.0 if kind != "digits" else 2.0
     return _interleave(tasks, block, spread, np.random.default_rng(seed + 1))
 
 

@@ -22,13 +22,14 @@ def forward(mu_all: torch.Tensor, S_all: torch.Tensor, idx: torch.Tensor, z: tor
     with ``y`` (class labels, or regression targets scaled to [0, 1]) each row then takes one EKF step.
 
     Multiclass outputs are updated one-vs-rest with the softmax gradient (a diagonal-in-classes
-    approximation of the Hessian).
+    approximation of the Hessian). Written with few, plain tensor ops: on small batches the per-op cost
+    dominates.
     """
-    mu, S = mu_all[idx], S_all[idx]
-    zc = z.unsqueeze(1)  # [n, 1, r], broadcast over outputs (plain ops: einsum costs more on small tensors)
-    sz = (S @ zc.unsqueeze(-1)).squeeze(-1)
-    m = (mu * zc).sum(-1)
-    v = (sz * zc).sum(-1).clamp_min(0.0)
+    mu, S = mu_all.index_select(0, idx), S_all.index_select(0, idx)
+    zc = z.unsqueeze(1)  # [n, 1, r], broadcast over outputs
+    sz = (S * zc.unsqueeze(2)).sum(-1)
+    m = torch.linalg.vecdot(mu, zc)
+    v = torch.linalg.vecdot(sz, zc).clamp_min_(0.0)
     if y is not None:
         if task == "regression":
             h = torch.full_like(m, 1.0 / REG_NOISE)
@@ -40,10 +41,13 @@ def forward(mu_all: torch.Tensor, S_all: torch.Tensor, idx: torch.Tensor, z: tor
             else:
                 p = torch.softmax(m, dim=-1)
                 g = torch.nn.functional.one_hot(y.long(), m.shape[-1]).to(m.dtype) - p
-            h = (p - p * p).clamp_min(MIN_CURVATURE)
+            h = (p - p * p).clamp_min_(MIN_CURVATURE)
         denom = (h * v).add_(1.0)
-        S_all[idx] = S - (sz * (h / denom).unsqueeze(-1)).unsqueeze(-1) * sz.unsqueeze(-2)
-        mu_all[idx] = mu + (g / denom).unsqueeze(-1) * sz
+        r = z.shape[-1]
+        S_new = torch.baddbmm(S.view(-1, r, r), (sz * (h / denom).unsqueeze(-1)).view(-1, r, 1), sz.view(-1, 1, r),
+                              alpha=-1)
+        S_all.index_copy_(0, idx, S_new.view(S.shape))
+        mu_all.index_copy_(0, idx, torch.addcmul(mu, (g / denom).unsqueeze(-1), sz))
     return torch.cat([m, v], dim=-1)
 
 

@@ -1,0 +1,81 @@
+"""Accuracy of lifelong against its peers on related, unrelated and digit-pair streams (one run each).
+
+    python bench/accuracy.py [--out bench/results] [--tasks 300] [--seeds 0]
+
+Prints a table and writes accuracy.json. Targets (issue #2): related streams, lifelong error at most 0.85x the
+better peer; unrelated, at most 1 point above River per task; digit pairs, no worse than the better peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from peers import early_error, river_per_task, vw_multitask  # noqa: E402
+
+from lifelong.config import load_config  # noqa: E402
+from lifelong.evaluate import evaluate, read_events  # noqa: E402
+from lifelong.generate import stream, write_jsonl  # noqa: E402
+
+
+def target(kind: str, lifelong: float, river: float, vw: float) -> tuple[str, bool]:
+    best = min(river, vw)
+    if kind == "related":
+        return f"<= 0.85 x {best:.4f}", lifelong <= 0.85 * best
+    if kind == "unrelated":
+        return f"<= river + 0.01 = {river + 0.01:.4f}", lifelong <= river + 0.01
+    return f"<= {best:.4f}", lifelong <= best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tasks", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for kind in ("related", "unrelated", "digits"):
+            path = out / f"{kind}-{seed}.jsonl"
+            write_jsonl(stream(kind, n_tasks=None if kind == "digits" else args.tasks, seed=seed), path)
+            report = evaluate(path, load_config(env={}), progress=False)
+            _, events, _ = read_events(path, load_config(env={}), infer=True)
+            river, river_s = river_per_task(events)
+            vw, vw_s = vw_multitask(events)
+            m = report["methods"]
+            life = m["lifelong"]["cumulative_error"]
+            goal, ok = target(kind, life, float(river[:, 0].mean()), float(vw[:, 0].mean()))
+            rows.append({
+                "stream": kind, "seed": seed, "tasks": len(report["tasks"]), "labelled": report["labelled"],
+                "lifelong": life, "itl": m["itl"]["cumulative_error"], "pooled": m["pooled"]["cumulative_error"],
+                "kb_only": m["kb_only"]["cumulative_error"], "river": float(river[:, 0].mean()),
+                "vw": float(vw[:, 0].mean()), "early_lifelong": report["early"]["lifelong"],
+                "early_river": early_error(events, river[:, 0]), "early_vw": early_error(events, vw[:, 0]),
+                "log_loss_lifelong": m["lifelong"]["cumulative_log_loss"],
+                "log_loss_river": float(river[:, 1].mean()), "log_loss_vw": float(vw[:, 1].mean()),
+                "target": goal, "pass": ok, "regret": report["regret"],
+            })
+    head = f"{'stream':<10}{'seed':>5}{'lifelong':>10}{'itl':>8}{'pooled':>8}{'kb_only':>9}{'river':>8}{'vw-q tf':>9}" \
+           f"{'ratio':>7}  {'early L/R/V':<20}{'target':<26}{'ok':>4}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = r["lifelong"] / min(r["river"], r["vw"])
+        early = f"{r['early_lifelong']:.3f}/{r['early_river']:.3f}/{r['early_vw']:.3f}"
+        print(f"{r['stream']:<10}{r['seed']:>5}{r['lifelong']:>10.4f}{r['itl']:>8.4f}{r['pooled']:>8.4f}"
+              f"{r['kb_only']:>9.4f}{r['river']:>8.4f}{r['vw']:>9.4f}{ratio:>7.3f}  {early:<20}{r['target']:<26}"
+              f"{'yes' if r['pass'] else 'NO':>4}")
+    (out / "accuracy.json").write_text(json.dumps(rows, indent=1))
+    print("\nerror = mistakes / labelled events (prequential); ratio = lifelong / better peer; "
+          f"early = error over each task's first 20 events.\nwrote {out / 'accuracy.json'}")
+    return 0 if all(r["pass"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Peer methods for the benchmarks, run on the same decoded events (optional dependencies: river, vowpalwabbit).
+
+Each returns per-labelled-event errors and log losses (predict, then learn, in file order) and the seconds
+the pass took, events already decoded for all methods.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from lifelong.events import Event
+
+
+def _score(p1: float, y: int) -> tuple[float, float]:
+    p1 = min(max(p1, 1e-15), 1 - 1e-15)
+    return float((p1 > 0.5) != bool(y)), -math.log(p1 if y else 1 - p1)
+
+
+def river_per_task(events: list[Event]) -> tuple[np.ndarray, float]:
+    """One ``river.linear_model.LogisticRegression`` (defaults) per task."""
+    from river import linear_model
+
+    models: dict[str, linear_model.LogisticRegression] = {}
+    out = []
+    t0 = time.perf_counter()
+    for e in events:
+        if e.x is None or e.y is None:
+            continue
+        model = models.get(e.task)
+        if model is None:
+            model = models[e.task] = linear_model.LogisticRegression()
+        x = dict(enumerate(e.x.tolist()))
+        out.append(_score(model.predict_proba_one(x).get(True, 0.5), int(e.y)))
+        model.learn_one(x, bool(e.y))
+    return np.array(out).reshape(-1, 2), time.perf_counter() - t0
+
+
+def vw_multitask(events: list[Event]) -> tuple[np.ndarray, float]:
+    """Vowpal Wabbit logistic regression with a task x feature interaction (``-q tf``)."""
+    from vowpalwabbit import pyvw
+
+    vw = pyvw.Workspace("--loss_function logistic --link logistic -q tf --quiet")
+    out = []
+    t0 = time.perf_counter()
+    for e in events:
+        if e.x is None or e.y is None:
+            continue
+        feats = " ".join(f"{j}:{v:.6g}" for j, v in enumerate(e.x.tolist()) if v)
+        ex = vw.parse(f"{1 if e.y else -1} |t {e.task.replace(' ', '_').replace(':', '_')} |f {feats}")
+        out.append(_score(vw.predict(ex), int(e.y)))
+        vw.learn(ex)
+        vw.finish_example(ex)
+    vw.finish()
+    return np.array(out).reshape(-1, 2), time.perf_counter() - t0
+
+
+def early_error(events: list[Event], errors: np.ndarray, first_n: int = 20) -> float:
+    """Error over each task's first ``first_n`` labelled events (errors in labelled-event order)."""
+    seen: dict[str, int] = {}
+    mask = []
+    for e in events:
+        if e.x is None or e.y is None:
+            continue
+        k = seen.get(e.task, 0)
+        seen[e.task] = k + 1
+        mask.append(k < first_n)
+    return float(errors[np.array(mask, bool)].mean())

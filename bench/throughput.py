@@ -1,0 +1,83 @@
+"""Engine throughput against River per-task logistic regression, side by side in one run; and the 10,000-task
+memory check.
+
+    python bench/throughput.py [--out bench/results] [--repeat 3]
+
+Both methods start from the same decoded events (JSON decoding is excluded from both); the engine figure
+includes the KB, the basis expert and both mixtures. Streams: the default related stream (300 tasks, 20-event
+blocks, ~40 tasks active at a time) and a finely interleaved one (1,000 tasks, 5-event blocks, ~200 active).
+Then 10,000 tasks x 20 events: peak memory (RSS) and KB size against capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from peers import river_per_task  # noqa: E402
+
+from lifelong.config import EngineConfig  # noqa: E402
+from lifelong.engine import Engine  # noqa: E402
+from lifelong.events import Schema, from_dict  # noqa: E402
+from lifelong.generate import stream  # noqa: E402
+
+STREAMS = {
+    "related-300 (20-event blocks)": dict(n_tasks=300, events=100, block=20),
+    "related-1000 (5-event blocks)": dict(n_tasks=1000, events=100, block=5, spread=10.0),
+}
+
+
+def engine_pass(events: list, cfg: EngineConfig, batch: int = 1024) -> tuple[float, Engine]:
+    engine = Engine(cfg)
+    t0 = time.perf_counter()
+    for i in range(0, len(events), batch):
+        engine.process(events[i:i + batch])
+    return time.perf_counter() - t0, engine
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--repeat", type=int, default=3, help="passes per method; the best is kept")
+    ap.add_argument("--memory-tasks", type=int, default=10_000)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = EngineConfig(dim=20)
+    schema = Schema(dim=20)
+    rows = []
+    for name, params in STREAMS.items():
+        events = [from_dict(e, schema) for e in stream("related", **params)]
+        n = len(events)
+        eng_s = min(engine_pass(events, cfg)[0] for _ in range(args.repeat))
+        riv_s = min(river_per_task(events)[1] for _ in range(args.repeat))
+        rows.append({"stream": name, "events": n, "engine_events_per_s": n / eng_s,
+                     "river_events_per_s": n / riv_s, "ratio": riv_s / eng_s})
+    print(f"{'stream':<32}{'events':>8}{'lifelong ev/s':>15}{'river ev/s':>12}{'ratio':>7}")
+    for r in rows:
+        print(f"{r['stream']:<32}{r['events']:>8}{r['engine_events_per_s']:>15,.0f}{r['river_events_per_s']:>12,.0f}"
+              f"{r['ratio']:>7.2f}")
+
+    n_tasks = args.memory_tasks
+    events = [from_dict(e, schema) for e in stream("related", n_tasks=n_tasks, events=20, block=20)]
+    seconds, engine = engine_pass(events, cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    memory = {"tasks": n_tasks, "events": len(events), "seconds": seconds, "events_per_s": len(events) / seconds,
+              "peak_rss_mib": peak, "kb_size": engine.kb.size, "kb_capacity": engine.kb.capacity,
+              "kb_added": engine.kb.counts["added"], "kb_evicted": engine.kb.counts["evicted"]}
+    print(f"\n{n_tasks} tasks x 20 events: {memory['events_per_s']:,.0f} ev/s, peak RSS {peak:,.0f} MiB "
+          f"(whole process), KB {engine.kb.size}/{engine.kb.capacity} after {memory['kb_added']} additions and "
+          f"{memory['kb_evicted']} evictions")
+    (out / "throughput.json").write_text(json.dumps({"streams": rows, "memory": memory}, indent=1))
+    print(f"wrote {out / 'throughput.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
