@@ -17,6 +17,7 @@ charged exactly the mixture's loss and the bounds hold against each expert from 
 from __future__ import annotations
 
 import math
+import typing
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -314,7 +315,7 @@ class Engine:
         x_np = np.zeros((n, self.cfg.dim), np.float32)
         rows_x = np.flatnonzero(has_x)
         if len(rows_x):
-            x_np[rows_x] = np.stack([events[start + j].x for j in rows_x.tolist()])
+            x_np[rows_x] = np.stack([typing.cast(np.ndarray, events[start + j].x) for j in rows_x.tolist()])
         y_np = np.array([0 if e.y is None else e.y for e in events[start:stop]], np.float64)
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
