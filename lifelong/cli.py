@@ -1,14 +1,54 @@
-"""Command line: ``lifelong generate | evaluate | kb`` (and ``run``/``demo`` for the daemon)."""
+"""Command line: ``lifelong run | demo | evaluate | generate | kb``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
-from .config import load_config
+from .config import Config, load_config
 from .errors import LifelongError
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(cfg: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if cfg.logging.json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.logging.level)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    cfg = load_config(args.config)
+    setup_logging(cfg)
+    return Daemon(cfg).run()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    return run_demo(tasks=args.tasks, events_per_task=args.events, rate=args.rate, keep_running=args.keep_running,
+                    metrics_port=args.metrics_port)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -59,6 +99,18 @@ def _kb(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lifelong", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="the daemon: learn from a Kafka topic, write predictions back")
+    r.add_argument("--config", default=None, help="config.yaml (environment LIFELONG_SECTION__KEY overrides it)")
+    r.set_defaults(func=_run)
+
+    d = sub.add_parser("demo", help="embedded broker + built-in stream + the daemon, with live progress")
+    d.add_argument("--tasks", type=int, default=300)
+    d.add_argument("--events", type=int, default=100, help="events per task")
+    d.add_argument("--rate", type=float, default=2500.0, help="events per second fed to the broker")
+    d.add_argument("--metrics-port", type=int, default=None, help="default: a free port (printed)")
+    d.add_argument("--keep-running", action="store_true", help="leave broker and daemon up for Prometheus")
+    d.set_defaults(func=_demo)
 
     g = sub.add_parser("generate", help="write a synthetic or dataset stream as JSONL")
     g.add_argument("--kind", choices=("related", "unrelated", "digits"), required=True)

@@ -83,6 +83,7 @@ class BatchResult:
     kb_slots: np.ndarray  # [n, KB_TOP] expert index of the heaviest KB experts, weights in kb_weights
     kb_weights: np.ndarray
     segment: np.ndarray  # which entry of kb_names names the experts of each event
+    label_delay: np.ndarray  # event-time seconds from a prediction to its delayed label (joined labels)
     kb_names: list[list[str]] = field(default_factory=list)
     seq0: int = 0  # engine event count before this batch
 
@@ -93,7 +94,7 @@ class BatchResult:
         return cls(events, np.zeros(n, np.int8), nan.copy(), nan.copy(), nan.copy(), np.full(n, np.nan),
                    np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.zeros(n, np.int64),
                    np.zeros(n, np.int64), np.zeros((n, KB_TOP), np.int64), np.zeros((n, KB_TOP)),
-                   np.zeros(n, np.int64))
+                   np.zeros(n, np.int64), np.full(n, np.nan))
 
     def kb_top(self, i: int) -> list[list[Any]]:
         names = self.kb_names[self.segment[i]]
@@ -271,6 +272,7 @@ class Engine:
                     continue
                 outcome[j] = LABEL_JOINED
                 labelled = True
+                result.label_delay[start + j] = self.now_ts - entry[1]
                 if entry[0] >= seg0:
                     ref[j] = entry[0] - seg0
             elif e.y is None:

@@ -12,6 +12,9 @@ from lifelong.engine import Engine
 from lifelong.events import Event
 
 
+T0 = 1_760_000_000.0
+
+
 def make_stream(n_tasks: int = 6, per_task: int = 30, dim: int = 5, block: int = 4, seed: int = 0,
                 task: str = "binary", n_classes: int = 2, delayed: float = 0.0, ends: bool = True) -> list[Event]:
     """Interleaved, recurring tasks in blocks; a fraction ``delayed`` of labels arrive later as label-only
@@ -36,15 +39,16 @@ def make_stream(n_tasks: int = 6, per_task: int = 30, dim: int = 5, block: int =
             else:
                 y = int(rng.random() < 1 / (1 + np.exp(-s[0])))
             eid = f"t{k}-{i}"
+            ts = T0 + len(events)  # event time in epoch seconds, like Kafka record timestamps
             if rng.random() < delayed:
-                events.append(Event(f"t{k}", eid, x, None, ts=float(len(events))))
-                waiting.append(Event(f"t{k}", eid, None, y, ts=float(len(events))))
+                events.append(Event(f"t{k}", eid, x, None, ts=ts))
+                waiting.append(Event(f"t{k}", eid, None, y, ts=ts))
             else:
-                events.append(Event(f"t{k}", eid, x, y, ts=float(len(events))))
+                events.append(Event(f"t{k}", eid, x, y, ts=ts))
             if waiting and rng.random() < 0.3:
                 events.append(waiting.pop(0))
         if ends and b + block >= per_task:
-            events.append(Event(f"t{k}", None, control="end"))
+            events.append(Event(f"t{k}", None, control="end", ts=T0 + len(events)))
     events.extend(waiting)
     return events
 

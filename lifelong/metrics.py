@@ -1,0 +1,203 @@
+"""Prometheus metrics (prefix ``lifelong_``) and the HTTP endpoints ``/metrics``, ``/healthz``, ``/readyz``.
+
+Values derived from engine state (losses, regrets and their bounds, weights, KB size) come from a custom
+collector that reads a consistent snapshot at scrape time, under the daemon's lock. Per-task series exist
+for at most ``metrics.max_task_labels`` tasks (the most active that are not archived); the rest are summed
+under ``task="_other"``. A task that ended (``control: end``, archived into the KB) drops its series.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .engine import STATS, S
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DELAY_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+PREDICTORS = (("combined", "loss", "errors"), ("local", "loss_local", "errors_local"), ("kb", "loss_kb", "errors_kb"))
+OTHER = "_other"
+
+
+class Metrics:
+    """Metrics observed directly by the daemon, plus the collector of engine-derived values."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.batch_seconds = Histogram("lifelong_batch_seconds", "Time to decode, predict, learn and send one "
+                                       "micro-batch", buckets=LATENCY_BUCKETS, registry=registry)
+        self.end_to_end = Histogram("lifelong_end_to_end_seconds", "From an event's Kafka timestamp to its "
+                                    "prediction being sent", buckets=LATENCY_BUCKETS, registry=registry)
+        self.label_delay = Histogram("lifelong_label_delay_seconds", "From a prediction to its delayed label "
+                                     "(event time)", buckets=DELAY_BUCKETS, registry=registry)
+        self.poll_interval = Histogram("lifelong_poll_interval_seconds", "Time between consumer polls",
+                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.dead_letters = Counter("lifelong_dead_letters", "Events sent to the dead-letter topic, by the "
+                                    "field that was wrong", ["field"], registry=registry)
+        self.checkpoints = Counter("lifelong_checkpoints", "Checkpoints written, by result", ["result"],
+                                   registry=registry)
+        for result in ("ok", "failed"):
+            self.checkpoints.labels(result)
+
+
+class EngineCollector:
+    """Reads the engine, the source and the daemon at scrape time (see the module docstring)."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def collect(self) -> Iterable[Metric]:
+        d = self.daemon
+        with d.lock:
+            yield from _engine_families(d.engine, d.archived_tasks(), d.cfg.metrics.max_task_labels,
+                                        d.dead_lettered)
+            yield from _daemon_families(d)
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _engine_families(engine: Any, archived: set[int], cap: int, dead_lettered: int) -> Iterable[Metric]:
+    n = engine.n_tasks
+    events = CounterMetricFamily("lifelong_events", "Events processed, by outcome", labels=["outcome"])
+    c = engine.counters
+    for outcome, value in (("predicted", c["predicted"]), ("learned", c["learned"]),
+                           ("dead_lettered", dead_lettered), ("label_expired", c["label_expired"]),
+                           ("label_unmatched", c["label_unmatched"]), ("control", c["controls"])):
+        events.add_metric([outcome], value)
+    yield events
+    stats = engine.t["stats"][:n].cpu().numpy() if n else np.zeros((0, len(STATS)))
+    loss = CounterMetricFamily("lifelong_loss", "Cumulative loss (log loss, or squared loss for regression) of "
+                               "each predictor", labels=["predictor"])
+    mistakes = CounterMetricFamily("lifelong_mistakes", "Cumulative mistakes (squared error for regression) of "
+                                   "each predictor", labels=["predictor"])
+    for name, loss_col, err_col in PREDICTORS:
+        loss.add_metric([name], float(stats[:, S[loss_col]].sum()))
+        mistakes.add_metric([name], float(stats[:, S[err_col]].sum()))
+    yield loss
+    yield mistakes
+
+    reg = engine.regrets() if n else {k: np.zeros(0) for k in ("top", "top_bound", "kb", "kb_bound")}
+    regret = _gauge("lifelong_regret", "Regret summed over tasks: combined vs better level (top), KB level vs "
+                    "its best expert (kb)", ["level"])
+    bound = _gauge("lifelong_regret_bound", "The theoretical bound of lifelong_regret (summed over tasks)", ["level"])
+    over = _gauge("lifelong_regret_over_bound_tasks", "Tasks whose regret exceeds its bound (should be 0)",
+                  ["level"])
+    for level in ("top", "kb"):
+        regret.add_metric([level], float(reg[level].sum()))
+        bound.add_metric([level], float(reg[f"{level}_bound"].sum()))
+        over.add_metric([level], float((reg[level] > reg[f"{level}_bound"] + 1e-6).sum()))
+    yield from (regret, bound, over)
+
+    counts = np.array(engine.n_labelled, np.int64)
+    live = np.array([i for i in range(n) if i not in archived], np.int64)
+    top = live[np.argsort(-counts[live], kind="stable")[:cap]] if len(live) else live
+    others = np.setdiff1d(np.arange(n), top)
+    weights = _local_weights(engine) if n else np.zeros(0)
+    t_regret = _gauge("lifelong_task_regret", "Regret of one task (capped set of tasks)", ["task", "level"])
+    t_bound = _gauge("lifelong_task_regret_bound", "Bound of lifelong_task_regret", ["task", "level"])
+    t_error = _gauge("lifelong_task_error_ratio", "Cumulative error of one task per predictor", ["task", "predictor"])
+    t_learned = CounterMetricFamily("lifelong_task_learned", "Labelled events learned by one task", labels=["task"])
+    t_weight = _gauge("lifelong_expert_weight", "Top-level mixture weight of each level for one task",
+                      ["task", "expert"])
+    groups = [(engine.task_names[i], np.array([i])) for i in top.tolist()]
+    if len(others):
+        groups.append((OTHER, others))
+    for name, rows in groups:
+        learned = int(counts[rows].sum())
+        t_learned.add_metric([name], learned)
+        for level in ("top", "kb"):
+            t_regret.add_metric([name, level], float(reg[level][rows].sum()))
+            t_bound.add_metric([name, level], float(reg[f"{level}_bound"][rows].sum()))
+        for pred, _, err_col in PREDICTORS:
+            t_error.add_metric([name, pred], float(stats[rows, S[err_col]].sum() / max(1, learned)))
+        w = float(weights[rows].mean())
+        t_weight.add_metric([name, "local"], w)
+        t_weight.add_metric([name, "kb"], 1.0 - w)
+    yield from (t_regret, t_bound, t_error, t_learned, t_weight)
+
+    kb = engine.kb
+    yield GaugeMetricFamily("lifelong_kb_members", "Members in the knowledge base", value=kb.size)
+    yield GaugeMetricFamily("lifelong_kb_capacity", "Capacity of the knowledge base", value=kb.capacity)
+    store_bytes = sum(v.numel() * v.element_size() for v in kb.store.values()) if isinstance(kb.store, dict) else 0
+    yield GaugeMetricFamily("lifelong_kb_bytes", "Memory of the KB member parameters", value=store_bytes)
+    changes = CounterMetricFamily("lifelong_kb_changes", "KB membership changes", labels=["change"])
+    for change, key in (("added", "added"), ("replaced", "replaced"), ("evicted", "evicted"),
+                        ("duplicate", "duplicates")):
+        changes.add_metric([change], kb.counts[key])
+    yield changes
+    yield GaugeMetricFamily("lifelong_tasks", "Tasks known to the engine", value=n)
+    yield GaugeMetricFamily("lifelong_pending_labels", "Predictions waiting for their label",
+                            value=len(engine.pending_keys))
+
+
+def _local_weights(engine: Any) -> np.ndarray:
+    n, t = engine.n_tasks, engine.t
+    w = engine.top_mix.weights(t["L_top"][:n], t["in_top"][:n], torch.tensor(engine.n_labelled) + 1)
+    return w[:, 0].cpu().numpy()
+
+
+def _daemon_families(d: Daemon) -> Iterable[Metric]:
+    lag = _gauge("lifelong_consumer_lag", "High watermark minus the next offset to process", ["partition"])
+    committed = _gauge("lifelong_committed_offset", "Last committed offset", ["partition"])
+    for tp, hw in d.source.highwater.items() if d.source else ():
+        lag.add_metric([str(tp.partition)], max(0, hw - d.positions.get(tp, 0)))
+    for tp, off in d.source.committed.items() if d.source else ():
+        committed.add_metric([str(tp.partition)], off)
+    yield lag
+    yield committed
+    yield GaugeMetricFamily("lifelong_checkpoint_age_seconds", "Seconds since the last checkpoint",
+                            value=d.checkpoint_age())
+    yield GaugeMetricFamily("lifelong_ready", "1 when assigned, restored and the broker is reachable",
+                            value=float(d.ready()[0]))
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` (liveness: recent progress) and ``/readyz`` on a background thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, live: Callable[[], tuple[bool, dict]],
+                 ready: Callable[[], tuple[bool, dict]]):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.startswith("/metrics"):
+                    body, status, ctype = generate_latest(outer.registry), 200, CONTENT_TYPE_LATEST
+                elif self.path.startswith("/healthz") or self.path.startswith("/readyz"):
+                    ok, detail = (live if self.path.startswith("/healthz") else ready)()
+                    body, status, ctype = json.dumps(detail).encode(), 200 if ok else 503, "application/json"
+                else:
+                    body, status, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.registry = registry
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="lifelong-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,299 @@
+"""The daemon against a real broker (tansu on a free loopback port): the commit protocol, crashes,
+signals, outages, bad input, slow learning, delayed labels and the demo."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_stream
+from kafka_helpers import (ThreadDaemon, config, events_json, http_get, metric, produce, read_topic, settings,
+                           start_process, wait_until, write_config)
+
+from lifelong import checkpoint
+from lifelong.broker import EmbeddedBroker
+from lifelong.engine import Engine
+from lifelong.errors import InvalidEvent
+from lifelong.events import Schema, decode, to_dict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    with EmbeddedBroker(log=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
+        yield b
+
+
+def stream_payloads(n_tasks=6, per_task=40, delayed=0.0, seed=0) -> list[bytes]:
+    events = make_stream(n_tasks=n_tasks, per_task=per_task, dim=3, delayed=delayed, seed=seed)
+    return events_json([to_dict(e) for e in events])
+
+
+def offline_engine(cfg, payloads: list[bytes]) -> Engine:
+    """The uninterrupted reference: the same payloads, in order, through one engine."""
+    schema = Schema(cfg.engine.dim, cfg.engine.task, cfg.engine.n_classes, cfg.engine.target_range)
+    engine = Engine(cfg.engine, cfg.labels)
+    events = []
+    for p in payloads:
+        try:
+            events.append(decode(p, schema))
+        except InvalidEvent:
+            pass
+    for i in range(0, len(events), 97):
+        engine.process(events[i:i + 97])
+    return engine
+
+
+def assert_same_state(a: Engine, b: Engine) -> None:
+    assert a.task_names == b.task_names
+    assert a.n_labelled == b.n_labelled  # every labelled event learned exactly once
+    assert a.counters["learned"] == b.counters["learned"]
+    assert a.kb.ids == b.kb.ids
+    for key in a.t:
+        torch.testing.assert_close(a.t[key][: a.n_tasks], b.t[key][: b.n_tasks], rtol=1e-5, atol=1e-5)
+    for name, p in a.learners.params.items():
+        torch.testing.assert_close(p[: a.n_tasks], b.learners.params[name][: b.n_tasks], rtol=1e-4, atol=1e-5)
+
+
+def test_end_to_end_predictions_dead_letters_and_metrics(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path, **{"kafka.max_message_bytes": 10_000})
+    cfg = config(values)
+    good = stream_payloads(delayed=0.2)
+    bad = [b"not json", b"\xff\xfe", b'{"task": "t", "x": [1, 2], "y": 1}', b'{"task": "t", "x": [1, NaN, 2], "y": 1}',
+           b'{"x": [1, 2, 3], "y": 1}', b'{"task": "t", "control": "pause"}', b"{" + b" " * 20_000 + b"}"]
+    payloads = good[:50] + bad + good[50:]
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: topic_exists(broker, cfg.kafka.events_topic), 20, what="topics")
+        produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
+        n_pred = sum(1 for p in good if b'"x"' in p)
+        preds = read_topic(broker.bootstrap, cfg.kafka.predictions_topic, n_pred)
+        dlq = read_topic(broker.bootstrap, cfg.kafka.dead_letter_topic, len(bad))
+        status, body = http_get(cfg.metrics.port, "/readyz")
+        assert status == 200 and json.loads(body)["broker_reachable"]
+        assert http_get(cfg.metrics.port, "/healthz")[0] == 200
+        wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="dead_lettered"') == len(bad),
+                   10, what="dead-letter metric")
+        n_labels = sum(1 for p in good if b'"y"' in p)
+        wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="learned"') == n_labels, 20,
+                   what="every label learned")
+    first = json.loads(preds[0].value)
+    assert set(first) >= {"task", "id", "y_pred", "proba", "p_local", "p_kb", "w_local", "kb_top", "model_version",
+                          "offset"}
+    assert preds[0].key == first["task"].encode()
+    ids = {json.loads(r.value)["id"] for r in preds}
+    assert ids == {json.loads(p)["id"] for p in good if b'"x"' in p}
+    reasons = {dict(r.headers)["error"].decode().split(":")[0] for r in dlq}
+    assert {"payload", "x", "task", "control"} <= reasons
+    assert {r.value for r in dlq[:6]} == set(bad[:6])
+    assert all(dict(r.headers)["source_topic"] == cfg.kafka.events_topic.encode() for r in dlq)
+
+
+def topic_exists(broker, topic):
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap)
+    try:
+        return topic in c.topics()
+    finally:
+        c.close()
+
+
+def test_kill_9_at_any_point_then_restart_equals_an_uninterrupted_run(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path, **{"batching.max_events": 40, "checkpoint.interval_s": 0.2})
+    cfg = config(values)
+    path = write_config(values, tmp_path / "config.yaml")
+    payloads = stream_payloads(n_tasks=8, per_task=400, delayed=0.1, seed=4)
+    n_pred = sum(1 for p in payloads if b'"x"' in p)
+    proc = start_process(path, tmp_path / "daemon.log")
+    wait_until(lambda: topic_exists(broker, cfg.kafka.events_topic), 30, what="topics")
+    produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
+    rng = random.Random(1)
+    kills = 0
+    for _ in range(3):
+        # kill once some progress is made, at a random moment
+        wait_until(lambda: (metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') or 0) > 0,
+                   60, what="progress")
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+        proc = start_process(path, tmp_path / "daemon.log")
+    wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') == n_pred, 120,
+               interval=0.5, what="all events processed")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    restored = checkpoint.load_engine(cfg.checkpoint.dir, cfg)
+    assert_same_state(restored, offline_engine(cfg, payloads))
+    preds = read_topic(broker.bootstrap, cfg.kafka.predictions_topic, n_pred)
+    assert {json.loads(r.value)["id"] for r in preds} == {json.loads(p)["id"] for p in payloads if b'"x"' in p}
+    assert kills == 3
+
+
+def test_sigterm_checkpoints_commits_and_exits_0_within_grace(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path, **{"checkpoint.interval_s": 60.0, "shutdown_grace_s": 8.0})
+    cfg = config(values)
+    proc = start_process(write_config(values, tmp_path / "c.yaml"), tmp_path / "daemon.log")
+    wait_until(lambda: topic_exists(broker, cfg.kafka.events_topic), 30, what="topics")
+    payloads = stream_payloads(n_tasks=4, per_task=50)
+    produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
+    n_pred = sum(1 for p in payloads if b'"x"' in p)
+    wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') == n_pred, 60,
+               what="processing")
+    assert checkpoint.latest(cfg.checkpoint.dir) is None  # the interval is long: nothing saved yet
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(cfg.shutdown_grace_s) == 0
+    assert time.monotonic() - t0 < cfg.shutdown_grace_s
+    path, _, meta = checkpoint.latest(cfg.checkpoint.dir)
+    assert meta["extra"]["offsets"] == [[cfg.kafka.events_topic, 0, len(payloads)]]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    committed = admin.list_group_offsets(cfg.kafka.group_id)
+    admin.close()
+    assert {tp.partition: o.offset for tp, o in committed[cfg.kafka.group_id].items()} == {0: len(payloads)}
+
+
+def test_broker_outage_not_ready_then_recovers_without_loss(tmp_path):
+    with EmbeddedBroker(log=tmp_path / "tansu.log") as own:
+        values = settings(own.bootstrap, tmp_path, **{"batching.max_events": 20})
+        cfg = config(values)
+        payloads = stream_payloads(n_tasks=6, per_task=100, seed=2)
+        half = len(payloads) // 2
+        with ThreadDaemon(cfg) as daemon:
+            wait_until(lambda: daemon.ready()[0], 30, what="ready")
+            produce(own.bootstrap, cfg.kafka.events_topic, payloads[:half])
+            wait_until(lambda: daemon.engine.counters["predicted"] > 0, 30, what="progress")
+            os.kill(own.proc.pid, signal.SIGSTOP)
+            try:
+                seen = wait_until(lambda: http_get(cfg.metrics.port, "/readyz")[0] == 503, 15, what="not ready")
+                time.sleep(max(0.0, 15 - 3))
+            finally:
+                os.kill(own.proc.pid, signal.SIGCONT)
+            assert seen
+            produce(own.bootstrap, cfg.kafka.events_topic, payloads[half:])
+            n_pred = sum(1 for p in payloads if b'"x"' in p)
+            wait_until(lambda: daemon.engine.counters["predicted"] >= n_pred, 90, what="recovery")
+            wait_until(lambda: http_get(cfg.metrics.port, "/readyz")[0] == 200, 30, what="ready again")
+            time.sleep(1.0)
+            with daemon.lock:
+                assert_same_state(daemon.engine, offline_engine(cfg, payloads))
+
+
+def random_payload(rng: random.Random, valid: list[bytes]) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60)))
+    if kind == 1:
+        return json.dumps(rng.choice([None, 1, "s", [1, 2], {"a": 1}, {"task": None}])).encode()
+    if kind == 2:  # a valid event with one field broken
+        d = json.loads(rng.choice(valid))
+        field = rng.choice(["task", "x", "y", "id", "ts"])
+        d[field] = rng.choice([None, "", [], {}, "NaN", -1, 10**400 if field == "x" else 2.5, [1] * rng.randrange(5)])
+        return json.dumps(d).encode() if field != "x" or d[field] != 10**400 else b'{"task": "a", "x": [1e999]}'
+    if kind == 3:
+        blob = rng.choice(valid)
+        cut = rng.randrange(1, len(blob))
+        return blob[:cut]
+    if kind == 4:
+        return json.dumps({"task": "t" * rng.randrange(1, 400), "control": rng.choice(["end", "stop", 1])}).encode()
+    return rng.choice(valid)
+
+
+def test_fuzzed_payloads_go_to_the_dlq_and_the_daemon_keeps_serving(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path)
+    cfg = config(values)
+    rng = random.Random(7)
+    valid = stream_payloads(n_tasks=4, per_task=30)
+    fuzz = [random_payload(rng, valid) for _ in range(3000)]
+    schema = Schema(3)
+    bad = 0
+    for p in fuzz:
+        try:
+            decode(p, schema)
+        except InvalidEvent:
+            bad += 1
+    assert bad > 2000
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        produce(broker.bootstrap, cfg.kafka.events_topic, fuzz)
+        wait_until(lambda: daemon.dead_lettered == bad, 60, what="all bad payloads dead-lettered")
+        produce(broker.bootstrap, cfg.kafka.events_topic, [b'{"task": "after", "id": "z", "x": [1, 2, 3], "y": 1}'])
+        wait_until(lambda: "after" in daemon.engine.task_index, 30, what="a valid event after the fuzz")
+        assert http_get(cfg.metrics.port, "/healthz")[0] == 200
+        assert daemon.source.error is None
+    read_topic(broker.bootstrap, cfg.kafka.dead_letter_topic, bad)
+
+
+def test_learning_slower_than_max_poll_interval_loses_no_work(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path, **{
+        "kafka.max_poll_interval_ms": 7000, "batching.max_events": 50, "batching.queue_batches": 1,
+        "checkpoint.interval_s": 1.0})
+    cfg = config(values)
+    payloads = stream_payloads(n_tasks=3, per_task=50)
+    with ThreadDaemon(cfg) as daemon:
+        original = daemon.engine.process
+
+        def slow(events):
+            time.sleep(9.0 if len(events) > 20 and daemon.engine.counters["learned"] < 120 else 0.0)
+            return original(events)
+
+        daemon.engine.process = slow
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        generation = daemon.source.generation
+        produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
+        n_pred = sum(1 for p in payloads if b'"x"' in p)
+        wait_until(lambda: daemon.engine.counters["predicted"] >= n_pred, 120, interval=0.5, what="all processed")
+        wait_until(lambda: daemon.source.committed.get(next(iter(daemon.positions))) == len(payloads), 30,
+                   what="offsets committed")
+        assert daemon.source.generation == generation  # no rebalance happened
+        with daemon.lock:
+            assert_same_state(daemon.engine, offline_engine(cfg, payloads))
+
+
+def test_delayed_labels_join_across_a_restart(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path)
+    cfg = config(values)
+    x = [0.5, -1.0, 2.0]
+    predictions = [json.dumps({"task": "late", "id": f"p{i}", "x": x, "ts": 100.0 + i}).encode() for i in range(20)]
+    labels = [json.dumps({"task": "late", "id": f"p{i}", "y": i % 2, "ts": 200.0 + i}).encode() for i in range(20)]
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        produce(broker.bootstrap, cfg.kafka.events_topic, predictions)
+        wait_until(lambda: len(daemon.engine.pending_keys) == 20, 30, what="pending predictions")
+    with ThreadDaemon(config(values)) as daemon:  # restarted: the pending store came back with the checkpoint
+        assert len(daemon.engine.pending_keys) == 20
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        produce(broker.bootstrap, cfg.kafka.events_topic, labels)
+        wait_until(lambda: daemon.engine.counters["learned"] == 20, 30, what="labels joined")
+        assert daemon.engine.counters["label_expired"] == 0 and not daemon.engine.pending_keys
+        assert (metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") or 0) == 20
+
+
+def test_missing_topics_with_creation_off_is_a_clear_error(broker, tmp_path, caplog):
+    runner = ThreadDaemon(config(settings(broker.bootstrap, tmp_path, **{"kafka.create_topics": False})))
+    runner.thread.start()
+    runner.thread.join(30)
+    assert runner.code == 1
+    assert "do not exist and kafka.create_topics is false" in caplog.text
+
+
+def test_demo_runs_and_prints_a_summary(broker):
+    from lifelong.demo import run_demo
+
+    out = io.StringIO()
+    assert run_demo(tasks=20, events_per_task=30, rate=20000, out=out, timeout=90) == 0
+    text = out.getvalue()
+    assert "/metrics" in text and "summary" in text and "lifelong (two levels)" in text
+    learned = int(next(line for line in text.splitlines() if "events learned" in line).split()[-1].replace(",", ""))
+    assert learned == 20 * 30
+    assert np.isfinite(float(next(line for line in text.splitlines() if "per-task learners only" in line).split()[3]))
