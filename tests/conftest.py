@@ -11,7 +11,6 @@ from lifelong.config import EngineConfig, LabelsConfig
 from lifelong.engine import Engine
 from lifelong.events import Event
 
-
 T0 = 1_760_000_000.0
 
 

@@ -3,6 +3,7 @@ signals, outages, bad input, slow learning, delayed labels and the demo."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -14,8 +15,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_stream
-from kafka_helpers import (ThreadDaemon, config, events_json, http_get, metric, produce, read_topic, settings,
-                           start_process, wait_until, write_config)
+from kafka_helpers import (
+    ThreadDaemon,
+    config,
+    events_json,
+    http_get,
+    metric,
+    produce,
+    read_topic,
+    settings,
+    start_process,
+    wait_until,
+    write_config,
+)
 
 from lifelong import checkpoint
 from lifelong.broker import EmbeddedBroker
@@ -43,10 +55,8 @@ def offline_engine(cfg, payloads: list[bytes]) -> Engine:
     engine = Engine(cfg.engine, cfg.labels)
     events = []
     for p in payloads:
-        try:
+        with contextlib.suppress(InvalidEvent):
             events.append(decode(p, schema))
-        except InvalidEvent:
-            pass
     for i in range(0, len(events), 97):
         engine.process(events[i:i + 97])
     return engine
@@ -70,7 +80,7 @@ def test_end_to_end_predictions_dead_letters_and_metrics(broker, tmp_path):
     bad = [b"not json", b"\xff\xfe", b'{"task": "t", "x": [1, 2], "y": 1}', b'{"task": "t", "x": [1, NaN, 2], "y": 1}',
            b'{"x": [1, 2, 3], "y": 1}', b'{"task": "t", "control": "pause"}', b"{" + b" " * 20_000 + b"}"]
     payloads = good[:50] + bad + good[50:]
-    with ThreadDaemon(cfg) as daemon:
+    with ThreadDaemon(cfg):
         wait_until(lambda: topic_exists(broker, cfg.kafka.events_topic), 20, what="topics")
         produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
         n_pred = sum(1 for p in good if b'"x"' in p)
