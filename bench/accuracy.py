@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import early_error, river_per_task, vw_multitask  # noqa: E402
-
 from lifelong.config import load_config  # noqa: E402
 from lifelong.evaluate import evaluate, read_events  # noqa: E402
 from lifelong.generate import stream, write_jsonl  # noqa: E402
+
+from peers import early_error, river_per_task, vw_multitask  # noqa: E402
 
 
 def target(kind: str, lifelong: float, river: float, vw: float) -> tuple[str, bool]:

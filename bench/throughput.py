@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import river_per_task  # noqa: E402
-
 from lifelong.config import EngineConfig  # noqa: E402
 from lifelong.engine import Engine  # noqa: E402
 from lifelong.events import Schema, from_dict  # noqa: E402
 from lifelong.generate import stream  # noqa: E402
+
+from peers import river_per_task  # noqa: E402
 
 STREAMS = {
     "related-300 (20-event blocks)": dict(n_tasks=300, events=100, block=20),

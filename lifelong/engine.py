@@ -96,30 +96,35 @@ class BatchResult:
                    np.zeros(n, np.int64), np.zeros((n, KB_TOP), np.int64), np.zeros((n, KB_TOP)),
                    np.zeros(n, np.int64), np.full(n, np.nan))
 
-    def kb_top(self, i: int) -> list[list[Any]]:
-        names = self.kb_names[self.segment[i]]
-        return [[names[s], round(float(w), 6)] for s, w in zip(self.kb_slots[i], self.kb_weights[i], strict=True)
-                if w > 0]
-
     def records(self, task_kind: str) -> list[tuple[int, dict[str, Any]]]:
-        """Prediction records (DESIGN §3) with their position in the batch, for every predicted event."""
+        """Prediction records (DESIGN §3) with their position in the batch, for every predicted event.
+
+        Numbers are rounded and converted for the whole batch at once: this runs for every prediction.
+        """
+        rows = np.flatnonzero((self.outcome == PREDICTED) | (self.outcome == LEARNED))
+        if not len(rows):
+            return []
+        regression = task_kind == "regression"
+        cols = [0] if regression else slice(None)
+        proba, local, kb = (np.round(a[rows][:, cols], 6).tolist() for a in (self.pred, self.p_local, self.p_kb))
+        y_pred = self.pred[rows, 0].tolist() if regression else self.pred[rows].argmax(1).tolist()
+        w_local = np.round(self.w_local[rows], 6).tolist()
+        versions = self.model_version[rows].tolist()
+        slots, weights = self.kb_slots[rows].tolist(), np.round(self.kb_weights[rows], 6).tolist()
+        segments = self.segment[rows].tolist()
         out = []
-        for i in np.flatnonzero((self.outcome == PREDICTED) | (self.outcome == LEARNED)):
+        for j, i in enumerate(rows.tolist()):
             e = self.events[i]
-            p = self.pred[i]
-            rec: dict[str, Any] = {"task": e.task, "id": e.id}
-            if task_kind == "regression":
-                rec["y_pred"] = float(p[0])
-                rec["p_local"], rec["p_kb"] = float(self.p_local[i, 0]), float(self.p_kb[i, 0])
+            names = self.kb_names[segments[j]]
+            rec: dict[str, Any] = {"task": e.task, "id": e.id, "y_pred": y_pred[j]}
+            if regression:
+                rec["p_local"], rec["p_kb"] = local[j][0], kb[j][0]
             else:
-                rec["y_pred"] = int(np.argmax(p))
-                rec["proba"] = [round(float(v), 6) for v in p]
-                rec["p_local"] = [round(float(v), 6) for v in self.p_local[i]]
-                rec["p_kb"] = [round(float(v), 6) for v in self.p_kb[i]]
-            rec["w_local"] = round(float(self.w_local[i]), 6)
-            rec["kb_top"] = self.kb_top(int(i))
-            rec["model_version"] = int(self.model_version[i])
-            out.append((int(i), rec))
+                rec["proba"], rec["p_local"], rec["p_kb"] = proba[j], local[j], kb[j]
+            rec["w_local"] = w_local[j]
+            rec["kb_top"] = [[names[s], w] for s, w in zip(slots[j], weights[j], strict=True) if w > 0]
+            rec["model_version"] = versions[j]
+            out.append((i, rec))
         return out
 
 

@@ -2,9 +2,10 @@ import logging
 
 import pytest
 
-from conftest import make_stream
 from lifelong import checkpoint
 from lifelong.errors import StateError
+
+from conftest import make_stream
 
 
 def test_files_are_private_and_only_the_newest_are_kept(engine_factory, tmp_path):

@@ -14,6 +14,13 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from lifelong import checkpoint
+from lifelong.broker import EmbeddedBroker
+from lifelong.engine import Engine
+from lifelong.errors import InvalidEvent
+from lifelong.events import Schema, decode, to_dict
+
 from conftest import make_stream
 from kafka_helpers import (
     ThreadDaemon,
@@ -28,12 +35,6 @@ from kafka_helpers import (
     wait_until,
     write_config,
 )
-
-from lifelong import checkpoint
-from lifelong.broker import EmbeddedBroker
-from lifelong.engine import Engine
-from lifelong.errors import InvalidEvent
-from lifelong.events import Schema, decode, to_dict
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import make_stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +10,8 @@ from lifelong import checkpoint
 from lifelong.config import LabelsConfig
 from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
 from lifelong.events import Event
+
+from conftest import make_stream
 
 KINDS = [
     pytest.param({}, {}, id="binary-ekf"),

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
-from conftest import make_stream
 from lifelong.config import load_config
 from lifelong.metrics import EngineCollector, Metrics
+
+from conftest import make_stream
 
 
 def scrape(engine, archived=frozenset(), cap=3):
