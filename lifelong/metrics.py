@@ -160,6 +160,8 @@ def _daemon_families(d: Daemon) -> Iterable[Metric]:
     yield committed
     yield GaugeMetricFamily("lifelong_checkpoint_age_seconds", "Seconds since the last checkpoint",
                             value=d.checkpoint_age())
+    yield GaugeMetricFamily("lifelong_checkpoint_interval_seconds", "Configured checkpoint.interval_s",
+                            value=d.cfg.checkpoint.interval_s)
     yield GaugeMetricFamily("lifelong_ready", "1 when assigned, restored and the broker is reachable",
                             value=float(d.ready()[0]))
 
