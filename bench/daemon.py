@@ -2,9 +2,10 @@
 
     python bench/daemon.py [--events 60000] [--out bench/results]
 
-1. Throughput on a backlog: the same pre-produced topic is read by (a) a pass-through with the same client
+1. Throughput on a backlog: the same pre-produced events are read by (a) a pass-through with the same client
    (kafka-python + crc32c) that consumes, decodes the JSON, produces a prediction-sized record per event and
-   commits, and (b) ``lifelong run`` (a subprocess) with learning on. Each rate is taken from its own output
+   flushes and commits every 5 s (the daemon's checkpoint interval here), and (b) ``lifelong run`` (a
+   subprocess) with learning on. Each rate is taken from its own output
    records' timestamps (first to last), so group joins and start-up are excluded from both. Target: ratio >= 0.7.
 2. Latency at half the daemon's maximum rate: events produced at that pace; latency = prediction record
    timestamp - event record timestamp (same clock, ms resolution); p50 and p99.
@@ -29,6 +30,7 @@ from lifelong.broker import EmbeddedBroker, free_port
 from lifelong.generate import stream
 
 PREDICTION_SIZE = 330  # bytes of a typical binary prediction record
+CHECKPOINT_S = 5.0  # the daemon's checkpoint interval, and the pass-through's flush-and-commit interval
 
 
 def produce(bootstrap: str, topic: str, payloads: list[bytes], rate: float | None = None) -> None:
@@ -62,13 +64,16 @@ def read_all(bootstrap: str, topic: str, n: int, timeout: float = 300.0) -> list
     return out
 
 
-def pass_through(bootstrap: str, source: str, sink: str, n: int) -> float:
-    """Consume, decode, produce one prediction-sized record per event, commit every batch; events/s."""
+def pass_through(bootstrap: str, source: str, sink: str, n: int, commit_every: float) -> float:
+    """Consume, decode, produce one prediction-sized record per event; flush and commit every
+    ``commit_every`` seconds, as the daemon checkpoints; events/s."""
     consumer = KafkaConsumer(source, bootstrap_servers=bootstrap, group_id="pass-through", enable_auto_commit=False,
                              auto_offset_reset="earliest", max_poll_records=1024, session_timeout_ms=6000)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
     filler = "x" * PREDICTION_SIZE
     seen = 0
+    offsets: dict = {}
+    last_commit = time.monotonic()
     while seen < n:
         batch = consumer.poll(timeout_ms=500)
         for tp, records in batch.items():
@@ -77,8 +82,11 @@ def pass_through(bootstrap: str, source: str, sink: str, n: int) -> float:
                 out = json.dumps({"task": e["task"], "id": e.get("id"), "pad": filler[: PREDICTION_SIZE - 60]})
                 producer.send(sink, key=e["task"].encode(), value=out.encode())
             seen += len(records)
+            offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        if seen >= n or time.monotonic() - last_commit >= commit_every:
             producer.flush()
-            consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)})
+            consumer.commit(offsets)
+            last_commit = time.monotonic()
     consumer.close()
     producer.close()
     return rate_of(read_all(bootstrap, sink, n))
@@ -92,7 +100,7 @@ def rate_of(records: list) -> float:
 def start_daemon(bootstrap: str, tag: str, work: Path) -> subprocess.Popen:
     cfg = {"kafka": {"bootstrap_servers": bootstrap, "events_topic": f"ev-{tag}", "predictions_topic": f"pred-{tag}",
                      "dead_letter_topic": f"dlq-{tag}", "group_id": f"g-{tag}", "session_timeout_ms": 6000},
-           "engine": {"dim": 20}, "checkpoint": {"dir": str(work / f"state-{tag}"), "interval_s": 5},
+           "engine": {"dim": 20}, "checkpoint": {"dir": str(work / f"state-{tag}"), "interval_s": CHECKPOINT_S},
            "metrics": {"port": free_port()}, "logging": {"level": "WARNING"}}
     path = work / f"{tag}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -116,7 +124,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lifelong-bench-"))
     with EmbeddedBroker(log=work / "tansu.log") as broker:
         produce(broker.bootstrap, "ev-backlog", payloads)
-        base = pass_through(broker.bootstrap, "ev-backlog", "pass-out", n)
+        base = pass_through(broker.bootstrap, "ev-backlog", "pass-out", n, CHECKPOINT_S)
         produce(broker.bootstrap, "ev-tput", payloads)
         proc = start_daemon(broker.bootstrap, "tput", work)
         try:
