@@ -2,36 +2,87 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import abc
+from typing import Any
 
 import torch
 
 from ..config import EngineConfig
+from ..hedge import smooth
 
 
-class Learners(Protocol):
-    """What the engine needs from a backend that holds one learner per task.
+class Learners(abc.ABC):
+    """A backend holding one learner per task: what the engine needs from it.
 
     Predictions live in one space for every level: class probabilities ``[..., C]`` for classification,
     one value in the target range ``[..., 1]`` for regression. Rows of one call belong to distinct tasks.
+    KB members are frozen copies of task learners kept in a backend-specific "store" of slots.
     """
 
-    n_pred: int
-    linear: bool
+    linear = False  # True when members are linear models (the basis expert needs their weights)
 
-    def ensure(self, n_tasks: int) -> None: ...
-    def forward(self, idx: torch.Tensor, x1: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
-    def finish(self, raw: torch.Tensor) -> torch.Tensor: ...
+    def __init__(self, cfg: EngineConfig, dim: int, device: torch.device):
+        self.cfg = cfg
+        self.dim = dim
+        self.device = device
+        self.dtype = getattr(torch, cfg.dtype)
+        self.task = cfg.task
+        self.n_out = cfg.n_classes if cfg.task == "multiclass" else 1
+        self.n_pred = cfg.n_classes if cfg.task == "multiclass" else (2 if cfg.task == "binary" else 1)
+        self.lo, self.hi = cfg.target_range
+
+    def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
+        """Map logits ``[..., n_out]`` into the prediction space shared by all levels."""
+        if self.task == "binary":
+            p1 = torch.sigmoid(logits)
+            return smooth(torch.cat([1 - p1, p1], dim=-1))
+        if self.task == "multiclass":
+            return smooth(torch.softmax(logits, dim=-1))
+        return self.lo + (self.hi - self.lo) * logits.clamp(0.0, 1.0)
+
+    @abc.abstractmethod
+    def ensure(self, n_tasks: int) -> None:
+        """Hold learners for tasks ``0 .. n_tasks - 1`` (new ones untrained)."""
+
+    @abc.abstractmethod
+    def forward(self, idx: torch.Tensor, x1: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs for inputs with a trailing 1, before learning; with ``y``, each row then learns."""
+
+    @abc.abstractmethod
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """Predictions from ``forward``'s raw outputs."""
+
+    @abc.abstractmethod
     def new_store(self, capacity: int) -> Any: ...
+
+    @abc.abstractmethod
     def write_member(self, store: Any, slot: int, task: int) -> None: ...
+
+    @abc.abstractmethod
     def copy_member(self, store: Any, slot: int, one: Any) -> None: ...
-    def member_vector(self, store: Any, slot: int) -> torch.Tensor: ...
-    def member_predict(self, store: Any, x: torch.Tensor) -> torch.Tensor: ...
-    def linear_weights(self, store: Any) -> torch.Tensor | None: ...
+
+    @abc.abstractmethod
+    def member_vector(self, store: Any, slot: int) -> torch.Tensor:
+        """A member's parameters as one vector (empty when they have no common form)."""
+
+    @abc.abstractmethod
+    def member_predict(self, store: Any, x: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[n, K, P]`` of every slot for inputs ``[n, d]``."""
+
+    def linear_weights(self, store: Any) -> torch.Tensor | None:
+        """Members as ``[K, d + 1, C]`` (bias last) for linear backends, else None."""
+        return None
+
+    @abc.abstractmethod
     def store_state(self, store: Any) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
     def load_store(self, state: dict[str, Any]) -> Any: ...
-    def to_pred(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
     def state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
     def load_state(self, state: dict[str, Any]) -> None: ...
 
 

@@ -17,6 +17,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import ConfigError
 from ..hedge import smooth
+from . import Learners
 
 
 def load_estimator(path: str, params: dict[str, Any]) -> Any:
@@ -31,19 +32,11 @@ def load_estimator(path: str, params: dict[str, Any]) -> Any:
         raise ConfigError(f"engine.river_model: cannot build {path}({params}): {exc}") from None
 
 
-class RiverLearners:
+class RiverLearners(Learners):
     """One River estimator per task."""
 
-    linear = False
-
     def __init__(self, cfg: EngineConfig, dim: int, device: torch.device):
-        self.cfg = cfg
-        self.dim = dim
-        self.device = device
-        self.dtype = getattr(torch, cfg.dtype)
-        self.task = cfg.task
-        self.n_pred = cfg.n_classes if cfg.task == "multiclass" else (2 if cfg.task == "binary" else 1)
-        self.lo, self.hi = cfg.target_range
+        super().__init__(cfg, dim, device)
         self.prototype = load_estimator(cfg.river_model, cfg.river_params)
         self.models: list[Any] = []
 
@@ -96,9 +89,6 @@ class RiverLearners:
         # River estimators have no common parameter vector: members are never near-duplicates.
         return torch.zeros(0)
 
-    def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("the river backend has no logits")
-
     def store_state(self, store: list[Any]) -> dict[str, Any]:
         return {"pickle": _pickled(store)}
 
@@ -111,9 +101,6 @@ class RiverLearners:
         preds = [[self._one(m, r) if m is not None else filler for m in store] for r in rows]
         out = torch.tensor(preds, dtype=self.dtype, device=self.device).reshape(len(rows), len(store), -1)
         return out if self.task == "regression" else smooth(out)
-
-    def linear_weights(self, store: list[Any]) -> None:
-        return None
 
     def state(self) -> dict[str, Any]:
         return {"pickle": _pickled(self.models)}

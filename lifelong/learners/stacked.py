@@ -7,15 +7,15 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..hedge import smooth
-from . import ekf
+from ..errors import ConfigError
+from . import Learners, ekf
 
 EKF_MAX_DIM = 256  # optimizer "auto" uses the EKF up to this many features (its state is quadratic in them)
 
 ADAGRAD_INIT = 0.1  # initial AdaGrad accumulator: keeps the first steps of a new task moderate
 
 
-class TorchLearners:
+class TorchLearners(Learners):
     """One learner per task; parameters of all tasks are stacked along dimension 0.
 
     Linear models learn by EKF steps (``optimizer: ekf``, a Bayesian online update with a Gaussian prior
@@ -35,23 +35,14 @@ class TorchLearners:
     """
 
     def __init__(self, cfg: EngineConfig, dim: int, device: torch.device):
-        self.cfg = cfg
-        self.dim = dim
-        self.device = device
-        self.dtype = getattr(torch, cfg.dtype)
-        self.task = cfg.task
-        self.n_out = cfg.n_classes if cfg.task == "multiclass" else 1
-        self.n_pred = cfg.n_classes if cfg.task == "multiclass" else (2 if cfg.task == "binary" else 1)
+        super().__init__(cfg, dim, device)
         self.linear = cfg.model == "logistic"
         opt = cfg.optimizer
         if opt == "auto":
             opt = "ekf" if self.linear and dim <= EKF_MAX_DIM else "adagrad"
         self.use_ekf = opt == "ekf"
         if self.use_ekf and not self.linear:
-            from ..errors import ConfigError
-
             raise ConfigError("engine.optimizer: ekf needs engine.model: logistic")
-        self.lo, self.hi = cfg.target_range
         self._gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self._n = 0
         self.params: dict[str, torch.Tensor] = {
@@ -102,15 +93,6 @@ class TorchLearners:
             return torch.einsum("nd,ndc->nc", x, p["w"]) + p["b"]
         h = torch.relu(torch.einsum("nd,ndh->nh", x, p["w1"]) + p["b1"])
         return torch.einsum("nh,nhc->nc", h, p["w2"]) + p["b2"]
-
-    def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
-        """Map logits ``[..., C]`` into the prediction space shared by all levels."""
-        if self.task == "binary":
-            p1 = torch.sigmoid(logits)
-            return smooth(torch.cat([1 - p1, p1], dim=-1))
-        if self.task == "multiclass":
-            return smooth(torch.softmax(logits, dim=-1))
-        return self.lo + (self.hi - self.lo) * logits.clamp(0.0, 1.0)
 
     def forward(self, idx: torch.Tensor, x1: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Raw outputs of the rows' tasks for inputs with a trailing 1 (``x1 [n, d + 1]``), before
