@@ -39,9 +39,9 @@ STATS = ("loss", "loss_local", "loss_kb", "errors", "errors_local", "errors_kb",
          "early_errors_local", "early_n")
 S = {name: i for i, name in enumerate(STATS)}
 
-# Outcome of each event in a batch.
-IGNORED, PREDICTED, LEARNED, LABEL_JOINED, LABEL_EXPIRED, LABEL_UNMATCHED, CONTROL = range(7)
-OUTCOMES = ("ignored", "predicted", "learned", "label_joined", "label_expired", "label_unmatched", "control")
+# Outcome of each event in a batch. A label whose prediction expired (TTL or count) finds nothing to join:
+# LABEL_UNMATCHED; the expiry itself is counted in counters["label_expired"].
+PREDICTED, LEARNED, LABEL_JOINED, LABEL_UNMATCHED, CONTROL = range(1, 6)
 
 
 @dataclass
@@ -152,7 +152,6 @@ class Engine:
         self.labels = labels or LabelsConfig()
         self.device = pick_device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
-        torch.manual_seed(cfg.seed)
         self.schema = Schema(cfg.dim, cfg.task, cfg.n_classes, cfg.target_range, frozenset(cfg.tasks))
         self.learners = make_learners(cfg, cfg.dim, self.device)
         self.kb = KnowledgeBase(cfg, self.learners, cfg.dim, self.device)
@@ -550,7 +549,6 @@ class Engine:
         tensors.update({f"learner.{k}": v for k, v in self.learners.state().items()})
         tensors.update(self.kb.state())
         tensors["kb_version"] = self.kb_version.cpu()
-        tensors["torch_rng"] = torch.get_rng_state()
         keys = list(self.pending_keys)
         if keys:
             entries = [self.pending[k] for k in keys]
@@ -588,7 +586,6 @@ class Engine:
         self.learners.load_state({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.kb_version = tensors["kb_version"].to(dev)
-        torch.set_rng_state(tensors["torch_rng"])
         self.pending_keys = OrderedDict()
         self.pending = {}
         for j, (task, eid, seq, ts) in enumerate(meta["pending"]):
