@@ -172,6 +172,9 @@ class Engine:
         self.now_ts = -math.inf
         self.counters = {name: 0 for name in ("predicted", "learned", "label_expired", "label_unmatched",
                                               "controls", "tasks_created", "snapshots")}
+        # On the CPU, EKF learners run event by event in compiled code; otherwise (CUDA, AdaGrad, MLP,
+        # River) in torch waves. Both give the same results to float tolerance (tested).
+        self.compiled = self.learners.can_sequence and (not self.kb.basis_on or self.device.type == "cpu")
 
     # --- per-task tables ---
 
@@ -187,14 +190,8 @@ class Engine:
             "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
         }
 
-    def _kb_present(self) -> torch.Tensor:
-        present = torch.cat([torch.tensor([self.kb.basis_ready], device=self.device), self.kb.valid])
-        return present
-
     def _task(self, name: str) -> int:
-        i = self.task_index.get(name)
-        if i is not None:
-            return i
+        """Register a new task (its tensors are set up for all new tasks at once by ``_init_tasks``)."""
         if len(self.task_names) >= self.cfg.max_tasks:
             raise StateError(f"engine.max_tasks ({self.cfg.max_tasks}) reached; task {name!r} refused")
         i = len(self.task_names)
@@ -202,21 +199,25 @@ class Engine:
         self.task_index[name] = i
         self.n_labelled.append(0)
         self.counters["tasks_created"] += 1
+        return i
+
+    def _init_tasks(self, first: int) -> None:
+        """Learners, codes and mixture tables for tasks ``first ..``: every current KB expert takes part."""
+        n = self.n_tasks
         cap = self.t["stats"].shape[0]
-        if i >= cap:
-            grown = self._task_tables(max(16, 2 * cap))
+        if n > cap:
+            grown = self._task_tables(max(n, 16, 2 * cap))
             for key, old in self.t.items():
                 grown[key][:cap] = old
             self.t = grown
-        self.learners.ensure(i + 1)
-        self.kb.ensure(i + 1)
-        present = self._kb_present()
-        self.t["in_kb"][i] = present
-        self.t["n_kb"][i] = int(present.sum())
+        self.learners.ensure(n)
+        self.kb.ensure(n)
+        present = torch.cat([torch.tensor([self.kb.basis_ready], device=self.device), self.kb.valid])
         has_kb = bool(present.any())
-        self.t["in_top"][i] = torch.tensor([True, has_kb])
-        self.t["n_top"][i] = 1 + int(has_kb)
-        return i
+        self.t["in_kb"][first:n] = present
+        self.t["n_kb"][first:n] = int(present.sum())
+        self.t["in_top"][first:n] = torch.tensor([True, has_kb], device=self.device)
+        self.t["n_top"][first:n] = 1 + int(has_kb)
 
     @property
     def n_tasks(self) -> int:
@@ -250,12 +251,14 @@ class Engine:
         ttl, cap, every = self.labels.pending_ttl_s, self.labels.pending_max, self.cfg.snapshot_every
         keys, counts, index = self.pending_keys, self.n_labelled, self.task_index
         seg0 = result.seq0 + start
+        now = self.now_ts
+        first_new = self.n_tasks
         for j, e in enumerate(events[start:stop]):
-            if e.ts is not None and e.ts > self.now_ts:
-                self.now_ts = e.ts
+            if e.ts is not None and e.ts > now:
+                now = e.ts
             while keys:  # the oldest entries expire first; arrival order, so independent of batching
                 key, (_, ts) = next(iter(keys.items()))
-                if ts >= self.now_ts - ttl:
+                if ts >= now - ttl:
                     break
                 self._drop_pending(key)
             ti = index.get(e.task)
@@ -276,7 +279,7 @@ class Engine:
                     continue
                 outcome[j] = LABEL_JOINED
                 labelled = True
-                result.label_delay[start + j] = self.now_ts - entry[1]
+                result.label_delay[start + j] = now - entry[1]
                 if entry[0] >= seg0:
                     ref[j] = entry[0] - seg0
             elif e.y is None:
@@ -284,7 +287,7 @@ class Engine:
                 key = (e.task, e.id or "")
                 keys.pop(key, None)
                 self.pending.pop(key, None)
-                keys[key] = (seg0 + j, e.ts if e.ts is not None else self.now_ts)
+                keys[key] = (seg0 + j, e.ts if e.ts is not None else now)
                 while len(keys) > cap:
                     self._drop_pending(next(iter(keys)))
             else:
@@ -298,6 +301,9 @@ class Engine:
             k = depth.get(ti, 0)
             depth[ti] = k + 1
             wave[j] = k
+        self.now_ts = now
+        if self.n_tasks > first_new:
+            self._init_tasks(first_new)
         result.outcome[start:stop] = outcome
         result.task_index[start:stop] = tasks
         return _Plan(np.array(wave), np.array(ref), np.array(n_before), np.array(trigger, bool))
@@ -321,7 +327,9 @@ class Engine:
         x_np = np.zeros((n, self.cfg.dim), np.float32)
         rows_x = np.flatnonzero(has_x)
         if len(rows_x):
-            x_np[rows_x] = np.stack([typing.cast(np.ndarray, events[start + j].x) for j in rows_x.tolist()])
+            # concatenate + reshape: several times faster than np.stack on many small arrays
+            x_np[rows_x] = np.concatenate([typing.cast(np.ndarray, events[start + j].x)
+                                           for j in rows_x.tolist()]).reshape(len(rows_x), -1)
         y_np = np.array([0 if e.y is None else e.y for e in events[start:stop]], np.float64)
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
@@ -333,10 +341,24 @@ class Engine:
         y = torch.as_tensor(y_np, dtype=self.dtype if self.cfg.task == "regression" else torch.long, device=dev)
         idx = torch.as_tensor(tasks, device=dev)
 
-        # Sequential part: wave k holds the k-th event of each task. Rows are sorted by (wave, labelled),
-        # so that every call below takes contiguous slices.
         x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         z = x1 @ self.kb.B
+        seq0 = result.seq0 + start
+        if self.compiled:
+            raw_local, raw_basis = self._compiled(plan, tasks, labelled, x1, y, z, seq0)
+        else:
+            raw_local, raw_basis = self._waves(plan, tasks, labelled, x1, y, z, idx, seq0)
+        p_local = self.learners.finish(raw_local)
+        p_basis = self.kb.finish_basis(raw_basis)
+        self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
+        result.segment[start:stop] = len(result.kb_names)
+        result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
+
+    def _waves(self, plan: _Plan, tasks: np.ndarray, labelled: np.ndarray, x1: torch.Tensor, y: torch.Tensor,
+               z: torch.Tensor, idx: torch.Tensor, seq0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequential part in waves: wave k holds the k-th event of each task. Rows are sorted by (wave,
+        labelled), so that every call takes contiguous slices. Returns raw local and basis outputs."""
+        n, dev = len(tasks), self.device
         key = plan.wave * 2 + labelled
         order = np.argsort(key, kind="stable")
         perm = torch.as_tensor(order, device=dev)
@@ -353,15 +375,33 @@ class Engine:
             raw_local.append(self.learners.forward(idx_p[a:b], x1_p[a:b], gy))
             raw_basis.append(self.kb.forward_basis(idx_p[a:b], z_p[a:b], gy))
             for j in triggers.get(group, ()):
-                self._stage(int(tasks[j]), int(plan.n_before[j] + labelled[j]), result.seq0 + start + j)
-        p_local = torch.empty(n, self.n_pred, dtype=self.dtype, device=dev)
-        p_basis = torch.empty_like(p_local)
-        p_local[perm] = self.learners.finish(torch.cat(raw_local))
-        p_basis[perm] = self.kb.finish_basis(torch.cat(raw_basis))
+                store = self.kb.learners.new_store(1)
+                self.learners.write_member(store, 0, int(tasks[j]))
+                self._stage(int(tasks[j]), int(plan.n_before[j] + labelled[j]), seq0 + j, store)
+        out_local, out_basis = torch.cat(raw_local), torch.cat(raw_basis)
+        local, basis = torch.empty_like(out_local), torch.empty_like(out_basis)
+        local[perm], basis[perm] = out_local, out_basis
+        return local, basis
 
-        self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
-        result.segment[start:stop] = len(result.kb_names)
-        result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
+    def _compiled(self, plan: _Plan, tasks: np.ndarray, labelled: np.ndarray, x1: torch.Tensor, y: torch.Tensor,
+                  z: torch.Tensor, seq0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequential part event by event in arrival order, compiled (CPU, EKF learners): the same steps
+        as the waves without their per-wave cost."""
+        # A segment ends at most in one publication, which keeps each task's latest snapshot (``_publish``):
+        # snapshot only each task's last trigger here, ordered by its first.
+        spans: dict[int, tuple[int, int]] = {}
+        for j in np.flatnonzero(plan.trigger).tolist():
+            spans[int(tasks[j])] = (spans.get(int(tasks[j]), (j, j))[0], j)
+        snap_row = np.full(len(tasks), -1, np.int64)
+        for row, (_, last) in enumerate(spans.values()):
+            snap_row[last] = row
+        y_np = y.numpy()
+        raw_local, snaps = self.learners.sequence(tasks, x1, y_np, labelled, snap_row)
+        raw_basis = self.kb.sequence_basis(tasks, z, y_np, labelled)
+        for row, (task, (first, last)) in enumerate(spans.items()):
+            self._stage(task, int(plan.n_before[last] + labelled[last]), seq0 + first,
+                        self.learners.member_from_ekf(snaps[row]))
+        return raw_local, raw_basis
 
     def _mix(self, events: list[Event], start: int, plan: _Plan, result: BatchResult, x: torch.Tensor,
              y: torch.Tensor, idx: torch.Tensor, p_local: torch.Tensor, p_basis: torch.Tensor,
@@ -451,10 +491,11 @@ class Engine:
 
     # --- knowledge base ---
 
-    def _stage(self, task: int, learned: int, seq: int) -> None:
+    def _stage(self, task: int, learned: int, seq: int, store: Any) -> None:
+        """Stage a snapshot (a one-slot member store) of ``task`` taken right after its trigger."""
         if learned == 0:
             return
-        self.staged.append(self.kb.snapshot(task, self.task_names[task], learned, seq))
+        self.staged.append(Staged(task, self.task_names[task], learned, seq, store))
         self.counters["snapshots"] += 1
 
     def _publish(self) -> None:
@@ -463,8 +504,13 @@ class Engine:
         n, t = self.n_tasks, self.t
         weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())
         usefulness = torch.nan_to_num(weights).sum(0)[1:]
-        self.staged.sort(key=lambda st: st.seq)  # arrival order of the triggers, whatever the batching
-        slots = self.kb.publish(self.staged, usefulness)
+        # Each task's latest snapshot, in the order of the tasks' first triggers (arrival order, whatever the
+        # batching): an earlier snapshot of the same task would be replaced in its slot anyway.
+        latest: dict[int, Staged] = {}
+        for st in sorted(self.staged, key=lambda st: st.seq):
+            first = latest.get(st.task)
+            latest[st.task] = st if first is None else Staged(st.task, st.task_name, st.learned, first.seq, st.store)
+        slots = self.kb.publish(list(latest.values()), usefulness)
         self.staged = []
         if slots:  # new members join every task's mixture, starting at the KB level's loss
             entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1

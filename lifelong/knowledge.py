@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import EngineConfig
@@ -49,6 +50,7 @@ class KnowledgeBase:
         self.store = learners.new_store(self.capacity)
         self.ids: list[str | None] = [None] * self.capacity
         self.source: list[str | None] = [None] * self.capacity
+        self.slot_of: dict[str, int] = {}  # source task -> slot
         self.valid = torch.zeros(self.capacity, dtype=torch.bool, device=device)
         self.vectors: torch.Tensor | None = None  # unit parameter vectors per slot, for duplicate checks
         self.counts = {"added": 0, "replaced": 0, "evicted": 0, "duplicates": 0}
@@ -59,22 +61,26 @@ class KnowledgeBase:
         self.B = torch.zeros(dim + 1, r, dtype=self.dtype, device=device)
         self.prior_mu = torch.zeros(c, r, dtype=self.dtype, device=device)
         self.prior_S = torch.eye(r, dtype=self.dtype, device=device)
-        self.mu = torch.zeros(0, c, r, dtype=self.dtype, device=device)
+        self.mu = torch.zeros(0, c, r, dtype=self.dtype, device=device)  # codes of tasks 0 .. _n - 1
         self.S = torch.zeros(0, c, r, r, dtype=self.dtype, device=device)
+        self._n = 0
 
     @property
     def size(self) -> int:
         return int(self.valid.sum())
 
     def ensure(self, n_tasks: int) -> None:
-        """Give new tasks the prior code (the members' code distribution)."""
-        n = self.mu.shape[0]
-        if n_tasks <= n:
+        """Give new tasks the prior code (the members' code distribution); rows grow by doubling."""
+        if n_tasks <= self._n:
             return
-        extra = n_tasks - n
-        c, r = self.prior_mu.shape
-        self.mu = torch.cat([self.mu, self.prior_mu.expand(extra, c, r)])
-        self.S = torch.cat([self.S, self.prior_S.expand(extra, c, r, r)])
+        cap = self.mu.shape[0]
+        if n_tasks > cap:
+            new_cap = max(n_tasks, 2 * cap, 16)
+            self.mu = torch.cat([self.mu, self.mu.new_zeros(new_cap - cap, *self.mu.shape[1:])])
+            self.S = torch.cat([self.S, self.S.new_zeros(new_cap - cap, *self.S.shape[1:])])
+        self.mu[self._n:n_tasks] = self.prior_mu
+        self.S[self._n:n_tasks] = self.prior_S
+        self._n = n_tasks
 
     # --- prediction and learning ---
 
@@ -87,6 +93,15 @@ class KnowledgeBase:
             y = (y - lo) / (hi - lo)
         return ekf.forward(self.mu, self.S, idx, z, y, self.cfg.task)
 
+    def sequence_basis(self, tasks: np.ndarray, z: torch.Tensor, y: np.ndarray, labelled: np.ndarray) -> torch.Tensor:
+        """``forward_basis`` for a whole segment, event by event in order (compiled, CPU)."""
+        if not self.basis_on:
+            return torch.zeros(len(tasks), 2 * self.n_out, dtype=self.dtype)
+        if self.cfg.task == "regression":
+            lo, hi = self.cfg.target_range
+            y = (y - lo) / (hi - lo)
+        return ekf.sequence(self.mu, self.S, tasks, z, y, labelled, self.cfg.task)[0]
+
     def finish_basis(self, raw: torch.Tensor) -> torch.Tensor:
         if not self.basis_on:  # a placeholder; the basis expert never joins a mixture
             return torch.zeros(len(raw), self.learners.n_pred, dtype=self.dtype, device=self.device)
@@ -94,18 +109,13 @@ class KnowledgeBase:
 
     # --- membership ---
 
-    def snapshot(self, task: int, task_name: str, learned: int, seq: int) -> Staged:
-        one = self.learners.new_store(1)
-        self.learners.write_member(one, 0, task)
-        return Staged(task, task_name, learned, seq, one)
-
     def publish(self, staged: list[Staged], usefulness: torch.Tensor) -> list[int]:
         """Add staged snapshots in order; return the slots whose expert is new (empty or evicted before)."""
         entered: list[int] = []
         touched: set[int] = set()
         for snap in staged:
             vec = self._vector(snap)
-            slot = self.source.index(snap.task_name) if snap.task_name in self.source else None
+            slot = self.slot_of.get(snap.task_name)
             if slot is None and self._is_duplicate(vec):
                 self.counts["duplicates"] += 1
                 continue
@@ -141,7 +151,11 @@ class KnowledgeBase:
     def _write(self, slot: int, snap: Staged, vec: torch.Tensor) -> None:
         self.learners.copy_member(self.store, slot, snap.store)
         self.ids[slot] = f"{snap.task_name}@{snap.learned}"
+        old = self.source[slot]
+        if old is not None:
+            del self.slot_of[old]
         self.source[slot] = snap.task_name
+        self.slot_of[snap.task_name] = slot
         self.valid[slot] = True
         if vec.numel():
             if self.vectors is None:
@@ -166,8 +180,9 @@ class KnowledgeBase:
         # Carry every task's code into the new basis; directions the old basis lacked get the prior.
         rot = B.T @ self.B  # [r_new, r_old]
         perp = eye - rot @ rot.T
-        self.mu = torch.einsum("tcr,sr->tcs", self.mu, rot) + prior_mu @ perp.T
-        self.S = rot @ self.S @ rot.T + perp @ prior_S @ perp.T
+        n = self._n  # only the rows in use: results must not depend on the spare capacity
+        self.mu[:n] = torch.einsum("tcr,sr->tcs", self.mu[:n], rot) + prior_mu @ perp.T
+        self.S[:n] = rot @ self.S[:n] @ rot.T + perp @ prior_S @ perp.T
         self.B, self.prior_mu, self.prior_S = B, prior_mu, prior_S
         self.basis_ready = True
 
@@ -176,7 +191,8 @@ class KnowledgeBase:
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"kb.store.{k}": v for k, v in self.learners.store_state(self.store).items()}
         out.update({"kb.valid": self.valid.cpu(), "kb.B": self.B.cpu(), "kb.prior_mu": self.prior_mu.cpu(),
-                    "kb.prior_S": self.prior_S.cpu(), "kb.mu": self.mu.cpu(), "kb.S": self.S.cpu()})
+                    "kb.prior_S": self.prior_S.cpu(), "kb.mu": self.mu[: self._n].cpu(),
+                    "kb.S": self.S[: self._n].cpu()})
         if self.vectors is not None:
             out["kb.vectors"] = self.vectors.cpu()
         return out
@@ -191,7 +207,9 @@ class KnowledgeBase:
         self.valid = state["kb.valid"].to(dev)
         self.B, self.prior_mu, self.prior_S = (state[k].to(dev) for k in ("kb.B", "kb.prior_mu", "kb.prior_S"))
         self.mu, self.S = state["kb.mu"].to(dev), state["kb.S"].to(dev)
+        self._n = len(self.mu)
         self.vectors = state["kb.vectors"].to(dev) if "kb.vectors" in state else None
         self.ids, self.source = list(meta["ids"]), list(meta["source"])
+        self.slot_of = {name: slot for slot, name in enumerate(self.source) if name is not None}
         self.counts, self.basis_ready = dict(meta["counts"]), bool(meta["basis_ready"])
 

@@ -43,6 +43,25 @@ def test_batches_equal_event_by_event(engine_factory, cfg, stream):
         batched.report()["methods"]["lifelong"]["cumulative_error"], rel=1e-12)
 
 
+@pytest.mark.parametrize(("cfg", "stream"), KINDS[:1] + KINDS[3:5])
+def test_compiled_cpu_path_equals_torch_waves(engine_factory, cfg, stream):
+    """The compiled event-by-event path (CPU, EKF) and the torch waves (what CUDA runs) agree."""
+    events = make_stream(delayed=0.2, **stream)
+    compiled, waves = engine_factory(**cfg), engine_factory(**cfg)
+    assert compiled.compiled
+    waves.compiled = False
+    p1, o1 = run(compiled, events, 29)
+    p2, o2 = run(waves, events, 29)
+    assert (o1 == o2).all()
+    np.testing.assert_allclose(p1, p2, atol=1e-9)
+    for key in compiled.t:
+        torch.testing.assert_close(compiled.t[key][:compiled.n_tasks], waves.t[key][:waves.n_tasks], atol=1e-7,
+                                   rtol=1e-9)
+    for name, p in compiled.learners.params.items():
+        torch.testing.assert_close(p[:compiled.n_tasks], waves.learners.params[name][:waves.n_tasks])
+    assert compiled.kb.ids == waves.kb.ids and compiled.kb.basis_ready
+
+
 @pytest.mark.parametrize(("cfg", "stream"), KINDS)
 def test_save_load_continue_equals_continue(engine_factory, tmp_path, cfg, stream):
     events = make_stream(delayed=0.2, **stream)

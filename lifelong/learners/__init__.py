@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import EngineConfig
@@ -68,6 +69,20 @@ class Learners(abc.ABC):
     @abc.abstractmethod
     def member_predict(self, store: Any, x: torch.Tensor) -> torch.Tensor:
         """Predictions ``[n, K, P]`` of every slot for inputs ``[n, d]``."""
+
+    @property
+    def can_sequence(self) -> bool:
+        """True when ``sequence`` can run a whole segment event by event in compiled code."""
+        return False
+
+    def sequence(self, tasks: np.ndarray, x1: torch.Tensor, y: np.ndarray, labelled: np.ndarray,
+                 snap_row: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Raw outputs of a segment in order, and the snapshots asked for (only when ``can_sequence``)."""
+        raise NotImplementedError
+
+    def member_from_ekf(self, mu: np.ndarray) -> Any:
+        """A one-slot member store from a snapshot of ``sequence`` (only when ``can_sequence``)."""
+        raise NotImplementedError
 
     def linear_weights(self, store: Any) -> torch.Tensor | None:
         """Members as ``[K, d + 1, C]`` (bias last) for linear backends, else None."""

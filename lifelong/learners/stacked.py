@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import EngineConfig
@@ -43,7 +44,6 @@ class TorchLearners(Learners):
         self.use_ekf = opt == "ekf"
         if self.use_ekf and not self.linear:
             raise ConfigError("engine.optimizer: ekf needs engine.model: logistic")
-        self._gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self._n = 0
         self.params: dict[str, torch.Tensor] = {
             name: torch.zeros((0, *shape), dtype=self.dtype, device=device) for name, shape in self._shapes()
@@ -72,12 +72,12 @@ class TorchLearners(Learners):
                     store[name] = grown
         new = slice(self._n, n_tasks)
         for name, p in self.params.items():
-            p[new] = self._init(name, n_tasks - self._n)
+            p[new] = self._init(name, self._n, n_tasks - self._n)
         for acc in self.accum.values():
             acc[new] = ADAGRAD_INIT
         self._n = n_tasks
 
-    def _init(self, name: str, n: int) -> torch.Tensor | float:
+    def _init(self, name: str, first: int, n: int) -> torch.Tensor | float:
         if name == "S":
             eye = torch.eye(self.dim + 1, dtype=self.dtype, device=self.device) * self.cfg.prior_var
             return eye.expand(n, self.n_out, -1, -1)
@@ -85,7 +85,11 @@ class TorchLearners(Learners):
             return 0.0
         fan_in = self.dim if name == "w1" else self.cfg.hidden
         shape = self.params[name].shape[1:]
-        return (torch.randn((n, *shape), generator=self._gen, dtype=self.dtype) / fan_in**0.5).to(self.device)
+        # One generator per task and weight, seeded from (seed, task): a task's initial weights do not
+        # depend on how many tasks were created together.
+        seeds = [(self.cfg.seed * 1_000_003 + task) * 2 + (name == "w2") for task in range(first, first + n)]
+        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=self.dtype) for s in seeds]
+        return (torch.stack(rows) / fan_in**0.5).to(self.device)
 
     def _logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, C]`` for per-row parameters (leading dim n) and inputs ``[n, d]``."""
@@ -106,6 +110,24 @@ class TorchLearners(Learners):
         if y is not None:
             self._adagrad(idx, p, x, logits, y)
         return logits
+
+    @property
+    def can_sequence(self) -> bool:
+        """EKF learners on the CPU can run a segment event by event in compiled code (``sequence``)."""
+        return self.use_ekf and self.device.type == "cpu"
+
+    def sequence(self, tasks: np.ndarray, x1: torch.Tensor, y: np.ndarray, labelled: np.ndarray,
+                 snap_row: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Raw outputs of a whole segment, event by event in order, and the ``mu`` snapshots it asked for."""
+        target = (y - self.lo) / (self.hi - self.lo) if self.task == "regression" else y
+        return ekf.sequence(self.params["mu"], self.params["S"], tasks, x1, target, labelled, self.task, snap_row)
+
+    def member_from_ekf(self, mu: np.ndarray) -> dict[str, torch.Tensor]:
+        """A one-slot member store from an EKF posterior mean ``[C, d + 1]``."""
+        store = self.new_store(1)
+        m = torch.from_numpy(mu)
+        store["w"][0], store["b"][0] = m[:, :-1].T, m[:, -1]
+        return store
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         return self.to_pred(ekf.predictive_logits(raw, self.task) if self.use_ekf else raw)
@@ -184,7 +206,6 @@ class TorchLearners(Learners):
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"param.{k}": v[: self._n].cpu() for k, v in self.params.items()}
         out.update({f"accum.{k}": v[: self._n].cpu() for k, v in self.accum.items()})
-        out["rng"] = self._gen.get_state()
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -197,4 +218,3 @@ class TorchLearners(Learners):
             self.params[k][:n] = state[f"param.{k}"].to(self.device)
         for k in self.accum:
             self.accum[k][:n] = state[f"accum.{k}"].to(self.device)
-        self._gen.set_state(state["rng"])
