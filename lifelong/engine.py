@@ -314,9 +314,9 @@ class Engine:
         self.counters["label_expired"] += 1
 
     def _segment(self, events: list[Event], start: int, stop: int, result: BatchResult) -> None:
-        """Waves for the sequential part (each task's learner and basis code), then the mixtures of the
-        whole segment at once: the KB is fixed within a segment, and given the experts' predictions the
-        exponential weights are per-task cumulative sums."""
+        """The sequential part (each task's learner and basis code: compiled or in waves), then the mixtures
+        of the whole segment at once: the KB is fixed within a segment, and given the experts' predictions
+        the exponential weights are per-task cumulative sums."""
         plan = self._plan(events, start, stop, result)
         n, dev = stop - start, self.device
         outcome = result.outcome[start:stop]
@@ -375,7 +375,7 @@ class Engine:
             raw_local.append(self.learners.forward(idx_p[a:b], x1_p[a:b], gy))
             raw_basis.append(self.kb.forward_basis(idx_p[a:b], z_p[a:b], gy))
             for j in triggers.get(group, ()):
-                store = self.kb.learners.new_store(1)
+                store = self.learners.new_store(1)
                 self.learners.write_member(store, 0, int(tasks[j]))
                 self._stage(int(tasks[j]), int(plan.n_before[j] + labelled[j]), seq0 + j, store)
         out_local, out_basis = torch.cat(raw_local), torch.cat(raw_basis)
