@@ -174,7 +174,7 @@ class Engine:
                                               "controls", "tasks_created", "snapshots")}
         # On the CPU, EKF learners run event by event in compiled code; otherwise (CUDA, AdaGrad, MLP,
         # River) in torch waves. Both give the same results to float tolerance (tested).
-        self.compiled = self.learners.can_sequence and (not self.kb.basis_on or self.device.type == "cpu")
+        self.compiled = self.learners.can_sequence
 
     # --- per-task tables ---
 
