@@ -38,6 +38,10 @@ class KafkaConfig:
     max_message_bytes: int = 1_000_000
     create_topics: bool = True
     partitions: int = 1
+    # Scale-out (README "Scaling out"): KB members and task state shared through these topics; both "" =
+    # one standalone replica.
+    knowledge_topic: str = "lifelong-knowledge"
+    changelog_topic: str = "lifelong-changelog"
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"engine.target_range: expected [low, high] with low < high, got {e.target_range}")
     if not 0 < e.duplicate_cosine <= 1:
         raise ConfigError(f"engine.duplicate_cosine: expected a number in (0, 1], got {e.duplicate_cosine}")
+    k = cfg.kafka
+    if bool(k.knowledge_topic) != bool(k.changelog_topic):
+        raise ConfigError("kafka.knowledge_topic and kafka.changelog_topic: set both (scale-out) or neither")
+    if k.knowledge_topic and e.backend == "river":
+        raise ConfigError("engine.backend: river state cannot be shared between replicas safely; set "
+                          "kafka.knowledge_topic and kafka.changelog_topic to \"\" (one standalone replica)")
     if not 0 < cfg.metrics.port < 65536:
         raise ConfigError(f"metrics.port: expected a port number 1-65535, got {cfg.metrics.port}")
 

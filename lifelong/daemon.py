@@ -5,6 +5,14 @@ shutdown: flush the producer and check every delivery -> write the checkpoint (a
 next offset of each partition) atomically -> commit those offsets. On start the newest good checkpoint is
 restored and each partition is sought to its offset, so a crash replays exactly the events the state has
 not seen: none is learned twice or skipped, and their predictions are sent again with the same ids.
+
+Scale-out (``kafka.knowledge_topic`` and ``kafka.changelog_topic`` set; README "Scaling out"): replicas share
+one consumer group. Published KB members go to the knowledge topic and join the KB only when read back
+from it, in log order, on every replica. Each checkpoint also writes the state of every task changed since
+the last one to the changelog (before the local checkpoint; each record tagged with its partition's
+position), then commits. A replica that gains a partition keeps its own state of it only when that state
+is at the committed offset; otherwise it restores the partition's tasks from the changelog records written
+at or below the committed offset, before it fetches an event of it or reports ready.
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from .engine import Engine
 from .errors import ConfigError, InvalidEvent, LifelongError, StateError
 from .events import Event, Schema, decode
 from .metrics import EngineCollector, HealthServer, Metrics
+from .shared import KnowledgeLog, read_changelog
 from .sink import KafkaSink
 from .source import KafkaSource, client_options
+from .wire import Refused
 
 log = logging.getLogger(__name__)
 STALL_S = 60.0  # /healthz fails when the processing or the poll loop made no progress for this long
@@ -47,13 +57,19 @@ def ensure_topics(cfg: Config) -> None:
         raise LifelongError(f"cannot reach Kafka at {k.bootstrap_servers}: {exc!r}") from None
     try:
         existing = set(admin.list_topics())
-        wanted = [k.events_topic, k.predictions_topic, k.dead_letter_topic]
-        missing = [t for t in dict.fromkeys(wanted) if t not in existing]
+        compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
+        wanted: dict[str, tuple[int, dict[str, str]]] = {
+            k.events_topic: (k.partitions, {}), k.predictions_topic: (1, {}), k.dead_letter_topic: (1, {})}
+        if k.knowledge_topic:
+            wanted[k.knowledge_topic] = (1, compact)  # one partition: one order of members for every replica
+            wanted[k.changelog_topic] = (k.partitions, compact)  # partition p holds the tasks of events partition p
+        missing = [t for t in wanted if t not in existing]
         if missing and not k.create_topics:
             raise LifelongError(f"topics {missing} do not exist and kafka.create_topics is false")
         for topic in missing:
             try:
-                admin.create_topics([NewTopic(topic, k.partitions if topic == k.events_topic else 1, 1)])
+                n, configs = wanted[topic]
+                admin.create_topics([NewTopic(topic, n, 1, topic_configs=configs)])
             except TopicAlreadyExistsError:
                 pass
             except KafkaError as exc:
@@ -74,7 +90,13 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.schema = Schema(cfg.engine.dim, cfg.engine.task, cfg.engine.n_classes, cfg.engine.target_range,
                              frozenset(cfg.engine.tasks), cfg.kafka.max_message_bytes)
+        self.shared = bool(cfg.kafka.knowledge_topic)
+        self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
+        self.knowledge_offset = 0
         self.engine, self.positions = self._restore()
+        self.engine.share = self.shared
+        self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
+        self.knowledge: KnowledgeLog | None = None
         self.checkpointed = dict(self.positions)
         self.last_checkpoint = time.monotonic()
         self.dirty = False
@@ -98,8 +120,10 @@ class Daemon:
             return engine, {}
         path, tensors, meta = found
         engine.load_state(tensors, meta)
-        offsets = {TopicPartition(t, p): o for t, p, o in meta.get("extra", {}).get("offsets", [])
-                   if t == self.cfg.kafka.events_topic}
+        extra = meta.get("extra", {})
+        offsets = {TopicPartition(t, p): o for t, p, o in extra.get("offsets", []) if t == self.cfg.kafka.events_topic}
+        self.task_partition = dict(extra.get("task_partition", {}))
+        self.knowledge_offset = int(extra.get("knowledge_offset", 0))
         log.info("restored %s: %d tasks, KB %d members, offsets %s", path, engine.n_tasks, engine.kb.size,
                  {tp.partition: o for tp, o in offsets.items()})
         return engine, offsets
@@ -127,12 +151,70 @@ class Daemon:
 
     def _on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         with self.lock:  # waits for the batch in flight: positions are then exact
-            self.assigned = list(partitions)
+            if self.shared:
+                for tp in partitions:
+                    self._take_over(tp)
+            self.assigned = self.assigned + list(partitions)
             return {tp: self.positions[tp] for tp in partitions if tp in self.positions}
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self.lock:
-            self.assigned = [tp for tp in self.assigned if tp not in partitions]
+            if self.shared and self.dirty and self.sink is not None and self.source is not None \
+                    and self.source.broker_reachable and not self.stopping.is_set():
+                try:  # hand the partitions over at a checkpoint: the next owner starts there once it is committed
+                    self._checkpoint(timeout=min(10.0, self.cfg.kafka.session_timeout_ms / 2000), wait_commit=False)
+                except LifelongError as exc:
+                    log.warning("no checkpoint before giving partitions up (%s): the next owner replays", exc)
+            self._drop(partitions)
+
+    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+        with self.lock:  # another replica may own them already: nothing is committed
+            self._drop(partitions)
+
+    def _drop(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = [tp for tp in self.assigned if tp not in partitions]
+        if self.shared:
+            gone = {tp.partition for tp in partitions if tp.topic == self.cfg.kafka.events_topic}
+            self.changed = {t for t in self.changed if self.task_partition.get(t) not in gone}
+
+    def _take_over(self, tp: TopicPartition) -> None:
+        """Make this replica's state of ``tp``'s tasks the committed one (poll thread, under the lock)."""
+        assert self.source is not None
+        t0 = time.monotonic()
+        offset = self.source.committed_offset(tp)
+        p = tp.partition
+        mine = [t for t, q in self.task_partition.items() if q == p]
+        if offset is not None and offset == self.positions.get(tp):
+            log.info("partition %s-%d: local state is at the committed offset %d (%d tasks)", tp.topic, p, offset,
+                     len(mine))
+            return
+        limit = max(30.0, self.cfg.kafka.max_poll_interval_ms / 2000)
+        records, seen = read_changelog(self.cfg, p, offset, timeout_s=limit)
+        restored, refused = [], 0
+        for task, value in records.items():
+            try:
+                self.engine.load_task(task, self.engine.decode_task(value, self.cfg.kafka.max_message_bytes))
+            except Refused as exc:
+                refused += 1
+                log.error("changelog record of task %r refused: %s", task, exc)
+                continue
+            restored.append(task)
+            self.task_partition[task] = p
+        for task in set(mine) - set(restored):  # learned after the committed checkpoint: replayed from the offset
+            self.engine.load_task(task, None)
+        self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
+        if offset is None:
+            self.positions.pop(tp, None)
+            self.checkpointed.pop(tp, None)
+        else:
+            self.positions[tp] = self.checkpointed[tp] = offset
+        seconds = time.monotonic() - t0
+        self.metrics.restore_seconds.observe(seconds)
+        self.metrics.tasks_restored.inc(len(restored))
+        labels = sum(self.engine.n_labelled[self.engine.task_index[t]] for t in restored)
+        log.info("partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
+                 "committed offset %s in %.2fs; %d records read, %d refused", tp.topic, p, len(restored), labels,
+                 self.engine.digest(restored), offset, seconds, seen, refused)
 
     # --- main loop ---
 
@@ -150,7 +232,10 @@ class Daemon:
         try:
             ensure_topics(self.cfg)
             self.sink = KafkaSink(self.cfg)
-            self.source = KafkaSource(self.cfg, self._on_assign, self._on_revoke)
+            if self.shared:
+                self.knowledge = KnowledgeLog(self.cfg, self.knowledge_offset)
+                self._read_knowledge(until_end=True)
+            self.source = KafkaSource(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
             self.source.start()
             while not self.stopping.is_set():
                 self.last_progress = time.monotonic()
@@ -159,6 +244,8 @@ class Daemon:
                 batches = self._collect()
                 if batches:
                     self._process(batches)
+                if self.knowledge is not None:
+                    self._read_knowledge()
                 if self.dirty and self.checkpoint_age() >= self.cfg.checkpoint.interval_s:
                     self._checkpoint(timeout=30.0)
             self._shutdown()
@@ -218,6 +305,13 @@ class Daemon:
                 self.dirty = self.dirty or bool(batches)
                 return
             result = self.engine.process(events)
+            if self.shared:
+                for e, r in zip(events, sources, strict=True):
+                    self.task_partition[e.task] = r.partition
+                    self.changed.add(e.task)
+                for snap in self.engine.outbox:
+                    self.sink.knowledge(snap.task_name, self.engine.kb.encode(snap))
+                self.engine.outbox.clear()
             for i, e in enumerate(events):
                 if e.control == "end":
                     self.ended.add(int(result.task_index[i]))
@@ -237,43 +331,87 @@ class Daemon:
         for gap in gaps:
             self.metrics.poll_interval.observe(gap)
 
+    def _read_knowledge(self, until_end: bool = False) -> None:
+        """Apply the knowledge log's new members in log order; refuse (and count) any record that is not one.
+
+        With ``until_end``, read up to the log's current end first (bounded in time): a replica starts with
+        the group's KB."""
+        assert self.knowledge is not None
+        end = self.knowledge.end() if until_end else -1
+        deadline = time.monotonic() + 60.0
+        while True:
+            records = self.knowledge.poll(timeout_s=0.2 if until_end else 0.0)
+            members = []
+            for r in records:
+                try:
+                    members.append(self.engine.kb.decode(r.value, self.cfg.kafka.max_message_bytes))
+                except Refused as exc:
+                    self.metrics.knowledge_refused.labels(exc.reason).inc()
+                    log.warning("knowledge record at offset %d refused: %s", r.offset, exc)
+            if members:
+                with self.lock:
+                    self.engine.apply(members)
+                    self.dirty = True
+            if self.knowledge.offset >= end or time.monotonic() > deadline:
+                break
+        if until_end:
+            log.info("knowledge base read to offset %d: %d members", self.knowledge.offset, self.engine.kb.size)
+
     def _dead_letter(self, r: Any, exc: InvalidEvent) -> None:
         assert self.sink is not None
         self.sink.dead_letter(r.value, r.key, str(exc), r.topic, r.partition, r.offset)
         self.metrics.dead_letters.labels(exc.field).inc()
         self.dead_lettered += 1
 
-    def _checkpoint(self, timeout: float) -> Path:
-        """Flush and verify deliveries, then persist state with its offsets, then commit the offsets."""
+    def _checkpoint(self, timeout: float, wait_commit: bool = True) -> Path:
+        """Flush and verify deliveries (and write changed tasks to the changelog), then persist state with its
+        offsets, then commit the offsets."""
         assert self.sink is not None and self.source is not None
         start = time.monotonic()
-        self.sink.flush(timeout=max(1.0, timeout * 0.6))
         with self.lock:
+            self.sink.flush(timeout=max(1.0, timeout * 0.4))
+            owned = {tp.partition: self.positions.get(tp, 0) for tp in self.assigned}
+            if self.shared:
+                for task in sorted(self.changed):
+                    p = self.task_partition[task]
+                    if p in owned:
+                        value = self.engine.export_task(task, {"partition": p, "position": owned[p]})
+                        self.sink.changelog(task, p, value, owned[p])
+                        self.metrics.changelog_bytes.inc(len(value))
+                self.sink.flush(timeout=max(1.0, timeout * 0.3))
+                self.changed = set()
             offsets = dict(self.positions)
             for tp, off in offsets.items():
                 if off < self.checkpointed.get(tp, -1):
                     raise StateError(f"offset of {tp.topic}-{tp.partition} went back from "
                                      f"{self.checkpointed[tp]} to {off}")
+            extra = {"offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
+                     "task_partition": self.task_partition,
+                     "knowledge_offset": self.knowledge.offset if self.knowledge else 0}
             try:
                 path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep,
-                                              extra={"offsets": [[tp.topic, tp.partition, o] for tp, o in
-                                                                 sorted(offsets.items())]})
+                                              extra=extra)
             except OSError as exc:
                 self.metrics.checkpoints.labels("failed").inc()
                 raise DaemonError(f"cannot write a checkpoint in {self.cfg.checkpoint.dir}: {exc}") from None
             self.checkpointed = offsets
             self.last_checkpoint = time.monotonic()
             self.dirty = False
-        self.metrics.checkpoints.labels("ok").inc()
-        try:
-            self.source.commit(offsets, timeout=max(0.5, timeout - (time.monotonic() - start)))
-        except Exception as exc:  # noqa: BLE001 - the checkpoint, not the commit, is what restores state
-            log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
+            self.metrics.checkpoints.labels("ok").inc()
+            if not wait_commit:
+                self.source.commit_async(offsets)
+                return path
+            try:
+                self.source.commit(offsets, timeout=max(0.5, timeout - (time.monotonic() - start)))
+            except Exception as exc:  # noqa: BLE001 - the checkpoint, not the commit, is what restores state
+                log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
         log.debug("checkpoint %s offsets %s", path, {tp.partition: o for tp, o in offsets.items()})
         return path
 
     def _shutdown(self) -> None:
         """Finish: the batch in hand is done; checkpoint and commit within the grace period."""
+        if self.knowledge is not None:
+            self._read_knowledge(until_end=True)
         if self.dirty:
             self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7)
         log.info("stopped cleanly at offsets %s", {f"{tp.topic}-{tp.partition}": o for tp, o in self.positions.items()})
@@ -287,4 +425,6 @@ class Daemon:
                 self.sink.close(timeout=grace * 0.1)
             except Exception as exc:  # noqa: BLE001 - closing is best effort; state is already saved
                 log.warning("closing the producer: %r", exc)
+        if self.knowledge is not None:
+            self.knowledge.close()
         self.http.stop()

@@ -16,6 +16,7 @@ charged exactly the mixture's loss and the bounds hold against each expert from 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import typing
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import wire
 from .config import EngineConfig, LabelsConfig
 from .errors import StateError
 from .events import Event, Schema
@@ -167,6 +169,8 @@ class Engine:
         self.pending_keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.staged: list[Staged] = []
+        self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
+        self.outbox: list[Staged] = []
         self.n_labelled: list[int] = []  # labelled events learned per task (host side: drives the plan)
         self.events_seen = 0
         self.now_ts = -math.inf
@@ -212,12 +216,16 @@ class Engine:
             self.t = grown
         self.learners.ensure(n)
         self.kb.ensure(n)
+        self._join_kb(slice(first, n))
+
+    def _join_kb(self, rows: slice) -> None:
+        """Tasks ``rows`` start with every current KB expert in their mixtures."""
         present = torch.cat([torch.tensor([self.kb.basis_ready], device=self.device), self.kb.valid])
         has_kb = bool(present.any())
-        self.t["in_kb"][first:n] = present
-        self.t["n_kb"][first:n] = int(present.sum())
-        self.t["in_top"][first:n] = torch.tensor([True, has_kb], device=self.device)
-        self.t["n_top"][first:n] = 1 + int(has_kb)
+        self.t["in_kb"][rows] = present
+        self.t["n_kb"][rows] = int(present.sum())
+        self.t["in_top"][rows] = torch.tensor([True, has_kb], device=self.device)
+        self.t["n_top"][rows] = 1 + int(has_kb)
 
     @property
     def n_tasks(self) -> int:
@@ -501,32 +509,45 @@ class Engine:
     def _publish(self) -> None:
         if not self.staged:
             return
-        n, t = self.n_tasks, self.t
-        weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())
-        usefulness = torch.nan_to_num(weights).sum(0)[1:]
         # Each task's latest snapshot, in the order of the tasks' first triggers (arrival order, whatever the
         # batching): an earlier snapshot of the same task would be replaced in its slot anyway.
         latest: dict[int, Staged] = {}
         for st in sorted(self.staged, key=lambda st: st.seq):
             first = latest.get(st.task)
             latest[st.task] = st if first is None else Staged(st.task, st.task_name, st.learned, first.seq, st.store)
-        slots = self.kb.publish(list(latest.values()), usefulness)
         self.staged = []
-        if slots:  # new members join every task's mixture, starting at the KB level's loss
+        if self.share:  # the daemon sends them to the knowledge log; they join when read back from it
+            self.outbox.extend(latest.values())
+        else:
+            self.apply(list(latest.values()))
+
+    def apply(self, members: list[Staged]) -> None:
+        """Members join the KB in this order (between batches); new experts join every task's mixture."""
+        if not members:
+            return
+        slots = self.kb.publish(members)
+        n = self.n_tasks
+        if slots:
             entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
             self.kb_version[entered] += 1
-            t["L_kb"][:n, entered] = t["stats"][:n, S["loss_kb"]].unsqueeze(1)
-            t["in_kb"][:n, entered] = True
-            t["n_kb"][:n] += len(slots)
+            self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
         if self.kb.basis_ready:
-            fresh = ~t["in_kb"][:n, 0]
-            t["L_kb"][:n, 0] = torch.where(fresh, t["stats"][:n, S["loss_kb"]], t["L_kb"][:n, 0])
-            t["in_kb"][:n, 0] |= fresh
-            t["n_kb"][:n] += fresh.long()
-        newly = ~t["in_top"][:n, 1] & t["in_kb"][:n].any(1)
-        t["L_top"][:n, 1] = torch.where(newly, t["stats"][:n, S["loss"]], t["L_top"][:n, 1])
-        t["in_top"][:n, 1] |= newly
-        t["n_top"][:n] += newly.long()
+            self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
+
+    def _enter(self, rows: slice, experts: torch.Tensor, present: torch.Tensor | None) -> None:
+        """KB experts new to tasks ``rows`` join at the KB level's loss so far (sleeping-expert entry); with
+        ``present`` None, only where the expert is not in the task's mixture yet."""
+        t = self.t
+        loss_kb = t["stats"][rows, S["loss_kb"]].unsqueeze(1)
+        was = t["in_kb"][rows][:, experts]
+        join = ~was if present is None else present.expand_as(was)
+        t["L_kb"][rows, experts] = torch.where(join, loss_kb, torch.where(was, t["L_kb"][rows][:, experts], 0.0))
+        t["in_kb"][rows, experts] = join | (was if present is None else False)
+        t["n_kb"][rows] += join.long().sum(1)
+        newly = ~t["in_top"][rows, 1] & t["in_kb"][rows].any(1)
+        t["L_top"][rows, 1] = torch.where(newly, t["stats"][rows, S["loss"]], t["L_top"][rows, 1])
+        t["in_top"][rows, 1] |= newly
+        t["n_top"][rows] += newly.long()
 
     def _rounds(self) -> torch.Tensor:
         return torch.tensor(self.n_labelled, device=self.device) + 1
@@ -647,6 +668,82 @@ class Engine:
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
         self.counters = dict(meta["counters"])
+
+    # --- moving tasks between replicas (the changelog) ---
+
+    def export_task(self, name: str, extra: dict[str, Any]) -> bytes:
+        """Task ``name``'s whole state (learner, basis code, mixture tables) as a changelog record."""
+        i = self.task_index[name]
+        arrays = {f"learner.{k}": v for k, v in self.learners.task_state(i).items()}
+        arrays["code.mu"], arrays["code.S"] = self.kb.mu[i].cpu(), self.kb.S[i].cpu()
+        arrays.update({f"t.{k}": v[i].cpu() for k, v in self.t.items()})
+        arrays["kb.updated"] = torch.tensor(self.kb.updated, dtype=torch.long)
+        meta = {"task": name, "n_labelled": self.n_labelled[i], "basis_at": self.kb.basis_at, **extra}
+        return wire.pack("task", meta, arrays)
+
+    def decode_task(self, data: bytes | None, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A changelog record checked against this engine's shapes; ``wire.Refused`` says why it is unusable."""
+        spec = {f"learner.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:]))
+                for k, v in self.learners.state().items()}
+        spec["code.mu"] = (self.cfg.dtype, tuple(self.kb.mu.shape[1:]))
+        spec["code.S"] = (self.cfg.dtype, tuple(self.kb.S.shape[1:]))
+        spec.update({f"t.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:])) for k, v in self.t.items()})
+        spec["kb.updated"] = ("int64", (self.kb.capacity,))
+        meta, arrays = wire.unpack(data, "task", spec, max_bytes)
+        name, n = meta.get("task"), meta.get("n_labelled")
+        if not isinstance(name, str) or not 0 < len(name) <= 256 or type(n) is not int or n < 0 \
+                or type(meta.get("basis_at")) is not int:
+            raise wire.Refused("malformed", f"bad task metadata {meta!r:.200}")
+        return meta, arrays
+
+    def load_task(self, name: str, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
+        """Set task ``name`` from a decoded changelog record, or back to untrained (None); creates it if new.
+
+        The record was written against the writer's KB. A slot that holds another member here (or none) is
+        another expert for this task: it enters now, as a late expert does. A code learned in another basis
+        restarts from this basis's prior. The task's pending predictions (not in the record) are dropped.
+        """
+        i = self.task_index.get(name)
+        if i is None:
+            i = self._task(name)
+            self._init_tasks(i)
+        for key in [k for k in self.pending_keys if k[0] == name]:
+            del self.pending_keys[key]
+            self.pending.pop(key, None)
+        rows, dev = slice(i, i + 1), self.device
+        if record is None:
+            self.learners.load_task(i, None)
+            for table in self.t.values():
+                table[i] = 0
+            self._join_kb(rows)
+            self.n_labelled[i] = 0
+            self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
+            return
+        meta, arrays = record
+        self.learners.load_task(i, {k[len("learner."):]: v for k, v in arrays.items() if k.startswith("learner.")})
+        for k, table in self.t.items():
+            table[i] = arrays[f"t.{k}"].to(dev)
+        self.n_labelled[i] = int(meta["n_labelled"])
+        if meta["basis_at"] == self.kb.basis_at:
+            self.kb.mu[i], self.kb.S[i] = arrays["code.mu"].to(dev), arrays["code.S"].to(dev)
+        else:
+            self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
+            self._enter(rows, torch.zeros(1, dtype=torch.long, device=dev),
+                        torch.tensor([self.kb.basis_ready], device=dev))
+        changed = (arrays["kb.updated"].to(dev) != torch.tensor(self.kb.updated, device=dev)).nonzero().flatten()
+        if len(changed):
+            self._enter(rows, changed + 1, self.kb.valid[changed])
+        self.t["in_top"][i, 1] &= self.t["in_kb"][i].any()  # with no KB expert here, the KB level sleeps
+
+    def digest(self, names: list[str]) -> str:
+        """SHA-256 over tasks' names, labelled counts and learner parameters: shows which state was restored."""
+        h = hashlib.sha256()
+        for name in sorted(names):
+            i = self.task_index[name]
+            h.update(f"{name}\0{self.n_labelled[i]}\0".encode())
+            for _, v in sorted(self.learners.task_state(i).items()):
+                h.update(v.numpy().astype("<f4").tobytes())
+        return h.hexdigest()[:16]
 
     def kb_summary(self) -> list[dict[str, Any]]:
         """One row per KB member: slot, id, source task and its total weight over tasks."""

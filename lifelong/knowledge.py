@@ -3,7 +3,8 @@
 Members are snapshots of task learners, one slot per source task (a newer snapshot of the same task
 replaces the older one in place). A snapshot that is a near-duplicate of another task's member (cosine of
 the parameter vectors at least ``engine.duplicate_cosine``) is dropped. When all ``kb_capacity`` slots are
-used, the member with the least total weight over all tasks is evicted. All members are evaluated for a
+used, the member whose latest snapshot is oldest is evicted. These rules read nothing but the sequence of
+snapshots, so replicas applying the same knowledge log hold the same KB. All members are evaluated for a
 batch in one batched operation.
 
 The basis expert (ELLA-style, linear learners only) keeps the top right singular vectors of the members'
@@ -14,13 +15,13 @@ distribution: a task related to earlier ones needs a few events instead of hundr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import wire
 from .config import EngineConfig
 from .learners import Learners, ekf
 
@@ -31,7 +32,7 @@ JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positi
 class Staged:
     """A snapshot waiting for the next publication: taken when triggered, published every publish_every."""
 
-    task: int
+    task: int  # -1 for a member read from the knowledge log
     task_name: str
     learned: int
     seq: int  # engine event count of the trigger: publication order is arrival order
@@ -54,9 +55,12 @@ class KnowledgeBase:
         self.valid = torch.zeros(self.capacity, dtype=torch.bool, device=device)
         self.vectors: torch.Tensor | None = None  # unit parameter vectors per slot, for duplicate checks
         self.counts = {"added": 0, "replaced": 0, "evicted": 0, "duplicates": 0}
+        self.applied = 0  # member records applied so far: the position in the (shared) knowledge log
+        self.updated = [-1] * self.capacity  # per slot, the position of its latest record
         self.n_out = learners.n_pred if cfg.task == "multiclass" else 1
         self.basis_on = cfg.basis and learners.linear
         self.basis_ready = False
+        self.basis_at = 0  # ``applied`` when the basis was last computed: identifies it across replicas
         r, c = cfg.basis_rank, self.n_out
         self.B = torch.zeros(dim + 1, r, dtype=self.dtype, device=device)
         self.prior_mu = torch.zeros(c, r, dtype=self.dtype, device=device)
@@ -109,11 +113,15 @@ class KnowledgeBase:
 
     # --- membership ---
 
-    def publish(self, staged: list[Staged], usefulness: torch.Tensor) -> list[int]:
-        """Add staged snapshots in order; return the slots whose expert is new (empty or evicted before)."""
+    def publish(self, staged: list[Staged]) -> list[int]:
+        """Apply member records in log order; return the slots whose expert is new (empty or evicted before).
+
+        The result depends only on the records and their order, never on local timing or local tasks: every
+        replica that applies the same log holds the same members in the same slots.
+        """
         entered: list[int] = []
-        touched: set[int] = set()
         for snap in staged:
+            self.applied += 1
             vec = self._vector(snap)
             slot = self.slot_of.get(snap.task_name)
             if slot is None and self._is_duplicate(vec):
@@ -125,14 +133,12 @@ class KnowledgeBase:
                 free = (~self.valid).nonzero()
                 if len(free):
                     slot = int(free[0])
-                else:
-                    score = usefulness.clone()
-                    score[list(touched)] = math.inf
-                    slot = int(torch.argmin(score))
+                else:  # the member whose latest record is oldest
+                    slot = min(range(self.capacity), key=self.updated.__getitem__)
                     self.counts["evicted"] += 1
                 entered.append(slot)
                 self.counts["added"] += 1
-            touched.add(slot)
+            self.updated[slot] = self.applied
             self._write(slot, snap, vec)
         if staged and self.basis_on and self.size >= 2:
             self._refresh_basis()
@@ -185,6 +191,7 @@ class KnowledgeBase:
         self.S[:n] = rot @ self.S[:n] @ rot.T + perp @ prior_S @ perp.T
         self.B, self.prior_mu, self.prior_S = B, prior_mu, prior_S
         self.basis_ready = True
+        self.basis_at = self.applied
 
     # --- state ---
 
@@ -198,7 +205,8 @@ class KnowledgeBase:
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"ids": self.ids, "source": self.source, "counts": self.counts, "basis_ready": self.basis_ready}
+        return {"ids": self.ids, "source": self.source, "counts": self.counts, "basis_ready": self.basis_ready,
+                "applied": self.applied, "updated": self.updated, "basis_at": self.basis_at}
 
     def load_state(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
         prefix = "kb.store."
@@ -212,4 +220,21 @@ class KnowledgeBase:
         self.ids, self.source = list(meta["ids"]), list(meta["source"])
         self.slot_of = {name: slot for slot, name in enumerate(self.source) if name is not None}
         self.counts, self.basis_ready = dict(meta["counts"]), bool(meta["basis_ready"])
+        self.applied, self.updated, self.basis_at = int(meta["applied"]), list(meta["updated"]), int(meta["basis_at"])
+
+    # --- the knowledge log (shared by replicas) ---
+
+    def encode(self, snap: Staged) -> bytes:
+        """A member record for the knowledge topic: the snapshot's arrays and JSON metadata (never pickle)."""
+        meta = {"id": f"{snap.task_name}@{snap.learned}", "source": snap.task_name, "learned": snap.learned}
+        return wire.pack("member", meta, self.learners.store_state(snap.store))
+
+    def decode(self, data: bytes | None, max_bytes: int) -> Staged:
+        """A member record from the knowledge topic, checked against this KB's member shapes (``wire.Refused``)."""
+        spec = wire.spec_of(self.learners.store_state(self.learners.new_store(1)))
+        meta, arrays = wire.unpack(data, "member", spec, max_bytes)
+        source, learned = meta.get("source"), meta.get("learned")
+        if not isinstance(source, str) or not 0 < len(source) <= 256 or type(learned) is not int or learned < 1:
+            raise wire.Refused("malformed", f"bad member metadata {meta!r:.200}")
+        return Staged(-1, source, learned, 0, self.learners.load_store(arrays))
 

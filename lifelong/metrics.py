@@ -49,6 +49,16 @@ class Metrics:
                                    registry=registry)
         for result in ("ok", "failed"):
             self.checkpoints.labels(result)
+        # Scale-out (knowledge and changelog topics)
+        self.knowledge_refused = Counter("lifelong_knowledge_refused", "Knowledge-topic records refused (never "
+                                         "loaded), by reason", ["reason"], registry=registry)
+        self.changelog_bytes = Counter("lifelong_changelog_bytes", "Bytes of task state written to the changelog",
+                                       registry=registry)
+        self.tasks_restored = Counter("lifelong_tasks_restored", "Tasks restored from the changelog after gaining "
+                                      "their partition", registry=registry)
+        self.restore_seconds = Histogram("lifelong_restore_seconds", "Time to take over one gained partition "
+                                         "(changelog read and task restore)", buckets=LATENCY_BUCKETS,
+                                         registry=registry)
 
 
 class EngineCollector:

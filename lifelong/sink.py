@@ -31,6 +31,15 @@ class KafkaSink:
         value = json.dumps(record, separators=(",", ":")).encode()
         self.futures.append(self.producer.send(self.cfg.kafka.predictions_topic, key=task.encode(), value=value))
 
+    def knowledge(self, member: str, value: bytes) -> None:
+        """A KB member record (``wire`` format), keyed by its source task: compaction keeps its newest one."""
+        self.futures.append(self.producer.send(self.cfg.kafka.knowledge_topic, key=member.encode(), value=value))
+
+    def changelog(self, task: str, partition: int, value: bytes, position: int) -> None:
+        """A task's state when its events partition was at ``position``, in the matching changelog partition."""
+        self.futures.append(self.producer.send(self.cfg.kafka.changelog_topic, key=task.encode(), value=value,
+                                               partition=partition, headers=[("position", str(position).encode())]))
+
     def dead_letter(self, raw: bytes | None, key: bytes | None, error: str, topic: str, partition: int,
                     offset: int) -> None:
         headers = [("error", error.encode()[:1000]), ("source_topic", topic.encode()),

@@ -4,6 +4,10 @@ The poll loop never waits on learning: when the queue is full it pauses its part
 (so the group never sees a missed ``max_poll_interval_ms``) and resumes them when there is room. The
 kafka-python consumer is not thread-safe, so commits and seeks happen in this thread too: the daemon asks
 for a commit and waits for the answer.
+
+Rebalance callbacks run on kafka-python's IO thread, where nothing may block. Gained partitions are paused
+there, and taken over in this thread right after ``poll`` returns: the daemon restores their state (it
+may read the changelog and the committed offsets), then they are sought and resumed.
 """
 
 from __future__ import annotations
@@ -52,14 +56,17 @@ class KafkaSource:
     """Consumes ``kafka.events_topic`` in a consumer group; see the module docstring."""
 
     def __init__(self, cfg: Config, on_assign: Callable[[list[TopicPartition]], dict[TopicPartition, int]],
-                 on_revoke: Callable[[list[TopicPartition]], None]):
+                 on_revoke: Callable[[list[TopicPartition]], None],
+                 on_lost: Callable[[list[TopicPartition]], None] | None = None):
         self.cfg = cfg
         self.on_assign = on_assign
         self.on_revoke = on_revoke
+        self.on_lost = on_lost or on_revoke
         self.batches: queue.Queue[Batch] = queue.Queue(maxsize=cfg.batching.queue_batches)
         self.commands: queue.Queue[tuple[dict[TopicPartition, int], Future[None]]] = queue.Queue()
         self.generation = 0
         self.assigned: list[TopicPartition] = []
+        self.gained: list[TopicPartition] = []  # assigned, paused, not taken over yet
         self.highwater: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.last_poll = time.monotonic()
@@ -88,7 +95,22 @@ class KafkaSource:
         """Commit ``offsets`` (the next offset to read per partition) from the poll thread; raises on failure."""
         done: Future[None] = Future()
         self.commands.put((offsets, done))
+        if threading.current_thread() is self._thread:
+            self._serve_commands()
         done.result(timeout)
+
+    def commit_async(self, offsets: dict[TopicPartition, int]) -> None:
+        """Send a commit without waiting (rebalance callbacks, which run where nothing may block)."""
+        assert self.consumer is not None
+        mine = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in self.consumer.assignment()}
+        if mine:
+            self.consumer.commit_async(mine)
+
+    def committed_offset(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp`` (in the poll thread: taking over gained partitions)."""
+        assert self.consumer is not None and threading.current_thread() is self._thread
+        got = self.consumer.committed(tp)
+        return None if got is None else int(got)
 
     @property
     def broker_reachable(self) -> bool:
@@ -116,6 +138,8 @@ class KafkaSource:
                 now = time.monotonic()
                 self.poll_gaps.append(now - self.last_poll)
                 self.last_poll = now
+                if self.gained:
+                    self._take_over()
                 self._observe()
                 flat = [r for rs in records.values() for r in rs]
                 if flat:
@@ -143,6 +167,18 @@ class KafkaSource:
                 done.set_result(None)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting daemon thread
                 done.set_exception(exc)
+
+    def _take_over(self) -> None:
+        assert self.consumer is not None
+        gained, self.gained = self.gained, []
+        positions = self.on_assign(gained)
+        for tp in gained:
+            if tp in positions:
+                self.consumer.seek(tp, positions[tp])
+        self.consumer.resume(*gained)
+        self.assigned = self.assigned + gained
+        log.info("partitions taken over: %s (positions %s)", sorted(f"{tp.topic}-{tp.partition}" for tp in gained),
+                 {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()})
 
     def _backpressure(self) -> None:
         assert self.consumer is not None
@@ -186,17 +222,21 @@ class _Listener(ConsumerRebalanceListener):
         src.assigned = [tp for tp in src.assigned if tp not in revoked]
         log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
+    def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        src = self.source
+        src.generation += 1
+        src.drain()
+        src.on_lost(list(lost))
+        src.assigned = [tp for tp in src.assigned if tp not in lost]
+        log.warning("partitions lost (evicted from the group): %s", sorted(f"{tp.topic}-{tp.partition}" for tp in lost))
+
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         src = self.source
         src.generation += 1
         src.drain()
-        positions = src.on_assign(list(assigned))
         assert src.consumer is not None
-        for tp in assigned:
-            if tp in positions:
-                src.consumer.seek(tp, positions[tp])
-        src.assigned = list(assigned)
+        if assigned:
+            src.consumer.pause(*assigned)
+        src.gained = list(assigned)
         src.paused = False
-        log.info("partitions assigned: %s (restored positions %s)",
-                 sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
-                 {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()})
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))

@@ -34,8 +34,9 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def settings(bootstrap: str, tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    """Config overrides for one test: unique topics and group, its own state dir and metrics port."""
+def settings(bootstrap: str, tmp_path: Path, shared: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Config overrides for one test: unique topics and group, its own state dir and metrics port; one
+    standalone replica unless ``shared`` (knowledge and changelog topics)."""
     tag = uuid.uuid4().hex[:8]
     base = {
         "kafka.bootstrap_servers": bootstrap, "kafka.events_topic": f"ev-{tag}",
@@ -44,6 +45,7 @@ def settings(bootstrap: str, tmp_path: Path, **overrides: Any) -> dict[str, Any]
         "engine.kb_capacity": 8, "engine.snapshot_every": 10, "engine.publish_every": 64,
         "checkpoint.dir": str(tmp_path / "state"), "checkpoint.interval_s": 0.5, "metrics.port": free_port(),
         "shutdown_grace_s": 10.0,
+        "kafka.knowledge_topic": f"kb-{tag}" if shared else "", "kafka.changelog_topic": f"cl-{tag}" if shared else "",
     }
     base.update(overrides)
     return base

@@ -94,6 +94,14 @@ class Learners(abc.ABC):
     @abc.abstractmethod
     def load_store(self, state: dict[str, Any]) -> Any: ...
 
+    def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        """One task's learner as arrays (for the changelog other replicas restore from)."""
+        raise NotImplementedError(f"the {self.cfg.backend} backend cannot move task state between replicas")
+
+    def load_task(self, task: int, state: dict[str, torch.Tensor] | None) -> None:
+        """Set one task's learner from ``task_state`` output; None: back to untrained."""
+        raise NotImplementedError(f"the {self.cfg.backend} backend cannot move task state between replicas")
+
     @abc.abstractmethod
     def state(self) -> dict[str, Any]: ...
 

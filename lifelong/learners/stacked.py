@@ -203,6 +203,17 @@ class TorchLearners(Learners):
             return None
         return torch.cat([store["w"], store["b"].unsqueeze(1)], dim=1)
 
+    def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        out = {f"param.{k}": v[task].cpu() for k, v in self.params.items()}
+        out.update({f"accum.{k}": v[task].cpu() for k, v in self.accum.items()})
+        return out
+
+    def load_task(self, task: int, state: dict[str, torch.Tensor] | None) -> None:
+        for name, p in self.params.items():
+            p[task:task + 1] = self._init(name, task, 1) if state is None else state[f"param.{name}"].to(self.device)
+        for name, acc in self.accum.items():
+            acc[task:task + 1] = ADAGRAD_INIT if state is None else state[f"accum.{name}"].to(self.device)
+
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"param.{k}": v[: self._n].cpu() for k, v in self.params.items()}
         out.update({f"accum.{k}": v[: self._n].cpu() for k, v in self.accum.items()})

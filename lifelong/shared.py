@@ -1,0 +1,77 @@
+"""Readers of the two topics replicas share (README "Scaling out"): the knowledge log and the task changelog.
+
+Both are plain consumers outside the group (``assign``, no commits): the knowledge log is read whole, in
+order, by every replica; a changelog partition is read when its events partition is gained.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+
+from .config import Config
+from .errors import LifelongError
+from .source import client_options
+
+
+def _consumer(cfg: Config) -> KafkaConsumer:
+    return KafkaConsumer(group_id=None, enable_auto_commit=False, client_id="lifelong-shared",
+                         max_partition_fetch_bytes=max(1024 * 1024, cfg.kafka.max_message_bytes),
+                         fetch_max_bytes=max(50 * 1024 * 1024, cfg.kafka.max_message_bytes), **client_options(cfg))
+
+
+class KnowledgeLog:
+    """The knowledge topic (one partition: one order for every replica), read from ``offset`` on."""
+
+    def __init__(self, cfg: Config, offset: int):
+        self.tp = TopicPartition(cfg.kafka.knowledge_topic, 0)
+        self.consumer = _consumer(cfg)
+        self.consumer.assign([self.tp])
+        self.consumer.seek(self.tp, offset)
+        self.offset = offset
+
+    def poll(self, timeout_s: float = 0.0) -> list[Any]:
+        """Records since the last call, in log order."""
+        got = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        records = got.get(self.tp, [])
+        if records:
+            self.offset = records[-1].offset + 1
+        return records
+
+    def end(self) -> int:
+        return int(self.consumer.end_offsets([self.tp])[self.tp])
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+def read_changelog(cfg: Config, partition: int, committed: int | None,
+                   timeout_s: float) -> tuple[dict[str, bytes], int]:
+    """Each task's state at the committed offset ``committed`` of events partition ``partition``: per task, the
+    newest record (log order) written at a position at or below it. Records written past it come from a
+    checkpoint whose commit never happened: skipped. (A later owner replays those events and rewrites every
+    task it restored or touched, after them in the log, so the newest qualifying record is the committed one.)
+    Returns {task: record} and how many records were read."""
+    tp = TopicPartition(cfg.kafka.changelog_topic, partition)
+    consumer = _consumer(cfg)
+    try:
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = int(consumer.end_offsets([tp])[tp])
+        latest: dict[str, bytes] = {}
+        seen = 0
+        deadline = time.monotonic() + timeout_s
+        while committed is not None and consumer.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise LifelongError(f"reading changelog partition {partition} took longer than {timeout_s:.0f}s "
+                                    f"({seen} of {end} records)")
+            for r in consumer.poll(timeout_ms=200).get(tp, []):
+                seen += 1
+                position = dict(r.headers or []).get("position", b"")
+                if r.key is not None and position.isdigit() and int(position) <= committed:
+                    latest[r.key.decode(errors="replace")] = r.value
+        return latest, seen
+    finally:
+        consumer.close(autocommit=False)

@@ -1,0 +1,133 @@
+"""Scale-out at the engine level: one knowledge log gives one KB; a task moves with its whole state; the wire
+format refuses anything it was not built to read."""
+
+import math
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from lifelong import wire
+
+from conftest import make_stream
+
+MAX = 1 << 20
+DT = torch.float64
+
+
+def drain(engine, log):
+    """Send the engine's published snapshots to the shared log (as bytes, like the knowledge topic)."""
+    log.extend(engine.kb.encode(m) for m in engine.outbox)
+    engine.outbox.clear()
+
+
+def catch_up(engine, log, applied):
+    engine.apply([engine.kb.decode(rec, MAX) for rec in log[applied:]])
+    return len(log)
+
+
+def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory):
+    events = make_stream(n_tasks=8, per_task=48, block=6, ends=False)
+    a, b = engine_factory(), engine_factory()
+    a.share = b.share = True
+    mine = {"a": [e for e in events if int(e.task[1:]) < 4], "b": [e for e in events if int(e.task[1:]) >= 4]}
+    moved = "t1"
+    cut = [i for i, e in enumerate(mine["a"]) if e.task == moved][30]
+    first, rest = mine["a"][:cut], [e for e in mine["a"][cut:] if e.task == moved]
+    log: list[bytes] = []
+    seen = {"a": 0, "b": 0}
+    for step, start in enumerate(range(0, max(len(first), len(mine["b"])), 20)):
+        a.process(first[start:start + 20])
+        drain(a, log)
+        seen["a"] = catch_up(a, log, seen["a"])  # a reads the log after every batch ...
+        b.process(mine["b"][start:start + 20])
+        drain(b, log)
+        if step % 3 == 2:  # ... b only now and then: the KB must not depend on when a replica reads
+            seen["b"] = catch_up(b, log, seen["b"])
+    seen["a"], seen["b"] = catch_up(a, log, seen["a"]), catch_up(b, log, seen["b"])
+    assert a.kb.size >= 3 and a.kb.counts["evicted"] > 0 and a.kb.basis_ready
+    assert a.kb.ids == b.kb.ids and a.kb.updated == b.kb.updated
+    for k in a.kb.store:
+        torch.testing.assert_close(a.kb.store[k], b.kb.store[k], rtol=0, atol=0)
+    torch.testing.assert_close(a.kb.B, b.kb.B, rtol=0, atol=0)
+
+    record = b.decode_task(a.export_task(moved, {"partition": 0}), MAX)
+    assert record[0]["partition"] == 0
+    b.load_task(moved, record)
+    i_a, i_b = a.task_index[moved], b.task_index[moved]
+    assert b.n_labelled[i_b] == a.n_labelled[i_a] == 30
+    ra, rb = a.process(rest), b.process(rest)  # the same events, now on the replica the task moved to
+    np.testing.assert_allclose(ra.pred, rb.pred, atol=1e-9)
+    assert b.n_labelled[i_b] == a.n_labelled[i_a] == 48
+
+
+def test_a_moved_task_meets_another_kb_with_late_expert_entry(engine_factory):
+    events = make_stream(n_tasks=6, per_task=40, ends=False)
+    a, b = engine_factory(), engine_factory()
+    a.process(events)
+    record = b.decode_task(a.export_task("t0", {}), MAX)
+    b.load_task("t0", record)  # b's KB is empty: every expert a's task had is absent here
+    i = b.task_index["t0"]
+    assert not bool(b.t["in_kb"][i].any()) and b.n_labelled[i] == a.n_labelled[a.task_index["t0"]]
+    out = b.process([e for e in make_stream(n_tasks=6, per_task=50, ends=False, seed=1) if e.task == "t0"][:5])
+    assert np.isfinite(out.pred).all()
+    b.load_task("t0", None)
+    assert b.n_labelled[i] == 0 and bool((b.learners.task_state(i)["param.mu"] == 0).all())
+
+
+class _Boom:
+    def __reduce__(self):
+        return (open, ("/tmp/lifelong-pwned", "w"))
+
+
+def _member(engine_factory):
+    eng = engine_factory()
+    eng.process(make_stream(n_tasks=2, per_task=16, ends=False))
+    snap = eng.kb.encode(eng.staged[0] if eng.staged else _staged(eng))
+    return eng, snap
+
+
+def _staged(eng):
+    from lifelong.knowledge import Staged
+
+    store = eng.learners.new_store(1)
+    eng.learners.write_member(store, 0, 0)
+    return Staged(0, "t0", 5, 0, store)
+
+
+def test_good_member_records_round_trip(engine_factory):
+    eng, data = _member(engine_factory)
+    snap = eng.kb.decode(data, MAX)
+    assert snap.task_name == "t0" and snap.learned >= 1
+    ref = _staged(eng) if not eng.staged else eng.staged[0]
+    for k in snap.store:
+        torch.testing.assert_close(snap.store[k], ref.store[k])
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda good: pickle.dumps(_Boom()), "not_lifelong"),
+    (lambda good: good[:40], "malformed"),
+    (lambda good: good + b"\0" * 8, "shape"),
+    (lambda good: good[:4] + struct.pack(">I", 1 << 30) + good[8:], "malformed"),
+    (lambda good: good + b"\0" * (2 * MAX), "too_large"),
+    (lambda good: member({"source": "x", "learned": 3}, w=torch.zeros(1, 999, 1)), "shape"),
+    (lambda good: member({"source": "x", "learned": 3}, w=torch.zeros(1, 5, 1, dtype=torch.float32)), "shape"),
+    (lambda good: member({"source": "x", "learned": 3}, w=torch.full((1, 5, 1), math.nan, dtype=DT)), "not_finite"),
+    (lambda good: member({"source": 7, "learned": 3}), "malformed"),
+    (lambda good: member({"source": "x", "learned": 3}, kind="task"), "malformed"),
+    (lambda good: None, "malformed"),
+])
+def test_bad_member_records_are_refused_never_loaded(engine_factory, make, reason):
+    eng, good = _member(engine_factory)  # the engine's dtype is float64: members are float64 arrays
+    with pytest.raises(wire.Refused) as info:
+        eng.kb.decode(make(good), MAX)
+    assert info.value.reason == reason
+    assert not os.path.exists("/tmp/lifelong-pwned")  # the pickle was never loaded
+
+
+def member(meta, kind="member", w=None):
+    w = torch.zeros(1, 5, 1, dtype=DT) if w is None else w
+    return wire.pack(kind, meta, {"w": w, "b": torch.zeros(1, 1, dtype=DT)})
