@@ -99,7 +99,8 @@ def rate_of(records: list) -> float:
 
 def start_daemon(bootstrap: str, tag: str, work: Path) -> subprocess.Popen:
     cfg = {"kafka": {"bootstrap_servers": bootstrap, "events_topic": f"ev-{tag}", "predictions_topic": f"pred-{tag}",
-                     "dead_letter_topic": f"dlq-{tag}", "group_id": f"g-{tag}", "session_timeout_ms": 6000},
+                     "dead_letter_topic": f"dlq-{tag}", "group_id": f"g-{tag}", "session_timeout_ms": 6000,
+                     "knowledge_topic": f"kb-{tag}", "changelog_topic": f"cl-{tag}"},
            "engine": {"dim": 20}, "checkpoint": {"dir": str(work / f"state-{tag}"), "interval_s": CHECKPOINT_S},
            "metrics": {"port": free_port()}, "logging": {"level": "WARNING"}}
     path = work / f"{tag}.json"
