@@ -8,6 +8,8 @@
    commit); a fresh replica with an empty state directory then gains both partitions. Reported: the
    restore time it logs (changelog read and task restore, summed over partitions) and the wall time from
    its start to /readyz answering 200 (Python start-up, KB catch-up and the group join included).
+   Also the replicas' CPU time per event (all their threads, from /proc): what a replica costs per event
+   whatever the cores, so what separate machines would add.
 3. Changelog bytes per task: the mean record size (value + key + headers) in the changelog topic.
 The broker and every replica share this machine's 2 cores: more replicas cannot add CPU here, so the
 two-replica figure shows the cost of coordination, not the gain on separate machines.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -73,15 +76,24 @@ def wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def throughput(bootstrap: str, events: list[dict], replicas: int, work: Path) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(bootstrap: str, events: list[dict], replicas: int, work: Path) -> tuple[float, float]:
+    """Events/s of the group, and the replicas' CPU milliseconds per event while they learned the backlog."""
     tag = f"r{replicas}"
     procs = [start(bootstrap, tag, work, f"{i}", 4) for i in range(replicas)]
     try:
         wait(lambda: all(ready(port) for _, port, _ in procs), 120, "replicas ready")
         # let the group settle: every replica holds partitions before the backlog arrives
         time.sleep(4)
+        cpu0 = sum(cpu_seconds(p.pid) for p, _, _ in procs)
         produce(bootstrap, f"ev-{tag}", events)
-        return rate_of(read_all(bootstrap, f"pred-{tag}", len(events)))
+        rate = rate_of(read_all(bootstrap, f"pred-{tag}", len(events)))
+        return rate, 1000 * (sum(cpu_seconds(p.pid) for p, _, _ in procs) - cpu0) / len(events)
     finally:
         for proc, _, _ in procs:
             proc.terminate()
@@ -134,10 +146,12 @@ def main() -> int:
     with EmbeddedBroker(log=work / "tansu.log") as broker:
         rates = {k: throughput(broker.bootstrap, events, k, work) for k in (1, 2)}
         over = take_over(broker.bootstrap, few, work)
-    result = {"events": len(events), "events_per_s": {str(k): v for k, v in rates.items()}, **over}
-    print(f"{'replicas':<10}{'events/s':>10}   ({len(events):,} events, 4 partitions, broker on the same 2 cores)")
-    for k, v in rates.items():
-        print(f"{k:<10}{v:>10,.0f}")
+    result = {"events": len(events), "events_per_s": {str(k): v[0] for k, v in rates.items()},
+              "replica_cpu_ms_per_event": {str(k): v[1] for k, v in rates.items()}, **over}
+    print(f"{len(events):,} events, 4 partitions, broker and replicas on the same 2 cores")
+    print(f"{'replicas':<10}{'events/s':>10}{'replica CPU ms/event':>22}")
+    for k, (rate, cpu) in rates.items():
+        print(f"{k:<10}{rate:>10,.0f}{cpu:>22.3f}")
     print(f"\ntake-over of 2 partitions holding {over['tasks_restored']:,} tasks: restore "
           f"{over['restore_s']:.2f} s; process start to ready {over['start_to_ready_s']:.1f} s")
     print(f"changelog: {over['changelog_records']:,} records, {over['changelog_bytes_per_task']:,.0f} bytes per task "

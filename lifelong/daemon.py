@@ -49,7 +49,9 @@ class DaemonError(LifelongError):
 
 
 def ensure_topics(cfg: Config) -> None:
-    """Create the events, predictions and dead-letter topics when missing (``kafka.create_topics``)."""
+    """Create the events, predictions and dead-letter topics (and the knowledge and changelog topics for
+    scale-out) when missing (``kafka.create_topics``); check that the changelog has a partition for each
+    events partition."""
     k = cfg.kafka
     try:
         admin = KafkaAdminClient(client_id="lifelong-admin", request_timeout_ms=15000, **client_options(cfg))
@@ -67,15 +69,32 @@ def ensure_topics(cfg: Config) -> None:
         if missing and not k.create_topics:
             raise LifelongError(f"topics {missing} do not exist and kafka.create_topics is false")
         for topic in missing:
+            n, configs = wanted[topic]
+            if topic == k.changelog_topic:  # as many partitions as the events topic really has
+                n = _partitions(admin, k.events_topic)
             try:
-                n, configs = wanted[topic]
                 admin.create_topics([NewTopic(topic, n, 1, topic_configs=configs)])
             except TopicAlreadyExistsError:
                 pass
             except KafkaError as exc:
                 raise LifelongError(f"the broker refused to create topic {topic!r}: {exc!r}") from None
+        if k.changelog_topic and (n_cl := _partitions(admin, k.changelog_topic)) < (
+                n_ev := _partitions(admin, k.events_topic)):
+            raise LifelongError(f"topic {k.changelog_topic!r} has {n_cl} partitions, fewer than the {n_ev} of "
+                                f"{k.events_topic!r}: give it {n_ev} (its partition p holds the tasks of events "
+                                f"partition p)")
     finally:
         admin.close()
+
+
+def _partitions(admin: KafkaAdminClient, topic: str, wait_s: float = 15.0) -> int:
+    """Partitions of ``topic`` (a topic just created may take a moment to be described)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        n = max((len(d.get("partitions") or []) for d in admin.describe_topics([topic])), default=0)
+        if n or time.monotonic() > deadline:
+            return n
+        time.sleep(0.2)
 
 
 class Daemon:
@@ -130,6 +149,14 @@ class Daemon:
 
     def archived_tasks(self) -> set[int]:
         return self.ended
+
+    def foreign_tasks(self) -> set[int]:
+        """Tasks of partitions this replica does not own now (held from an earlier ownership)."""
+        if not self.shared:
+            return set()
+        owned = {tp.partition for tp in self.assigned}
+        index = self.engine.task_index
+        return {index[t] for t, p in self.task_partition.items() if p not in owned and t in index}
 
     def checkpoint_age(self) -> float:
         return time.monotonic() - self.last_checkpoint
@@ -190,18 +217,19 @@ class Daemon:
             return
         limit = max(30.0, self.cfg.kafka.max_poll_interval_ms / 2000)
         records, seen = read_changelog(self.cfg, p, offset, timeout_s=limit)
-        restored, refused = [], 0
+        decoded: dict[str, Any] = {}
         for task, value in records.items():
             try:
-                self.engine.load_task(task, self.engine.decode_task(value, self.cfg.kafka.max_message_bytes))
+                decoded[task] = self.engine.decode_task(value, self.cfg.kafka.max_message_bytes)
             except Refused as exc:
-                refused += 1
                 log.error("changelog record of task %r refused: %s", task, exc)
-                continue
-            restored.append(task)
-            self.task_partition[task] = p
-        for task in set(mine) - set(restored):  # learned after the committed checkpoint: replayed from the offset
-            self.engine.load_task(task, None)
+        restored = list(decoded)
+        # tasks held for this partition without a committed record: learned after the committed offset,
+        # so untrained again and replayed from it
+        decoded.update({task: None for task in mine if task not in decoded})
+        self.engine.load_tasks(decoded)
+        self.task_partition.update({task: p for task in restored})
+        refused = len(records) - len(restored)
         self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
         if offset is None:
             self.positions.pop(tp, None)
@@ -307,7 +335,10 @@ class Daemon:
             result = self.engine.process(events)
             if self.shared:
                 for e, r in zip(events, sources, strict=True):
-                    self.task_partition[e.task] = r.partition
+                    if self.task_partition.setdefault(e.task, r.partition) != r.partition:
+                        log.warning("task %r arrived on partition %d, earlier on %d: key events by task, so that "
+                                    "each task has one writer", e.task, r.partition, self.task_partition[e.task])
+                        self.task_partition[e.task] = r.partition
                     self.changed.add(e.task)
                 for snap in self.engine.outbox:
                     self.sink.knowledge(snap.task_name, self.engine.kb.encode(snap))
@@ -414,7 +445,8 @@ class Daemon:
             self._read_knowledge(until_end=True)
         if self.dirty:
             self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7)
-        log.info("stopped cleanly at offsets %s", {f"{tp.topic}-{tp.partition}": o for tp, o in self.positions.items()})
+        log.info("stopped cleanly at offsets %s", {f"{tp.topic}-{tp.partition}": self.positions.get(tp)
+                                                   for tp in self.assigned})
 
     def _close(self) -> None:
         grace = self.cfg.shutdown_grace_s

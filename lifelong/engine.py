@@ -171,6 +171,7 @@ class Engine:
         self.staged: list[Staged] = []
         self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
         self.outbox: list[Staged] = []
+        self._task_spec: wire.Spec | None = None  # what a changelog record must hold (``decode_task``)
         self.n_labelled: list[int] = []  # labelled events learned per task (host side: drives the plan)
         self.events_seen = 0
         self.now_ts = -math.inf
@@ -683,33 +684,44 @@ class Engine:
 
     def decode_task(self, data: bytes | None, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """A changelog record checked against this engine's shapes; ``wire.Refused`` says why it is unusable."""
-        spec = {f"learner.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:]))
-                for k, v in self.learners.state().items()}
-        spec["code.mu"] = (self.cfg.dtype, tuple(self.kb.mu.shape[1:]))
-        spec["code.S"] = (self.cfg.dtype, tuple(self.kb.S.shape[1:]))
-        spec.update({f"t.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:])) for k, v in self.t.items()})
-        spec["kb.updated"] = ("int64", (self.kb.capacity,))
-        meta, arrays = wire.unpack(data, "task", spec, max_bytes)
+        if self._task_spec is None:
+            spec = {f"learner.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:]))
+                    for k, v in self.learners.state().items()}
+            spec["code.mu"] = (self.cfg.dtype, tuple(self.kb.mu.shape[1:]))
+            spec["code.S"] = (self.cfg.dtype, tuple(self.kb.S.shape[1:]))
+            spec.update({f"t.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:]))
+                         for k, v in self.t.items()})
+            spec["kb.updated"] = ("int64", (self.kb.capacity,))
+            self._task_spec = spec
+        meta, arrays = wire.unpack(data, "task", self._task_spec, max_bytes)
         name, n = meta.get("task"), meta.get("n_labelled")
         if not isinstance(name, str) or not 0 < len(name) <= 256 or type(n) is not int or n < 0 \
                 or type(meta.get("basis_at")) is not int:
             raise wire.Refused("malformed", f"bad task metadata {meta!r:.200}")
         return meta, arrays
 
-    def load_task(self, name: str, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
-        """Set task ``name`` from a decoded changelog record, or back to untrained (None); creates it if new.
+    def load_tasks(self, records: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]] | None]) -> None:
+        """Set tasks from decoded changelog records, or back to untrained (None); new names become tasks.
 
-        The record was written against the writer's KB. A slot that holds another member here (or none) is
-        another expert for this task: it enters now, as a late expert does. A code learned in another basis
-        restarts from this basis's prior. The task's pending predictions (not in the record) are dropped.
+        A record was written against the writer's KB. A slot that holds another member here (or none) is
+        another expert for that task: it enters now, as a late expert does. A code learned in another basis
+        restarts from this basis's prior. The tasks' pending predictions (not in records) are dropped.
         """
-        i = self.task_index.get(name)
-        if i is None:
-            i = self._task(name)
-            self._init_tasks(i)
-        for key in [k for k in self.pending_keys if k[0] == name]:
+        first = self.n_tasks
+        for name in records:
+            if name not in self.task_index:
+                self._task(name)
+        if self.n_tasks > first:
+            self._init_tasks(first)
+        for key in [k for k in self.pending_keys if k[0] in records]:
             del self.pending_keys[key]
             self.pending.pop(key, None)
+        ours = torch.tensor(self.kb.updated, device=self.device)
+        for name, record in records.items():
+            self._load_task(self.task_index[name], record, ours)
+
+    def _load_task(self, i: int, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None,
+                   ours: torch.Tensor) -> None:
         rows, dev = slice(i, i + 1), self.device
         if record is None:
             self.learners.load_task(i, None)
@@ -730,7 +742,7 @@ class Engine:
             self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
             self._enter(rows, torch.zeros(1, dtype=torch.long, device=dev),
                         torch.tensor([self.kb.basis_ready], device=dev))
-        changed = (arrays["kb.updated"].to(dev) != torch.tensor(self.kb.updated, device=dev)).nonzero().flatten()
+        changed = (arrays["kb.updated"].to(dev) != ours).nonzero().flatten()
         if len(changed):
             self._enter(rows, changed + 1, self.kb.valid[changed])
         self.t["in_top"][i, 1] &= self.t["in_kb"][i].any()  # with no KB expert here, the KB level sleeps

@@ -70,8 +70,8 @@ class EngineCollector:
     def collect(self) -> Iterable[Metric]:
         d = self.daemon
         with d.lock:
-            yield from _engine_families(d.engine, d.archived_tasks(), d.cfg.metrics.max_task_labels,
-                                        d.dead_lettered)
+            yield from _engine_families(d.engine, d.archived_tasks(), d.foreign_tasks(),
+                                        d.cfg.metrics.max_task_labels, d.dead_lettered)
             yield from _daemon_families(d)
 
 
@@ -79,7 +79,10 @@ def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricF
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
-def _engine_families(engine: Any, archived: set[int], cap: int, dead_lettered: int) -> Iterable[Metric]:
+def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: int,
+                     dead_lettered: int) -> Iterable[Metric]:
+    """``archived``: ended tasks (no per-task series); ``foreign``: tasks of partitions another replica owns
+    now (scale-out): left out of the regret gauges and per-task series, which only a task's owner exports."""
     n = engine.n_tasks
     events = CounterMetricFamily("lifelong_events", "Events processed, by outcome", labels=["outcome"])
     c = engine.counters
@@ -100,6 +103,10 @@ def _engine_families(engine: Any, archived: set[int], cap: int, dead_lettered: i
     yield mistakes
 
     reg = engine.regrets() if n else {k: np.zeros(0) for k in ("top", "top_bound", "kb", "kb_bound")}
+    if foreign:
+        mine = np.ones(n, bool)
+        mine[list(foreign)] = False
+        reg = {k: np.where(mine, v, 0.0) for k, v in reg.items()}
     regret = _gauge("lifelong_regret", "Regret summed over tasks: combined vs better level (top), KB level vs "
                     "its best expert (kb)", ["level"])
     bound = _gauge("lifelong_regret_bound", "The theoretical bound of lifelong_regret (summed over tasks)", ["level"])
@@ -112,9 +119,9 @@ def _engine_families(engine: Any, archived: set[int], cap: int, dead_lettered: i
     yield from (regret, bound, over)
 
     counts = np.array(engine.n_labelled, np.int64)
-    live = np.array([i for i in range(n) if i not in archived], np.int64)
+    live = np.array([i for i in range(n) if i not in archived and i not in foreign], np.int64)
     top = live[np.argsort(-counts[live], kind="stable")[:cap]] if len(live) else live
-    others = np.setdiff1d(np.arange(n), top)
+    others = np.setdiff1d(np.array([i for i in range(n) if i not in foreign], np.int64), top)
     weights = _local_weights(engine) if n else np.zeros(0)
     t_regret = _gauge("lifelong_task_regret", "Regret of one task (capped set of tasks)", ["task", "level"])
     t_bound = _gauge("lifelong_task_regret_bound", "Bound of lifelong_task_regret", ["task", "level"])

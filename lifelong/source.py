@@ -215,20 +215,19 @@ class _Listener(ConsumerRebalanceListener):
         self.source = source
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        src = self.source
-        src.generation += 1
-        src.drain()
-        src.on_revoke(list(revoked))
-        src.assigned = [tp for tp in src.assigned if tp not in revoked]
-        log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
+        self._leave(revoked, self.source.on_revoke, "revoked")
 
     def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        self._leave(lost, self.source.on_lost, "lost (evicted from the group)")
+
+    def _leave(self, parts: list[TopicPartition], handler: Callable[[list[TopicPartition]], None], how: str) -> None:
         src = self.source
         src.generation += 1
         src.drain()
-        src.on_lost(list(lost))
-        src.assigned = [tp for tp in src.assigned if tp not in lost]
-        log.warning("partitions lost (evicted from the group): %s", sorted(f"{tp.topic}-{tp.partition}" for tp in lost))
+        handler(list(parts))
+        src.assigned = [tp for tp in src.assigned if tp not in parts]
+        src.gained = [tp for tp in src.gained if tp not in parts]
+        log.info("partitions %s: %s", how, sorted(f"{tp.topic}-{tp.partition}" for tp in parts))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         src = self.source

@@ -19,6 +19,8 @@ def test_defaults_and_repo_config_are_valid():
         ("metrics:\n  port: http\n", "metrics.port: expected an integer"),
         ("engine:\n  target_range: [2, 1]\n", "engine.target_range"),
         ("kafak:\n  group_id: x\n", "kafak: unknown key"),
+        ("kafka:\n  changelog_topic: ''\n", "set both"),
+        ("engine:\n  backend: river\n", "river state cannot be shared"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, message):

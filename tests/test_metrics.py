@@ -12,11 +12,12 @@ from lifelong.metrics import EngineCollector, Metrics
 from conftest import make_stream
 
 
-def scrape(engine, archived=frozenset(), cap=3):
+def scrape(engine, archived=frozenset(), cap=3, foreign=frozenset()):
     cfg = load_config(env={})
     cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, max_task_labels=cap))
     daemon = SimpleNamespace(lock=threading.RLock(), engine=engine, cfg=cfg, dead_lettered=4, source=None,
-                             positions={}, archived_tasks=lambda: set(archived), checkpoint_age=lambda: 1.5,
+                             positions={}, archived_tasks=lambda: set(archived),
+                             foreign_tasks=lambda: set(foreign), checkpoint_age=lambda: 1.5,
                              ready=lambda: (True, {}))
     registry = CollectorRegistry()
     Metrics(registry)
@@ -54,3 +55,17 @@ def test_per_task_series_are_capped_and_archived_tasks_drop_out(engine_factory):
     assert total == engine.counters["learned"]  # nothing lost in the capping
     w_local = reg.get_sample_value("lifelong_expert_weight", {"task": "_other", "expert": "local"})
     assert 0 <= w_local <= 1
+
+
+def test_tasks_owned_by_another_replica_are_left_to_it(engine_factory):
+    engine = engine_factory()
+    engine.process(make_stream(n_tasks=6, per_task=20))
+    moved = {engine.task_index[t] for t in ("t1", "t2")}
+    alone, shared = scrape(engine, cap=10), scrape(engine, cap=10, foreign=moved)
+    tasks = {s.labels["task"] for m in shared.collect() if m.name == "lifelong_task_regret" for s in m.samples}
+    assert tasks == {"t0", "t3", "t4", "t5"}
+    reg = engine.regrets()
+    mine = [i for i in range(engine.n_tasks) if i not in moved]
+    assert abs(shared.get_sample_value("lifelong_regret", {"level": "top"}) - reg["top"][mine].sum()) < 1e-9
+    assert shared.get_sample_value("lifelong_regret", {"level": "top"}) != \
+        alone.get_sample_value("lifelong_regret", {"level": "top"})

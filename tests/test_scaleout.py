@@ -182,9 +182,10 @@ def test_three_replicas_kill_9_and_a_new_one_exactly_once_and_one_kb(broker, tmp
     first = finals[0]
     assert first.kb.size > 0
     for other in finals[1:]:
-        assert other.kb.ids == first.kb.ids
+        assert other.kb.ids == first.kb.ids and other.kb.updated == first.kb.updated
         for k in first.kb.store:
             torch.testing.assert_close(other.kb.store[k], first.kb.store[k], rtol=0, atol=0)
+        torch.testing.assert_close(other.kb.B, first.kb.B, rtol=0, atol=0)  # the same basis expert
 
 
 def test_malicious_knowledge_records_are_refused_and_counted(broker, tmp_path):
@@ -212,3 +213,34 @@ def test_malicious_knowledge_records_are_refused_and_counted(broker, tmp_path):
         wait_until(lambda: d.engine.kb.size > 0, 30, what="members of its own tasks")  # the log still works
         assert "x" not in d.engine.kb.source
     assert not marker.exists()
+
+
+def test_changelog_records_of_a_checkpoint_that_never_committed_are_skipped(broker, tmp_path):
+    values = settings(broker.bootstrap, tmp_path, shared=True, **{"kafka.partitions": 2})
+    cfg = config(values)
+    events = make_stream(n_tasks=6, per_task=40, dim=3, ends=False, seed=3)
+    payloads, keys = events_json([to_dict(e) for e in events]), [e.task.encode() for e in events]
+    half = len(events) // 2
+
+    def fail(*_, **__):
+        raise RuntimeError("commit lost (the replica died between its checkpoint and the commit)")
+
+    with ThreadDaemon(cfg) as d:
+        wait_until(lambda: d.assigned, 60, what="assigned")
+        produce(broker.bootstrap, cfg.kafka.events_topic, payloads[:half], keys[:half])
+        wait_until(lambda: sum(d.source.committed.values()) == half, 60, what="first half committed")
+        d.source.commit, d.source.commit_async = fail, fail  # from now on, checkpoints never commit
+        written = metric(cfg.metrics.port, "lifelong_changelog_bytes_total")
+        produce(broker.bootstrap, cfg.kafka.events_topic, payloads[half:], keys[half:])
+        wait_until(lambda: d.engine.counters["learned"] == len(events), 60, what="second half learned")
+        wait_until(lambda: metric(cfg.metrics.port, "lifelong_changelog_bytes_total") > written, 30,
+                   what="changelog of an uncommitted checkpoint")
+    # A new replica (empty disk) restores the committed first half and replays the second: learning the
+    # uncommitted records' state as well would count the second half twice.
+    other = config({**values, "checkpoint.dir": str(tmp_path / "other"), "metrics.port": free_port()})
+    with ThreadDaemon(other) as d2:
+        wait_until(lambda: sum(d2.positions.values()) == len(events), 60, what="replayed to the end")
+        restored = metric(other.metrics.port, "lifelong_tasks_restored_total")
+        counts = {t: d2.engine.n_labelled[i] for t, i in d2.engine.task_index.items()}
+    assert restored == 6
+    assert counts == dict(Counter(e.task for e in events))
