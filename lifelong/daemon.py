@@ -111,7 +111,7 @@ class Daemon:
                              frozenset(cfg.engine.tasks), cfg.kafka.max_message_bytes)
         self.shared = bool(cfg.kafka.knowledge_topic)
         self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
-        self.knowledge_offset = 0
+        self.knowledge_offset = 0  # the knowledge log has been applied up to here
         self.engine, self.positions = self._restore()
         self.engine.share = self.shared
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
@@ -379,10 +379,12 @@ class Daemon:
                 except Refused as exc:
                     self.metrics.knowledge_refused.labels(exc.reason).inc()
                     log.warning("knowledge record at offset %d refused: %s", r.offset, exc)
-            if members:
-                with self.lock:
+            with self.lock:  # the KB and the offset it has read to change together (checkpoints read both)
+                if members:
                     self.engine.apply(members)
                     self.dirty = True
+                if records:
+                    self.knowledge_offset = records[-1].offset + 1
             if self.knowledge.offset >= end or time.monotonic() > deadline:
                 break
         if until_end:
@@ -418,7 +420,7 @@ class Daemon:
                                      f"{self.checkpointed[tp]} to {off}")
             extra = {"offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
                      "task_partition": self.task_partition,
-                     "knowledge_offset": self.knowledge.offset if self.knowledge else 0}
+                     "knowledge_offset": self.knowledge_offset}
             try:
                 path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep,
                                               extra=extra)

@@ -95,8 +95,6 @@ class KafkaSource:
         """Commit ``offsets`` (the next offset to read per partition) from the poll thread; raises on failure."""
         done: Future[None] = Future()
         self.commands.put((offsets, done))
-        if threading.current_thread() is self._thread:
-            self._serve_commands()
         done.result(timeout)
 
     def commit_async(self, offsets: dict[TopicPartition, int]) -> None:
