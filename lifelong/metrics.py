@@ -52,6 +52,8 @@ class Metrics:
         # Scale-out (knowledge and changelog topics)
         self.knowledge_refused = Counter("lifelong_knowledge_refused", "Knowledge-topic records refused (never "
                                          "loaded), by reason", ["reason"], registry=registry)
+        for reason in ("not_lifelong", "malformed", "shape", "not_finite", "too_large"):
+            self.knowledge_refused.labels(reason)
         self.changelog_bytes = Counter("lifelong_changelog_bytes", "Bytes of task state written to the changelog",
                                        registry=registry)
         self.tasks_restored = Counter("lifelong_tasks_restored", "Tasks restored from the changelog after gaining "

@@ -168,7 +168,8 @@ def test_dashboard_has_the_variables_and_panels_on_call_needs():
 def test_real_prometheus_evaluates_every_expression_against_a_running_daemon(tmp_path):
     prometheus = tool("prometheus")
     with EmbeddedBroker(log=tmp_path / "tansu.log") as broker:
-        cfg = config(settings(broker.bootstrap, tmp_path, **{"engine.dim": 20, "checkpoint.interval_s": 1.0}))
+        cfg = config(settings(broker.bootstrap, tmp_path, shared=True,
+                              **{"engine.dim": 20, "checkpoint.interval_s": 1.0}))
         events = [json.dumps(e).encode() for e in stream("related", n_tasks=40, events=100, seed=3)]
         stop = threading.Event()
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
 
 from lifelong import checkpoint
 from lifelong.broker import EmbeddedBroker
@@ -243,3 +244,15 @@ def test_changelog_records_of_a_checkpoint_that_never_committed_are_skipped(brok
         counts = {t: d2.engine.n_labelled[i] for t, i in d2.engine.task_index.items()}
     assert restored == 6
     assert counts == dict(Counter(e.task for e in events))
+
+
+def test_a_changelog_with_fewer_partitions_than_the_events_topic_is_a_clear_error(broker, tmp_path, caplog):
+    cfg = config(settings(broker.bootstrap, tmp_path, shared=True, **{"kafka.partitions": 3}))
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(cfg.kafka.events_topic, 3, 1), NewTopic(cfg.kafka.changelog_topic, 1, 1)])
+    admin.close()
+    runner = ThreadDaemon(cfg)
+    with runner:
+        runner.thread.join(30)
+    assert runner.code == 1
+    assert "has 1 partitions, fewer than the 3" in caplog.text
