@@ -11,8 +11,9 @@ one consumer group. Published KB members go to the knowledge topic and join the 
 from it, in log order, on every replica. Each checkpoint also writes the state of every task changed since
 the last one to the changelog (before the local checkpoint; each record tagged with its partition's
 position), then commits. A replica that gains a partition keeps its own state of it only when that state
-is at the committed offset; otherwise it restores the partition's tasks from the changelog records written
-at or below the committed offset, before it fetches an event of it or reports ready.
+is at the committed offset; otherwise it restores the partition's tasks from the changelog (per task, the
+newest record at or below the committed offset, see ``shared.read_changelog``), before it fetches an event
+of it or reports ready.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def ensure_topics(cfg: Config) -> None:
             k.events_topic: (k.partitions, {}), k.predictions_topic: (1, {}), k.dead_letter_topic: (1, {})}
         if k.knowledge_topic:
             wanted[k.knowledge_topic] = (1, compact)  # one partition: one order of members for every replica
-            wanted[k.changelog_topic] = (k.partitions, compact)  # partition p holds the tasks of events partition p
+            # partition p holds the tasks of events partition p; only each task's newest record is needed
+            wanted[k.changelog_topic] = (k.partitions, {"cleanup.policy": "compact"})
         missing = [t for t in wanted if t not in existing]
         if missing and not k.create_topics:
             raise LifelongError(f"topics {missing} do not exist and kafka.create_topics is false")
@@ -112,6 +114,7 @@ class Daemon:
         self.shared = bool(cfg.kafka.knowledge_topic)
         self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
         self.knowledge_offset = 0  # the knowledge log has been applied up to here
+        self.floor: dict[str, int] = {}  # task -> its events below this offset are in its restored state
         self.engine, self.positions = self._restore()
         self.engine.share = self.shared
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
@@ -143,6 +146,7 @@ class Daemon:
         offsets = {TopicPartition(t, p): o for t, p, o in extra.get("offsets", []) if t == self.cfg.kafka.events_topic}
         self.task_partition = dict(extra.get("task_partition", {}))
         self.knowledge_offset = int(extra.get("knowledge_offset", 0))
+        self.floor = dict(extra.get("floor", {}))
         log.info("restored %s: %d tasks, KB %d members, offsets %s", path, engine.n_tasks, engine.kb.size,
                  {tp.partition: o for tp, o in offsets.items()})
         return engine, offsets
@@ -218,18 +222,20 @@ class Daemon:
         limit = max(30.0, self.cfg.kafka.max_poll_interval_ms / 2000)
         records, seen = read_changelog(self.cfg, p, offset, timeout_s=limit)
         decoded: dict[str, Any] = {}
-        for task, value in records.items():
+        for task, (value, _) in records.items():
             try:
                 decoded[task] = self.engine.decode_task(value, self.cfg.kafka.max_message_bytes)
             except Refused as exc:
                 log.error("changelog record of task %r refused: %s", task, exc)
         restored = list(decoded)
-        # tasks held for this partition without a committed record: learned after the committed offset,
-        # so untrained again and replayed from it
+        # tasks held for this partition without a record: learned after the committed offset, so untrained
+        # again and replayed from it
         decoded.update({task: None for task in mine if task not in decoded})
         self.engine.load_tasks(decoded)
         self.task_partition.update({task: p for task in restored})
-        refused = len(records) - len(restored)
+        newer = [t for t in restored if offset is None or records[t][1] > offset]
+        self.floor = {t: f for t, f in self.floor.items() if self.task_partition.get(t) != p}
+        self.floor.update({t: records[t][1] for t in newer})  # replay skips what these records already hold
         self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
         if offset is None:
             self.positions.pop(tp, None)
@@ -239,10 +245,12 @@ class Daemon:
         seconds = time.monotonic() - t0
         self.metrics.restore_seconds.observe(seconds)
         self.metrics.tasks_restored.inc(len(restored))
-        labels = sum(self.engine.n_labelled[self.engine.task_index[t]] for t in restored)
+        at_commit = [t for t in restored if t not in set(newer)]
+        labels = sum(self.engine.n_labelled[self.engine.task_index[t]] for t in at_commit)
         log.info("partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
-                 "committed offset %s in %.2fs; %d records read, %d refused", tp.topic, p, len(restored), labels,
-                 self.engine.digest(restored), offset, seconds, seen, refused)
+                 "committed offset %s, and %d from newer records (their events below those are skipped) in "
+                 "%.2fs; %d records read, %d refused", tp.topic, p, len(at_commit), labels,
+                 self.engine.digest(at_commit), offset, len(newer), seconds, seen, len(records) - len(restored))
 
     # --- main loop ---
 
@@ -325,6 +333,8 @@ class Daemon:
                     except InvalidEvent as exc:
                         self._dead_letter(r, exc)
                         continue
+                    if r.offset < self.floor.get(e.task, -1):
+                        continue  # already in the task's state restored from the changelog (see _take_over)
                     if e.ts is None:
                         e.ts = r.timestamp / 1000.0
                     events.append(e)
@@ -407,10 +417,12 @@ class Daemon:
             if self.shared:
                 for task in sorted(self.changed):
                     p = self.task_partition[task]
-                    if p in owned:
-                        value = self.engine.export_task(task, {"partition": p, "position": owned[p]})
-                        self.sink.changelog(task, p, value, owned[p])
+                    if p in owned:  # the record holds the task's events below this position
+                        position = max(owned[p], self.floor.get(task, 0))
+                        value = self.engine.export_task(task, {"partition": p, "position": position})
+                        self.sink.changelog(task, p, value, position)
                         self.metrics.changelog_bytes.inc(len(value))
+                self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
                 self.sink.flush(timeout=max(1.0, timeout * 0.3))
                 self.changed = set()
             offsets = dict(self.positions)
@@ -419,7 +431,7 @@ class Daemon:
                     raise StateError(f"offset of {tp.topic}-{tp.partition} went back from "
                                      f"{self.checkpointed[tp]} to {off}")
             extra = {"offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
-                     "task_partition": self.task_partition,
+                     "task_partition": self.task_partition, "floor": self.floor,
                      "knowledge_offset": self.knowledge_offset}
             try:
                 path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep,

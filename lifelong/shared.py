@@ -48,30 +48,39 @@ class KnowledgeLog:
 
 
 def read_changelog(cfg: Config, partition: int, committed: int | None,
-                   timeout_s: float) -> tuple[dict[str, bytes], int]:
-    """Each task's state at the committed offset ``committed`` of events partition ``partition``: per task, the
-    newest record (log order) written at a position at or below it. Records written past it come from a
-    checkpoint whose commit never happened: skipped. (A later owner replays those events and rewrites every
-    task it restored or touched, after them in the log, so the newest qualifying record is the committed one.)
-    Returns {task: record} and how many records were read."""
+                   timeout_s: float) -> tuple[dict[str, tuple[bytes, int]], int]:
+    """The state of each task of events ``partition`` to restore, with the position its record covers.
+
+    A record written at position P holds a task's state after exactly its events below P. Per task this
+    takes the newest record at or below the committed offset: records of a checkpoint whose commit never
+    happened are skipped, and the events after the committed offset are learned again. When there is no
+    such record (the task was new since, or compaction removed the committed version in favour of a newer
+    one), it takes the newest record: the caller then skips that task's events below its position.
+    Returns {task: (record, position)} and how many records were read.
+    """
     tp = TopicPartition(cfg.kafka.changelog_topic, partition)
     consumer = _consumer(cfg)
     try:
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
         end = int(consumer.end_offsets([tp])[tp])
-        latest: dict[str, bytes] = {}
+        at_commit: dict[str, tuple[bytes, int]] = {}
+        newest: dict[str, tuple[bytes, int]] = {}
         seen = 0
         deadline = time.monotonic() + timeout_s
-        while committed is not None and consumer.position(tp) < end:
+        while consumer.position(tp) < end:
             if time.monotonic() > deadline:
                 raise LifelongError(f"reading changelog partition {partition} took longer than {timeout_s:.0f}s "
                                     f"({seen} of {end} records)")
             for r in consumer.poll(timeout_ms=200).get(tp, []):
                 seen += 1
                 position = dict(r.headers or []).get("position", b"")
-                if r.key is not None and position.isdigit() and int(position) <= committed:
-                    latest[r.key.decode(errors="replace")] = r.value
-        return latest, seen
+                if r.key is None or not position.isdigit():
+                    continue
+                task, entry = r.key.decode(errors="replace"), (r.value, int(position))
+                newest[task] = entry
+                if committed is not None and entry[1] <= committed:
+                    at_commit[task] = entry
+        return {**newest, **at_commit}, seen
     finally:
         consumer.close(autocommit=False)

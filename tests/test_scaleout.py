@@ -146,7 +146,7 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
     learned: dict[str, int] = {}
     for p, offset in committed.items():
         records, _ = read_changelog(cfg, p, offset, timeout_s=30)
-        for task, value in records.items():
+        for task, (value, _) in records.items():
             meta, _ = engine.decode_task(value, cfg.kafka.max_message_bytes)
             learned[task] = meta["n_labelled"]
     assert learned == dict(labelled)
@@ -215,35 +215,55 @@ def test_malicious_knowledge_records_are_refused_and_counted(broker, tmp_path):
     assert not marker.exists()
 
 
-def test_changelog_records_of_a_checkpoint_that_never_committed_are_skipped(broker, tmp_path):
+def run_then_take_over(broker, tmp_path, commit_first_half: bool):
+    """A replica learns a stream whose checkpoints stop committing (after the first half, or from the start);
+    a new replica (empty disk) then takes its partitions over. Returns the stream and the new replica's
+    per-task labelled counts, tasks restored and events learned."""
     values = settings(broker.bootstrap, tmp_path, shared=True, **{"kafka.partitions": 2})
     cfg = config(values)
     events = make_stream(n_tasks=6, per_task=40, dim=3, ends=False, seed=3)
     payloads, keys = events_json([to_dict(e) for e in events]), [e.task.encode() for e in events]
-    half = len(events) // 2
+    half = len(events) // 2 if commit_first_half else 0
 
     def fail(*_, **__):
         raise RuntimeError("commit lost (the replica died between its checkpoint and the commit)")
 
     with ThreadDaemon(cfg) as d:
         wait_until(lambda: d.assigned, 60, what="assigned")
-        produce(broker.bootstrap, cfg.kafka.events_topic, payloads[:half], keys[:half])
-        wait_until(lambda: sum(d.source.committed.values()) == half, 60, what="first half committed")
+        if half:
+            produce(broker.bootstrap, cfg.kafka.events_topic, payloads[:half], keys[:half])
+            wait_until(lambda: sum(d.source.committed.values()) == half, 60, what="first half committed")
         d.source.commit, d.source.commit_async = fail, fail  # from now on, checkpoints never commit
         written = metric(cfg.metrics.port, "lifelong_changelog_bytes_total")
         produce(broker.bootstrap, cfg.kafka.events_topic, payloads[half:], keys[half:])
-        wait_until(lambda: d.engine.counters["learned"] == len(events), 60, what="second half learned")
+        wait_until(lambda: d.engine.counters["learned"] == len(events), 60, what="the rest learned")
         wait_until(lambda: metric(cfg.metrics.port, "lifelong_changelog_bytes_total") > written, 30,
                    what="changelog of an uncommitted checkpoint")
-    # A new replica (empty disk) restores the committed first half and replays the second: learning the
-    # uncommitted records' state as well would count the second half twice.
     other = config({**values, "checkpoint.dir": str(tmp_path / "other"), "metrics.port": free_port()})
     with ThreadDaemon(other) as d2:
         wait_until(lambda: sum(d2.positions.values()) == len(events), 60, what="replayed to the end")
         restored = metric(other.metrics.port, "lifelong_tasks_restored_total")
         counts = {t: d2.engine.n_labelled[i] for t, i in d2.engine.task_index.items()}
+        learned = d2.engine.counters["learned"]
+    return events[half:], counts, restored, learned, Counter(e.task for e in events)
+
+
+def test_changelog_records_of_a_checkpoint_that_never_committed_are_skipped(broker, tmp_path):
+    # The committed versions are restored and the events after the commit learned again; using the newer,
+    # uncommitted records as well would count those events twice.
+    rest, counts, restored, learned, labelled = run_then_take_over(broker, tmp_path, commit_first_half=True)
     assert restored == 6
-    assert counts == dict(Counter(e.task for e in events))
+    assert counts == dict(labelled)
+    assert learned == len(rest)
+
+
+def test_a_task_whose_only_record_is_newer_than_the_commit_skips_what_it_holds(broker, tmp_path):
+    # Nothing was ever committed (as after compaction removed the committed versions): each task's newest
+    # record is restored, and replay skips the events it already holds.
+    _, counts, restored, learned, labelled = run_then_take_over(broker, tmp_path, commit_first_half=False)
+    assert restored == 6
+    assert counts == dict(labelled)
+    assert learned == 0
 
 
 def test_a_changelog_with_fewer_partitions_than_the_events_topic_is_a_clear_error(broker, tmp_path, caplog):
