@@ -61,11 +61,16 @@ def start(bootstrap: str, tag: str, work: Path, name: str, partitions: int) -> t
 
 
 def ready(port: int) -> bool:
+    return assigned(port) > 0
+
+
+def assigned(port: int) -> int:
+    """Partitions the replica holds and has taken over (0 while not ready)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+            return int(json.loads(r.read()).get("assigned", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def wait(predicate, timeout: float, what: str) -> None:
@@ -87,9 +92,10 @@ def throughput(bootstrap: str, events: list[dict], replicas: int, work: Path) ->
     tag = f"r{replicas}"
     procs = [start(bootstrap, tag, work, f"{i}", 4) for i in range(replicas)]
     try:
-        wait(lambda: all(ready(port) for _, port, _ in procs), 120, "replicas ready")
-        # let the group settle: every replica holds partitions before the backlog arrives
-        time.sleep(4)
+        # the group has settled: every replica holds partitions, all 4 are taken
+        wait(lambda: [assigned(port) > 0 for _, port, _ in procs] == [True] * replicas
+             and sum(assigned(port) for _, port, _ in procs) == 4, 120, "replicas ready")
+        time.sleep(2)
         cpu0 = sum(cpu_seconds(p.pid) for p, _, _ in procs)
         produce(bootstrap, f"ev-{tag}", events)
         rate = rate_of(read_all(bootstrap, f"pred-{tag}", len(events)))
@@ -116,8 +122,9 @@ def take_over(bootstrap: str, events: list[dict], work: Path) -> dict:
     finally:
         proc.terminate()
         proc.wait(60)
-    found = [re.search(r"restored (\d+) tasks .* in ([\d.]+)s", line) for line in log.read_text().splitlines()]
-    restores = [(int(m.group(1)), float(m.group(2))) for m in found if m]
+    found = [re.search(r"restored (\d+) tasks .*, and (\d+) from newer .* in ([\d.]+)s", line)
+             for line in log.read_text().splitlines()]
+    restores = [(int(m.group(1)) + int(m.group(2)), float(m.group(3))) for m in found if m]
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     parts = [TopicPartition(f"cl-{tag}", p) for p in range(2)]
     consumer.assign(parts)

@@ -70,6 +70,9 @@ class EngineConfig:
     seed: int = 0
     tasks: tuple[str, ...] = ()  # when set, events of other tasks are refused
     max_tasks: int = 1_000_000
+    # torch CPU threads of a `lifelong run` process (0: torch's default, one per core). The engine's batched
+    # operations are small: more threads mostly spin, and replicas sharing a machine oversubscribe it.
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ def _validate(cfg: Config) -> None:
     e = cfg.engine
     if e.dim < 0:
         raise ConfigError(f"engine.dim: expected 0 (infer) or a positive integer, got {e.dim}")
+    if e.threads < 0:
+        raise ConfigError(f"engine.threads: expected 0 (one per core) or a positive integer, got {e.threads}")
     if e.snapshot_every < 0:
         raise ConfigError(f"engine.snapshot_every: expected 0 or a positive integer, got {e.snapshot_every}")
     if e.task == "multiclass" and e.n_classes < 2:

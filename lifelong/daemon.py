@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -43,6 +44,7 @@ from .wire import Refused
 
 log = logging.getLogger(__name__)
 STALL_S = 60.0  # /healthz fails when the processing or the poll loop made no progress for this long
+KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
 
 
 class DaemonError(LifelongError):
@@ -106,6 +108,8 @@ class Daemon:
         if cfg.engine.dim <= 0:
             raise ConfigError("engine.dim: must be set (the number of features) for lifelong run")
         self.cfg = cfg
+        if cfg.engine.threads > 0:
+            torch.set_num_threads(cfg.engine.threads)
         self.lock = threading.RLock()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -119,6 +123,7 @@ class Daemon:
         self.engine.share = self.shared
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
         self.knowledge: KnowledgeLog | None = None
+        self.knowledge_read = 0.0
         self.checkpointed = dict(self.positions)
         self.last_checkpoint = time.monotonic()
         self.dirty = False
@@ -280,7 +285,7 @@ class Daemon:
                 batches = self._collect()
                 if batches:
                     self._process(batches)
-                if self.knowledge is not None:
+                if self.knowledge is not None and time.monotonic() - self.knowledge_read >= KNOWLEDGE_EVERY_S:
                     self._read_knowledge()
                 if self.dirty and self.checkpoint_age() >= self.cfg.checkpoint.interval_s:
                     self._checkpoint(timeout=30.0)
@@ -378,10 +383,11 @@ class Daemon:
         With ``until_end``, read up to the log's current end first (bounded in time): a replica starts with
         the group's KB."""
         assert self.knowledge is not None
-        end = self.knowledge.end() if until_end else -1
+        self.knowledge_read = time.monotonic()
+        end = self.knowledge.end() if until_end else None
         deadline = time.monotonic() + 60.0
         while True:
-            records = self.knowledge.poll(timeout_s=0.2 if until_end else 0.0)
+            records = self.knowledge.poll(timeout_s=0.1 if until_end else 0.0)
             members = []
             for r in records:
                 try:
@@ -395,7 +401,8 @@ class Daemon:
                     self.dirty = True
                 if records:
                     self.knowledge_offset = records[-1].offset + 1
-            if self.knowledge.offset >= end or time.monotonic() > deadline:
+            # past the end offset and nothing more (tansu may report the end one short)
+            if end is None or (not records and self.knowledge.offset >= end) or time.monotonic() > deadline:
                 break
         if until_end:
             log.info("knowledge base read to offset %d: %d members", self.knowledge.offset, self.engine.kb.size)

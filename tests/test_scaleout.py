@@ -276,3 +276,4 @@ def test_a_changelog_with_fewer_partitions_than_the_events_topic_is_a_clear_erro
         runner.thread.join(30)
     assert runner.code == 1
     assert "has 1 partitions, fewer than the 3" in caplog.text
+
