@@ -38,7 +38,7 @@ from .errors import ConfigError, InvalidEvent, LifelongError, StateError
 from .events import Event, Schema, decode
 from .metrics import EngineCollector, HealthServer, Metrics
 from .shared import KnowledgeLog, read_changelog
-from .sink import KafkaSink
+from .sink import FlushTimeout, KafkaSink
 from .source import KafkaSource, client_options
 from .wire import Refused
 
@@ -413,9 +413,17 @@ class Daemon:
         self.metrics.dead_letters.labels(exc.field).inc()
         self.dead_lettered += 1
 
-    def _checkpoint(self, timeout: float, wait_commit: bool = True) -> Path:
+    def _checkpoint(self, timeout: float, wait_commit: bool = True) -> Path | None:
         """Flush and verify deliveries (and write changed tasks to the changelog), then persist state with its
-        offsets, then commit the offsets."""
+        offsets, then commit the offsets. None: postponed, deliveries still pending (a broker outage)."""
+        assert self.sink is not None and self.source is not None
+        try:
+            return self._checkpoint_now(timeout, wait_commit)
+        except FlushTimeout as exc:
+            log.warning("checkpoint postponed: %s", exc)
+            return None
+
+    def _checkpoint_now(self, timeout: float, wait_commit: bool) -> Path:
         assert self.sink is not None and self.source is not None
         start = time.monotonic()
         with self.lock:
@@ -464,8 +472,8 @@ class Daemon:
         """Finish: the batch in hand is done; checkpoint and commit within the grace period."""
         if self.knowledge is not None:
             self._read_knowledge(until_end=True)
-        if self.dirty:
-            self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7)
+        if self.dirty and self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
+            raise DaemonError("deliveries still pending at the end of the grace period")
         log.info("stopped cleanly at offsets %s", {f"{tp.topic}-{tp.partition}": self.positions.get(tp)
                                                    for tp in self.assigned})
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
 from .config import Config
 from .errors import LifelongError
@@ -14,6 +15,10 @@ from .source import client_options
 
 class SinkError(LifelongError):
     """A record could not be delivered: the daemon must not checkpoint past it."""
+
+
+class FlushTimeout(SinkError):
+    """Deliveries still pending (the broker is slow or unreachable): nothing failed, try again later."""
 
 
 class KafkaSink:
@@ -48,12 +53,16 @@ class KafkaSink:
                                                headers=headers))
 
     def flush(self, timeout: float) -> int:
-        """Wait for every pending send; raise ``SinkError`` naming the first failure. Returns records sent."""
-        self.producer.flush(timeout=timeout)
+        """Wait for every pending send; raise ``SinkError`` naming the first failure (``FlushTimeout`` when
+        some are still pending: they stay pending). Returns the records delivered."""
+        try:
+            self.producer.flush(timeout=timeout)
+        except KafkaTimeoutError:
+            raise FlushTimeout(f"deliveries still pending after {timeout:.1f}s") from None
+        if any(not f.is_done for f in self.futures):
+            raise FlushTimeout(f"deliveries still pending after {timeout:.1f}s")
         futures, self.futures = self.futures, []
         for f in futures:
-            if not f.is_done:
-                raise SinkError(f"a record was not delivered within {timeout:.1f}s")
             if f.failed():
                 raise SinkError(f"a record was not delivered: {f.exception!r}")
         self.sent += len(futures)

@@ -20,6 +20,7 @@ from lifelong.broker import EmbeddedBroker
 from lifelong.engine import Engine
 from lifelong.errors import InvalidEvent
 from lifelong.events import Schema, decode, to_dict
+from lifelong.sink import FlushTimeout, KafkaSink
 
 from conftest import make_stream
 from kafka_helpers import (
@@ -308,3 +309,20 @@ def test_demo_runs_and_prints_a_summary(broker):
     learned = int(next(line for line in text.splitlines() if "events learned" in line).split()[-1].replace(",", ""))
     assert learned == 20 * 30
     assert np.isfinite(float(next(line for line in text.splitlines() if "per-task learners only" in line).split()[3]))
+
+
+def test_a_flush_during_an_outage_is_postponed_not_fatal(tmp_path):
+    with EmbeddedBroker(log=tmp_path / "tansu.log") as own:
+        cfg = config(settings(own.bootstrap, tmp_path))
+        sink = KafkaSink(cfg)
+        sink.prediction("t", {"task": "t", "id": "warm-up"})
+        assert sink.flush(timeout=20) == 1
+        sink.prediction("t", {"task": "t", "id": "during"})
+        os.kill(own.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(FlushTimeout):
+                sink.flush(timeout=1.0)  # pending, not failed: the daemon postpones its checkpoint
+        finally:
+            os.kill(own.proc.pid, signal.SIGCONT)
+        assert sink.flush(timeout=30) == 1  # the same record, acknowledged once the broker is back
+        sink.close(timeout=5)
