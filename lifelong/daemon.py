@@ -238,7 +238,7 @@ class Daemon:
         decoded.update({task: None for task in mine if task not in decoded})
         self.engine.load_tasks(decoded)
         self.task_partition.update({task: p for task in restored})
-        newer = [t for t in restored if offset is None or records[t][1] > offset]
+        newer = {t for t in restored if offset is None or records[t][1] > offset}
         self.floor = {t: f for t, f in self.floor.items() if self.task_partition.get(t) != p}
         self.floor.update({t: records[t][1] for t in newer})  # replay skips what these records already hold
         self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
@@ -250,7 +250,7 @@ class Daemon:
         seconds = time.monotonic() - t0
         self.metrics.restore_seconds.observe(seconds)
         self.metrics.tasks_restored.inc(len(restored))
-        at_commit = [t for t in restored if t not in set(newer)]
+        at_commit = [t for t in restored if t not in newer]
         labels = sum(self.engine.n_labelled[self.engine.task_index[t]] for t in at_commit)
         log.info("partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
                  "committed offset %s, and %d from newer records (their events below those are skipped) in "

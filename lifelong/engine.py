@@ -684,15 +684,12 @@ class Engine:
 
     def decode_task(self, data: bytes | None, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """A changelog record checked against this engine's shapes; ``wire.Refused`` says why it is unusable."""
-        if self._task_spec is None:
-            spec = {f"learner.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:]))
-                    for k, v in self.learners.state().items()}
-            spec["code.mu"] = (self.cfg.dtype, tuple(self.kb.mu.shape[1:]))
-            spec["code.S"] = (self.cfg.dtype, tuple(self.kb.S.shape[1:]))
-            spec.update({f"t.{k}": (str(v.dtype).removeprefix("torch."), tuple(v.shape[1:]))
-                         for k, v in self.t.items()})
-            spec["kb.updated"] = ("int64", (self.kb.capacity,))
-            self._task_spec = spec
+        wire.check_shareable(self.learners)
+        if self._task_spec is None:  # one row of every per-task table, as ``export_task`` writes them
+            tables = {f"learner.{k}": v for k, v in self.learners.state().items()}
+            tables.update({"code.mu": self.kb.mu, "code.S": self.kb.S}, **{f"t.{k}": v for k, v in self.t.items()})
+            self._task_spec = wire.spec_of({k: v.new_empty(v.shape[1:]) for k, v in tables.items()})
+            self._task_spec["kb.updated"] = ("int64", (self.kb.capacity,))
         meta, arrays = wire.unpack(data, "task", self._task_spec, max_bytes)
         name, n = meta.get("task"), meta.get("n_labelled")
         if not isinstance(name, str) or not 0 < len(name) <= 256 or type(n) is not int or n < 0 \

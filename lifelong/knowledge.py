@@ -231,6 +231,7 @@ class KnowledgeBase:
 
     def decode(self, data: bytes | None, max_bytes: int) -> Staged:
         """A member record from the knowledge topic, checked against this KB's member shapes (``wire.Refused``)."""
+        wire.check_shareable(self.learners)
         spec = wire.spec_of(self.learners.store_state(self.learners.new_store(1)))
         meta, arrays = wire.unpack(data, "member", spec, max_bytes)
         source, learned = meta.get("source"), meta.get("learned")

@@ -56,12 +56,11 @@ class KafkaSource:
     """Consumes ``kafka.events_topic`` in a consumer group; see the module docstring."""
 
     def __init__(self, cfg: Config, on_assign: Callable[[list[TopicPartition]], dict[TopicPartition, int]],
-                 on_revoke: Callable[[list[TopicPartition]], None],
-                 on_lost: Callable[[list[TopicPartition]], None] | None = None):
+                 on_revoke: Callable[[list[TopicPartition]], None], on_lost: Callable[[list[TopicPartition]], None]):
         self.cfg = cfg
         self.on_assign = on_assign
         self.on_revoke = on_revoke
-        self.on_lost = on_lost or on_revoke
+        self.on_lost = on_lost
         self.batches: queue.Queue[Batch] = queue.Queue(maxsize=cfg.batching.queue_batches)
         self.commands: queue.Queue[tuple[dict[TopicPartition, int], Future[None]]] = queue.Queue()
         self.generation = 0

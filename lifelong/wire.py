@@ -32,6 +32,12 @@ class Refused(LifelongError):
         self.reason = reason
 
 
+def check_shareable(learners: Any) -> None:
+    """Only backends whose state is plain arrays read records from other replicas (River's is pickle)."""
+    if not learners.shareable:
+        raise Refused("backend", f"the {learners.cfg.backend} backend does not read records from other replicas")
+
+
 def spec_of(arrays: dict[str, torch.Tensor]) -> Spec:
     """The spec a reader expects for arrays shaped like these."""
     return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in arrays.items()}

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from lifelong.broker import EmbeddedBroker
 from lifelong.config import EngineConfig, LabelsConfig
 from lifelong.engine import Engine
 from lifelong.events import Event
@@ -59,3 +60,10 @@ def engine_factory():
         return Engine(dataclasses.replace(base, **changes), labels)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A real Kafka-compatible broker (tansu) on a free loopback port, one per test module."""
+    with EmbeddedBroker(log=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
+        yield b

@@ -40,12 +40,6 @@ from kafka_helpers import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    with EmbeddedBroker(log=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
-        yield b
-
-
 def stream_payloads(n_tasks=6, per_task=40, delayed=0.0, seed=0) -> list[bytes]:
     events = make_stream(n_tasks=n_tasks, per_task=per_task, dim=3, delayed=delayed, seed=seed)
     return events_json([to_dict(e) for e in events])

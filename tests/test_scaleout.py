@@ -19,7 +19,6 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
 from lifelong import checkpoint
-from lifelong.broker import EmbeddedBroker
 from lifelong.engine import Engine
 from lifelong.events import to_dict
 from lifelong.shared import read_changelog
@@ -43,12 +42,6 @@ from kafka_helpers import (
 
 pytestmark = pytest.mark.slow
 PARTITIONS = 6
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    with EmbeddedBroker(log=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
-        yield b
 
 
 class Replica:

@@ -131,3 +131,14 @@ def test_bad_member_records_are_refused_never_loaded(engine_factory, make, reaso
 def member(meta, kind="member", w=None):
     w = torch.zeros(1, 5, 1, dtype=DT) if w is None else w
     return wire.pack(kind, meta, {"w": w, "b": torch.zeros(1, 1, dtype=DT)})
+
+
+def test_a_river_engine_never_reads_records_from_other_replicas(engine_factory):
+    eng, good = _member(engine_factory)
+    river = engine_factory(backend="river")  # its state is pickle: nothing from the network may reach it
+    with pytest.raises(wire.Refused) as info:
+        river.kb.decode(good, MAX)
+    assert info.value.reason == "backend"
+    with pytest.raises(wire.Refused) as info:
+        river.decode_task(eng.export_task("t0", {}), MAX)
+    assert info.value.reason == "backend"

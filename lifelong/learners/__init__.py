@@ -21,6 +21,7 @@ class Learners(abc.ABC):
     """
 
     linear = False  # True when members are linear models (the basis expert needs their weights)
+    shareable = False  # True when members and task state are plain arrays that replicas may exchange
 
     def __init__(self, cfg: EngineConfig, dim: int, device: torch.device):
         self.cfg = cfg

@@ -38,6 +38,7 @@ class TorchLearners(Learners):
     def __init__(self, cfg: EngineConfig, dim: int, device: torch.device):
         super().__init__(cfg, dim, device)
         self.linear = cfg.model == "logistic"
+        self.shareable = True
         opt = cfg.optimizer
         if opt == "auto":
             opt = "ekf" if self.linear and dim <= EKF_MAX_DIM else "adagrad"
