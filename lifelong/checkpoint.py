@@ -65,6 +65,23 @@ def write(directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], 
     return path
 
 
+def check_writable(directory: str | Path) -> None:
+    """Fail at start, not at the first checkpoint: the directory exists (or is made) and takes a synced file."""
+    directory = Path(directory)
+    probe = directory / ".write-test"
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise StateError(f"checkpoint.dir {directory}: not writable ({exc.strerror or exc})") from None
+
+
 def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify and load one checkpoint file; ``StateError`` says what is wrong with it."""
     data = path.read_bytes()

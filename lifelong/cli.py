@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging(cfg)
-    return Daemon(cfg).run()
+    return Daemon(cfg, reset_state=args.reset_state).run()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     report = evaluate(args.input, cfg, infer=args.config is None, plot=args.plot, progress=not args.quiet)
-    Path(args.report_json).write_text(json.dumps(report, indent=1))
+    Path(args.report_json).write_text(json.dumps(report, indent=1, allow_nan=False))  # strict JSON, always
     m = report["methods"]
     print(f"{'method':<10} {'error':>8} {'log loss':>9}")
     for name in ("lifelong", "itl", "pooled", "kb_only"):
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the daemon: learn from a Kafka topic, write predictions back")
     r.add_argument("--config", default=None, help="config.yaml (environment LIFELONG_SECTION__KEY overrides it)")
+    r.add_argument("--reset-state", action="store_true",
+                   help="with no usable checkpoint, start empty from the group's committed offsets (what was "
+                        "learned before them is lost); without it such a start is refused")
     r.set_defaults(func=_run)
 
     d = sub.add_parser("demo", help="embedded broker + built-in stream + the daemon, with live progress")

@@ -45,10 +45,31 @@ from .wire import Refused
 log = logging.getLogger(__name__)
 STALL_S = 60.0  # /healthz fails when the processing or the poll loop made no progress for this long
 KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
+STATUS_EVERY_S = 1.0  # how often the main loop refreshes the engine values that /metrics serves
+RETRY_S = (1.0, 30.0)  # a failed checkpoint is retried after 1 s, doubling up to 30 s
 
 
 class DaemonError(LifelongError):
     """The daemon cannot go on (a failed delivery, a dead poll loop): it stops without checkpointing."""
+
+
+def _admin(cfg: Config) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(client_id="lifelong-admin", request_timeout_ms=15000, **client_options(cfg))
+    except KafkaError as exc:
+        raise LifelongError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc!r}") from None
+
+
+def committed_offsets(cfg: Config) -> dict[int, int]:
+    """The group's committed offsets on the events topic, by partition (empty for a new group)."""
+    admin = _admin(cfg)
+    try:
+        got = admin.list_group_offsets(cfg.kafka.group_id).get(cfg.kafka.group_id, {})
+    except KafkaError as exc:
+        raise LifelongError(f"cannot read the committed offsets of group {cfg.kafka.group_id!r}: {exc!r}") from None
+    finally:
+        admin.close()
+    return {tp.partition: o.offset for tp, o in got.items() if tp.topic == cfg.kafka.events_topic and o.offset >= 0}
 
 
 def ensure_topics(cfg: Config) -> None:
@@ -56,10 +77,7 @@ def ensure_topics(cfg: Config) -> None:
     scale-out) when missing (``kafka.create_topics``); check that the changelog has a partition for each
     events partition."""
     k = cfg.kafka
-    try:
-        admin = KafkaAdminClient(client_id="lifelong-admin", request_timeout_ms=15000, **client_options(cfg))
-    except KafkaError as exc:
-        raise LifelongError(f"cannot reach Kafka at {k.bootstrap_servers}: {exc!r}") from None
+    admin = _admin(cfg)
     try:
         existing = set(admin.list_topics())
         compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
@@ -102,12 +120,18 @@ def _partitions(admin: KafkaAdminClient, topic: str, wait_s: float = 15.0) -> in
 
 
 class Daemon:
-    """``lifelong run``. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT) and returns the exit code."""
+    """``lifelong run``. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT) and returns the exit code.
 
-    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None):
+    With no usable checkpoint, a standalone daemon whose group has committed offsets refuses to start (the
+    state those offsets stand for is lost) unless ``reset_state``: then it starts empty from them.
+    """
+
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None, reset_state: bool = False):
         if cfg.engine.dim <= 0:
             raise ConfigError("engine.dim: must be set (the number of features) for lifelong run")
+        checkpoint.check_writable(cfg.checkpoint.dir)
         self.cfg = cfg
+        self.reset_state = reset_state
         if cfg.engine.threads > 0:
             torch.set_num_threads(cfg.engine.threads)
         self.lock = threading.RLock()
@@ -119,6 +143,7 @@ class Daemon:
         self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
         self.knowledge_offset = 0  # the knowledge log has been applied up to here
         self.floor: dict[str, int] = {}  # task -> its events below this offset are in its restored state
+        self.restored = False
         self.engine, self.positions = self._restore()
         self.engine.share = self.shared
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
@@ -127,6 +152,10 @@ class Daemon:
         self.checkpointed = dict(self.positions)
         self.last_checkpoint = time.monotonic()
         self.dirty = False
+        self.storage_error: str | None = None  # the last checkpoint failed: processing waits for a retry
+        self.retry_at = 0.0
+        self.retry_s = RETRY_S[0]
+        self.status_at = 0.0
         self.dead_lettered = 0
         self.assigned: list[TopicPartition] = []
         self.ended: set[int] = set()
@@ -134,8 +163,13 @@ class Daemon:
         self.last_progress = time.monotonic()
         self.source: KafkaSource | None = None
         self.sink: KafkaSink | None = None
-        self.registry.register(EngineCollector(self))
-        self.http = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.live, self.ready)
+        self.collector = EngineCollector(self)
+        self.registry.register(self.collector)
+        try:
+            self.http = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.live, self.ready)
+        except OSError as exc:
+            raise ConfigError(f"metrics.host/metrics.port: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
+                              f"{exc.strerror or exc}") from None
 
     # --- state ---
 
@@ -143,10 +177,11 @@ class Daemon:
         found = checkpoint.latest(self.cfg.checkpoint.dir)
         engine = Engine(self.cfg.engine, self.cfg.labels)
         if found is None:
-            log.info("no checkpoint in %s: starting with an empty engine", self.cfg.checkpoint.dir)
+            log.info("no checkpoint in %s", self.cfg.checkpoint.dir)
             return engine, {}
         path, tensors, meta = found
         engine.load_state(tensors, meta)
+        self.restored = True
         extra = meta.get("extra", {})
         offsets = {TopicPartition(t, p): o for t, p, o in extra.get("offsets", []) if t == self.cfg.kafka.events_topic}
         self.task_partition = dict(extra.get("task_partition", {}))
@@ -179,9 +214,10 @@ class Daemon:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         reachable = bool(self.source and self.source.broker_reachable)
-        ok = bool(self.assigned) and reachable and not self.stopping.is_set()
+        storage = self.storage_error
+        ok = bool(self.assigned) and reachable and not self.stopping.is_set() and storage is None
         return ok, {"assigned": len(self.assigned), "restored": True, "broker_reachable": reachable,
-                    "stopping": self.stopping.is_set()}
+                    "stopping": self.stopping.is_set(), "checkpoint_error": storage}
 
     # --- rebalance callbacks (poll thread) ---
 
@@ -196,7 +232,7 @@ class Daemon:
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self.lock:
             if self.shared and self.dirty and self.sink is not None and self.source is not None \
-                    and self.source.broker_reachable and not self.stopping.is_set():
+                    and self.source.broker_reachable and not self.stopping.is_set() and self.storage_error is None:
                 try:  # hand the partitions over at a checkpoint: the next owner starts there once it is committed
                     self._checkpoint(timeout=min(10.0, self.cfg.kafka.session_timeout_ms / 2000), wait_commit=False)
                 except LifelongError as exc:
@@ -272,6 +308,7 @@ class Daemon:
         code = 0
         try:
             ensure_topics(self.cfg)
+            self._check_state()
             self.sink = KafkaSink(self.cfg)
             if self.shared:
                 self.knowledge = KnowledgeLog(self.cfg, self.knowledge_offset)
@@ -282,6 +319,14 @@ class Daemon:
                 self.last_progress = time.monotonic()
                 if self.source.error is not None:
                     raise DaemonError(f"the poll loop stopped: {self.source.error!r}")
+                if self.last_progress - self.status_at >= STATUS_EVERY_S:
+                    self._refresh_status()
+                if self.storage_error is not None:  # no new work (nor predictions) until state is saved again
+                    if self.last_progress >= self.retry_at:
+                        self._checkpoint(timeout=30.0)
+                    else:
+                        self.stopping.wait(0.1)
+                    continue
                 batches = self._collect()
                 if batches:
                     self._process(batches)
@@ -296,6 +341,27 @@ class Daemon:
         finally:
             self._close()
         return code
+
+    def _check_state(self) -> None:
+        """Never a silent fresh start: without a usable checkpoint, offsets the group committed stand for
+        state that is lost. Scale-out replicas restore their tasks from the changelog instead."""
+        if self.restored or self.shared:
+            return
+        committed = committed_offsets(self.cfg)
+        if committed and not self.reset_state:
+            k = self.cfg.kafka
+            raise StateError(f"no usable checkpoint in {self.cfg.checkpoint.dir}, but group {k.group_id!r} committed "
+                             f"offsets {committed} of {k.events_topic!r}: the state they stand for is lost. Restore "
+                             f"the checkpoint directory, or run once with --reset-state to start with an empty "
+                             f"engine from the committed offsets")
+        if committed:
+            log.warning("--reset-state: starting with an empty engine from the committed offsets %s", committed)
+
+    def _refresh_status(self) -> None:
+        """Engine values for /metrics, taken here (where the engine is consistent): a scrape never waits."""
+        with self.lock:
+            self.collector.refresh()
+        self.status_at = time.monotonic()
 
     def _collect(self) -> list[Any]:
         assert self.source is not None
@@ -410,18 +476,31 @@ class Daemon:
     def _dead_letter(self, r: Any, exc: InvalidEvent) -> None:
         assert self.sink is not None
         self.sink.dead_letter(r.value, r.key, str(exc), r.topic, r.partition, r.offset)
-        self.metrics.dead_letters.labels(exc.field).inc()
+        self.metrics.dead_letters.labels(exc.kind).inc()
         self.dead_lettered += 1
 
     def _checkpoint(self, timeout: float, wait_commit: bool = True) -> Path | None:
         """Flush and verify deliveries (and write changed tasks to the changelog), then persist state with its
-        offsets, then commit the offsets. None: postponed, deliveries still pending (a broker outage)."""
+        offsets, then commit the offsets. None: postponed, deliveries still pending (a broker outage), or the
+        checkpoint could not be written (``storage_error``: retried with backoff while processing waits)."""
         assert self.sink is not None and self.source is not None
         try:
-            return self._checkpoint_now(timeout, wait_commit)
+            path = self._checkpoint_now(timeout, wait_commit)
         except FlushTimeout as exc:
             log.warning("checkpoint postponed: %s", exc)
             return None
+        except OSError as exc:
+            self.metrics.checkpoints.labels("failed").inc()
+            log.error("cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
+                      self.cfg.checkpoint.dir, exc, self.retry_s)
+            self.storage_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            self.retry_at = time.monotonic() + self.retry_s
+            self.retry_s = min(RETRY_S[1], 2 * self.retry_s)
+            return None
+        if self.storage_error is not None:
+            log.info("checkpoint written again after a storage fault (%s): processing resumes", self.storage_error)
+            self.storage_error, self.retry_s = None, RETRY_S[0]
+        return path
 
     def _checkpoint_now(self, timeout: float, wait_commit: bool) -> Path:
         assert self.sink is not None and self.source is not None
@@ -448,12 +527,8 @@ class Daemon:
             extra = {"offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
                      "task_partition": self.task_partition, "floor": self.floor,
                      "knowledge_offset": self.knowledge_offset}
-            try:
-                path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep,
-                                              extra=extra)
-            except OSError as exc:
-                self.metrics.checkpoints.labels("failed").inc()
-                raise DaemonError(f"cannot write a checkpoint in {self.cfg.checkpoint.dir}: {exc}") from None
+            path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep,
+                                          extra=extra)
             self.checkpointed = offsets
             self.last_checkpoint = time.monotonic()
             self.dirty = False
@@ -473,7 +548,7 @@ class Daemon:
         if self.knowledge is not None:
             self._read_knowledge(until_end=True)
         if self.dirty and self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
-            raise DaemonError("deliveries still pending at the end of the grace period")
+            raise DaemonError(f"no checkpoint at shutdown: {self.storage_error or 'deliveries still pending'}")
         log.info("stopped cleanly at offsets %s", {f"{tp.topic}-{tp.partition}": self.positions.get(tp)
                                                    for tp in self.assigned})
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import wire
+from . import scaling, wire
 from .config import EngineConfig, LabelsConfig
 from .errors import StateError
 from .events import Event, Schema
@@ -42,8 +42,11 @@ STATS = ("loss", "loss_local", "loss_kb", "errors", "errors_local", "errors_kb",
 S = {name: i for i, name in enumerate(STATS)}
 
 # Outcome of each event in a batch. A label whose prediction expired (TTL or count) finds nothing to join:
-# LABEL_UNMATCHED; the expiry itself is counted in counters["label_expired"].
-PREDICTED, LEARNED, LABEL_JOINED, LABEL_UNMATCHED, CONTROL = range(1, 6)
+# LABEL_UNMATCHED; the expiry itself is counted in counters["label_expired"]. DUPLICATE: a labelled event
+# (or a label) whose (task, id) was already learned within the pending window, delivered again: skipped.
+PREDICTED, LEARNED, LABEL_JOINED, LABEL_UNMATCHED, CONTROL, DUPLICATE = range(1, 7)
+COUNTERS = ("predicted", "learned", "label_expired", "label_unmatched", "controls", "tasks_created", "snapshots",
+            "duplicates", "pending_replaced", "reset_learner", "reset_code", "snapshots_not_finite")
 
 
 @dataclass
@@ -168,6 +171,9 @@ class Engine:
         self.kb_version = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self.pending_keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         self.pending: dict[tuple[str, str], _Pending] = {}
+        # (task, id) of labelled events learned within the pending window (TTL and count): a second delivery
+        # of one is a duplicate, not learned again
+        self.learned_keys: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.staged: list[Staged] = []
         self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
         self.outbox: list[Staged] = []
@@ -175,8 +181,7 @@ class Engine:
         self.n_labelled: list[int] = []  # labelled events learned per task (host side: drives the plan)
         self.events_seen = 0
         self.now_ts = -math.inf
-        self.counters = {name: 0 for name in ("predicted", "learned", "label_expired", "label_unmatched",
-                                              "controls", "tasks_created", "snapshots")}
+        self.counters = dict.fromkeys(COUNTERS, 0)
         # On the CPU, EKF learners run event by event in compiled code; otherwise (CUDA, AdaGrad, MLP,
         # River) in torch waves. Both give the same results to float tolerance (tested).
         self.compiled = self.learners.can_sequence
@@ -193,6 +198,7 @@ class Engine:
             "in_kb": torch.zeros(n, k, dtype=torch.bool, device=dev),
             "n_kb": torch.zeros(n, dtype=torch.long, device=dev),
             "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
+            "peak": torch.zeros(n, self.cfg.dim, dtype=f64, device=dev),  # feature scaling (``scaling.py``)
         }
 
     def _task(self, name: str) -> int:
@@ -258,7 +264,7 @@ class Engine:
         wave, ref, n_before, trigger, outcome, tasks = [0] * n, [-1] * n, [0] * n, [False] * n, [0] * n, [0] * n
         depth: dict[int, int] = {}
         ttl, cap, every = self.labels.pending_ttl_s, self.labels.pending_max, self.cfg.snapshot_every
-        keys, counts, index = self.pending_keys, self.n_labelled, self.task_index
+        keys, counts, index, learned = self.pending_keys, self.n_labelled, self.task_index, self.learned_keys
         seg0 = result.seq0 + start
         now = self.now_ts
         first_new = self.n_tasks
@@ -283,23 +289,40 @@ class Engine:
                 key = (e.task, e.id or "")
                 entry = keys.pop(key, None)
                 if entry is None:
-                    outcome[j] = LABEL_UNMATCHED
-                    self.counters["label_unmatched"] += 1
+                    if key in learned and learned[key] >= now - ttl:
+                        outcome[j] = DUPLICATE
+                        self.counters["duplicates"] += 1
+                    else:
+                        outcome[j] = LABEL_UNMATCHED
+                        self.counters["label_unmatched"] += 1
                     continue
                 outcome[j] = LABEL_JOINED
                 labelled = True
+                learned[key] = now
+                if len(learned) > cap:
+                    learned.popitem(last=False)
                 result.label_delay[start + j] = now - entry[1]
                 if entry[0] >= seg0:
                     ref[j] = entry[0] - seg0
             elif e.y is None:
                 outcome[j] = PREDICTED
                 key = (e.task, e.id or "")
-                keys.pop(key, None)
+                if keys.pop(key, None) is not None:
+                    self.counters["pending_replaced"] += 1
                 self.pending.pop(key, None)
                 keys[key] = (seg0 + j, e.ts if e.ts is not None else now)
                 while len(keys) > cap:
                     self._drop_pending(next(iter(keys)))
             else:
+                if e.id is not None:
+                    key = (e.task, e.id)
+                    if key in learned and learned[key] >= now - ttl:
+                        outcome[j] = DUPLICATE
+                        self.counters["duplicates"] += 1
+                        continue
+                    learned[key] = now
+                    if len(learned) > cap:
+                        learned.popitem(last=False)
                 outcome[j] = LEARNED
                 labelled = True
             c = counts[ti]
@@ -311,6 +334,8 @@ class Engine:
             depth[ti] = k + 1
             wave[j] = k
         self.now_ts = now
+        while learned and next(iter(learned.values())) < now - ttl:  # expired: no longer duplicates anyway
+            learned.popitem(last=False)
         if self.n_tasks > first_new:
             self._init_tasks(first_new)
         result.outcome[start:stop] = outcome
@@ -333,12 +358,13 @@ class Engine:
         has_x = (outcome == PREDICTED) | (outcome == LEARNED)
         joined = outcome == LABEL_JOINED
         labelled = (outcome == LEARNED) | joined
-        x_np = np.zeros((n, self.cfg.dim), np.float32)
+        x_np = np.zeros((n, self.cfg.dim), np.float64)
         rows_x = np.flatnonzero(has_x)
         if len(rows_x):
             # concatenate + reshape: several times faster than np.stack on many small arrays
-            x_np[rows_x] = np.concatenate([typing.cast(np.ndarray, events[start + j].x)
-                                           for j in rows_x.tolist()]).reshape(len(rows_x), -1)
+            x_np[rows_x] = self._scaled(np.concatenate([typing.cast(np.ndarray, events[start + j].x)
+                                                        for j in rows_x.tolist()]).reshape(len(rows_x), -1),
+                                        tasks[rows_x])
         y_np = np.array([0 if e.y is None else e.y for e in events[start:stop]], np.float64)
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
@@ -357,11 +383,35 @@ class Engine:
             raw_local, raw_basis = self._compiled(plan, tasks, labelled, x1, y, z, seq0)
         else:
             raw_local, raw_basis = self._waves(plan, tasks, labelled, x1, y, z, idx, seq0)
-        p_local = self.learners.finish(raw_local)
-        p_basis = self.kb.finish_basis(raw_basis)
+        p_local, p_basis = self._guard(np.unique(tasks), self.learners.finish(raw_local),
+                                       self.kb.finish_basis(raw_basis))
         self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
         result.segment[start:stop] = len(result.kb_names)
         result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
+
+    def _scaled(self, x: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        """Rows of ``x`` (float64, arrival order) bounded per task (``scaling.py``); their tasks' peaks advance."""
+        uniq, rows = np.unique(tasks, return_inverse=True)
+        u = torch.as_tensor(uniq, device=self.device)
+        peak = self.t["peak"][u].cpu().numpy()
+        scaling.scale(peak, rows, x)
+        self.t["peak"][u] = torch.as_tensor(peak, device=self.device)
+        return x
+
+    def _guard(self, touched: np.ndarray, p_local: torch.Tensor, p_basis: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A non-finite learner or basis code never leaves its task: the task's learner (or code) restarts
+        untrained, counted in ``counters["reset_learner"]`` (``["reset_code"]``), and what it predicted on the
+        way is replaced by the uninformed prediction, so no mixture, loss or other task ever sees it."""
+        bad = self.learners.not_finite(touched)
+        for i in touched[bad].tolist():
+            self.learners.load_task(i, None)
+        bad_code = self.kb.not_finite(touched)
+        for i in touched[bad_code].tolist():
+            self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
+        self.counters["reset_learner"] += int(bad.sum())
+        self.counters["reset_code"] += int(bad_code.sum())
+        return self.learners.safe(p_local), self.learners.safe(p_basis)
 
     def _waves(self, plan: _Plan, tasks: np.ndarray, labelled: np.ndarray, x1: torch.Tensor, y: torch.Tensor,
                z: torch.Tensor, idx: torch.Tensor, seq0: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,6 +567,12 @@ class Engine:
             first = latest.get(st.task)
             latest[st.task] = st if first is None else Staged(st.task, st.task_name, st.learned, first.seq, st.store)
         self.staged = []
+        snaps = list(latest.values())
+        vectors = [self.learners.member_vector(st.store, 0) for st in snaps]
+        if vectors[0].numel():  # a snapshot taken while its task was non-finite (reset since) never publishes
+            finite = torch.isfinite(torch.stack(vectors)).all(1).tolist()
+            self.counters["snapshots_not_finite"] += finite.count(False)
+            latest = {st.task: st for st, ok in zip(snaps, finite, strict=True) if ok}
         if self.share:  # the daemon sends them to the knowledge log; they join when read back from it
             self.outbox.extend(latest.values())
         else:
@@ -631,6 +687,7 @@ class Engine:
             "task_names": self.task_names, "events_seen": self.events_seen, "now_ts": self.now_ts,
             "counters": self.counters, "kb": self.kb.meta(),
             "pending": [[k[0], k[1], *self.pending_keys[k]] for k in keys],
+            "learned_keys": [[k[0], k[1], ts] for k, ts in self.learned_keys.items()],
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
         }
         return tensors, meta
@@ -649,7 +706,8 @@ class Engine:
         n = len(self.task_names)
         self.t = self._task_tables(max(16, n))
         for k in self.t:
-            self.t[k][:n] = tensors[f"task.{k}"].to(dev)
+            if f"task.{k}" in tensors:  # a checkpoint from before a table was added: zeros
+                self.t[k][:n] = tensors[f"task.{k}"].to(dev)
         self.n_labelled = tensors["task.n_labelled"].tolist()
         self.learners.load_state({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
@@ -668,7 +726,8 @@ class Engine:
             self.staged.append(Staged(int(task), name, int(learned), int(seq), store))
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
-        self.counters = dict(meta["counters"])
+        self.counters = {**dict.fromkeys(COUNTERS, 0), **meta["counters"]}
+        self.learned_keys = OrderedDict(((task, eid), float(ts)) for task, eid, ts in meta.get("learned_keys", []))
 
     # --- moving tasks between replicas (the changelog) ---
 
@@ -782,7 +841,15 @@ class _EarlierSum:
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         v = values[self.order]
-        total = v.cumsum(0)
+        finite = torch.isfinite(v)
         out = torch.empty_like(values)
-        out[self.order] = total - v - (total[self.start] - v[self.start])
+        if bool(finite.all()):
+            out[self.order] = self._earlier(v)
+        else:  # one cumulative sum runs over every group: keep a non-finite value inside its own group
+            spoilt = self._earlier((~finite).to(v.dtype)) > 0
+            out[self.order] = torch.where(spoilt, torch.nan, self._earlier(torch.where(finite, v, 0.0)))
         return out
+
+    def _earlier(self, v: torch.Tensor) -> torch.Tensor:
+        total = v.cumsum(0)
+        return total - v - (total[self.start] - v[self.start])

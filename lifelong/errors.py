@@ -17,6 +17,11 @@ class InvalidEvent(LifelongError):
         self.field = field
         self.problem = problem
 
+    @property
+    def kind(self) -> str:
+        """The field without names chosen by the sender (``x.amount`` -> ``x``): safe as a metric label."""
+        return self.field.split(".", 1)[0]
+
 
 class StateError(LifelongError):
     """Saved state is missing, corrupt, or does not match the configuration."""

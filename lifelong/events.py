@@ -23,7 +23,7 @@ class Event:
 
     task: str
     id: str | None = None
-    x: np.ndarray | None = None
+    x: np.ndarray | None = None  # float64 as sent: the engine scales it per task before a learner sees it
     y: int | float | None = None
     ts: float | None = None
     control: str | None = None
@@ -53,7 +53,10 @@ def hash_index(name: str, dim: int) -> int:
 def _number(field: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise InvalidEvent(field, f"expected a number, got {type(v).__name__}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond float64
+        raise InvalidEvent(field, "too large for a 64-bit float") from None
     if not math.isfinite(f):
         raise InvalidEvent(field, "not finite (NaN or infinity)")
     return f
@@ -65,15 +68,21 @@ def _features(x: Any, dim: int) -> np.ndarray:
             raise InvalidEvent("x", f"expected {dim} values, got {len(x)}")
         if not all(type(v) is float or type(v) is int for v in x):  # bools and strings are not features
             raise InvalidEvent("x", "expected a list of numbers")
-        arr = np.asarray(x, dtype=np.float64)
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except OverflowError:
+            raise InvalidEvent("x", "a value is too large for a 64-bit float") from None
         if not np.isfinite(arr).all():
             raise InvalidEvent("x", "contains NaN or infinity")
-        return arr.astype(np.float32)
+        return arr
     if isinstance(x, dict):
         arr = np.zeros(dim, dtype=np.float64)
-        for name, v in x.items():
-            arr[hash_index(name, dim)] += _number(f"x.{name}", v)
-        return arr.astype(np.float32)
+        with np.errstate(over="ignore"):
+            for name, v in x.items():
+                arr[hash_index(name, dim)] += _number(f"x.{name}", v)
+        if not np.isfinite(arr).all():
+            raise InvalidEvent("x", "values hashed into one bucket add up to infinity")
+        return arr
     raise InvalidEvent("x", f"expected a list or a name->number map, got {type(x).__name__}")
 
 
@@ -84,8 +93,8 @@ def _label(y: Any, schema: Schema) -> int | float:
         if not lo <= f <= hi:
             raise InvalidEvent("y", f"{f} is outside engine.target_range [{lo}, {hi}]")
         return f
-    if isinstance(y, bool):
-        y = int(y)
+    if isinstance(y, bool):  # as for x: true/false are not numbers
+        raise InvalidEvent("y", f"expected a class label (integer), got {y!r}")
     if isinstance(y, float) and y.is_integer():
         y = int(y)
     if not isinstance(y, int):
@@ -143,7 +152,7 @@ def decode(raw: bytes | str, schema: Schema) -> Event:
     """Decode one payload (UTF-8 JSON) into an ``Event`` or raise ``InvalidEvent``.
 
     >>> decode(b'{"task": "t", "id": "e1", "x": {"amount": 2.5}}', Schema(dim=4)).x.sum()
-    np.float32(2.5)
+    np.float64(2.5)
     >>> decode(b'\\xff', Schema(dim=4))
     Traceback (most recent call last):
     ...

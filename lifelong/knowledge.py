@@ -111,6 +111,14 @@ class KnowledgeBase:
             return torch.zeros(len(raw), self.learners.n_pred, dtype=self.dtype, device=self.device)
         return self.learners.to_pred(ekf.predictive_logits(raw, self.cfg.task))
 
+    def not_finite(self, tasks: np.ndarray) -> np.ndarray:
+        """Which of ``tasks`` hold a non-finite basis code."""
+        if not self.basis_on:
+            return np.zeros(len(tasks), bool)
+        idx = torch.as_tensor(tasks, device=self.device)
+        ok = torch.isfinite(self.mu[idx]).flatten(1).all(1) & torch.isfinite(self.S[idx]).flatten(1).all(1)
+        return (~ok).cpu().numpy()
+
     # --- membership ---
 
     def publish(self, staged: list[Staged]) -> list[int]:

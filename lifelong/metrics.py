@@ -1,7 +1,9 @@
 """Prometheus metrics (prefix ``lifelong_``) and the HTTP endpoints ``/metrics``, ``/healthz``, ``/readyz``.
 
 Values derived from engine state (losses, regrets and their bounds, weights, KB size) come from a custom
-collector that reads a consistent snapshot at scrape time, under the daemon's lock. Per-task series exist
+collector whose families the processing loop refreshes about once a second, where the engine is consistent
+(``EngineCollector.refresh``); a scrape reads that snapshot and a few lock-free daemon values (lag, checkpoint
+age, readiness), so it never waits for a batch or a checkpoint, even during a broker outage. Per-task series exist
 for at most ``metrics.max_task_labels`` tasks (the most active that are not archived); the rest are summed
 under ``task="_other"``. A task that ended (``control: end``, archived into the KB) drops its series.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,8 @@ from .engine import STATS, S
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+MAX_SCRAPES_PER_S = 20.0  # /metrics answers at most this often; more scrapers wait their turn, idle
+EXPOSITION_S = 1.0  # a rendered /metrics body is served for this long (engine values refresh as often)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DELAY_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
 PREDICTORS = (("combined", "loss", "errors"), ("local", "loss_local", "errors_local"), ("kb", "loss_kb", "errors_kb"))
@@ -64,17 +69,21 @@ class Metrics:
 
 
 class EngineCollector:
-    """Reads the engine, the source and the daemon at scrape time (see the module docstring)."""
+    """Engine-derived families as of the last ``refresh``, plus lock-free daemon values (module docstring)."""
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
+        self.families: list[Metric] = []
+
+    def refresh(self) -> None:
+        """Take the engine's values now: call where the engine is not changing (the processing loop)."""
+        d = self.daemon
+        self.families = list(_engine_families(d.engine, d.archived_tasks(), d.foreign_tasks(),
+                                              d.cfg.metrics.max_task_labels, d.dead_lettered))
 
     def collect(self) -> Iterable[Metric]:
-        d = self.daemon
-        with d.lock:
-            yield from _engine_families(d.engine, d.archived_tasks(), d.foreign_tasks(),
-                                        d.cfg.metrics.max_task_labels, d.dead_lettered)
-            yield from _daemon_families(d)
+        yield from self.families
+        yield from _daemon_families(self.daemon)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -90,9 +99,17 @@ def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: in
     c = engine.counters
     for outcome, value in (("predicted", c["predicted"]), ("learned", c["learned"]),
                            ("dead_lettered", dead_lettered), ("label_expired", c["label_expired"]),
-                           ("label_unmatched", c["label_unmatched"]), ("control", c["controls"])):
+                           ("label_unmatched", c["label_unmatched"]), ("control", c["controls"]),
+                           ("duplicate", c["duplicates"])):
         events.add_metric([outcome], value)
     yield events
+    yield CounterMetricFamily("lifelong_pending_replaced", "Predictions waiting for a label replaced by a later "
+                              "prediction-only event with the same task and id", value=c["pending_replaced"])
+    resets = CounterMetricFamily("lifelong_task_resets", "Task learners (or basis codes) that held a non-finite "
+                                 "value and restarted untrained", labels=["reason"])
+    resets.add_metric(["learner_not_finite"], c["reset_learner"])
+    resets.add_metric(["code_not_finite"], c["reset_code"])
+    yield resets
     stats = engine.t["stats"][:n].cpu().numpy() if n else np.zeros((0, len(STATS)))
     loss = CounterMetricFamily("lifelong_loss", "Cumulative loss (log loss, or squared loss for regression) of "
                                "each predictor", labels=["predictor"])
@@ -117,7 +134,7 @@ def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: in
     for level in ("top", "kb"):
         regret.add_metric([level], float(reg[level].sum()))
         bound.add_metric([level], float(reg[f"{level}_bound"].sum()))
-        over.add_metric([level], float((reg[level] > reg[f"{level}_bound"] + 1e-6).sum()))
+        over.add_metric([level], float((~(reg[level] <= reg[f"{level}_bound"] + 1e-6)).sum()))  # NaN counts
     yield from (regret, bound, over)
 
     counts = np.array(engine.n_labelled, np.int64)
@@ -156,6 +173,7 @@ def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: in
     for change, key in (("added", "added"), ("replaced", "replaced"), ("evicted", "evicted"),
                         ("duplicate", "duplicates")):
         changes.add_metric([change], kb.counts[key])
+    changes.add_metric(["not_finite"], c["snapshots_not_finite"])  # refused: the KB never holds such a member
     yield changes
     yield GaugeMetricFamily("lifelong_tasks", "Tasks known to the engine", value=n)
     yield GaugeMetricFamily("lifelong_pending_labels", "Predictions waiting for their label",
@@ -169,11 +187,13 @@ def _local_weights(engine: Any) -> np.ndarray:
 
 
 def _daemon_families(d: Daemon) -> Iterable[Metric]:
+    """Values read without the daemon's lock (copies of dicts other threads update)."""
     lag = _gauge("lifelong_consumer_lag", "High watermark minus the next offset to process", ["partition"])
     committed = _gauge("lifelong_committed_offset", "Last committed offset", ["partition"])
-    for tp, hw in d.source.highwater.items() if d.source else ():
-        lag.add_metric([str(tp.partition)], max(0, hw - d.positions.get(tp, 0)))
-    for tp, off in d.source.committed.items() if d.source else ():
+    positions = dict(d.positions)
+    for tp, hw in dict(d.source.highwater).items() if d.source else ():
+        lag.add_metric([str(tp.partition)], max(0, hw - positions.get(tp, 0)))
+    for tp, off in dict(d.source.committed).items() if d.source else ():
         committed.add_metric([str(tp.partition)], off)
     yield lag
     yield committed
@@ -181,12 +201,18 @@ def _daemon_families(d: Daemon) -> Iterable[Metric]:
                             value=d.checkpoint_age())
     yield GaugeMetricFamily("lifelong_checkpoint_interval_seconds", "Configured checkpoint.interval_s",
                             value=d.cfg.checkpoint.interval_s)
-    yield GaugeMetricFamily("lifelong_ready", "1 when assigned, restored and the broker is reachable",
-                            value=float(d.ready()[0]))
+    yield GaugeMetricFamily("lifelong_ready", "1 when assigned, restored, checkpoints succeed and the broker is "
+                            "reachable", value=float(d.ready()[0]))
+    yield GaugeMetricFamily("lifelong_checkpoint_failing", "1 while the last checkpoint failed (processing waits "
+                            "and retries)", value=float(d.storage_error is not None))
+    yield CounterMetricFamily("lifelong_dead_letter_failures", "Dead letters that could not be delivered (logged "
+                              "with their source offset; the event is skipped)",
+                              value=d.sink.dead_letter_failures if d.sink else 0)
 
 
 class HealthServer:
-    """``/metrics``, ``/healthz`` (liveness: recent progress) and ``/readyz`` on a background thread."""
+    """``/metrics``, ``/healthz`` (liveness: recent progress) and ``/readyz`` on a background thread; see
+    ``exposition`` for how scrapes are paced."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, live: Callable[[], tuple[bool, dict]],
                  ready: Callable[[], tuple[bool, dict]]):
@@ -195,7 +221,7 @@ class HealthServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 if self.path.startswith("/metrics"):
-                    body, status, ctype = generate_latest(outer.registry), 200, CONTENT_TYPE_LATEST
+                    body, status, ctype = outer.exposition(), 200, CONTENT_TYPE_LATEST
                 elif self.path.startswith("/healthz") or self.path.startswith("/readyz"):
                     ok, detail = (live if self.path.startswith("/healthz") else ready)()
                     body, status, ctype = json.dumps(detail).encode(), 200 if ok else 503, "application/json"
@@ -211,10 +237,27 @@ class HealthServer:
                 pass
 
         self.registry = registry
+        self.scrape_lock = threading.Lock()
+        self.next_scrape = self.fresh_until = 0.0
+        self.body = b""
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="lifelong-http", daemon=True)
+
+    def exposition(self) -> bytes:
+        """The metrics text, rendered at most once per ``EXPOSITION_S``. Scrapes take turns, spaced by
+        1 / ``MAX_SCRAPES_PER_S``: however many scrapers poll however fast, they cost the daemon a bounded share
+        of its CPU (~0.2 ms a scrape, a ~2 ms render a second) and wait, idle, for their turn."""
+        with self.scrape_lock:
+            wait = self.next_scrape - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            now = time.monotonic()
+            self.next_scrape = now + 1.0 / MAX_SCRAPES_PER_S
+            if now >= self.fresh_until:
+                self.body, self.fresh_until = generate_latest(self.registry), now + EXPOSITION_S
+            return self.body
 
     def start(self) -> None:
         self.thread.start()

@@ -1,17 +1,27 @@
-"""Kafka sink: predictions and dead letters, with every delivery checked before a checkpoint."""
+"""Kafka sink: predictions and dead letters, with every delivery checked before a checkpoint.
+
+A dead letter can never stop the daemon: a payload too large to re-send whole (near
+``kafka.max_message_bytes``) keeps its first ``DEAD_LETTER_PREFIX`` bytes, at most half that limit (headers
+``truncated`` and ``original_bytes`` say so), and one that still cannot be delivered is logged with its
+source offset and counted (``dead_letter_failures``), not retried.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from .config import Config
 from .errors import LifelongError
 from .source import client_options
 
+log = logging.getLogger(__name__)
+DEAD_LETTER_PREFIX = 64 * 1024  # bytes of an oversized payload kept in its dead letter
+MAX_KEY = 1024  # a longer key is not kept in the dead letter (the payload prefix and headers are)
 
 class SinkError(LifelongError):
     """A record could not be delivered: the daemon must not checkpoint past it."""
@@ -30,10 +40,12 @@ class KafkaSink:
                                       max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
                                       client_id="lifelong", **client_options(cfg))
         self.futures: list[Any] = []
+        self.dead_letters: list[tuple[Any, str]] = []  # (future, where it came from)
+        self.dead_letter_failures = 0
         self.sent = 0
 
     def prediction(self, task: str, record: dict[str, Any]) -> None:
-        value = json.dumps(record, separators=(",", ":")).encode()
+        value = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()  # strict JSON, always
         self.futures.append(self.producer.send(self.cfg.kafka.predictions_topic, key=task.encode(), value=value))
 
     def knowledge(self, member: str, value: bytes) -> None:
@@ -47,10 +59,26 @@ class KafkaSink:
 
     def dead_letter(self, raw: bytes | None, key: bytes | None, error: str, topic: str, partition: int,
                     offset: int) -> None:
+        raw = raw or b""
         headers = [("error", error.encode()[:1000]), ("source_topic", topic.encode()),
                    ("source_partition", str(partition).encode()), ("source_offset", str(offset).encode())]
-        self.futures.append(self.producer.send(self.cfg.kafka.dead_letter_topic, key=key, value=raw or b"",
-                                               headers=headers))
+        limit = self.cfg.kafka.max_message_bytes
+        if len(raw) + MAX_KEY + 4096 > limit:  # would not fit in one record next to its key and headers
+            headers += [("truncated", b"1"), ("original_bytes", str(len(raw)).encode())]
+            raw = raw[:min(DEAD_LETTER_PREFIX, limit // 2)]
+        where = f"{topic}-{partition}@{offset}"
+        try:
+            future = self.producer.send(self.cfg.kafka.dead_letter_topic, value=raw, headers=headers,
+                                        key=key if key is None or len(key) <= MAX_KEY else None)
+        except KafkaError as exc:
+            self._dead_letter_failed(where, exc)
+            return
+        self.dead_letters.append((future, where))
+
+    def _dead_letter_failed(self, where: str, exc: BaseException) -> None:
+        self.dead_letter_failures += 1
+        log.error("dead letter for %s not delivered (the event is skipped): %r", where, exc,
+                  extra={"source": where})
 
     def flush(self, timeout: float) -> int:
         """Wait for every pending send; raise ``SinkError`` naming the first failure (``FlushTimeout`` when
@@ -59,14 +87,18 @@ class KafkaSink:
             self.producer.flush(timeout=timeout)
         except KafkaTimeoutError:
             raise FlushTimeout(f"deliveries still pending after {timeout:.1f}s") from None
-        if any(not f.is_done for f in self.futures):
+        if any(not f.is_done for f in self.futures) or any(not f.is_done for f, _ in self.dead_letters):
             raise FlushTimeout(f"deliveries still pending after {timeout:.1f}s")
         futures, self.futures = self.futures, []
+        dead, self.dead_letters = self.dead_letters, []
+        for f, where in dead:
+            if f.failed():
+                self._dead_letter_failed(where, f.exception)
         for f in futures:
             if f.failed():
                 raise SinkError(f"a record was not delivered: {f.exception!r}")
-        self.sent += len(futures)
-        return len(futures)
+        self.sent += len(futures) + len(dead)
+        return len(futures) + len(dead)
 
     def close(self, timeout: float) -> None:
         self.producer.close(timeout=timeout)

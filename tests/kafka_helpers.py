@@ -101,8 +101,8 @@ def read_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.0)
 class ThreadDaemon:
     """A Daemon running in a thread of the test process."""
 
-    def __init__(self, cfg: Config):
-        self.daemon = Daemon(cfg)
+    def __init__(self, cfg: Config, **kwargs: Any):
+        self.daemon = Daemon(cfg, **kwargs)
         self.code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -59,3 +59,65 @@ def test_kb_command_lists_members(tmp_path, capsys):
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["kb", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no usable checkpoint" in capsys.readouterr().err
+
+
+def run_cli(args, timeout=60):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lifelong.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_start_up_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path):
+    import socket
+
+    import yaml
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    base = {"engine": {"dim": 3}, "checkpoint": {"dir": str(tmp_path / "state")},
+            "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    cases = {
+        "port in use": ({"metrics": {"port": taken.getsockname()[1]}}, "metrics.host/metrics.port"),
+        "unresolvable host": ({"metrics": {"host": "no-such-host.invalid"}}, "metrics.host/metrics.port"),
+        "checkpoint dir not writable": ({"checkpoint": {"dir": str(blocker / "state")}}, "not writable"),
+    }
+    try:
+        for name, (change, expected) in cases.items():
+            path = tmp_path / "c.yaml"
+            path.write_text(yaml.safe_dump({**base, **change}))
+            done = run_cli(["run", "--config", str(path)])
+            assert done.returncode != 0, name
+            errors = [line for line in done.stderr.splitlines() if "INFO" not in line]
+            assert len(errors) == 1 and expected in errors[0] and "Traceback" not in done.stderr, (name, done.stderr)
+    finally:
+        taken.close()
+
+
+def test_evaluate_survives_huge_and_unscaled_values(tmp_path):
+    """Values finite as float64 but not float32, and features in the millions, in some tasks: the report is
+    strict JSON (no NaN) and the unscaled task is learned."""
+    rng = __import__("numpy").random.default_rng(0)
+    lines = []
+    for i in range(600):
+        task = f"t{i % 3}"
+        x = rng.normal(size=3).tolist()
+        if task == "t1":
+            x[0] = float(rng.uniform(0, 3e6))
+        if i == 302:  # in another task than the unscaled one
+            x = [1e300, -1e300, 1.0]
+        y = int(x[0] > 1.5e6) if task == "t1" else int(x[1] > 0)
+        lines.append(json.dumps({"task": task, "id": f"e{i}", "x": x, "y": y}))
+    (tmp_path / "s.jsonl").write_text("\n".join(lines))
+    assert main(["evaluate", "--input", str(tmp_path / "s.jsonl"), "--report-json", str(tmp_path / "r.json"),
+                 "--quiet"]) == 0
+
+    def refuse(name):
+        raise AssertionError(f"{name} in the report")
+
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert report["tasks"]["t1"]["cumulative_error"] < 0.25

@@ -282,7 +282,8 @@ def test_delayed_labels_join_across_a_restart(broker, tmp_path):
         produce(broker.bootstrap, cfg.kafka.events_topic, labels)
         wait_until(lambda: daemon.engine.counters["learned"] == 20, 30, what="labels joined")
         assert daemon.engine.counters["label_expired"] == 0 and not daemon.engine.pending_keys
-        assert (metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") or 0) == 20
+        wait_until(lambda: metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") == 20, 10,
+                   what="label delays observed")
 
 
 def test_missing_topics_with_creation_off_is_a_clear_error(broker, tmp_path, caplog):
@@ -320,3 +321,94 @@ def test_a_flush_during_an_outage_is_postponed_not_fatal(tmp_path):
             os.kill(own.proc.pid, signal.SIGCONT)
         assert sink.flush(timeout=30) == 1  # the same record, acknowledged once the broker is back
         sink.close(timeout=5)
+
+
+def test_oversized_messages_are_dead_lettered_and_the_next_event_is_predicted(broker, tmp_path):
+    """A 5 MB message and a 500,000-key map are too large to decode or to re-send whole: their dead letters
+    keep a prefix and the size, the label of the metric is the field kind (never a sender's feature name),
+    and the events after them are predicted on the first run."""
+    from kafka import KafkaProducer
+
+    cfg = config(settings(broker.bootstrap, tmp_path))
+    huge = b'{"task": "a", "id": "big", "x": [' + b"1.0, " * 1_000_000 + b'1.0], "y": 1}'
+    keys = json.dumps({"task": "a", "id": "wide", "x": {f"f{i}": 1.0 for i in range(500_000)}}).encode()
+    names = [json.dumps({"task": "a", "id": f"n{i}", "x": {f"name-{i}": "high"}}).encode() for i in range(50)]
+    after = b'{"task": "after", "id": "z", "x": [1, 2, 3], "y": 1}'
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=20_000_000)
+        for payload in [huge, keys, *names, after]:
+            producer.send(cfg.kafka.events_topic, key=b"a", value=payload)
+        producer.flush()
+        producer.close()
+        preds = read_topic(broker.bootstrap, cfg.kafka.predictions_topic, 1)
+        assert json.loads(preds[0].value)["id"] == "z"
+        dlq = read_topic(broker.bootstrap, cfg.kafka.dead_letter_topic, 52)
+        wait_until(lambda: metric(cfg.metrics.port, "lifelong_dead_letters_total", 'field="x"') == 50, 10,
+                   what="dead-letter metric")
+        _, body = http_get(cfg.metrics.port, "/metrics")
+        assert "name-" not in body and daemon.source.error is None
+    big = [dict(r.headers) for r in dlq[:2]]
+    assert [h["original_bytes"] for h in big] == [str(len(huge)).encode(), str(len(keys)).encode()]
+    assert all(h["truncated"] == b"1" and h["error"].startswith(b"payload") for h in big)
+    assert dlq[0].value == huge[:len(dlq[0].value)] and len(dlq[0].value) <= 64 * 1024
+
+
+def test_disk_full_pauses_processing_then_resumes_exactly(broker, tmp_path, monkeypatch):
+    """Checkpoints fail (no space) for a while: no exit, not ready, no prediction sent twice; once space is
+    back, processing resumes and the state is exact."""
+    import errno
+
+    values = settings(broker.bootstrap, tmp_path, **{"batching.max_events": 20, "checkpoint.interval_s": 0.2})
+    cfg = config(values)
+    payloads = stream_payloads(n_tasks=6, per_task=60, seed=3)
+    full = {"on": False}
+    real_save = checkpoint.save_engine
+
+    def save(*args, **kwargs):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_engine", save)
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        produce(broker.bootstrap, cfg.kafka.events_topic, payloads[:100])
+        wait_until(lambda: daemon.engine.counters["predicted"] >= 90, 30, what="progress")
+        full["on"] = True
+        produce(broker.bootstrap, cfg.kafka.events_topic, payloads[100:])
+        wait_until(lambda: daemon.storage_error is not None, 30, what="a failed checkpoint")
+        status, body = http_get(cfg.metrics.port, "/readyz")
+        assert status == 503 and "No space" in json.loads(body)["checkpoint_error"]
+        wait_until(lambda: metric(cfg.metrics.port, "lifelong_checkpoint_failing") == 1.0, 10, what="failing gauge")
+        stalled = daemon.engine.counters["predicted"]
+        time.sleep(3.0)
+        assert daemon.engine.counters["predicted"] == stalled  # paused, not crash-looping
+        full["on"] = False
+        n_pred = sum(1 for p in payloads if b'"x"' in p)
+        wait_until(lambda: daemon.engine.counters["predicted"] == n_pred, 60, what="resumed")
+        wait_until(lambda: http_get(cfg.metrics.port, "/readyz")[0] == 200, 30, what="ready again")
+        assert metric(cfg.metrics.port, "lifelong_checkpoints_total", 'result="failed"') >= 1
+        with daemon.lock:
+            assert_same_state(daemon.engine, offline_engine(cfg, payloads))
+    preds = read_topic(broker.bootstrap, cfg.kafka.predictions_topic, n_pred)
+    assert len(preds) == n_pred  # none sent twice
+
+
+def test_lost_state_with_committed_offsets_is_refused_unless_reset(broker, tmp_path, caplog):
+    values = settings(broker.bootstrap, tmp_path)
+    cfg = config(values)
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        produce(broker.bootstrap, cfg.kafka.events_topic, stream_payloads(n_tasks=3, per_task=20))
+        wait_until(lambda: daemon.engine.counters["learned"] == 60, 30, what="learned")
+    for path in (tmp_path / "state").glob("checkpoint-*.ckpt"):
+        path.write_bytes(path.read_bytes()[:-10])  # every checkpoint truncated
+    refused = ThreadDaemon(config(values))
+    refused.thread.start()
+    refused.thread.join(30)
+    assert refused.code == 1 and "--reset-state" in caplog.text and "committed offsets" in caplog.text
+    with ThreadDaemon(config(values), reset_state=True) as resumed:
+        wait_until(lambda: resumed.ready()[0], 30, what="ready after --reset-state")
+        produce(broker.bootstrap, cfg.kafka.events_topic, stream_payloads(n_tasks=1, per_task=5, seed=9))
+        wait_until(lambda: resumed.engine.counters["learned"] == 5, 30, what="only the new events")

@@ -185,3 +185,150 @@ def test_related_tasks_beat_independent_learners(engine_factory):
     assert rep["methods"]["lifelong"]["cumulative_error"] < rep["methods"]["itl"]["cumulative_error"] - 0.02
     assert rep["early"]["lifelong"] < rep["early"]["itl"]
     assert rep["counters"]["learned"] == 60 * 60
+
+
+# --- robustness: no number, however large, reaches a learner unsafely or another task ---
+
+
+def scaled(events, factors):
+    """The same events with each task's features multiplied by its factor (unscaled amounts, counts...)."""
+    return [dataclasses.replace(e, x=None if e.x is None else e.x.astype(np.float64) * factors.get(e.task, 1.0))
+            for e in events]
+
+
+@pytest.mark.parametrize(("cfg", "stream"), KINDS[:1] + KINDS[3:5])
+def test_scaled_features_batch_and_path_exact(engine_factory, cfg, stream):
+    events = scaled(make_stream(delayed=0.2, **stream), {"t0": 3e6, "t1": 1e12, "t2": 40.0})
+    one, batched, waves = engine_factory(**cfg), engine_factory(**cfg), engine_factory(**cfg)
+    waves.compiled = False
+    p1, _ = run(one, events, 1)
+    p2, _ = run(batched, events, 37)
+    p3, _ = run(waves, events, 37)
+    assert np.isfinite(p1[[e.x is not None for e in events]]).all()
+    np.testing.assert_allclose(p1, p2, atol=1e-9)
+    np.testing.assert_allclose(p1, p3, atol=1e-7)
+    peaks = one.t["peak"][one.task_index["t1"]]
+    assert 1e12 < float(peaks.max()) < 1e13  # each task keeps its own scale
+    assert float(one.t["peak"][one.task_index["t3"]].max()) < 10
+
+
+@pytest.mark.parametrize("v", [1e2, 3e5, 3e6, 1e12, 1e300])
+def test_unscaled_amounts_are_learned(v):
+    """One task, x = [amount, 1], amount uniform on (0, v), label amount > v/2, default configuration."""
+    from lifelong.config import EngineConfig
+    from lifelong.engine import Engine
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        amounts = rng.uniform(0, v, 200)
+        engine = Engine(EngineConfig(dim=2))
+        result = engine.process([Event("pay", f"e{i}", np.array([a, 1.0]), int(a > v / 2))
+                                 for i, a in enumerate(amounts)])
+        assert np.isfinite(result.pred).all()
+        assert engine.report()["methods"]["lifelong"]["cumulative_error"] <= 0.25
+
+
+def test_one_huge_value_poisons_nothing(engine_factory):
+    """A value finite as float64 but not as float32 (1e300) in one task: every prediction, state and report
+    stays finite, and other tasks (no KB: nothing shared) predict as without it."""
+    events = make_stream(n_tasks=6, per_task=40)
+    poisoned = list(events)
+    at = next(i for i, e in enumerate(events) if e.task == "t2" and e.x is not None and i > 60)
+    poisoned[at] = dataclasses.replace(events[at], x=np.array([1e300, -1e300, 1.0, 2.0, 3.0]))
+    clean, dirty = engine_factory(snapshot_every=0), engine_factory(snapshot_every=0)
+    p_clean, _ = run(clean, events, 64)
+    p_dirty, _ = run(dirty, poisoned, 64)
+    assert np.isfinite(p_dirty[[e.x is not None for e in events]]).all()
+    others = np.array([e.task != "t2" and e.x is not None for e in events])
+    np.testing.assert_allclose(p_clean[others], p_dirty[others], rtol=0, atol=1e-12)  # rounding only
+    tensors, _ = dirty.state()
+    assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    import json
+
+    json.dumps(dirty.report(), allow_nan=False)
+
+
+def test_a_non_finite_learner_is_reset_and_its_neighbours_untouched(engine_factory):
+    events = make_stream(n_tasks=6, per_task=40, ends=False)
+    half = len(events) // 2
+    clean, dirty = engine_factory(snapshot_every=0), engine_factory(snapshot_every=0)
+    run(clean, events[:half], 50)
+    run(dirty, events[:half], 50)
+    i = dirty.task_index["t4"]
+    dirty.learners.params["mu"][i, 0, 0] = float("nan")
+    dirty.kb.mu[dirty.task_index["t1"]] = float("inf")
+    p_clean, _ = run(clean, events[half:], 50)
+    p_dirty, _ = run(dirty, events[half:], 50)
+    assert np.isfinite(p_dirty[[e.x is not None for e in events[half:]]]).all()
+    assert dirty.counters["reset_learner"] == 1 and dirty.counters["reset_code"] == 1
+    assert torch.isfinite(dirty.learners.params["mu"][: dirty.n_tasks]).all()
+    untouched = np.array([e.task not in ("t4", "t1") and e.x is not None for e in events[half:]])
+    np.testing.assert_allclose(p_clean[untouched], p_dirty[untouched], rtol=0, atol=1e-12)
+
+
+def test_a_non_finite_snapshot_never_enters_the_kb(engine_factory):
+    engine = engine_factory(snapshot_every=8, publish_every=16)
+    rng = np.random.default_rng(0)
+    first = [Event("a", f"a{i}", rng.normal(size=5), i % 2) for i in range(7)]
+    engine.process(first)
+    engine.learners.params["mu"][engine.task_index["a"]] = float("nan")
+    engine.process([Event("a", "a7", rng.normal(size=5), 1)] + [Event("b", f"b{i}", rng.normal(size=5), i % 2)
+                                                               for i in range(20)])
+    assert engine.counters["snapshots_not_finite"] == 1 and engine.counters["reset_learner"] == 1
+    assert "a" not in engine.kb.slot_of and engine.kb.size == 1  # only b's snapshot
+    assert torch.isfinite(engine.kb.store["w"]).all()
+
+
+def test_earlier_sums_stay_inside_their_group():
+    from lifelong.engine import _EarlierSum
+
+    group = torch.tensor([0, 1, 0, 1, 2, 0])
+    values = torch.tensor([[1.0], [2.0], [float("nan")], [3.0], [4.0], [5.0]], dtype=torch.float64)
+    out = _EarlierSum(group)(values)[:, 0]
+    assert out[[0, 1, 2, 3, 4]].tolist() == [0.0, 0.0, 1.0, 2.0, 0.0]
+    assert torch.isnan(out[5])  # after its own group's NaN only
+
+
+def test_duplicate_deliveries_are_learned_once_and_counted(engine_factory):
+    engine = engine_factory()
+    x = np.ones(5)
+    once = [Event("a", "e1", x, 1, ts=10.0), Event("a", "p1", x, None, ts=11.0), Event("a", "p1", x, None, ts=12.0),
+            Event("a", "p1", None, 0, ts=13.0)]
+    again = [Event("a", "e1", x, 1, ts=14.0), Event("a", "p1", None, 0, ts=15.0)]
+    engine.process(once)
+    assert engine.counters["pending_replaced"] == 1
+    result = engine.process(again)
+    assert engine.counters["learned"] == 2 and engine.n_labelled[0] == 2
+    assert engine.counters["duplicates"] == 2 and not result.records("binary")
+    late = engine.process([Event("a", "e1", x, 1, ts=14.0 + LabelsConfig().pending_ttl_s + 1)])
+    assert engine.counters["learned"] == 3 and len(late.records("binary")) == 1  # outside the window: new
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**400, 10**400),
+                                 st.sampled_from([1e300, -1e300, 5e-324, 3.4e38, 1e12])), min_size=3, max_size=3),
+       sparse=st.dictionaries(st.text(min_size=1, max_size=5), st.floats(allow_nan=False), max_size=6),
+       label=st.one_of(st.integers(-2, 3), st.floats(), st.booleans(), st.none(), st.text(max_size=2)))
+def test_fuzzed_numbers_are_refused_or_learned_finite(engine_factory, values, sparse, label):
+    """Any payload is either an event the engine learns with finite results, or an ``InvalidEvent``."""
+    import json
+
+    from lifelong.errors import InvalidEvent
+    from lifelong.events import Schema, decode
+
+    schema = Schema(dim=3)
+    engine = engine_factory(dim=3, dtype="float32")
+    events = []
+    for i, x in enumerate((values, sparse, [v / 7 for v in values if isinstance(v, float)][:3] or values)):
+        payload = json.dumps({"task": f"t{i % 2}", "id": f"e{i}", "x": x, "y": label}).encode()
+        try:
+            events.append(decode(payload, schema))
+        except InvalidEvent:
+            continue
+    events += [dataclasses.replace(e, id=f"again-{k}") for k, e in enumerate(events)]
+    if events:
+        result = engine.process(events)
+        has_x = [e.x is not None for e in events]
+        assert np.isfinite(result.pred[has_x]).all()
+        json.dumps([rec for _, rec in result.records("binary")], allow_nan=False)
+        json.dumps(engine.report(), allow_nan=False)

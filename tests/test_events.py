@@ -33,6 +33,10 @@ SCHEMA = Schema(dim=3, tasks=frozenset())
         (b'{"task": "a", "control": "pause"}', "control"),
         (b'{"task": "a", "id": 7, "x": [1, 2, 3], "y": 1}', "id"),
         (b'{"task": "a", "x": [1, 2, 3], "y": 1, "ts": "now"}', "ts"),
+        (b'{"task": "a", "x": [1, 2, 3], "y": true}', "y"),  # as true is not a feature, it is not a label
+        (b'{"task": "a", "x": [1, 2, 3], "y": 1, "ts": 1' + b"0" * 400 + b"}", "ts"),
+        (b'{"task": "a", "x": [1, 1' + b"0" * 400 + b', 3], "y": 1}', "x"),
+        (b'{"task": "a", "x": {"f": 1e308, "g": 1e308, "h": 1e308, "i": 1e308}, "y": 1}', "x"),
     ],
 )
 def test_invalid_events_name_the_field(payload, field):
@@ -66,7 +70,8 @@ def test_valid_kinds():
     assert label.x is None and label.y == 0
     control = decode(b'{"task": "a", "control": "end"}', SCHEMA)
     assert control.control == "end"
-    assert decode(b'{"task": "a", "x": [1, 2, 3], "y": true}', SCHEMA).y == 1
+    huge = decode(b'{"task": "a", "id": "1", "x": [1e300, -1e300, 1]}', SCHEMA)
+    assert huge.x.tolist() == [1e300, -1e300, 1.0]  # kept as sent: the engine scales it per task
 
 
 def test_hash_index_is_stable():

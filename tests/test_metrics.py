@@ -18,10 +18,12 @@ def scrape(engine, archived=frozenset(), cap=3, foreign=frozenset()):
     daemon = SimpleNamespace(lock=threading.RLock(), engine=engine, cfg=cfg, dead_lettered=4, source=None,
                              positions={}, archived_tasks=lambda: set(archived),
                              foreign_tasks=lambda: set(foreign), checkpoint_age=lambda: 1.5,
-                             ready=lambda: (True, {}))
+                             ready=lambda: (True, {}), storage_error=None, sink=None)
     registry = CollectorRegistry()
     Metrics(registry)
-    registry.register(EngineCollector(daemon))
+    collector = EngineCollector(daemon)
+    registry.register(collector)
+    collector.refresh()
     return registry
 
 
@@ -69,3 +71,32 @@ def test_tasks_owned_by_another_replica_are_left_to_it(engine_factory):
     assert abs(shared.get_sample_value("lifelong_regret", {"level": "top"}) - reg["top"][mine].sum()) < 1e-9
     assert shared.get_sample_value("lifelong_regret", {"level": "top"}) != \
         alone.get_sample_value("lifelong_regret", {"level": "top"})
+
+
+def test_a_scrape_never_waits_for_the_processing_lock(engine_factory):
+    """The processing loop refreshes the engine's values; a scrape reads them without the lock, so a long
+    batch or a checkpoint stuck in a broker outage never makes /metrics time out."""
+    from prometheus_client import generate_latest
+
+    engine = engine_factory()
+    engine.process(make_stream(n_tasks=3, per_task=20))
+    reg = scrape(engine)
+    collector = next(c for c in reg._collector_to_names if isinstance(c, EngineCollector))
+    lock = collector.daemon.lock
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    body: list[bytes] = []
+    scraper = threading.Thread(target=lambda: body.append(generate_latest(reg)))
+    scraper.start()
+    scraper.join(2)
+    release.set()
+    holder.join()
+    assert body and b'lifelong_events_total{outcome="learned"} 60.0' in body[0]

@@ -235,6 +235,7 @@ def run_then_take_over(broker, tmp_path, commit_first_half: bool):
     other = config({**values, "checkpoint.dir": str(tmp_path / "other"), "metrics.port": free_port()})
     with ThreadDaemon(other) as d2:
         wait_until(lambda: sum(d2.positions.values()) == len(events), 60, what="replayed to the end")
+        time.sleep(1.5)  # /metrics bodies are rendered at most once a second
         restored = metric(other.metrics.port, "lifelong_tasks_restored_total")
         counts = {t: d2.engine.n_labelled[i] for t, i in d2.engine.task_index.items()}
         learned = d2.engine.counters["learned"]

@@ -42,6 +42,19 @@ class Learners(abc.ABC):
             return smooth(torch.softmax(logits, dim=-1))
         return self.lo + (self.hi - self.lo) * logits.clamp(0.0, 1.0)
 
+    def safe(self, pred: torch.Tensor) -> torch.Tensor:
+        """``pred`` with each row that holds a non-finite value replaced by the uninformed prediction (uniform
+        class probabilities, or the middle of the target range)."""
+        bad = ~torch.isfinite(pred).all(-1, keepdim=True)
+        if not bool(bad.any()):
+            return pred
+        fill = (self.lo + self.hi) / 2 if self.task == "regression" else 1.0 / self.n_pred
+        return torch.where(bad, torch.full_like(pred, fill), pred)
+
+    def not_finite(self, tasks: np.ndarray) -> np.ndarray:
+        """Which of ``tasks`` hold a non-finite parameter (backends without array state: none)."""
+        return np.zeros(len(tasks), bool)
+
     @abc.abstractmethod
     def ensure(self, n_tasks: int) -> None:
         """Hold learners for tasks ``0 .. n_tasks - 1`` (new ones untrained)."""

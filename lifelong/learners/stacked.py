@@ -204,6 +204,13 @@ class TorchLearners(Learners):
             return None
         return torch.cat([store["w"], store["b"].unsqueeze(1)], dim=1)
 
+    def not_finite(self, tasks: np.ndarray) -> np.ndarray:
+        idx = torch.as_tensor(tasks, device=self.device)
+        bad = torch.zeros(len(tasks), dtype=torch.bool, device=self.device)
+        for p in self.params.values():
+            bad |= ~torch.isfinite(p[idx].flatten(1)).all(1)
+        return bad.cpu().numpy()
+
     def task_state(self, task: int) -> dict[str, torch.Tensor]:
         out = {f"param.{k}": v[task].cpu() for k, v in self.params.items()}
         out.update({f"accum.{k}": v[task].cpu() for k, v in self.accum.items()})
