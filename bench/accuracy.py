@@ -19,7 +19,7 @@ from lifelong.config import load_config  # noqa: E402
 from lifelong.evaluate import evaluate, read_events  # noqa: E402
 from lifelong.generate import stream, write_jsonl  # noqa: E402
 
-from peers import early_error, river_per_task, vw_multitask  # noqa: E402
+from peers import early_error, lifelong_in_river, river_per_task, vw_multitask  # noqa: E402
 
 
 def target(kind: str, lifelong: float, river: float, vw: float) -> tuple[str, bool]:
@@ -51,29 +51,57 @@ def main() -> int:
             m = report["methods"]
             life = m["lifelong"]["cumulative_error"]
             goal, ok = target(kind, life, float(river[:, 0].mean()), float(vw[:, 0].mean()))
-            rows.append({
-                "stream": kind, "seed": seed, "tasks": len(report["tasks"]), "labelled": report["labelled"],
-                "lifelong": life, "itl": m["itl"]["cumulative_error"], "pooled": m["pooled"]["cumulative_error"],
-                "kb_only": m["kb_only"]["cumulative_error"], "river": float(river[:, 0].mean()),
-                "vw": float(vw[:, 0].mean()), "early_lifelong": report["early"]["lifelong"],
-                "early_river": early_error(events, river[:, 0]), "early_vw": early_error(events, vw[:, 0]),
-                "log_loss_lifelong": m["lifelong"]["cumulative_log_loss"],
-                "log_loss_river": float(river[:, 1].mean()), "log_loss_vw": float(vw[:, 1].mean()),
-                "target": goal, "pass": ok, "regret": report["regret"],
-            })
-    head = f"{'stream':<10}{'seed':>5}{'lifelong':>10}{'itl':>8}{'pooled':>8}{'kb_only':>9}{'river':>8}{'vw-q tf':>9}" \
-           f"{'ratio':>7}  {'early L/R/V':<20}{'target':<26}{'ok':>4}"
+            rows.append(
+                {
+                    "stream": kind,
+                    "seed": seed,
+                    "tasks": len(report["tasks"]),
+                    "labelled": report["labelled"],
+                    "lifelong": life,
+                    "itl": m["itl"]["cumulative_error"],
+                    "pooled": m["pooled"]["cumulative_error"],
+                    "kb_only": m["kb_only"]["cumulative_error"],
+                    "river": float(river[:, 0].mean()),
+                    "vw": float(vw[:, 0].mean()),
+                    "early_lifelong": report["early"]["lifelong"],
+                    "early_river": early_error(events, river[:, 0]),
+                    "early_vw": early_error(events, vw[:, 0]),
+                    "log_loss_lifelong": m["lifelong"]["cumulative_log_loss"],
+                    "log_loss_river": float(river[:, 1].mean()),
+                    "log_loss_vw": float(vw[:, 1].mean()),
+                    "target": goal,
+                    "pass": ok,
+                    "regret": report["regret"],
+                    "river_estimator": lifelong_in_river(events)[0] if kind == "related" else None,
+                }
+            )
+    for r in rows:
+        if r["river_estimator"] is not None:
+            e, life, river = r["river_estimator"], r["lifelong"], r["river"]
+            print(
+                f"LifelongClassifier in River's progressive_val_score, {r['stream']} seed {r['seed']}: error {e:.4f} "
+                f"(lifelong evaluate {life:.4f}: {100 * abs(e - life):.2f} points apart, target <= 0.5); "
+                f"{e / river:.3f} x River LR per task (target <= 0.85)"
+            )
+    head = (
+        f"{'stream':<10}{'seed':>5}{'lifelong':>10}{'itl':>8}{'pooled':>8}{'kb_only':>9}{'river':>8}{'vw-q tf':>9}"
+        f"{'ratio':>7}  {'early L/R/V':<20}{'target':<26}{'ok':>4}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         ratio = r["lifelong"] / min(r["river"], r["vw"])
         early = f"{r['early_lifelong']:.3f}/{r['early_river']:.3f}/{r['early_vw']:.3f}"
-        print(f"{r['stream']:<10}{r['seed']:>5}{r['lifelong']:>10.4f}{r['itl']:>8.4f}{r['pooled']:>8.4f}"
-              f"{r['kb_only']:>9.4f}{r['river']:>8.4f}{r['vw']:>9.4f}{ratio:>7.3f}  {early:<20}{r['target']:<26}"
-              f"{'yes' if r['pass'] else 'NO':>4}")
+        print(
+            f"{r['stream']:<10}{r['seed']:>5}{r['lifelong']:>10.4f}{r['itl']:>8.4f}{r['pooled']:>8.4f}"
+            f"{r['kb_only']:>9.4f}{r['river']:>8.4f}{r['vw']:>9.4f}{ratio:>7.3f}  {early:<20}{r['target']:<26}"
+            f"{'yes' if r['pass'] else 'NO':>4}"
+        )
     (out / "accuracy.json").write_text(json.dumps(rows, indent=1))
-    print("\nerror = mistakes / labelled events (prequential); ratio = lifelong / better peer; "
-          f"early = error over each task's first 20 events.\nwrote {out / 'accuracy.json'}")
+    print(
+        "\nerror = mistakes / labelled events (prequential); ratio = lifelong / better peer; "
+        f"early = error over each task's first 20 events.\nwrote {out / 'accuracy.json'}"
+    )
     return 0 if all(r["pass"] for r in rows) else 1
 
 

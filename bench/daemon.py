@@ -67,8 +67,15 @@ def read_all(bootstrap: str, topic: str, n: int, timeout: float = 300.0) -> list
 def pass_through(bootstrap: str, source: str, sink: str, n: int, commit_every: float) -> float:
     """Consume, decode, produce one prediction-sized record per event; flush and commit every
     ``commit_every`` seconds, as the daemon checkpoints; events/s."""
-    consumer = KafkaConsumer(source, bootstrap_servers=bootstrap, group_id="pass-through", enable_auto_commit=False,
-                             auto_offset_reset="earliest", max_poll_records=1024, session_timeout_ms=6000)
+    consumer = KafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id="pass-through",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=1024,
+        session_timeout_ms=6000,
+    )
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
     filler = "x" * PREDICTION_SIZE
     seen = 0
@@ -98,11 +105,22 @@ def rate_of(records: list) -> float:
 
 
 def start_daemon(bootstrap: str, tag: str, work: Path) -> subprocess.Popen:
-    cfg = {"kafka": {"bootstrap_servers": bootstrap, "events_topic": f"ev-{tag}", "predictions_topic": f"pred-{tag}",
-                     "dead_letter_topic": f"dlq-{tag}", "group_id": f"g-{tag}", "session_timeout_ms": 6000,
-                     "knowledge_topic": f"kb-{tag}", "changelog_topic": f"cl-{tag}"},
-           "engine": {"dim": 20}, "checkpoint": {"dir": str(work / f"state-{tag}"), "interval_s": CHECKPOINT_S},
-           "metrics": {"port": free_port()}, "logging": {"level": "WARNING"}}
+    cfg = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "events_topic": f"ev-{tag}",
+            "predictions_topic": f"pred-{tag}",
+            "dead_letter_topic": f"dlq-{tag}",
+            "group_id": f"g-{tag}",
+            "session_timeout_ms": 6000,
+            "knowledge_topic": f"kb-{tag}",
+            "changelog_topic": f"cl-{tag}",
+        },
+        "engine": {"dim": 20},
+        "checkpoint": {"dir": str(work / f"state-{tag}"), "interval_s": CHECKPOINT_S},
+        "metrics": {"port": free_port()},
+        "logging": {"level": "WARNING"},
+    }
     path = work / f"{tag}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)])
@@ -137,8 +155,9 @@ def main() -> int:
         try:
             time.sleep(8)  # topic creation and group join
             m = int(target * args.latency_seconds)
-            lat_payloads = [json.dumps(e).encode() for e in stream("related", n_tasks=m // 100 + 1, seed=1)
-                            if "x" in e][:m]
+            lat_payloads = [
+                json.dumps(e).encode() for e in stream("related", n_tasks=m // 100 + 1, seed=1) if "x" in e
+            ][:m]
             m = len(lat_payloads)
             produce(broker.bootstrap, "ev-lat", lat_payloads, rate=target)
             events = {json.loads(r.value)["id"]: r.timestamp for r in read_all(broker.bootstrap, "ev-lat", m)}
@@ -146,15 +165,24 @@ def main() -> int:
         finally:
             stop(proc)
     lat = np.array([r.timestamp - events[json.loads(r.value)["id"]] for r in preds], float)
-    result = {"events": n, "pass_through_events_per_s": base, "daemon_events_per_s": daemon, "ratio": daemon / base,
-              "latency_rate_events_per_s": target, "latency_events": len(lat),
-              "latency_p50_ms": float(np.percentile(lat, 50)), "latency_p99_ms": float(np.percentile(lat, 99))}
+    result = {
+        "events": n,
+        "pass_through_events_per_s": base,
+        "daemon_events_per_s": daemon,
+        "ratio": daemon / base,
+        "latency_rate_events_per_s": target,
+        "latency_events": len(lat),
+        "latency_p50_ms": float(np.percentile(lat, 50)),
+        "latency_p99_ms": float(np.percentile(lat, 99)),
+    }
     print(f"{'':<44}{'events/s':>10}")
     print(f"{'pass-through (consume+decode+produce+commit)':<44}{base:>10,.0f}")
     print(f"{'lifelong run (learning on)':<44}{daemon:>10,.0f}")
     print(f"{'ratio (target >= 0.7)':<44}{daemon / base:>10.2f}")
-    print(f"\nlatency at {target:,.0f} events/s (half the daemon's maximum), {len(lat)} events: "
-          f"p50 {result['latency_p50_ms']:.0f} ms, p99 {result['latency_p99_ms']:.0f} ms")
+    print(
+        f"\nlatency at {target:,.0f} events/s (half the daemon's maximum), {len(lat)} events: "
+        f"p50 {result['latency_p50_ms']:.0f} ms, p99 {result['latency_p99_ms']:.0f} ms"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "daemon.json").write_text(json.dumps(result, indent=1))

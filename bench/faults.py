@@ -35,15 +35,27 @@ from lifelong.generate import stream  # noqa: E402
 
 
 def start(bootstrap: str, tag: str, state: Path, port: int, work: Path) -> subprocess.Popen:
-    cfg = {"kafka": {"bootstrap_servers": bootstrap, "events_topic": f"ev-{tag}", "predictions_topic": f"pred-{tag}",
-                     "dead_letter_topic": f"dlq-{tag}", "group_id": f"g-{tag}", "session_timeout_ms": 6000,
-                     "knowledge_topic": "", "changelog_topic": ""},
-           "engine": {"dim": 20}, "checkpoint": {"dir": str(state), "interval_s": 2.0},
-           "metrics": {"port": port}, "logging": {"level": "WARNING"}}
+    cfg = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "events_topic": f"ev-{tag}",
+            "predictions_topic": f"pred-{tag}",
+            "dead_letter_topic": f"dlq-{tag}",
+            "group_id": f"g-{tag}",
+            "session_timeout_ms": 6000,
+            "knowledge_topic": "",
+            "changelog_topic": "",
+        },
+        "engine": {"dim": 20},
+        "checkpoint": {"dir": str(state), "interval_s": 2.0},
+        "metrics": {"port": port},
+        "logging": {"level": "WARNING"},
+    }
     path = work / f"{tag}.json"
     path.write_text(json.dumps(cfg))
-    return subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)],
-                            stderr=open(work / f"{tag}.log", "wb"))  # noqa: SIM115 - lives with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)], stderr=open(work / f"{tag}.log", "wb")
+    )  # noqa: SIM115 - lives with the process
 
 
 def get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -119,10 +131,18 @@ def disk_full(bootstrap: str, payloads: list[bytes], full_s: float, work: Path) 
     finally:
         subprocess.run(["umount", str(mount)], check=False)
     labelled = sum(1 for p in payloads if b'"y"' in p)
-    return {"full_s": full_s, "alive_while_full": alive, "readyz_while_full": sorted(set(ready)),
-            "predictions_while_full": during - half, "resumed_after_s": resumed_s, "exit_code": code,
-            "prediction_records": len(preds), "events": len(payloads), "learned": engine.counters["learned"],
-            "labelled": labelled}
+    return {
+        "full_s": full_s,
+        "alive_while_full": alive,
+        "readyz_while_full": sorted(set(ready)),
+        "predictions_while_full": during - half,
+        "resumed_after_s": resumed_s,
+        "exit_code": code,
+        "prediction_records": len(preds),
+        "events": len(payloads),
+        "learned": engine.counters["learned"],
+        "labelled": labelled,
+    }
 
 
 def _config():
@@ -138,8 +158,9 @@ def main() -> int:
     ap.add_argument("--full-s", type=float, default=30.0)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    payloads = [json.dumps(e).encode() for e in stream("related", n_tasks=max(1, args.events // 100), events=100)
-                if "x" in e]
+    payloads = [
+        json.dumps(e).encode() for e in stream("related", n_tasks=max(1, args.events // 100), events=100) if "x" in e
+    ]
     work = Path(tempfile.mkdtemp(prefix="lifelong-faults-"))
     result: dict = {"events": len(payloads), "scrapers": args.scrapers}
     with EmbeddedBroker(log=work / "tansu.log") as broker:
@@ -150,23 +171,33 @@ def main() -> int:
             rate, latencies = scrape_run(broker.bootstrap, payloads, f"scraped{i}", args.scrapers, work)
             rates["scraped"].append(rate)
             lat += latencies
-        result.update({"alone_events_per_s": rates["alone"], "scraped_events_per_s": rates["scraped"],
-                       "ratio": float(np.mean(rates["scraped"]) / np.mean(rates["alone"])), "scrapes": len(lat),
-                       "scrape_p50_ms": float(np.percentile(lat, 50) * 1000),
-                       "scrape_p99_ms": float(np.percentile(lat, 99) * 1000)})
+        result.update(
+            {
+                "alone_events_per_s": rates["alone"],
+                "scraped_events_per_s": rates["scraped"],
+                "ratio": float(np.mean(rates["scraped"]) / np.mean(rates["alone"])),
+                "scrapes": len(lat),
+                "scrape_p50_ms": float(np.percentile(lat, 50) * 1000),
+                "scrape_p99_ms": float(np.percentile(lat, 99) * 1000),
+            }
+        )
         print(f"scrape load: {args.scrapers} scrapers back to back, {len(payloads):,} events, runs alternating")
         print(f"  alone    events/s: {', '.join(f'{r:,.0f}' for r in rates['alone'])}")
         print(f"  scraped  events/s: {', '.join(f'{r:,.0f}' for r in rates['scraped'])}")
-        print(f"  ratio (target >= 0.9): {result['ratio']:.2f}; {len(lat)} scrapes, p50 "
-              f"{result['scrape_p50_ms']:.0f} ms, p99 {result['scrape_p99_ms']:.0f} ms")
+        print(
+            f"  ratio (target >= 0.9): {result['ratio']:.2f}; {len(lat)} scrapes, p50 "
+            f"{result['scrape_p50_ms']:.0f} ms, p99 {result['scrape_p99_ms']:.0f} ms"
+        )
         if os.geteuid() == 0:
             full = disk_full(broker.bootstrap, payloads[:8000], args.full_s, work)
             result["disk_full"] = full
-            print(f"disk full for {full['full_s']:.0f} s: alive {full['alive_while_full']}, /readyz "
-                  f"{full['readyz_while_full']}, {full['predictions_while_full']} predictions while full, resumed "
-                  f"{full['resumed_after_s']:.1f} s after space came back, exit {full['exit_code']}; "
-                  f"{full['prediction_records']} prediction records for {full['events']} events; learned "
-                  f"{full['learned']} of {full['labelled']} labelled")
+            print(
+                f"disk full for {full['full_s']:.0f} s: alive {full['alive_while_full']}, /readyz "
+                f"{full['readyz_while_full']}, {full['predictions_while_full']} predictions while full, resumed "
+                f"{full['resumed_after_s']:.1f} s after space came back, exit {full['exit_code']}; "
+                f"{full['prediction_records']} prediction records for {full['events']} events; learned "
+                f"{full['learned']} of {full['labelled']} labelled"
+            )
         else:
             print("disk full: skipped (mounting a small volume needs root)")
     out = Path(args.out)

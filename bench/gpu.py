@@ -40,7 +40,7 @@ def run(events: list[Event], cfg: EngineConfig, batch: int) -> tuple[float, floa
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(batch, len(events), batch):
-        engine.process(events[i:i + batch])
+        engine.process(events[i : i + batch])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -60,8 +60,9 @@ def main() -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
-        cfg = EngineConfig(dim=args.dim, model=args.model, hidden=32, device=device, publish_every=args.batch,
-                           snapshot_every=20)
+        cfg = EngineConfig(
+            dim=args.dim, model=args.model, hidden=32, device=device, publish_every=args.batch, snapshot_every=20
+        )
         rate, error = run(events, cfg, args.batch)
         rows.append({"device": device, "events_per_s": rate, "error": error})
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

@@ -57,6 +57,23 @@ def vw_multitask(events: list[Event]) -> tuple[np.ndarray, float]:
     return np.array(out).reshape(-1, 2), time.perf_counter() - t0
 
 
+def lifelong_in_river(events: list[Event]) -> tuple[float, float]:
+    """``LifelongClassifier`` in River's ``progressive_val_score`` (features named ``x0``, ``x1``, ...: no two
+    share a bucket of the default ``dim``); its error and the seconds the pass took."""
+    from river import evaluate, metrics
+
+    from lifelong.river import LifelongClassifier
+
+    rows = [
+        ({"task": e.task, **{f"x{j}": v for j, v in enumerate(e.x.tolist())}}, bool(e.y))
+        for e in events
+        if e.x is not None and e.y is not None
+    ]
+    t0 = time.perf_counter()
+    accuracy = evaluate.progressive_val_score(rows, LifelongClassifier(by="task"), metrics.Accuracy())
+    return 1.0 - accuracy.get(), time.perf_counter() - t0
+
+
 def early_error(events: list[Event], errors: np.ndarray, first_n: int = 20) -> float:
     """Error over each task's first ``first_n`` labelled events (errors in labelled-event order)."""
     seen: dict[str, int] = {}

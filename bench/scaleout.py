@@ -47,16 +47,31 @@ def produce(bootstrap: str, topic: str, events: list[dict]) -> None:
 
 def start(bootstrap: str, tag: str, work: Path, name: str, partitions: int) -> tuple[subprocess.Popen, int, Path]:
     port = free_port()
-    cfg = {"kafka": {"bootstrap_servers": bootstrap, "events_topic": f"ev-{tag}", "predictions_topic": f"pred-{tag}",
-                     "dead_letter_topic": f"dlq-{tag}", "group_id": f"g-{tag}", "session_timeout_ms": 6000,
-                     "partitions": partitions, "knowledge_topic": f"kb-{tag}", "changelog_topic": f"cl-{tag}"},
-           "engine": {"dim": 20}, "checkpoint": {"dir": str(work / f"state-{tag}-{name}"), "interval_s": 5.0},
-           "metrics": {"port": port}, "logging": {"level": "INFO", "json": True}}
+    cfg = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "events_topic": f"ev-{tag}",
+            "predictions_topic": f"pred-{tag}",
+            "dead_letter_topic": f"dlq-{tag}",
+            "group_id": f"g-{tag}",
+            "session_timeout_ms": 6000,
+            "partitions": partitions,
+            "knowledge_topic": f"kb-{tag}",
+            "changelog_topic": f"cl-{tag}",
+        },
+        "engine": {"dim": 20},
+        "checkpoint": {"dir": str(work / f"state-{tag}-{name}"), "interval_s": 5.0},
+        "metrics": {"port": port},
+        "logging": {"level": "INFO", "json": True},
+    }
     path = work / f"{tag}-{name}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     log = work / f"{tag}-{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     return proc, port, log
 
 
@@ -93,8 +108,14 @@ def throughput(bootstrap: str, events: list[dict], replicas: int, work: Path) ->
     procs = [start(bootstrap, tag, work, f"{i}", 4) for i in range(replicas)]
     try:
         # the group has settled: every replica holds partitions, all 4 are taken
-        wait(lambda: [assigned(port) > 0 for _, port, _ in procs] == [True] * replicas
-             and sum(assigned(port) for _, port, _ in procs) == 4, 120, "replicas ready")
+        wait(
+            lambda: (
+                [assigned(port) > 0 for _, port, _ in procs] == [True] * replicas
+                and sum(assigned(port) for _, port, _ in procs) == 4
+            ),
+            120,
+            "replicas ready",
+        )
         time.sleep(2)
         cpu0 = sum(cpu_seconds(p.pid) for p, _, _ in procs)
         produce(bootstrap, f"ev-{tag}", events)
@@ -122,8 +143,10 @@ def take_over(bootstrap: str, events: list[dict], work: Path) -> dict:
     finally:
         proc.terminate()
         proc.wait(60)
-    found = [re.search(r"restored (\d+) tasks .*, and (\d+) from newer .* in ([\d.]+)s", line)
-             for line in log.read_text().splitlines()]
+    found = [
+        re.search(r"restored (\d+) tasks .*, and (\d+) from newer .* in ([\d.]+)s", line)
+        for line in log.read_text().splitlines()
+    ]
     restores = [(int(m.group(1)) + int(m.group(2)), float(m.group(3))) for m in found if m]
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     parts = [TopicPartition(f"cl-{tag}", p) for p in range(2)]
@@ -136,9 +159,13 @@ def take_over(bootstrap: str, events: list[dict], work: Path) -> dict:
         for rs in consumer.poll(timeout_ms=500).values():
             sizes.extend(len(r.value) + len(r.key or b"") + sum(len(k) + len(v) for k, v in r.headers) for r in rs)
     consumer.close()
-    return {"tasks_restored": sum(n for n, _ in restores), "restore_s": sum(s for _, s in restores),
-            "start_to_ready_s": wall, "changelog_records": len(sizes),
-            "changelog_bytes_per_task": sum(sizes) / max(1, len(sizes))}
+    return {
+        "tasks_restored": sum(n for n, _ in restores),
+        "restore_s": sum(s for _, s in restores),
+        "start_to_ready_s": wall,
+        "changelog_records": len(sizes),
+        "changelog_bytes_per_task": sum(sizes) / max(1, len(sizes)),
+    }
 
 
 def main() -> int:
@@ -153,16 +180,24 @@ def main() -> int:
     with EmbeddedBroker(log=work / "tansu.log") as broker:
         rates = {k: throughput(broker.bootstrap, events, k, work) for k in (1, 2)}
         over = take_over(broker.bootstrap, few, work)
-    result = {"events": len(events), "events_per_s": {str(k): v[0] for k, v in rates.items()},
-              "replica_cpu_ms_per_event": {str(k): v[1] for k, v in rates.items()}, **over}
+    result = {
+        "events": len(events),
+        "events_per_s": {str(k): v[0] for k, v in rates.items()},
+        "replica_cpu_ms_per_event": {str(k): v[1] for k, v in rates.items()},
+        **over,
+    }
     print(f"{len(events):,} events, 4 partitions, broker and replicas on the same 2 cores")
     print(f"{'replicas':<10}{'events/s':>10}{'replica CPU ms/event':>22}")
     for k, (rate, cpu) in rates.items():
         print(f"{k:<10}{rate:>10,.0f}{cpu:>22.3f}")
-    print(f"\ntake-over of 2 partitions holding {over['tasks_restored']:,} tasks: restore "
-          f"{over['restore_s']:.2f} s; process start to ready {over['start_to_ready_s']:.1f} s")
-    print(f"changelog: {over['changelog_records']:,} records, {over['changelog_bytes_per_task']:,.0f} bytes per task "
-          f"record (dim 20, binary, EKF learner, KB capacity 64)")
+    print(
+        f"\ntake-over of 2 partitions holding {over['tasks_restored']:,} tasks: restore "
+        f"{over['restore_s']:.2f} s; process start to ready {over['start_to_ready_s']:.1f} s"
+    )
+    print(
+        f"changelog: {over['changelog_records']:,} records, {over['changelog_bytes_per_task']:,.0f} bytes per task "
+        f"record (dim 20, binary, EKF learner, KB capacity 64)"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaleout.json").write_text(json.dumps(result, indent=1))

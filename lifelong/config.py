@@ -20,6 +20,8 @@ SECRET_KEYS = {"sasl_plain_password", "ssl_password"}
 
 @dataclass(frozen=True)
 class KafkaConfig:
+    """``kafka``: brokers, topics, the consumer group, security and client limits."""
+
     bootstrap_servers: str = "127.0.0.1:9092"
     events_topic: str = "lifelong-events"
     predictions_topic: str = "lifelong-predictions"
@@ -46,6 +48,8 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """``engine``: the task kind, learners, knowledge base and mixing (see the comments per key)."""
+
     task: str = "binary"  # binary | multiclass | regression
     n_classes: int = 2
     target_range: tuple[float, float] = (0.0, 1.0)  # regression only
@@ -77,6 +81,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
+    """``batching``: micro-batch size and wait, and the poll loop's queue of batches."""
+
     max_events: int = 1024
     max_ms: int = 50
     queue_batches: int = 4
@@ -84,6 +90,8 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """``checkpoint``: where and how often state is saved, and how many files are kept."""
+
     dir: str = "./state"
     interval_s: float = 10.0
     keep: int = 2
@@ -91,6 +99,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
+    """``metrics``: the HTTP address of /metrics, /healthz, /readyz, and the per-task label cap."""
+
     host: str = "127.0.0.1"
     port: int = 9108
     max_task_labels: int = 50
@@ -98,18 +108,24 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class LabelsConfig:
+    """``labels``: how long and how many predictions wait for their delayed label."""
+
     pending_ttl_s: float = 3600.0
     pending_max: int = 100_000
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    """``logging``: level and format (JSON lines for log shippers)."""
+
     level: str = "INFO"
     json: bool = False
 
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration, validated, frozen; every key overridable by ``LIFELONG_SECTION__KEY``."""
+
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -140,11 +156,27 @@ CHOICES = {
     "kafka.security_protocol": {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"},
 }
 POSITIVE = {
-    "engine.n_classes", "engine.lr", "engine.kb_capacity", "engine.publish_every", "engine.basis_rank",
-    "engine.prior_var", "engine.hidden", "engine.max_tasks", "batching.max_events", "batching.max_ms",
-    "batching.queue_batches", "checkpoint.interval_s", "checkpoint.keep", "metrics.max_task_labels",
-    "labels.pending_ttl_s", "labels.pending_max", "kafka.session_timeout_ms", "kafka.max_poll_interval_ms",
-    "kafka.max_message_bytes", "kafka.partitions", "shutdown_grace_s",
+    "engine.n_classes",
+    "engine.lr",
+    "engine.kb_capacity",
+    "engine.publish_every",
+    "engine.basis_rank",
+    "engine.prior_var",
+    "engine.hidden",
+    "engine.max_tasks",
+    "batching.max_events",
+    "batching.max_ms",
+    "batching.queue_batches",
+    "checkpoint.interval_s",
+    "checkpoint.keep",
+    "metrics.max_task_labels",
+    "labels.pending_ttl_s",
+    "labels.pending_max",
+    "kafka.session_timeout_ms",
+    "kafka.max_poll_interval_ms",
+    "kafka.max_message_bytes",
+    "kafka.partitions",
+    "shutdown_grace_s",
 }
 
 
@@ -235,8 +267,10 @@ def _validate(cfg: Config) -> None:
     if bool(k.knowledge_topic) != bool(k.changelog_topic):
         raise ConfigError("kafka.knowledge_topic and kafka.changelog_topic: set both (scale-out) or neither")
     if k.knowledge_topic and e.backend == "river":
-        raise ConfigError("engine.backend: river state cannot be shared between replicas safely; set "
-                          "kafka.knowledge_topic and kafka.changelog_topic to \"\" (one standalone replica)")
+        raise ConfigError(
+            "engine.backend: river state cannot be shared between replicas safely; set "
+            'kafka.knowledge_topic and kafka.changelog_topic to "" (one standalone replica)'
+        )
     if not 0 < cfg.metrics.port < 65536:
         raise ConfigError(f"metrics.port: expected a port number 1-65535, got {cfg.metrics.port}")
 
@@ -246,16 +280,25 @@ def _apply_env(data: dict[str, Any], env: typing.Mapping[str, str]) -> None:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        parts = name[len(ENV_PREFIX):].lower().split("__")
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) > 2 or not all(parts):
             raise ConfigError(f"{name}: expected LIFELONG_SECTION__KEY or LIFELONG_KEY")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"{name}: not a valid value ({exc})") from None
-        if isinstance(value, int | float) and not isinstance(value, bool) and parts[-1] in {
-            "bootstrap_servers", "group_id", "sasl_plain_password", "sasl_plain_username", "ssl_password",
-        }:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and parts[-1]
+            in {
+                "bootstrap_servers",
+                "group_id",
+                "sasl_plain_password",
+                "sasl_plain_username",
+                "ssl_password",
+            }
+        ):
             value = raw  # these are strings even when they look like numbers
         target = data
         for part in parts[:-1]:
@@ -265,8 +308,9 @@ def _apply_env(data: dict[str, Any], env: typing.Mapping[str, str]) -> None:
         target[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, env: typing.Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
     """Load ``path`` (or the defaults), apply environment overrides, then ``overrides``, and validate.
 
     >>> load_config(env={"LIFELONG_ENGINE__KB_CAPACITY": "8"}).engine.kb_capacity
@@ -290,7 +334,7 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
         for s in sections:
             target = target.setdefault(s, {})
         target[key] = value
-    cfg = _build(Config, data, "")
+    cfg: Config = _build(Config, data, "")
     _validate(cfg)
     return cfg
 

@@ -82,7 +82,10 @@ def ensure_topics(cfg: Config) -> None:
         existing = set(admin.list_topics())
         compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
         wanted: dict[str, tuple[int, dict[str, str]]] = {
-            k.events_topic: (k.partitions, {}), k.predictions_topic: (1, {}), k.dead_letter_topic: (1, {})}
+            k.events_topic: (k.partitions, {}),
+            k.predictions_topic: (1, {}),
+            k.dead_letter_topic: (1, {}),
+        }
         if k.knowledge_topic:
             wanted[k.knowledge_topic] = (1, compact)  # one partition: one order of members for every replica
             # partition p holds the tasks of events partition p; only each task's newest record is needed
@@ -101,10 +104,13 @@ def ensure_topics(cfg: Config) -> None:
             except KafkaError as exc:
                 raise LifelongError(f"the broker refused to create topic {topic!r}: {exc!r}") from None
         if k.changelog_topic and (n_cl := _partitions(admin, k.changelog_topic)) < (
-                n_ev := _partitions(admin, k.events_topic)):
-            raise LifelongError(f"topic {k.changelog_topic!r} has {n_cl} partitions, fewer than the {n_ev} of "
-                                f"{k.events_topic!r}: give it {n_ev} (its partition p holds the tasks of events "
-                                f"partition p)")
+            n_ev := _partitions(admin, k.events_topic)
+        ):
+            raise LifelongError(
+                f"topic {k.changelog_topic!r} has {n_cl} partitions, fewer than the {n_ev} of "
+                f"{k.events_topic!r}: give it {n_ev} (its partition p holds the tasks of events "
+                f"partition p)"
+            )
     finally:
         admin.close()
 
@@ -137,8 +143,14 @@ class Daemon:
         self.lock = threading.RLock()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.schema = Schema(cfg.engine.dim, cfg.engine.task, cfg.engine.n_classes, cfg.engine.target_range,
-                             frozenset(cfg.engine.tasks), cfg.kafka.max_message_bytes)
+        self.schema = Schema(
+            cfg.engine.dim,
+            cfg.engine.task,
+            cfg.engine.n_classes,
+            cfg.engine.target_range,
+            frozenset(cfg.engine.tasks),
+            cfg.kafka.max_message_bytes,
+        )
         self.shared = bool(cfg.kafka.knowledge_topic)
         self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
         self.knowledge_offset = 0  # the knowledge log has been applied up to here
@@ -168,8 +180,10 @@ class Daemon:
         try:
             self.http = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, self.live, self.ready)
         except OSError as exc:
-            raise ConfigError(f"metrics.host/metrics.port: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
-                              f"{exc.strerror or exc}") from None
+            raise ConfigError(
+                f"metrics.host/metrics.port: cannot listen on {cfg.metrics.host}:{cfg.metrics.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     # --- state ---
 
@@ -187,11 +201,17 @@ class Daemon:
         self.task_partition = dict(extra.get("task_partition", {}))
         self.knowledge_offset = int(extra.get("knowledge_offset", 0))
         self.floor = dict(extra.get("floor", {}))
-        log.info("restored %s: %d tasks, KB %d members, offsets %s", path, engine.n_tasks, engine.kb.size,
-                 {tp.partition: o for tp, o in offsets.items()})
+        log.info(
+            "restored %s: %d tasks, KB %d members, offsets %s",
+            path,
+            engine.n_tasks,
+            engine.kb.size,
+            {tp.partition: o for tp, o in offsets.items()},
+        )
         return engine, offsets
 
     def archived_tasks(self) -> set[int]:
+        """Tasks that ended (``control: end``): their per-task series are dropped."""
         return self.ended
 
     def foreign_tasks(self) -> set[int]:
@@ -203,9 +223,11 @@ class Daemon:
         return {index[t] for t, p in self.task_partition.items() if p not in owned and t in index}
 
     def checkpoint_age(self) -> float:
+        """Seconds since the last checkpoint."""
         return time.monotonic() - self.last_checkpoint
 
     def live(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness (/healthz): both loops made progress recently, with the idle times."""
         now = time.monotonic()
         idle = now - self.last_progress
         poll_idle = now - self.source.last_poll if self.source else 0.0
@@ -213,11 +235,17 @@ class Daemon:
         return ok, {"processing_idle_s": round(idle, 3), "poll_idle_s": round(poll_idle, 3)}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness (/readyz): assigned, restored, checkpoints succeed, broker reachable, not stopping."""
         reachable = bool(self.source and self.source.broker_reachable)
         storage = self.storage_error
         ok = bool(self.assigned) and reachable and not self.stopping.is_set() and storage is None
-        return ok, {"assigned": len(self.assigned), "restored": True, "broker_reachable": reachable,
-                    "stopping": self.stopping.is_set(), "checkpoint_error": storage}
+        return ok, {
+            "assigned": len(self.assigned),
+            "restored": True,
+            "broker_reachable": reachable,
+            "stopping": self.stopping.is_set(),
+            "checkpoint_error": storage,
+        }
 
     # --- rebalance callbacks (poll thread) ---
 
@@ -231,8 +259,15 @@ class Daemon:
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self.lock:
-            if self.shared and self.dirty and self.sink is not None and self.source is not None \
-                    and self.source.broker_reachable and not self.stopping.is_set() and self.storage_error is None:
+            if (
+                self.shared
+                and self.dirty
+                and self.sink is not None
+                and self.source is not None
+                and self.source.broker_reachable
+                and not self.stopping.is_set()
+                and self.storage_error is None
+            ):
                 try:  # hand the partitions over at a checkpoint: the next owner starts there once it is committed
                     self._checkpoint(timeout=min(10.0, self.cfg.kafka.session_timeout_ms / 2000), wait_commit=False)
                 except LifelongError as exc:
@@ -251,14 +286,16 @@ class Daemon:
 
     def _take_over(self, tp: TopicPartition) -> None:
         """Make this replica's state of ``tp``'s tasks the committed one (poll thread, under the lock)."""
-        assert self.source is not None
+        if self.source is None:
+            raise DaemonError("used before the Kafka clients were started")
         t0 = time.monotonic()
         offset = self.source.committed_offset(tp)
         p = tp.partition
         mine = [t for t, q in self.task_partition.items() if q == p]
         if offset is not None and offset == self.positions.get(tp):
-            log.info("partition %s-%d: local state is at the committed offset %d (%d tasks)", tp.topic, p, offset,
-                     len(mine))
+            log.info(
+                "partition %s-%d: local state is at the committed offset %d (%d tasks)", tp.topic, p, offset, len(mine)
+            )
             return
         limit = max(30.0, self.cfg.kafka.max_poll_interval_ms / 2000)
         records, seen = read_changelog(self.cfg, p, offset, timeout_s=limit)
@@ -288,17 +325,30 @@ class Daemon:
         self.metrics.tasks_restored.inc(len(restored))
         at_commit = [t for t in restored if t not in newer]
         labels = sum(self.engine.n_labelled[self.engine.task_index[t]] for t in at_commit)
-        log.info("partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
-                 "committed offset %s, and %d from newer records (their events below those are skipped) in "
-                 "%.2fs; %d records read, %d refused", tp.topic, p, len(at_commit), labels,
-                 self.engine.digest(at_commit), offset, len(newer), seconds, seen, len(records) - len(restored))
+        log.info(
+            "partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
+            "committed offset %s, and %d from newer records (their events below those are skipped) in "
+            "%.2fs; %d records read, %d refused",
+            tp.topic,
+            p,
+            len(at_commit),
+            labels,
+            self.engine.digest(at_commit),
+            offset,
+            len(newer),
+            seconds,
+            seen,
+            len(records) - len(restored),
+        )
 
     # --- main loop ---
 
     def stop(self) -> None:
+        """Ask the main loop to finish the batch in hand, checkpoint and exit (what SIGTERM does)."""
         self.stopping.set()
 
     def run(self) -> int:
+        """Serve until ``stop()``; the exit code (0 after a clean shutdown)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
@@ -350,10 +400,12 @@ class Daemon:
         committed = committed_offsets(self.cfg)
         if committed and not self.reset_state:
             k = self.cfg.kafka
-            raise StateError(f"no usable checkpoint in {self.cfg.checkpoint.dir}, but group {k.group_id!r} committed "
-                             f"offsets {committed} of {k.events_topic!r}: the state they stand for is lost. Restore "
-                             f"the checkpoint directory, or run once with --reset-state to start with an empty "
-                             f"engine from the committed offsets")
+            raise StateError(
+                f"no usable checkpoint in {self.cfg.checkpoint.dir}, but group {k.group_id!r} committed "
+                f"offsets {committed} of {k.events_topic!r}: the state they stand for is lost. Restore "
+                f"the checkpoint directory, or run once with --reset-state to start with an empty "
+                f"engine from the committed offsets"
+            )
         if committed:
             log.warning("--reset-state: starting with an empty engine from the committed offsets %s", committed)
 
@@ -364,7 +416,8 @@ class Daemon:
         self.status_at = time.monotonic()
 
     def _collect(self) -> list[Any]:
-        assert self.source is not None
+        if self.source is None:
+            raise DaemonError("used before the Kafka clients were started")
         first = self.source.get(timeout=0.1)
         if first is None:
             return []
@@ -379,7 +432,8 @@ class Daemon:
         return batches
 
     def _process(self, batches: list[Any]) -> None:
-        assert self.source is not None and self.sink is not None
+        if self.source is None or self.sink is None:
+            raise DaemonError("used before the Kafka clients were started")
         t0 = time.perf_counter()
         with self.lock:
             events: list[Event] = []
@@ -417,8 +471,13 @@ class Daemon:
             if self.shared:
                 for e, r in zip(events, sources, strict=True):
                     if self.task_partition.setdefault(e.task, r.partition) != r.partition:
-                        log.warning("task %r arrived on partition %d, earlier on %d: key events by task, so that "
-                                    "each task has one writer", e.task, r.partition, self.task_partition[e.task])
+                        log.warning(
+                            "task %r arrived on partition %d, earlier on %d: key events by task, so that "
+                            "each task has one writer",
+                            e.task,
+                            r.partition,
+                            self.task_partition[e.task],
+                        )
                         self.task_partition[e.task] = r.partition
                     self.changed.add(e.task)
                 for snap in self.engine.outbox:
@@ -448,7 +507,8 @@ class Daemon:
 
         With ``until_end``, read up to the log's current end first (bounded in time): a replica starts with
         the group's KB."""
-        assert self.knowledge is not None
+        if self.knowledge is None:
+            raise DaemonError("used before the Kafka clients were started")
         self.knowledge_read = time.monotonic()
         end = self.knowledge.end() if until_end else None
         deadline = time.monotonic() + 60.0
@@ -474,7 +534,8 @@ class Daemon:
             log.info("knowledge base read to offset %d: %d members", self.knowledge.offset, self.engine.kb.size)
 
     def _dead_letter(self, r: Any, exc: InvalidEvent) -> None:
-        assert self.sink is not None
+        if self.sink is None:
+            raise DaemonError("used before the Kafka clients were started")
         self.sink.dead_letter(r.value, r.key, str(exc), r.topic, r.partition, r.offset)
         self.metrics.dead_letters.labels(exc.kind).inc()
         self.dead_lettered += 1
@@ -483,7 +544,8 @@ class Daemon:
         """Flush and verify deliveries (and write changed tasks to the changelog), then persist state with its
         offsets, then commit the offsets. None: postponed, deliveries still pending (a broker outage), or the
         checkpoint could not be written (``storage_error``: retried with backoff while processing waits)."""
-        assert self.sink is not None and self.source is not None
+        if self.sink is None or self.source is None:
+            raise DaemonError("used before the Kafka clients were started")
         try:
             path = self._checkpoint_now(timeout, wait_commit)
         except FlushTimeout as exc:
@@ -491,8 +553,12 @@ class Daemon:
             return None
         except OSError as exc:
             self.metrics.checkpoints.labels("failed").inc()
-            log.error("cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
-                      self.cfg.checkpoint.dir, exc, self.retry_s)
+            log.error(
+                "cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
+                self.cfg.checkpoint.dir,
+                exc,
+                self.retry_s,
+            )
             self.storage_error = f"{type(exc).__name__}: {exc.strerror or exc}"
             self.retry_at = time.monotonic() + self.retry_s
             self.retry_s = min(RETRY_S[1], 2 * self.retry_s)
@@ -503,7 +569,8 @@ class Daemon:
         return path
 
     def _checkpoint_now(self, timeout: float, wait_commit: bool) -> Path:
-        assert self.sink is not None and self.source is not None
+        if self.sink is None or self.source is None:
+            raise DaemonError("used before the Kafka clients were started")
         start = time.monotonic()
         with self.lock:
             self.sink.flush(timeout=max(1.0, timeout * 0.4))
@@ -522,13 +589,18 @@ class Daemon:
             offsets = dict(self.positions)
             for tp, off in offsets.items():
                 if off < self.checkpointed.get(tp, -1):
-                    raise StateError(f"offset of {tp.topic}-{tp.partition} went back from "
-                                     f"{self.checkpointed[tp]} to {off}")
-            extra = {"offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
-                     "task_partition": self.task_partition, "floor": self.floor,
-                     "knowledge_offset": self.knowledge_offset}
-            path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep,
-                                          extra=extra)
+                    raise StateError(
+                        f"offset of {tp.topic}-{tp.partition} went back from {self.checkpointed[tp]} to {off}"
+                    )
+            extra = {
+                "offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
+                "task_partition": self.task_partition,
+                "floor": self.floor,
+                "knowledge_offset": self.knowledge_offset,
+            }
+            path = checkpoint.save_engine(
+                self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep, extra=extra
+            )
             self.checkpointed = offsets
             self.last_checkpoint = time.monotonic()
             self.dirty = False
@@ -549,8 +621,10 @@ class Daemon:
             self._read_knowledge(until_end=True)
         if self.dirty and self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
             raise DaemonError(f"no checkpoint at shutdown: {self.storage_error or 'deliveries still pending'}")
-        log.info("stopped cleanly at offsets %s", {f"{tp.topic}-{tp.partition}": self.positions.get(tp)
-                                                   for tp in self.assigned})
+        log.info(
+            "stopped cleanly at offsets %s",
+            {f"{tp.topic}-{tp.partition}": self.positions.get(tp) for tp in self.assigned},
+        )
 
     def _close(self) -> None:
         grace = self.cfg.shutdown_grace_s

@@ -19,14 +19,20 @@ from .daemon import Daemon
 from .engine import S
 from .generate import stream
 
-BAD_PAYLOADS = [b"not json", b"\xff\xfe", b'{"task": "", "x": [1]}', b'{"task": "t", "x": [1, 2], "y": 1}',
-                b'{"task": "t", "control": "pause"}', b'{"task": "t", "x": "oops", "y": 0}']
+BAD_PAYLOADS = [
+    b"not json",
+    b"\xff\xfe",
+    b'{"task": "", "x": [1]}',
+    b'{"task": "t", "x": [1, 2], "y": 1}',
+    b'{"task": "t", "control": "pause"}',
+    b'{"task": "t", "x": "oops", "y": 0}',
+]
 
 
 def _produce(bootstrap: str, topic: str, events: list[dict[str, Any]], rate: float, stop: threading.Event) -> None:
     """Send the stream at ``rate`` events/s, with an invalid payload now and then (they go to the DLQ)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
-    rng = random.Random(0)
+    rng = random.Random(0)  # noqa: S311 - a demo stream, not security
     start = time.monotonic()
     for i, e in enumerate(events):
         if stop.is_set():
@@ -49,49 +55,78 @@ def _snapshot(d: Daemon) -> dict[str, float]:
         reg = e.regrets() if n else None
         labelled = max(1, sum(e.n_labelled))
         return {
-            "processed": sum(d.positions.values()), "learned": e.counters["learned"],
-            "error": st[S["errors"]] / labelled, "error_itl": st[S["errors_local"]] / labelled,
+            "processed": sum(d.positions.values()),
+            "learned": e.counters["learned"],
+            "error": st[S["errors"]] / labelled,
+            "error_itl": st[S["errors_local"]] / labelled,
             "error_kb": st[S["errors_kb"]] / labelled,
             "early": st[S["early_errors"]] / max(1.0, st[S["early_n"]]),
             "early_itl": st[S["early_errors_local"]] / max(1.0, st[S["early_n"]]),
-            "regret": float(reg["top"].sum()) if reg else 0.0, "bound": float(reg["top_bound"].sum()) if reg else 0.0,
+            "regret": float(reg["top"].sum()) if reg else 0.0,
+            "bound": float(reg["top_bound"].sum()) if reg else 0.0,
             "kb_regret": float(reg["kb"].sum()) if reg else 0.0,
             "kb_bound": float(reg["kb_bound"].sum()) if reg else 0.0,
-            "kb": e.kb.size, "tasks": n, "dead": d.dead_lettered,
-            "lag": sum(max(0, hw - d.positions.get(tp, 0)) for tp, hw in (d.source.highwater.items()
-                                                                          if d.source else [])),
+            "kb": e.kb.size,
+            "tasks": n,
+            "dead": d.dead_lettered,
+            "lag": sum(
+                max(0, hw - d.positions.get(tp, 0)) for tp, hw in (d.source.highwater.items() if d.source else [])
+            ),
         }
 
 
-def run_demo(tasks: int = 300, events_per_task: int = 100, rate: float = 5000.0, keep_running: bool = False,
-             metrics_port: int | None = None, timeout: float = 110.0, out: Any = sys.stdout) -> int:
+def run_demo(
+    tasks: int = 300,
+    events_per_task: int = 100,
+    rate: float = 5000.0,
+    keep_running: bool = False,
+    metrics_port: int | None = None,
+    timeout: float = 110.0,
+    out: Any = sys.stdout,
+) -> int:
     """Run the demo; returns the exit code. Everything listens on 127.0.0.1 only."""
+
     def say(msg: str) -> None:
         print(msg, file=out, flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="lifelong-demo-"))
     broker = EmbeddedBroker(log=work / "broker.log").start()
     port = metrics_port or free_port()
-    cfg = load_config(env={}, overrides={
-        "kafka.bootstrap_servers": broker.bootstrap, "kafka.session_timeout_ms": 6000,
-        "kafka.events_topic": "demo-events", "kafka.predictions_topic": "demo-predictions",
-        "kafka.dead_letter_topic": "demo-dlq", "kafka.group_id": "lifelong-demo",
-        "engine.dim": 20, "checkpoint.dir": str(work / "state"), "checkpoint.interval_s": 2.0,
-        "metrics.host": "127.0.0.1", "metrics.port": port, "shutdown_grace_s": 10.0,
-    })
+    cfg = load_config(
+        env={},
+        overrides={
+            "kafka.bootstrap_servers": broker.bootstrap,
+            "kafka.session_timeout_ms": 6000,
+            "kafka.events_topic": "demo-events",
+            "kafka.predictions_topic": "demo-predictions",
+            "kafka.dead_letter_topic": "demo-dlq",
+            "kafka.group_id": "lifelong-demo",
+            "engine.dim": 20,
+            "checkpoint.dir": str(work / "state"),
+            "checkpoint.interval_s": 2.0,
+            "metrics.host": "127.0.0.1",
+            "metrics.port": port,
+            "shutdown_grace_s": 10.0,
+        },
+    )
     events = list(stream("related", n_tasks=tasks, events=events_per_task, seed=int(time.time()) % 1000))
     total_x = sum(1 for e in events if "x" in e)
     daemon = Daemon(cfg)
     result: dict[str, int] = {}
     runner = threading.Thread(target=lambda: result.update(code=daemon.run()), name="lifelong-daemon")
     stop_producer = threading.Event()
-    producer = threading.Thread(target=_produce, args=(broker.bootstrap, cfg.kafka.events_topic, events, rate,
-                                                       stop_producer), daemon=True)
-    say(f"lifelong demo: broker tansu on {broker.bootstrap}, {tasks} related tasks x {events_per_task} events "
-        f"({len(events)} events at {rate:,.0f}/s), state in {work}")
+    producer = threading.Thread(
+        target=_produce, args=(broker.bootstrap, cfg.kafka.events_topic, events, rate, stop_producer), daemon=True
+    )
+    say(
+        f"lifelong demo: broker tansu on {broker.bootstrap}, {tasks} related tasks x {events_per_task} events "
+        f"({len(events)} events at {rate:,.0f}/s), state in {work}"
+    )
     say(f"metrics: http://127.0.0.1:{daemon.http.port}/metrics   health: /healthz /readyz")
-    say(f"{'time':>5} {'learned':>8} {'ev/s':>7} {'lag':>6} {'error':>7} {'per-task':>8} {'KB':>4} "
-        f"{'regret':>8} {'bound':>8}  (error: lifelong vs per-task learners; regret: sum over tasks)")
+    say(
+        f"{'time':>5} {'learned':>8} {'ev/s':>7} {'lag':>6} {'error':>7} {'per-task':>8} {'KB':>4} "
+        f"{'regret':>8} {'bound':>8}  (error: lifelong vs per-task learners; regret: sum over tasks)"
+    )
     t0 = time.monotonic()
     runner.start()
     producer.start()
@@ -107,8 +142,10 @@ def run_demo(tasks: int = 300, events_per_task: int = 100, rate: float = 5000.0,
             if not daemon.ready()[0] and not s["processed"]:
                 say(f"{now - t0:>4.0f}s joining the consumer group ...")
                 continue
-            say(f"{now - t0:>4.0f}s {s['learned']:>8} {rate_now:>7,.0f} {s['lag']:>6} {s['error']:>7.4f} "
-                f"{s['error_itl']:>8.4f} {s['kb']:>4} {s['regret']:>8.2f} {s['bound']:>8.2f}")
+            say(
+                f"{now - t0:>4.0f}s {s['learned']:>8} {rate_now:>7,.0f} {s['lag']:>6} {s['error']:>7.4f} "
+                f"{s['error_itl']:>8.4f} {s['kb']:>4} {s['regret']:>8.2f} {s['bound']:>8.2f}"
+            )
             if daemon.engine.counters["predicted"] >= total_x and not producer.is_alive():
                 break
             if not runner.is_alive() or now - t0 > timeout:
@@ -130,8 +167,10 @@ def run_demo(tasks: int = 300, events_per_task: int = 100, rate: float = 5000.0,
         say(f"  {'regret vs better level (sum)':<34}{s['regret']:>12.2f}  bound {s['bound']:.2f}")
         say(f"  {'KB regret vs best member (sum)':<34}{s['kb_regret']:>12.2f}  bound {s['kb_bound']:.2f}")
         if keep_running and code == 0:
-            say(f"\nstill running: http://127.0.0.1:{daemon.http.port}/metrics (broker {broker.bootstrap}); "
-                "Ctrl-C to stop")
+            say(
+                f"\nstill running: http://127.0.0.1:{daemon.http.port}/metrics (broker {broker.bootstrap}); "
+                "Ctrl-C to stop"
+            )
             while runner.is_alive():
                 time.sleep(0.5)
     except KeyboardInterrupt:
@@ -142,4 +181,3 @@ def run_demo(tasks: int = 300, events_per_task: int = 100, rate: float = 5000.0,
         runner.join(cfg.shutdown_grace_s + 5)
         broker.stop()
     return code or result.get("code", 1)
-

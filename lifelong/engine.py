@@ -37,16 +37,37 @@ from .learners import make_learners, pick_device
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 KB_TOP = 3  # members listed in each prediction
 # Columns of the per-task statistics table.
-STATS = ("loss", "loss_local", "loss_kb", "errors", "errors_local", "errors_kb", "early_errors",
-         "early_errors_local", "early_n")
+STATS = (
+    "loss",
+    "loss_local",
+    "loss_kb",
+    "errors",
+    "errors_local",
+    "errors_kb",
+    "early_errors",
+    "early_errors_local",
+    "early_n",
+)
 S = {name: i for i, name in enumerate(STATS)}
 
 # Outcome of each event in a batch. A label whose prediction expired (TTL or count) finds nothing to join:
 # LABEL_UNMATCHED; the expiry itself is counted in counters["label_expired"]. DUPLICATE: a labelled event
 # (or a label) whose (task, id) was already learned within the pending window, delivered again: skipped.
 PREDICTED, LEARNED, LABEL_JOINED, LABEL_UNMATCHED, CONTROL, DUPLICATE = range(1, 7)
-COUNTERS = ("predicted", "learned", "label_expired", "label_unmatched", "controls", "tasks_created", "snapshots",
-            "duplicates", "pending_replaced", "reset_learner", "reset_code", "snapshots_not_finite")
+COUNTERS = (
+    "predicted",
+    "learned",
+    "label_expired",
+    "label_unmatched",
+    "controls",
+    "tasks_created",
+    "snapshots",
+    "duplicates",
+    "pending_replaced",
+    "reset_learner",
+    "reset_code",
+    "snapshots_not_finite",
+)
 
 
 @dataclass
@@ -94,12 +115,25 @@ class BatchResult:
 
     @classmethod
     def empty(cls, events: list[Event], n_pred: int) -> BatchResult:
+        """A result for ``events`` with nothing filled in yet."""
         n = len(events)
         nan = np.full((n, n_pred), np.nan)
-        return cls(events, np.zeros(n, np.int8), nan.copy(), nan.copy(), nan.copy(), np.full(n, np.nan),
-                   np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.zeros(n, np.int64),
-                   np.zeros(n, np.int64), np.zeros((n, KB_TOP), np.int64), np.zeros((n, KB_TOP)),
-                   np.zeros(n, np.int64), np.full(n, np.nan))
+        return cls(
+            events,
+            np.zeros(n, np.int8),
+            nan.copy(),
+            nan.copy(),
+            nan.copy(),
+            np.full(n, np.nan),
+            np.full((n, 3), np.nan),
+            np.full((n, 3), np.nan),
+            np.zeros(n, np.int64),
+            np.zeros(n, np.int64),
+            np.zeros((n, KB_TOP), np.int64),
+            np.zeros((n, KB_TOP)),
+            np.zeros(n, np.int64),
+            np.full(n, np.nan),
+        )
 
     def records(self, task_kind: str) -> list[tuple[int, dict[str, Any]]]:
         """Prediction records (DESIGN §3) with their position in the batch, for every predicted event.
@@ -223,19 +257,20 @@ class Engine:
             self.t = grown
         self.learners.ensure(n)
         self.kb.ensure(n)
-        self._join_kb(slice(first, n))
+        self._join_kb(self.t, slice(first, n))
 
-    def _join_kb(self, rows: slice) -> None:
-        """Tasks ``rows`` start with every current KB expert in their mixtures."""
+    def _join_kb(self, tables: dict[str, torch.Tensor], rows: slice) -> None:
+        """Tasks ``rows`` of ``tables`` start with every current KB expert in their mixtures."""
         present = torch.cat([torch.tensor([self.kb.basis_ready], device=self.device), self.kb.valid])
         has_kb = bool(present.any())
-        self.t["in_kb"][rows] = present
-        self.t["n_kb"][rows] = int(present.sum())
-        self.t["in_top"][rows] = torch.tensor([True, has_kb], device=self.device)
-        self.t["n_top"][rows] = 1 + int(has_kb)
+        tables["in_kb"][rows] = present
+        tables["n_kb"][rows] = int(present.sum())
+        tables["in_top"][rows] = torch.tensor([True, has_kb], device=self.device)
+        tables["n_top"][rows] = 1 + int(has_kb)
 
     @property
     def n_tasks(self) -> int:
+        """Tasks registered so far."""
         return len(self.task_names)
 
     # --- processing ---
@@ -362,9 +397,12 @@ class Engine:
         rows_x = np.flatnonzero(has_x)
         if len(rows_x):
             # concatenate + reshape: several times faster than np.stack on many small arrays
-            x_np[rows_x] = self._scaled(np.concatenate([typing.cast(np.ndarray, events[start + j].x)
-                                                        for j in rows_x.tolist()]).reshape(len(rows_x), -1),
-                                        tasks[rows_x])
+            x_np[rows_x] = self._scaled(
+                np.concatenate([typing.cast(np.ndarray, events[start + j].x) for j in rows_x.tolist()]).reshape(
+                    len(rows_x), -1
+                ),
+                tasks[rows_x],
+            )
         y_np = np.array([0 if e.y is None else e.y for e in events[start:stop]], np.float64)
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
@@ -383,8 +421,9 @@ class Engine:
             raw_local, raw_basis = self._compiled(plan, tasks, labelled, x1, y, z, seq0)
         else:
             raw_local, raw_basis = self._waves(plan, tasks, labelled, x1, y, z, idx, seq0)
-        p_local, p_basis = self._guard(np.unique(tasks), self.learners.finish(raw_local),
-                                       self.kb.finish_basis(raw_basis))
+        p_local, p_basis = self._guard(
+            np.unique(tasks), self.learners.finish(raw_local), self.kb.finish_basis(raw_basis)
+        )
         self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
         result.segment[start:stop] = len(result.kb_names)
         result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
@@ -398,8 +437,12 @@ class Engine:
         self.t["peak"][u] = torch.as_tensor(peak, device=self.device)
         return x
 
-    def _guard(self, touched: np.ndarray, p_local: torch.Tensor, p_basis: torch.Tensor,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _guard(
+        self,
+        touched: np.ndarray,
+        p_local: torch.Tensor,
+        p_basis: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A non-finite learner or basis code never leaves its task: the task's learner (or code) restarts
         untrained, counted in ``counters["reset_learner"]`` (``["reset_code"]``), and what it predicted on the
         way is replaced by the uninformed prediction, so no mixture, loss or other task ever sees it."""
@@ -413,8 +456,17 @@ class Engine:
         self.counters["reset_code"] += int(bad_code.sum())
         return self.learners.safe(p_local), self.learners.safe(p_basis)
 
-    def _waves(self, plan: _Plan, tasks: np.ndarray, labelled: np.ndarray, x1: torch.Tensor, y: torch.Tensor,
-               z: torch.Tensor, idx: torch.Tensor, seq0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _waves(
+        self,
+        plan: _Plan,
+        tasks: np.ndarray,
+        labelled: np.ndarray,
+        x1: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        idx: torch.Tensor,
+        seq0: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequential part in waves: wave k holds the k-th event of each task. Rows are sorted by (wave,
         labelled), so that every call takes contiguous slices. Returns raw local and basis outputs."""
         n, dev = len(tasks), self.device
@@ -442,8 +494,16 @@ class Engine:
         local[perm], basis[perm] = out_local, out_basis
         return local, basis
 
-    def _compiled(self, plan: _Plan, tasks: np.ndarray, labelled: np.ndarray, x1: torch.Tensor, y: torch.Tensor,
-                  z: torch.Tensor, seq0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compiled(
+        self,
+        plan: _Plan,
+        tasks: np.ndarray,
+        labelled: np.ndarray,
+        x1: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        seq0: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequential part event by event in arrival order, compiled (CPU, EKF learners): the same steps
         as the waves without their per-wave cost."""
         # A segment ends at most in one publication, which keeps each task's latest snapshot (``_publish``):
@@ -458,16 +518,28 @@ class Engine:
         raw_local, snaps = self.learners.sequence(tasks, x1, y_np, labelled, snap_row)
         raw_basis = self.kb.sequence_basis(tasks, z, y_np, labelled)
         for row, (task, (first, last)) in enumerate(spans.items()):
-            self._stage(task, int(plan.n_before[last] + labelled[last]), seq0 + first,
-                        self.learners.member_from_ekf(snaps[row]))
+            self._stage(
+                task, int(plan.n_before[last] + labelled[last]), seq0 + first, self.learners.member_from_ekf(snaps[row])
+            )
         return raw_local, raw_basis
 
-    def _mix(self, events: list[Event], start: int, plan: _Plan, result: BatchResult, x: torch.Tensor,
-             y: torch.Tensor, idx: torch.Tensor, p_local: torch.Tensor, p_basis: torch.Tensor,
-             stored: list[_Pending], stored_rows: np.ndarray) -> None:
+    def _mix(
+        self,
+        events: list[Event],
+        start: int,
+        plan: _Plan,
+        result: BatchResult,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        p_local: torch.Tensor,
+        p_basis: torch.Tensor,
+        stored: list[_Pending],
+        stored_rows: np.ndarray,
+    ) -> None:
         dev, t = self.device, self.t
         n = len(plan.wave)
-        outcome = result.outcome[start:start + n]
+        outcome = result.outcome[start : start + n]
         has_x_np = (outcome == PREDICTED) | (outcome == LEARNED)
         lab_np = (outcome == LEARNED) | (outcome == LABEL_JOINED)
         lab = torch.as_tensor(lab_np, device=dev)
@@ -478,7 +550,7 @@ class Engine:
         st_rows = torch.as_tensor(stored_rows, dtype=torch.long, device=dev)
 
         p_local = p_local.double()
-        kb_x = torch.cat([p_basis.unsqueeze(1), self.learners.member_predict(self.kb.store, x)], dim=1).double()
+        kb_x = self._kb_experts(p_basis, x)
         lab_kb_x = kb_x[src]
         if stored:
             s_kb = torch.stack([en.kb_experts for en in stored])
@@ -491,18 +563,13 @@ class Engine:
         in_kb = t["in_kb"][idx]
         round_n = n_before + 1
         earlier = _EarlierSum(idx)
-        w_kb = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][idx] + earlier(c_kb), in_kb, round_n))
-        p_kb = mix(w_kb, kb_x)
         in_top = t["in_top"][idx]
-        p_kb = torch.where(in_top[:, 1:2], p_kb, p_local)  # finite stand-in; its weight is 0 until the KB joins
-        top = torch.stack([p_local, p_kb], dim=1)
+        w_kb, top = self._kb_level(kb_x, t["L_kb"][idx] + earlier(c_kb), in_kb, in_top, round_n, p_local)
         lab_top = top[src]
         if stored:
             lab_top[st_rows] = s_top
         c_top = torch.where(lab.unsqueeze(-1), self.top_mix.loss(lab_top, y_col), 0.0)
-        w_top = self.top_mix.weights(t["L_top"][idx] + earlier(c_top), in_top, round_n)
-        pred = mix(w_top, top)
-        top[:, 1] = torch.where(in_top[:, 1:2], top[:, 1], pred)  # the sleeping KB level predicts the mixture
+        w_top, pred = self._top_level(top, t["L_top"][idx] + earlier(c_top), in_top, round_n)
         three = torch.cat([pred.unsqueeze(1), top], dim=1)[src]
         if stored:
             three[st_rows] = torch.cat([torch.stack([en.pred for en in stored]).unsqueeze(1), s_top], dim=1)
@@ -540,8 +607,104 @@ class Engine:
             e = events[start + j]
             key = (e.task, e.id or "")
             if key in self.pending_keys:
-                self.pending[key] = _Pending(x[j].clone(), kb_x[j].to(self.dtype), top[j].clone(), pred[j].clone(),
-                                             self.kb_version.clone())
+                self.pending[key] = _Pending(
+                    x[j].clone(), kb_x[j].to(self.dtype), top[j].clone(), pred[j].clone(), self.kb_version.clone()
+                )
+
+    def _kb_experts(self, p_basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[n, 1 + capacity, P]`` of the KB experts: the basis expert, then every slot."""
+        return torch.cat([p_basis.unsqueeze(1), self.learners.member_predict(self.kb.store, x)], dim=1).double()
+
+    def _kb_level(
+        self,
+        kb_x: torch.Tensor,
+        loss_kb: torch.Tensor,
+        in_kb: torch.Tensor,
+        in_top: torch.Tensor,
+        rounds: torch.Tensor,
+        p_local: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KB level's weights, and the two levels ``[n, 2, P]`` (local, KB) the top level mixes."""
+        w_kb = torch.nan_to_num(self.kb_mix.weights(loss_kb, in_kb, rounds))
+        p_kb = torch.where(in_top[:, 1:2], mix(w_kb, kb_x), p_local)  # finite stand-in; weight 0 until the KB joins
+        return w_kb, torch.stack([p_local, p_kb], dim=1)
+
+    def _top_level(
+        self,
+        top: torch.Tensor,
+        loss_top: torch.Tensor,
+        in_top: torch.Tensor,
+        rounds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top level's weights and the combined prediction; a sleeping KB level then "predicts" it."""
+        w_top = self.top_mix.weights(loss_top, in_top, rounds)
+        pred = mix(w_top, top)
+        top[:, 1] = torch.where(in_top[:, 1:2], top[:, 1], pred)
+        return w_top, pred
+
+    def predict(self, events: list[Event]) -> BatchResult:
+        """What ``process`` would predict for each event with features if it came next, changing nothing: no
+        task is registered, no prediction waits for its label, no counter, scale or learner moves. Labels
+        are ignored; events without features get no prediction. Rows are independent of each other.
+
+        >>> from lifelong.config import EngineConfig
+        >>> eng = Engine(EngineConfig(dim=2))
+        >>> before = eng.state()[1]
+        >>> eng.predict([Event("new", "q", np.array([3.0, 1.0]))]).pred.round(3).tolist()
+        [[0.5, 0.5]]
+        >>> eng.state()[1] == before
+        True
+        """
+        result = BatchResult.empty(events, self.n_pred)
+        rows = np.array([j for j, e in enumerate(events) if e.x is not None], np.int64)
+        if not len(rows):
+            return result
+        dev, t = self.device, self.t
+        names = [events[j].task for j in rows.tolist()]
+        new = {
+            name: self.n_tasks + k for k, name in enumerate(dict.fromkeys(n for n in names if n not in self.task_index))
+        }
+        index = np.array([self.task_index.get(name, new.get(name, -1)) for name in names], np.int64)
+        known = index < self.n_tasks
+        kt = torch.as_tensor(index[known], device=dev)
+        peak = np.zeros((len(rows), self.cfg.dim))
+        peak[known] = t["peak"][kt].cpu().numpy()
+        x_np = scaling.peek(peak, np.stack([typing.cast(np.ndarray, events[j].x) for j in rows.tolist()]))
+        x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
+        x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        z = x1 @ self.kb.B
+        kn = torch.as_tensor(known, device=dev)
+        raw_local = _by_rows(
+            known, lambda: self.learners.forward(kt, x1[kn]), lambda: self.learners.forward_new(index[~known], x1[~kn])
+        )
+        raw_basis = _by_rows(known, lambda: self.kb.forward_basis(kt, z[kn]), lambda: self.kb.forward_basis_new(z[~kn]))
+        p_local = self.learners.safe(self.learners.finish(raw_local)).double()
+        p_basis = self.learners.safe(self.kb.finish_basis(raw_basis))
+        fresh = self._task_tables(int((~known).sum()))
+        self._join_kb(fresh, slice(None))
+        tables = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype, device=dev) for k, v in fresh.items()}
+        for k, v in tables.items():
+            v[kn], v[~kn] = t[k][kt], fresh[k]
+        rounds = (
+            torch.as_tensor([self.n_labelled[i] if i < self.n_tasks else 0 for i in index.tolist()], device=dev) + 1
+        )
+        kb_x = self._kb_experts(p_basis, x)
+        w_kb, top = self._kb_level(kb_x, tables["L_kb"], tables["in_kb"], tables["in_top"], rounds, p_local)
+        w_top, pred = self._top_level(top, tables["L_top"], tables["in_top"], rounds)
+        out = rows
+        result.outcome[out] = PREDICTED
+        result.task_index[out] = index
+        result.pred[out] = pred.cpu().numpy()
+        result.p_local[out] = top[:, 0].cpu().numpy()
+        result.p_kb[out] = top[:, 1].cpu().numpy()
+        result.w_local[out] = w_top[:, 0].cpu().numpy()
+        result.model_version[out] = rounds.cpu().numpy() - 1
+        top_k = min(KB_TOP, w_kb.shape[1])
+        tw, ts = torch.topk(w_kb, top_k, dim=1)
+        result.kb_slots[out, :top_k] = ts.cpu().numpy()
+        result.kb_weights[out, :top_k] = tw.cpu().numpy()
+        result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
+        return result
 
     def _errors(self, preds: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.task == "regression":
@@ -634,30 +797,46 @@ class Engine:
         reg = self.regrets()
 
         def method(err: str, loss: str) -> dict[str, float]:
-            return {"cumulative_error": float(st[:, S[err]].sum() / total),
-                    "cumulative_log_loss": float(st[:, S[loss]].sum() / total)}
+            return {
+                "cumulative_error": float(st[:, S[err]].sum() / total),
+                "cumulative_log_loss": float(st[:, S[loss]].sum() / total),
+            }
 
         tasks = {}
         for i, name in enumerate(self.task_names):
             c = max(1, int(counts[i]))
-            tasks[name] = {"events": int(counts[i]), "cumulative_error": float(st[i, S["errors"]] / c),
-                           "cumulative_error_local": float(st[i, S["errors_local"]] / c),
-                           "regret": float(reg["top"][i]), "regret_bound": float(reg["top_bound"][i]),
-                           "kb_regret": float(reg["kb"][i]), "kb_regret_bound": float(reg["kb_bound"][i])}
+            tasks[name] = {
+                "events": int(counts[i]),
+                "cumulative_error": float(st[i, S["errors"]] / c),
+                "cumulative_error_local": float(st[i, S["errors_local"]] / c),
+                "regret": float(reg["top"][i]),
+                "regret_bound": float(reg["top_bound"][i]),
+                "kb_regret": float(reg["kb"][i]),
+                "kb_regret_bound": float(reg["kb_bound"][i]),
+            }
         early_n = max(1.0, float(st[:, S["early_n"]].sum()))
         i_top = int(np.argmax(reg["top"] - reg["top_bound"])) if n else 0
         i_kb = int(np.argmax(reg["kb"] - reg["kb_bound"])) if n else 0
         return {
             "labelled": int(counts.sum()),
-            "methods": {"lifelong": method("errors", "loss"), "itl": method("errors_local", "loss_local"),
-                        "kb_only": method("errors_kb", "loss_kb")},
-            "regret": {"top_level_max": float(reg["top"][i_top]) if n else 0.0,
-                       "top_level_bound": float(reg["top_bound"][i_top]) if n else 0.0,
-                       "kb_max": float(reg["kb"][i_kb]) if n else 0.0,
-                       "kb_bound": float(reg["kb_bound"][i_kb]) if n else 0.0,
-                       "top_level_total": float(reg["top"].sum()), "kb_total": float(reg["kb"].sum())},
-            "early": {"first_n": EARLY_N, "lifelong": float(st[:, S["early_errors"]].sum() / early_n),
-                      "itl": float(st[:, S["early_errors_local"]].sum() / early_n)},
+            "methods": {
+                "lifelong": method("errors", "loss"),
+                "itl": method("errors_local", "loss_local"),
+                "kb_only": method("errors_kb", "loss_kb"),
+            },
+            "regret": {
+                "top_level_max": float(reg["top"][i_top]) if n else 0.0,
+                "top_level_bound": float(reg["top_bound"][i_top]) if n else 0.0,
+                "kb_max": float(reg["kb"][i_kb]) if n else 0.0,
+                "kb_bound": float(reg["kb_bound"][i_kb]) if n else 0.0,
+                "top_level_total": float(reg["top"].sum()),
+                "kb_total": float(reg["kb"].sum()),
+            },
+            "early": {
+                "first_n": EARLY_N,
+                "lifelong": float(st[:, S["early_errors"]].sum() / early_n),
+                "itl": float(st[:, S["early_errors_local"]].sum() / early_n),
+            },
             "kb": {"size": self.kb.size, "capacity": self.kb.capacity, **self.kb.counts},
             "counters": dict(self.counters),
             "tasks": tasks,
@@ -684,8 +863,11 @@ class Engine:
         meta = {
             "version": 1,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.cfg.__dict__.items()},
-            "task_names": self.task_names, "events_seen": self.events_seen, "now_ts": self.now_ts,
-            "counters": self.counters, "kb": self.kb.meta(),
+            "task_names": self.task_names,
+            "events_seen": self.events_seen,
+            "now_ts": self.now_ts,
+            "counters": self.counters,
+            "kb": self.kb.meta(),
             "pending": [[k[0], k[1], *self.pending_keys[k]] for k in keys],
             "learned_keys": [[k[0], k[1], ts] for k, ts in self.learned_keys.items()],
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
@@ -693,13 +875,15 @@ class Engine:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what ``state`` returned; ``StateError`` if it was saved with another shape of engine."""
         if meta.get("version") != 1:
             raise StateError(f"unsupported state version {meta.get('version')!r}")
         saved = meta["config"]
         for key in ("dim", "task", "n_classes", "backend", "model", "hidden", "kb_capacity", "basis_rank"):
             if saved.get(key) != getattr(self.cfg, key):
-                raise StateError(f"state was saved with engine.{key}={saved.get(key)!r}, config has "
-                                 f"{getattr(self.cfg, key)!r}")
+                raise StateError(
+                    f"state was saved with engine.{key}={saved.get(key)!r}, config has {getattr(self.cfg, key)!r}"
+                )
         dev = self.device
         self.task_names = list(meta["task_names"])
         self.task_index = {name: i for i, name in enumerate(self.task_names)}
@@ -709,7 +893,7 @@ class Engine:
             if f"task.{k}" in tensors:  # a checkpoint from before a table was added: zeros
                 self.t[k][:n] = tensors[f"task.{k}"].to(dev)
         self.n_labelled = tensors["task.n_labelled"].tolist()
-        self.learners.load_state({k[len("learner."):]: v for k, v in tensors.items() if k.startswith("learner.")})
+        self.learners.load_state({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.kb_version = tensors["kb_version"].to(dev)
         self.pending_keys = OrderedDict()
@@ -717,12 +901,13 @@ class Engine:
         for j, (task, eid, seq, ts) in enumerate(meta["pending"]):
             pkey = (task, eid)
             self.pending_keys[pkey] = (int(seq), float(ts))
-            self.pending[pkey] = _Pending(*(tensors[f"pending.{name}"][j].to(dev)
-                                           for name in ("x", "kb_experts", "top", "pred", "versions")))
+            self.pending[pkey] = _Pending(
+                *(tensors[f"pending.{name}"][j].to(dev) for name in ("x", "kb_experts", "top", "pred", "versions"))
+            )
         self.staged = []
         for i, (task, name, learned, seq) in enumerate(meta["staged"]):
             prefix = f"staged.{i}."
-            store = self.learners.load_store({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            store = self.learners.load_store({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             self.staged.append(Staged(int(task), name, int(learned), int(seq), store))
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
@@ -751,8 +936,13 @@ class Engine:
             self._task_spec["kb.updated"] = ("int64", (self.kb.capacity,))
         meta, arrays = wire.unpack(data, "task", self._task_spec, max_bytes)
         name, n = meta.get("task"), meta.get("n_labelled")
-        if not isinstance(name, str) or not 0 < len(name) <= 256 or type(n) is not int or n < 0 \
-                or type(meta.get("basis_at")) is not int:
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= 256
+            or type(n) is not int
+            or n < 0
+            or type(meta.get("basis_at")) is not int
+        ):
             raise wire.Refused("malformed", f"bad task metadata {meta!r:.200}")
         return meta, arrays
 
@@ -776,19 +966,20 @@ class Engine:
         for name, record in records.items():
             self._load_task(self.task_index[name], record, ours)
 
-    def _load_task(self, i: int, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None,
-                   ours: torch.Tensor) -> None:
+    def _load_task(
+        self, i: int, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None, ours: torch.Tensor
+    ) -> None:
         rows, dev = slice(i, i + 1), self.device
         if record is None:
             self.learners.load_task(i, None)
             for table in self.t.values():
                 table[i] = 0
-            self._join_kb(rows)
+            self._join_kb(self.t, rows)
             self.n_labelled[i] = 0
             self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
             return
         meta, arrays = record
-        self.learners.load_task(i, {k[len("learner."):]: v for k, v in arrays.items() if k.startswith("learner.")})
+        self.learners.load_task(i, {k[len("learner.") :]: v for k, v in arrays.items() if k.startswith("learner.")})
         for k, table in self.t.items():
             table[i] = arrays[f"t.{k}"].to(dev)
         self.n_labelled[i] = int(meta["n_labelled"])
@@ -796,8 +987,9 @@ class Engine:
             self.kb.mu[i], self.kb.S[i] = arrays["code.mu"].to(dev), arrays["code.S"].to(dev)
         else:
             self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
-            self._enter(rows, torch.zeros(1, dtype=torch.long, device=dev),
-                        torch.tensor([self.kb.basis_ready], device=dev))
+            self._enter(
+                rows, torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([self.kb.basis_ready], device=dev)
+            )
         changed = (arrays["kb.updated"].to(dev) != ours).nonzero().flatten()
         if len(changed):
             self._enter(rows, changed + 1, self.kb.valid[changed])
@@ -820,12 +1012,32 @@ class Engine:
             weights = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())).sum(0)
         else:
             weights = torch.zeros(self.n_experts)
-        rows = [{"slot": "basis", "id": "basis", "source": "-", "weight": float(weights[0])}] if self.kb.basis_ready \
+        rows = (
+            [{"slot": "basis", "id": "basis", "source": "-", "weight": float(weights[0])}]
+            if self.kb.basis_ready
             else []
+        )
         for s, mid in enumerate(self.kb.ids):
             if mid is not None and bool(self.kb.valid[s]):
                 rows.append({"slot": s, "id": mid, "source": self.kb.source[s], "weight": float(weights[1 + s])})
         return rows
+
+
+def _by_rows(
+    known: np.ndarray,
+    old: typing.Callable[[], torch.Tensor],
+    new: typing.Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Rows of known tasks from ``old()``, rows of new tasks from ``new()``, back in row order."""
+    parts, order = [], []
+    if known.any():
+        parts.append(old())
+        order.append(np.flatnonzero(known))
+    if not known.all():
+        parts.append(new())
+        order.append(np.flatnonzero(~known))
+    out = torch.cat(parts)
+    return out[torch.as_tensor(np.argsort(np.concatenate(order)), device=out.device)]
 
 
 class _EarlierSum:

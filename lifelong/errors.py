@@ -1,5 +1,8 @@
 """The exception hierarchy: one root, one small subclass per area."""
 
+import importlib
+from types import ModuleType
+
 
 class LifelongError(Exception):
     """Root of every error this package raises on purpose."""
@@ -25,3 +28,17 @@ class InvalidEvent(LifelongError):
 
 class StateError(LifelongError):
     """Saved state is missing, corrupt, or does not match the configuration."""
+
+
+class MissingExtra(LifelongError):
+    """A feature needs an optional dependency that is not installed."""
+
+
+def require(module: str, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` for ``feature``, or raise ``MissingExtra`` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(
+            f"{feature} needs {module.split('.')[0]}, which is not installed: pip install 'lifelong[{extra}]'"
+        ) from None

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import Config
 from .engine import Engine
-from .errors import InvalidEvent, LifelongError
+from .errors import InvalidEvent, LifelongError, require
 from .events import Event, Schema, decode
 
 
@@ -33,13 +33,20 @@ def read_events(path: str | Path, cfg: Config, infer: bool) -> tuple[Config, lis
         ys = [d["y"] for d in parsed if isinstance(d, dict) and d.get("y") is not None]
         if ys and all(isinstance(y, int | bool) or float(y).is_integer() for y in ys):
             n_classes = int(max(ys)) + 1
-            engine = dataclasses.replace(engine, task="binary" if n_classes <= 2 else "multiclass",
-                                         n_classes=max(2, n_classes))
+            engine = dataclasses.replace(
+                engine, task="binary" if n_classes <= 2 else "multiclass", n_classes=max(2, n_classes)
+            )
         elif ys:
             engine = dataclasses.replace(engine, task="regression", target_range=(float(min(ys)), float(max(ys))))
     cfg = dataclasses.replace(cfg, engine=engine)
-    schema = Schema(engine.dim, engine.task, engine.n_classes, engine.target_range, frozenset(engine.tasks),
-                    cfg.kafka.max_message_bytes)
+    schema = Schema(
+        engine.dim,
+        engine.task,
+        engine.n_classes,
+        engine.target_range,
+        frozenset(engine.tasks),
+        cfg.kafka.max_message_bytes,
+    )
     events, bad = [], 0
     for line in lines:
         if not line.strip():
@@ -61,6 +68,7 @@ class Progress:
         self.shown = -1
 
     def update(self, done: int, extra: str = "") -> None:
+        """Show progress after ``done`` events (at most once per percent, or per 10% off a terminal)."""
         frac = done / self.total
         step = int(frac * 100) if self.tty else int(frac * 10)
         if step == self.shown:
@@ -73,19 +81,24 @@ class Progress:
         print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """End the progress line."""
         if self.tty:
             print(file=sys.stderr)
 
 
-def run_engine(engine: Engine, events: list[Event], batch: int, label: str | None = None,
-               ) -> tuple[float, np.ndarray]:
+def run_engine(
+    engine: Engine,
+    events: list[Event],
+    batch: int,
+    label: str | None = None,
+) -> tuple[float, np.ndarray]:
     """Process ``events`` in batches; return the seconds taken and the per-labelled-event errors [n, 3]."""
     progress = Progress(len(events), label) if label else None
     errors = []
     mistakes = labelled = 0.0
     t0 = time.perf_counter()
     for i in range(0, len(events), batch):
-        result = engine.process(events[i:i + batch])
+        result = engine.process(events[i : i + batch])
         errors.append(result.errors[~np.isnan(result.errors[:, 0])])
         if progress:
             mistakes, labelled = mistakes + errors[-1][:, 0].sum(), labelled + len(errors[-1])
@@ -96,8 +109,9 @@ def run_engine(engine: Engine, events: list[Event], batch: int, label: str | Non
     return seconds, np.concatenate(errors) if errors else np.zeros((0, 3))
 
 
-def evaluate(path: str | Path, cfg: Config, infer: bool = True, plot: str | Path | None = None,
-             progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    path: str | Path, cfg: Config, infer: bool = True, plot: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
     """One prequential pass of the engine, then the pooled baseline; the report of ``lifelong evaluate``."""
     cfg, events, bad = read_events(path, cfg, infer)
     batch = cfg.batching.max_events
@@ -110,20 +124,27 @@ def evaluate(path: str | Path, cfg: Config, infer: bool = True, plot: str | Path
     _, pooled_errors = run_engine(pooled, pooled_events, batch, "pooled" if progress else None)
     report["methods"]["pooled"] = pooled.report()["methods"]["itl"]
     out = {
-        "input": str(path), "events": len(events), "invalid_lines": bad,
-        "seconds": seconds, "events_per_s": len(events) / max(seconds, 1e-9),
-        "device": str(engine.device), "config": dataclasses.asdict(cfg.engine), **report,
+        "input": str(path),
+        "events": len(events),
+        "invalid_lines": bad,
+        "seconds": seconds,
+        "events_per_s": len(events) / max(seconds, 1e-9),
+        "device": str(engine.device),
+        "config": dataclasses.asdict(cfg.engine),
+        **report,
     }
     if plot:
-        write_plot(plot, {"lifelong": errors[:, 0], "itl": errors[:, 1], "kb_only": errors[:, 2],
-                          "pooled": pooled_errors[:, 1]}, str(path))
+        write_plot(
+            plot,
+            {"lifelong": errors[:, 0], "itl": errors[:, 1], "kb_only": errors[:, 2], "pooled": pooled_errors[:, 1]},
+            str(path),
+        )
     return out
 
 
 def write_plot(path: str | Path, errors: dict[str, np.ndarray], title: str) -> None:
     """Cumulative error against labelled events, one line per method."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "lifelong evaluate --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -68,8 +68,9 @@ class Mixing:
             return math.log(n_experts) / self.fixed_eta
         lm = math.log(self.hedge_m)
         eta_1, eta_next = math.sqrt(8 * lm), math.sqrt(8 * lm / (n + 1))
-        eta_sum = sum(math.sqrt(8 * lm / t) for t in range(1, n + 1)) if n < 10_000 else \
-            math.sqrt(8 * lm) * 2 * math.sqrt(n)
+        eta_sum = (
+            sum(math.sqrt(8 * lm / t) for t in range(1, n + 1)) if n < 10_000 else math.sqrt(8 * lm) * 2 * math.sqrt(n)
+        )
         return (2 / eta_next - 1 / eta_1) * math.log(n_experts) + eta_sum / 8
 
 

@@ -23,6 +23,7 @@ import torch
 
 from . import wire
 from .config import EngineConfig
+from .errors import LifelongError
 from .learners import Learners, ekf
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
@@ -71,6 +72,7 @@ class KnowledgeBase:
 
     @property
     def size(self) -> int:
+        """Members held now."""
         return int(self.valid.sum())
 
     def ensure(self, n_tasks: int) -> None:
@@ -82,8 +84,8 @@ class KnowledgeBase:
             new_cap = max(n_tasks, 2 * cap, 16)
             self.mu = torch.cat([self.mu, self.mu.new_zeros(new_cap - cap, *self.mu.shape[1:])])
             self.S = torch.cat([self.S, self.S.new_zeros(new_cap - cap, *self.S.shape[1:])])
-        self.mu[self._n:n_tasks] = self.prior_mu
-        self.S[self._n:n_tasks] = self.prior_S
+        self.mu[self._n : n_tasks] = self.prior_mu
+        self.S[self._n : n_tasks] = self.prior_S
         self._n = n_tasks
 
     # --- prediction and learning ---
@@ -97,6 +99,15 @@ class KnowledgeBase:
             y = (y - lo) / (hi - lo)
         return ekf.forward(self.mu, self.S, idx, z, y, self.cfg.task)
 
+    def forward_basis_new(self, z: torch.Tensor) -> torch.Tensor:
+        """``forward_basis`` (no learning) for tasks not created yet: their codes are the prior."""
+        if not self.basis_on:
+            return torch.zeros(len(z), 2 * self.n_out, dtype=self.dtype, device=self.device)
+        n = len(z)
+        mu = self.prior_mu.expand(n, *self.prior_mu.shape).contiguous()
+        S = self.prior_S.expand(n, self.n_out, *self.prior_S.shape).contiguous()
+        return ekf.forward(mu, S, torch.arange(n, device=self.device), z, None, self.cfg.task)
+
     def sequence_basis(self, tasks: np.ndarray, z: torch.Tensor, y: np.ndarray, labelled: np.ndarray) -> torch.Tensor:
         """``forward_basis`` for a whole segment, event by event in order (compiled, CPU)."""
         if not self.basis_on:
@@ -107,6 +118,7 @@ class KnowledgeBase:
         return ekf.sequence(self.mu, self.S, tasks, z, y, labelled, self.cfg.task)[0]
 
     def finish_basis(self, raw: torch.Tensor) -> torch.Tensor:
+        """Predictions of the basis expert from ``forward_basis``'s raw outputs."""
         if not self.basis_on:  # a placeholder; the basis expert never joins a mixture
             return torch.zeros(len(raw), self.learners.n_pred, dtype=self.dtype, device=self.device)
         return self.learners.to_pred(ekf.predictive_logits(raw, self.cfg.task))
@@ -178,7 +190,8 @@ class KnowledgeBase:
 
     def _refresh_basis(self) -> None:
         weights = self.learners.linear_weights(self.store)
-        assert weights is not None
+        if weights is None:
+            raise LifelongError("the basis expert needs linear members")
         members = weights[self.valid]  # [K, d+1, C]
         rows = members.permute(0, 2, 1).reshape(-1, members.shape[1])  # [K*C, d+1]
         _, sv, vh = torch.linalg.svd(rows, full_matrices=False)
@@ -204,21 +217,38 @@ class KnowledgeBase:
     # --- state ---
 
     def state(self) -> dict[str, Any]:
+        """Members, basis and codes as tensors (with ``meta``, what ``load_state`` restores)."""
         out: dict[str, Any] = {f"kb.store.{k}": v for k, v in self.learners.store_state(self.store).items()}
-        out.update({"kb.valid": self.valid.cpu(), "kb.B": self.B.cpu(), "kb.prior_mu": self.prior_mu.cpu(),
-                    "kb.prior_S": self.prior_S.cpu(), "kb.mu": self.mu[: self._n].cpu(),
-                    "kb.S": self.S[: self._n].cpu()})
+        out.update(
+            {
+                "kb.valid": self.valid.cpu(),
+                "kb.B": self.B.cpu(),
+                "kb.prior_mu": self.prior_mu.cpu(),
+                "kb.prior_S": self.prior_S.cpu(),
+                "kb.mu": self.mu[: self._n].cpu(),
+                "kb.S": self.S[: self._n].cpu(),
+            }
+        )
         if self.vectors is not None:
             out["kb.vectors"] = self.vectors.cpu()
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"ids": self.ids, "source": self.source, "counts": self.counts, "basis_ready": self.basis_ready,
-                "applied": self.applied, "updated": self.updated, "basis_at": self.basis_at}
+        """Slot metadata and counters as JSON-able values."""
+        return {
+            "ids": self.ids,
+            "source": self.source,
+            "counts": self.counts,
+            "basis_ready": self.basis_ready,
+            "applied": self.applied,
+            "updated": self.updated,
+            "basis_at": self.basis_at,
+        }
 
     def load_state(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Restore what ``state`` and ``meta`` returned."""
         prefix = "kb.store."
-        self.store = self.learners.load_store({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.store = self.learners.load_store({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
         dev = self.device
         self.valid = state["kb.valid"].to(dev)
         self.B, self.prior_mu, self.prior_S = (state[k].to(dev) for k in ("kb.B", "kb.prior_mu", "kb.prior_S"))
@@ -246,4 +276,3 @@ class KnowledgeBase:
         if not isinstance(source, str) or not 0 < len(source) <= 256 or type(learned) is not int or learned < 1:
             raise wire.Refused("malformed", f"bad member metadata {meta!r:.200}")
         return Staged(-1, source, learned, 0, self.learners.load_store(arrays))
-

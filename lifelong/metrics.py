@@ -40,32 +40,61 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.batch_seconds = Histogram("lifelong_batch_seconds", "Time to decode, predict, learn and send one "
-                                       "micro-batch", buckets=LATENCY_BUCKETS, registry=registry)
-        self.end_to_end = Histogram("lifelong_end_to_end_seconds", "From an event's Kafka timestamp to its "
-                                    "prediction being sent", buckets=LATENCY_BUCKETS, registry=registry)
-        self.label_delay = Histogram("lifelong_label_delay_seconds", "From a prediction to its delayed label "
-                                     "(event time)", buckets=DELAY_BUCKETS, registry=registry)
-        self.poll_interval = Histogram("lifelong_poll_interval_seconds", "Time between consumer polls",
-                                       buckets=LATENCY_BUCKETS, registry=registry)
-        self.dead_letters = Counter("lifelong_dead_letters", "Events sent to the dead-letter topic, by the "
-                                    "field that was wrong", ["field"], registry=registry)
-        self.checkpoints = Counter("lifelong_checkpoints", "Checkpoints written, by result", ["result"],
-                                   registry=registry)
+        self.batch_seconds = Histogram(
+            "lifelong_batch_seconds",
+            "Time to decode, predict, learn and send one micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.end_to_end = Histogram(
+            "lifelong_end_to_end_seconds",
+            "From an event's Kafka timestamp to its prediction being sent",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.label_delay = Histogram(
+            "lifelong_label_delay_seconds",
+            "From a prediction to its delayed label (event time)",
+            buckets=DELAY_BUCKETS,
+            registry=registry,
+        )
+        self.poll_interval = Histogram(
+            "lifelong_poll_interval_seconds", "Time between consumer polls", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.dead_letters = Counter(
+            "lifelong_dead_letters",
+            "Events sent to the dead-letter topic, by the field that was wrong",
+            ["field"],
+            registry=registry,
+        )
+        self.checkpoints = Counter(
+            "lifelong_checkpoints", "Checkpoints written, by result", ["result"], registry=registry
+        )
         for result in ("ok", "failed"):
             self.checkpoints.labels(result)
         # Scale-out (knowledge and changelog topics)
-        self.knowledge_refused = Counter("lifelong_knowledge_refused", "Knowledge-topic records refused (never "
-                                         "loaded), by reason", ["reason"], registry=registry)
+        self.knowledge_refused = Counter(
+            "lifelong_knowledge_refused",
+            "Knowledge-topic records refused (never loaded), by reason",
+            ["reason"],
+            registry=registry,
+        )
         for reason in ("not_lifelong", "malformed", "shape", "not_finite", "too_large"):
             self.knowledge_refused.labels(reason)
-        self.changelog_bytes = Counter("lifelong_changelog_bytes", "Bytes of task state written to the changelog",
-                                       registry=registry)
-        self.tasks_restored = Counter("lifelong_tasks_restored", "Tasks restored from the changelog after gaining "
-                                      "their partition", registry=registry)
-        self.restore_seconds = Histogram("lifelong_restore_seconds", "Time to take over one gained partition "
-                                         "(changelog read and task restore)", buckets=LATENCY_BUCKETS,
-                                         registry=registry)
+        self.changelog_bytes = Counter(
+            "lifelong_changelog_bytes", "Bytes of task state written to the changelog", registry=registry
+        )
+        self.tasks_restored = Counter(
+            "lifelong_tasks_restored",
+            "Tasks restored from the changelog after gaining their partition",
+            registry=registry,
+        )
+        self.restore_seconds = Histogram(
+            "lifelong_restore_seconds",
+            "Time to take over one gained partition (changelog read and task restore)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
 
 
 class EngineCollector:
@@ -78,10 +107,14 @@ class EngineCollector:
     def refresh(self) -> None:
         """Take the engine's values now: call where the engine is not changing (the processing loop)."""
         d = self.daemon
-        self.families = list(_engine_families(d.engine, d.archived_tasks(), d.foreign_tasks(),
-                                              d.cfg.metrics.max_task_labels, d.dead_lettered))
+        self.families = list(
+            _engine_families(
+                d.engine, d.archived_tasks(), d.foreign_tasks(), d.cfg.metrics.max_task_labels, d.dead_lettered
+            )
+        )
 
     def collect(self) -> Iterable[Metric]:
+        """The engine families of the last refresh, then the daemon's values now."""
         yield from self.families
         yield from _daemon_families(self.daemon)
 
@@ -90,31 +123,49 @@ def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricF
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
-def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: int,
-                     dead_lettered: int) -> Iterable[Metric]:
+def _engine_families(
+    engine: Any, archived: set[int], foreign: set[int], cap: int, dead_lettered: int
+) -> Iterable[Metric]:
     """``archived``: ended tasks (no per-task series); ``foreign``: tasks of partitions another replica owns
     now (scale-out): left out of the regret gauges and per-task series, which only a task's owner exports."""
     n = engine.n_tasks
     events = CounterMetricFamily("lifelong_events", "Events processed, by outcome", labels=["outcome"])
     c = engine.counters
-    for outcome, value in (("predicted", c["predicted"]), ("learned", c["learned"]),
-                           ("dead_lettered", dead_lettered), ("label_expired", c["label_expired"]),
-                           ("label_unmatched", c["label_unmatched"]), ("control", c["controls"]),
-                           ("duplicate", c["duplicates"])):
+    for outcome, value in (
+        ("predicted", c["predicted"]),
+        ("learned", c["learned"]),
+        ("dead_lettered", dead_lettered),
+        ("label_expired", c["label_expired"]),
+        ("label_unmatched", c["label_unmatched"]),
+        ("control", c["controls"]),
+        ("duplicate", c["duplicates"]),
+    ):
         events.add_metric([outcome], value)
     yield events
-    yield CounterMetricFamily("lifelong_pending_replaced", "Predictions waiting for a label replaced by a later "
-                              "prediction-only event with the same task and id", value=c["pending_replaced"])
-    resets = CounterMetricFamily("lifelong_task_resets", "Task learners (or basis codes) that held a non-finite "
-                                 "value and restarted untrained", labels=["reason"])
+    yield CounterMetricFamily(
+        "lifelong_pending_replaced",
+        "Predictions waiting for a label replaced by a later prediction-only event with the same task and id",
+        value=c["pending_replaced"],
+    )
+    resets = CounterMetricFamily(
+        "lifelong_task_resets",
+        "Task learners (or basis codes) that held a non-finite value and restarted untrained",
+        labels=["reason"],
+    )
     resets.add_metric(["learner_not_finite"], c["reset_learner"])
     resets.add_metric(["code_not_finite"], c["reset_code"])
     yield resets
     stats = engine.t["stats"][:n].cpu().numpy() if n else np.zeros((0, len(STATS)))
-    loss = CounterMetricFamily("lifelong_loss", "Cumulative loss (log loss, or squared loss for regression) of "
-                               "each predictor", labels=["predictor"])
-    mistakes = CounterMetricFamily("lifelong_mistakes", "Cumulative mistakes (squared error for regression) of "
-                                   "each predictor", labels=["predictor"])
+    loss = CounterMetricFamily(
+        "lifelong_loss",
+        "Cumulative loss (log loss, or squared loss for regression) of each predictor",
+        labels=["predictor"],
+    )
+    mistakes = CounterMetricFamily(
+        "lifelong_mistakes",
+        "Cumulative mistakes (squared error for regression) of each predictor",
+        labels=["predictor"],
+    )
     for name, loss_col, err_col in PREDICTORS:
         loss.add_metric([name], float(stats[:, S[loss_col]].sum()))
         mistakes.add_metric([name], float(stats[:, S[err_col]].sum()))
@@ -126,11 +177,13 @@ def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: in
         mine = np.ones(n, bool)
         mine[list(foreign)] = False
         reg = {k: np.where(mine, v, 0.0) for k, v in reg.items()}
-    regret = _gauge("lifelong_regret", "Regret summed over tasks: combined vs better level (top), KB level vs "
-                    "its best expert (kb)", ["level"])
+    regret = _gauge(
+        "lifelong_regret",
+        "Regret summed over tasks: combined vs better level (top), KB level vs its best expert (kb)",
+        ["level"],
+    )
     bound = _gauge("lifelong_regret_bound", "The theoretical bound of lifelong_regret (summed over tasks)", ["level"])
-    over = _gauge("lifelong_regret_over_bound_tasks", "Tasks whose regret exceeds its bound (should be 0)",
-                  ["level"])
+    over = _gauge("lifelong_regret_over_bound_tasks", "Tasks whose regret exceeds its bound (should be 0)", ["level"])
     for level in ("top", "kb"):
         regret.add_metric([level], float(reg[level].sum()))
         bound.add_metric([level], float(reg[f"{level}_bound"].sum()))
@@ -146,8 +199,9 @@ def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: in
     t_bound = _gauge("lifelong_task_regret_bound", "Bound of lifelong_task_regret", ["task", "level"])
     t_error = _gauge("lifelong_task_error_ratio", "Cumulative error of one task per predictor", ["task", "predictor"])
     t_learned = CounterMetricFamily("lifelong_task_learned", "Labelled events learned by one task", labels=["task"])
-    t_weight = _gauge("lifelong_expert_weight", "Top-level mixture weight of each level for one task",
-                      ["task", "expert"])
+    t_weight = _gauge(
+        "lifelong_expert_weight", "Top-level mixture weight of each level for one task", ["task", "expert"]
+    )
     groups = [(engine.task_names[i], np.array([i])) for i in top.tolist()]
     if len(others):
         groups.append((OTHER, others))
@@ -170,19 +224,24 @@ def _engine_families(engine: Any, archived: set[int], foreign: set[int], cap: in
     store_bytes = sum(v.numel() * v.element_size() for v in kb.store.values()) if isinstance(kb.store, dict) else 0
     yield GaugeMetricFamily("lifelong_kb_bytes", "Memory of the KB member parameters", value=store_bytes)
     changes = CounterMetricFamily("lifelong_kb_changes", "KB membership changes", labels=["change"])
-    for change, key in (("added", "added"), ("replaced", "replaced"), ("evicted", "evicted"),
-                        ("duplicate", "duplicates")):
+    for change, key in (
+        ("added", "added"),
+        ("replaced", "replaced"),
+        ("evicted", "evicted"),
+        ("duplicate", "duplicates"),
+    ):
         changes.add_metric([change], kb.counts[key])
     changes.add_metric(["not_finite"], c["snapshots_not_finite"])  # refused: the KB never holds such a member
     yield changes
     yield GaugeMetricFamily("lifelong_tasks", "Tasks known to the engine", value=n)
-    yield GaugeMetricFamily("lifelong_pending_labels", "Predictions waiting for their label",
-                            value=len(engine.pending_keys))
+    yield GaugeMetricFamily(
+        "lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.pending_keys)
+    )
 
 
 def _local_weights(engine: Any) -> np.ndarray:
     n, t = engine.n_tasks, engine.t
-    w = engine.top_mix.weights(t["L_top"][:n], t["in_top"][:n], torch.tensor(engine.n_labelled) + 1)
+    w: torch.Tensor = engine.top_mix.weights(t["L_top"][:n], t["in_top"][:n], torch.tensor(engine.n_labelled) + 1)
     return w[:, 0].cpu().numpy()
 
 
@@ -197,25 +256,41 @@ def _daemon_families(d: Daemon) -> Iterable[Metric]:
         committed.add_metric([str(tp.partition)], off)
     yield lag
     yield committed
-    yield GaugeMetricFamily("lifelong_checkpoint_age_seconds", "Seconds since the last checkpoint",
-                            value=d.checkpoint_age())
-    yield GaugeMetricFamily("lifelong_checkpoint_interval_seconds", "Configured checkpoint.interval_s",
-                            value=d.cfg.checkpoint.interval_s)
-    yield GaugeMetricFamily("lifelong_ready", "1 when assigned, restored, checkpoints succeed and the broker is "
-                            "reachable", value=float(d.ready()[0]))
-    yield GaugeMetricFamily("lifelong_checkpoint_failing", "1 while the last checkpoint failed (processing waits "
-                            "and retries)", value=float(d.storage_error is not None))
-    yield CounterMetricFamily("lifelong_dead_letter_failures", "Dead letters that could not be delivered (logged "
-                              "with their source offset; the event is skipped)",
-                              value=d.sink.dead_letter_failures if d.sink else 0)
+    yield GaugeMetricFamily(
+        "lifelong_checkpoint_age_seconds", "Seconds since the last checkpoint", value=d.checkpoint_age()
+    )
+    yield GaugeMetricFamily(
+        "lifelong_checkpoint_interval_seconds", "Configured checkpoint.interval_s", value=d.cfg.checkpoint.interval_s
+    )
+    yield GaugeMetricFamily(
+        "lifelong_ready",
+        "1 when assigned, restored, checkpoints succeed and the broker is reachable",
+        value=float(d.ready()[0]),
+    )
+    yield GaugeMetricFamily(
+        "lifelong_checkpoint_failing",
+        "1 while the last checkpoint failed (processing waits and retries)",
+        value=float(d.storage_error is not None),
+    )
+    yield CounterMetricFamily(
+        "lifelong_dead_letter_failures",
+        "Dead letters that could not be delivered (logged with their source offset; the event is skipped)",
+        value=d.sink.dead_letter_failures if d.sink else 0,
+    )
 
 
 class HealthServer:
     """``/metrics``, ``/healthz`` (liveness: recent progress) and ``/readyz`` on a background thread; see
     ``exposition`` for how scrapes are paced."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, live: Callable[[], tuple[bool, dict]],
-                 ready: Callable[[], tuple[bool, dict]]):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        live: Callable[[], tuple[bool, dict[str, Any]]],
+        ready: Callable[[], tuple[bool, dict[str, Any]]],
+    ):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -260,8 +335,10 @@ class HealthServer:
             return self.body
 
     def start(self) -> None:
+        """Serve on a background thread."""
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         self.server.shutdown()
         self.server.server_close()

@@ -39,3 +39,13 @@ def scale(peak: np.ndarray, rows: np.ndarray, x: np.ndarray) -> None:
     ([[10.0, 1.0], [5.0, -2.0]], [[3000000.0, 2.0]])
     """
     _scale(peak, rows.astype(np.int64), x, LIMIT)
+
+
+def peek(peak: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x [n, d]`` scaled as ``scale`` would scale each row if it came next (rows independent, nothing updated).
+
+    >>> peek(np.array([[3e6, 2.0]]), np.array([[1.5e6, -2.0]])).tolist()
+    [[5.0, -2.0]]
+    """
+    top = np.maximum(peak, np.abs(x))
+    return x * np.where(top > LIMIT, LIMIT / np.where(top > LIMIT, top, 1.0), 1.0)

@@ -17,9 +17,14 @@ from .source import client_options
 
 
 def _consumer(cfg: Config) -> KafkaConsumer:
-    return KafkaConsumer(group_id=None, enable_auto_commit=False, client_id="lifelong-shared",
-                         max_partition_fetch_bytes=max(1024 * 1024, cfg.kafka.max_message_bytes),
-                         fetch_max_bytes=max(50 * 1024 * 1024, cfg.kafka.max_message_bytes), **client_options(cfg))
+    return KafkaConsumer(
+        group_id=None,
+        enable_auto_commit=False,
+        client_id="lifelong-shared",
+        max_partition_fetch_bytes=max(1024 * 1024, cfg.kafka.max_message_bytes),
+        fetch_max_bytes=max(50 * 1024 * 1024, cfg.kafka.max_message_bytes),
+        **client_options(cfg),
+    )
 
 
 class KnowledgeLog:
@@ -38,17 +43,20 @@ class KnowledgeLog:
         records = got.get(self.tp, [])
         if records:
             self.offset = records[-1].offset + 1
-        return records
+        return list(records)
 
     def end(self) -> int:
+        """The knowledge log's end offset as the broker reports it."""
         return int(self.consumer.end_offsets([self.tp])[self.tp])
 
     def close(self) -> None:
+        """Close the consumer."""
         self.consumer.close(autocommit=False)
 
 
-def read_changelog(cfg: Config, partition: int, committed: int | None,
-                   timeout_s: float) -> tuple[dict[str, tuple[bytes, int]], int]:
+def read_changelog(
+    cfg: Config, partition: int, committed: int | None, timeout_s: float
+) -> tuple[dict[str, tuple[bytes, int]], int]:
     """The state of each task of events ``partition`` to restore, with the position its record covers.
 
     A record written at position P holds a task's state after exactly its events below P. Per task this
@@ -70,8 +78,10 @@ def read_changelog(cfg: Config, partition: int, committed: int | None,
         deadline = time.monotonic() + timeout_s
         while True:
             if time.monotonic() > deadline:
-                raise LifelongError(f"reading changelog partition {partition} took longer than {timeout_s:.0f}s "
-                                    f"({seen} of {end} records)")
+                raise LifelongError(
+                    f"reading changelog partition {partition} took longer than {timeout_s:.0f}s "
+                    f"({seen} of {end} records)"
+                )
             past = consumer.position(tp) >= end
             got = consumer.poll(timeout_ms=100 if past else 200).get(tp, [])
             if not got and past:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_PREFIX = 64 * 1024  # bytes of an oversized payload kept in its dead letter
 MAX_KEY = 1024  # a longer key is not kept in the dead letter (the payload prefix and headers are)
 
+
 class SinkError(LifelongError):
     """A record could not be delivered: the daemon must not checkpoint past it."""
 
@@ -36,15 +37,22 @@ class KafkaSink:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.producer = KafkaProducer(acks="all", linger_ms=5, retries=5, max_in_flight_requests_per_connection=1,
-                                      max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
-                                      client_id="lifelong", **client_options(cfg))
+        self.producer = KafkaProducer(
+            acks="all",
+            linger_ms=5,
+            retries=5,
+            max_in_flight_requests_per_connection=1,
+            max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
+            client_id="lifelong",
+            **client_options(cfg),
+        )
         self.futures: list[Any] = []
         self.dead_letters: list[tuple[Any, str]] = []  # (future, where it came from)
         self.dead_letter_failures = 0
         self.sent = 0
 
     def prediction(self, task: str, record: dict[str, Any]) -> None:
+        """Send one prediction record (strict JSON), keyed by task."""
         value = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()  # strict JSON, always
         self.futures.append(self.producer.send(self.cfg.kafka.predictions_topic, key=task.encode(), value=value))
 
@@ -54,22 +62,39 @@ class KafkaSink:
 
     def changelog(self, task: str, partition: int, value: bytes, position: int) -> None:
         """A task's state when its events partition was at ``position``, in the matching changelog partition."""
-        self.futures.append(self.producer.send(self.cfg.kafka.changelog_topic, key=task.encode(), value=value,
-                                               partition=partition, headers=[("position", str(position).encode())]))
+        self.futures.append(
+            self.producer.send(
+                self.cfg.kafka.changelog_topic,
+                key=task.encode(),
+                value=value,
+                partition=partition,
+                headers=[("position", str(position).encode())],
+            )
+        )
 
-    def dead_letter(self, raw: bytes | None, key: bytes | None, error: str, topic: str, partition: int,
-                    offset: int) -> None:
+    def dead_letter(
+        self, raw: bytes | None, key: bytes | None, error: str, topic: str, partition: int, offset: int
+    ) -> None:
+        """Send an invalid event's bytes with why and where it came from (never raises for size)."""
         raw = raw or b""
-        headers = [("error", error.encode()[:1000]), ("source_topic", topic.encode()),
-                   ("source_partition", str(partition).encode()), ("source_offset", str(offset).encode())]
+        headers = [
+            ("error", error.encode()[:1000]),
+            ("source_topic", topic.encode()),
+            ("source_partition", str(partition).encode()),
+            ("source_offset", str(offset).encode()),
+        ]
         limit = self.cfg.kafka.max_message_bytes
         if len(raw) + MAX_KEY + 4096 > limit:  # would not fit in one record next to its key and headers
             headers += [("truncated", b"1"), ("original_bytes", str(len(raw)).encode())]
-            raw = raw[:min(DEAD_LETTER_PREFIX, limit // 2)]
+            raw = raw[: min(DEAD_LETTER_PREFIX, limit // 2)]
         where = f"{topic}-{partition}@{offset}"
         try:
-            future = self.producer.send(self.cfg.kafka.dead_letter_topic, value=raw, headers=headers,
-                                        key=key if key is None or len(key) <= MAX_KEY else None)
+            future = self.producer.send(
+                self.cfg.kafka.dead_letter_topic,
+                value=raw,
+                headers=headers,
+                key=key if key is None or len(key) <= MAX_KEY else None,
+            )
         except KafkaError as exc:
             self._dead_letter_failed(where, exc)
             return
@@ -77,8 +102,7 @@ class KafkaSink:
 
     def _dead_letter_failed(self, where: str, exc: BaseException) -> None:
         self.dead_letter_failures += 1
-        log.error("dead letter for %s not delivered (the event is skipped): %r", where, exc,
-                  extra={"source": where})
+        log.error("dead letter for %s not delivered (the event is skipped): %r", where, exc, extra={"source": where})
 
     def flush(self, timeout: float) -> int:
         """Wait for every pending send; raise ``SinkError`` naming the first failure (``FlushTimeout`` when
@@ -101,4 +125,5 @@ class KafkaSink:
         return len(futures) + len(dead)
 
     def close(self, timeout: float) -> None:
+        """Close the producer, waiting at most ``timeout`` seconds for what is still pending."""
         self.producer.close(timeout=timeout)

@@ -26,6 +26,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from .config import Config
+from .errors import LifelongError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,19 @@ class Batch:
 def client_options(cfg: Config) -> dict[str, Any]:
     """Connection and security settings shared by every client (SASL/SSL pass through)."""
     k = cfg.kafka
-    opts: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers.split(","),
-                            "security_protocol": k.security_protocol}
-    for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile", "ssl_certfile",
-                "ssl_keyfile", "ssl_password"):
+    opts: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers.split(","),
+        "security_protocol": k.security_protocol,
+    }
+    for key in (
+        "sasl_mechanism",
+        "sasl_plain_username",
+        "sasl_plain_password",
+        "ssl_cafile",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+    ):
         value = getattr(k, key)
         if value is not None:
             opts[key] = value
@@ -55,8 +65,13 @@ def client_options(cfg: Config) -> dict[str, Any]:
 class KafkaSource:
     """Consumes ``kafka.events_topic`` in a consumer group; see the module docstring."""
 
-    def __init__(self, cfg: Config, on_assign: Callable[[list[TopicPartition]], dict[TopicPartition, int]],
-                 on_revoke: Callable[[list[TopicPartition]], None], on_lost: Callable[[list[TopicPartition]], None]):
+    def __init__(
+        self,
+        cfg: Config,
+        on_assign: Callable[[list[TopicPartition]], dict[TopicPartition, int]],
+        on_revoke: Callable[[list[TopicPartition]], None],
+        on_lost: Callable[[list[TopicPartition]], None],
+    ):
         self.cfg = cfg
         self.on_assign = on_assign
         self.on_revoke = on_revoke
@@ -78,13 +93,16 @@ class KafkaSource:
         self.consumer: KafkaConsumer | None = None
 
     def start(self) -> None:
+        """Start the poll thread."""
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling and close the consumer (waits at most ``timeout`` seconds)."""
         self._stop.set()
         self._thread.join(timeout)
 
     def get(self, timeout: float) -> Batch | None:
+        """The next polled batch, or None after ``timeout`` seconds."""
         try:
             return self.batches.get(timeout=timeout)
         except queue.Empty:
@@ -98,14 +116,16 @@ class KafkaSource:
 
     def commit_async(self, offsets: dict[TopicPartition, int]) -> None:
         """Send a commit without waiting (rebalance callbacks, which run where nothing may block)."""
-        assert self.consumer is not None
+        if self.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
         mine = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in self.consumer.assignment()}
         if mine:
             self.consumer.commit_async(mine)
 
     def committed_offset(self, tp: TopicPartition) -> int | None:
         """The group's committed offset of ``tp`` (in the poll thread: taking over gained partitions)."""
-        assert self.consumer is not None and threading.current_thread() is self._thread
+        if self.consumer is None or threading.current_thread() is not self._thread:
+            raise LifelongError("the consumer is used outside the poll thread")
         got = self.consumer.committed(tp)
         return None if got is None else int(got)
 
@@ -118,11 +138,18 @@ class KafkaSource:
     def _consumer(self) -> KafkaConsumer:
         k = self.cfg.kafka
         return KafkaConsumer(
-            group_id=k.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
-            session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
-            max_poll_interval_ms=k.max_poll_interval_ms, max_poll_records=self.cfg.batching.max_events,
-            fetch_max_bytes=max(50 * 1024 * 1024, k.max_message_bytes), max_partition_fetch_bytes=max(
-                1024 * 1024, k.max_message_bytes), client_id="lifelong", **client_options(self.cfg))
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            max_poll_records=self.cfg.batching.max_events,
+            fetch_max_bytes=max(50 * 1024 * 1024, k.max_message_bytes),
+            max_partition_fetch_bytes=max(1024 * 1024, k.max_message_bytes),
+            client_id="lifelong",
+            **client_options(self.cfg),
+        )
 
     def _run(self) -> None:
         try:
@@ -156,7 +183,8 @@ class KafkaSource:
             except queue.Empty:
                 return
             try:
-                assert self.consumer is not None
+                if self.consumer is None:
+                    raise LifelongError("used before the Kafka clients were started")
                 mine = {tp: o for tp, o in offsets.items() if tp in self.consumer.assignment()}
                 if mine:
                     self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in mine.items()})
@@ -166,7 +194,8 @@ class KafkaSource:
                 done.set_exception(exc)
 
     def _take_over(self) -> None:
-        assert self.consumer is not None
+        if self.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
         gained, self.gained = self.gained, []
         positions = self.on_assign(gained)
         for tp in gained:
@@ -174,11 +203,15 @@ class KafkaSource:
                 self.consumer.seek(tp, positions[tp])
         self.consumer.resume(*gained)
         self.assigned = self.assigned + gained
-        log.info("partitions taken over: %s (positions %s)", sorted(f"{tp.topic}-{tp.partition}" for tp in gained),
-                 {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()})
+        log.info(
+            "partitions taken over: %s (positions %s)",
+            sorted(f"{tp.topic}-{tp.partition}" for tp in gained),
+            {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()},
+        )
 
     def _backpressure(self) -> None:
-        assert self.consumer is not None
+        if self.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
         full = self.batches.full()
         parts = list(self.consumer.assignment())
         if full and not self.paused and parts:
@@ -189,7 +222,8 @@ class KafkaSource:
             self.paused = False
 
     def _observe(self) -> None:
-        assert self.consumer is not None
+        if self.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
         for tp in self.assigned:
             hw = self.consumer.highwater(tp)
             if hw is not None:
@@ -207,7 +241,7 @@ class KafkaSource:
                 return
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python has no type hints
     def __init__(self, source: KafkaSource):
         self.source = source
 
@@ -230,7 +264,8 @@ class _Listener(ConsumerRebalanceListener):
         src = self.source
         src.generation += 1
         src.drain()
-        assert src.consumer is not None
+        if src.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
         if assigned:
             src.consumer.pause(*assigned)
         src.gained = list(assigned)

@@ -44,6 +44,7 @@ def spec_of(arrays: dict[str, torch.Tensor]) -> Spec:
 
 
 def pack(kind: str, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> bytes:
+    """A record of ``kind`` holding ``meta`` (JSON) and ``arrays`` (raw little-endian)."""
     names, blobs = [], []
     for name, value in arrays.items():
         a = value.detach().cpu().numpy()
@@ -66,7 +67,7 @@ def unpack(data: bytes | None, kind: str, spec: Spec, max_bytes: int) -> tuple[d
     if hlen > MAX_HEADER or 8 + hlen > len(data):
         raise Refused("malformed", f"header of {hlen} bytes does not fit")
     try:
-        header = json.loads(data[8:8 + hlen])
+        header = json.loads(data[8 : 8 + hlen])
         if not isinstance(header, dict) or header.get("kind") != kind or not isinstance(header.get("meta"), dict):
             raise ValueError(f"expected a {kind!r} record")
         listed = {str(n): (str(d), tuple(int(x) for x in s)) for n, d, s in header["arrays"]}

@@ -15,8 +15,17 @@ from lifelong.events import Event
 T0 = 1_760_000_000.0
 
 
-def make_stream(n_tasks: int = 6, per_task: int = 30, dim: int = 5, block: int = 4, seed: int = 0,
-                task: str = "binary", n_classes: int = 2, delayed: float = 0.0, ends: bool = True) -> list[Event]:
+def make_stream(
+    n_tasks: int = 6,
+    per_task: int = 30,
+    dim: int = 5,
+    block: int = 4,
+    seed: int = 0,
+    task: str = "binary",
+    n_classes: int = 2,
+    delayed: float = 0.0,
+    ends: bool = True,
+) -> list[Event]:
     """Interleaved, recurring tasks in blocks; a fraction ``delayed`` of labels arrive later as label-only
     events; ``control: end`` after each task's last block."""
     rng = np.random.default_rng(seed)

@@ -39,13 +39,22 @@ def settings(bootstrap: str, tmp_path: Path, shared: bool = False, **overrides: 
     standalone replica unless ``shared`` (knowledge and changelog topics)."""
     tag = uuid.uuid4().hex[:8]
     base = {
-        "kafka.bootstrap_servers": bootstrap, "kafka.events_topic": f"ev-{tag}",
-        "kafka.predictions_topic": f"pred-{tag}", "kafka.dead_letter_topic": f"dlq-{tag}",
-        "kafka.group_id": f"g-{tag}", "kafka.session_timeout_ms": 6000, "engine.dim": 3,
-        "engine.kb_capacity": 8, "engine.snapshot_every": 10, "engine.publish_every": 64,
-        "checkpoint.dir": str(tmp_path / "state"), "checkpoint.interval_s": 0.5, "metrics.port": free_port(),
+        "kafka.bootstrap_servers": bootstrap,
+        "kafka.events_topic": f"ev-{tag}",
+        "kafka.predictions_topic": f"pred-{tag}",
+        "kafka.dead_letter_topic": f"dlq-{tag}",
+        "kafka.group_id": f"g-{tag}",
+        "kafka.session_timeout_ms": 6000,
+        "engine.dim": 3,
+        "engine.kb_capacity": 8,
+        "engine.snapshot_every": 10,
+        "engine.publish_every": 64,
+        "checkpoint.dir": str(tmp_path / "state"),
+        "checkpoint.interval_s": 0.5,
+        "metrics.port": free_port(),
         "shutdown_grace_s": 10.0,
-        "kafka.knowledge_topic": f"kb-{tag}" if shared else "", "kafka.changelog_topic": f"cl-{tag}" if shared else "",
+        "kafka.knowledge_topic": f"kb-{tag}" if shared else "",
+        "kafka.changelog_topic": f"cl-{tag}" if shared else "",
     }
     base.update(overrides)
     return base
@@ -138,5 +147,10 @@ def metric(port: int, name: str, labels: str = "") -> float | None:
 
 def start_process(config_path: Path, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(config_path)],
-                            cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lifelong.cli", "run", "--config", str(config_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+    )

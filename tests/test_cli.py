@@ -10,11 +10,31 @@ from lifelong.evaluate import read_events
 
 def test_generate_then_evaluate_reports_every_field(tmp_path, capsys):
     stream = tmp_path / "related.jsonl"
-    assert main(["generate", "--kind", "related", "--out", str(stream), "--tasks", "80", "--events", "60",
-                 "--dim", "10", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--kind",
+                "related",
+                "--out",
+                str(stream),
+                "--tasks",
+                "80",
+                "--events",
+                "60",
+                "--dim",
+                "10",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     report_path, plot = tmp_path / "report.json", tmp_path / "error.png"
-    assert main(["evaluate", "--input", str(stream), "--report-json", str(report_path), "--plot", str(plot),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", "--input", str(stream), "--report-json", str(report_path), "--plot", str(plot), "--quiet"])
+        == 0
+    )
     report = json.loads(report_path.read_text())
     assert report["events"] == 80 * 60 + 80  # labelled events plus one end control per task
     assert report["seconds"] > 0 and report["events_per_s"] > 0
@@ -65,8 +85,9 @@ def run_cli(args, timeout=60):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "lifelong.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lifelong.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_start_up_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path):
@@ -79,8 +100,11 @@ def test_start_up_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path):
     taken.listen()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    base = {"engine": {"dim": 3}, "checkpoint": {"dir": str(tmp_path / "state")},
-            "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    base = {
+        "engine": {"dim": 3},
+        "checkpoint": {"dir": str(tmp_path / "state")},
+        "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+    }
     cases = {
         "port in use": ({"metrics": {"port": taken.getsockname()[1]}}, "metrics.host/metrics.port"),
         "unresolvable host": ({"metrics": {"host": "no-such-host.invalid"}}, "metrics.host/metrics.port"),
@@ -113,11 +137,40 @@ def test_evaluate_survives_huge_and_unscaled_values(tmp_path):
         y = int(x[0] > 1.5e6) if task == "t1" else int(x[1] > 0)
         lines.append(json.dumps({"task": task, "id": f"e{i}", "x": x, "y": y}))
     (tmp_path / "s.jsonl").write_text("\n".join(lines))
-    assert main(["evaluate", "--input", str(tmp_path / "s.jsonl"), "--report-json", str(tmp_path / "r.json"),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", "--input", str(tmp_path / "s.jsonl"), "--report-json", str(tmp_path / "r.json"), "--quiet"])
+        == 0
+    )
 
     def refuse(name):
         raise AssertionError(f"{name} in the report")
 
     report = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
     assert report["tasks"]["t1"]["cumulative_error"] < 0.25
+
+
+def test_features_of_an_extra_name_it_when_it_is_missing(tmp_path, capsys, monkeypatch):
+    import sys
+
+    stream = tmp_path / "s.jsonl"
+    main(["generate", "--kind", "related", "--out", str(stream), "--tasks", "3", "--events", "10"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert (
+        main(
+            [
+                "evaluate",
+                "--input",
+                str(stream),
+                "--report-json",
+                str(tmp_path / "r.json"),
+                "--plot",
+                str(tmp_path / "p.png"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert main(["generate", "--kind", "digits", "--out", str(tmp_path / "d.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'lifelong[plot]'" in err and "pip install 'lifelong[data]'" in err

@@ -42,8 +42,11 @@ def test_environment_overrides_every_contract_key():
         "LIFELONG_METRICS__PORT": "9200",
     }
     cfg = load_config(env=env)
-    assert (cfg.kafka.bootstrap_servers, cfg.kafka.events_topic, cfg.kafka.predictions_topic) == \
-        ("127.0.0.1:19092", "ev", "pr")
+    assert (cfg.kafka.bootstrap_servers, cfg.kafka.events_topic, cfg.kafka.predictions_topic) == (
+        "127.0.0.1:19092",
+        "ev",
+        "pr",
+    )
     assert (cfg.kafka.dead_letter_topic, cfg.kafka.group_id) == ("dl", "123")
     assert (cfg.checkpoint.dir, cfg.metrics.host, cfg.metrics.port) == ("/var/lib/lifelong", "0.0.0.0", 9200)
     with pytest.raises(ConfigError, match="LIFELONG_METRICS__PORT|metrics.port"):

@@ -54,7 +54,7 @@ def offline_engine(cfg, payloads: list[bytes]) -> Engine:
         with contextlib.suppress(InvalidEvent):
             events.append(decode(p, schema))
     for i in range(0, len(events), 97):
-        engine.process(events[i:i + 97])
+        engine.process(events[i : i + 97])
     return engine
 
 
@@ -73,8 +73,15 @@ def test_end_to_end_predictions_dead_letters_and_metrics(broker, tmp_path):
     values = settings(broker.bootstrap, tmp_path, **{"kafka.max_message_bytes": 10_000})
     cfg = config(values)
     good = stream_payloads(delayed=0.2)
-    bad = [b"not json", b"\xff\xfe", b'{"task": "t", "x": [1, 2], "y": 1}', b'{"task": "t", "x": [1, NaN, 2], "y": 1}',
-           b'{"x": [1, 2, 3], "y": 1}', b'{"task": "t", "control": "pause"}', b"{" + b" " * 20_000 + b"}"]
+    bad = [
+        b"not json",
+        b"\xff\xfe",
+        b'{"task": "t", "x": [1, 2], "y": 1}',
+        b'{"task": "t", "x": [1, NaN, 2], "y": 1}',
+        b'{"x": [1, 2, 3], "y": 1}',
+        b'{"task": "t", "control": "pause"}',
+        b"{" + b" " * 20_000 + b"}",
+    ]
     payloads = good[:50] + bad + good[50:]
     with ThreadDaemon(cfg):
         wait_until(lambda: topic_exists(broker, cfg.kafka.events_topic), 20, what="topics")
@@ -85,14 +92,30 @@ def test_end_to_end_predictions_dead_letters_and_metrics(broker, tmp_path):
         status, body = http_get(cfg.metrics.port, "/readyz")
         assert status == 200 and json.loads(body)["broker_reachable"]
         assert http_get(cfg.metrics.port, "/healthz")[0] == 200
-        wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="dead_lettered"') == len(bad),
-                   10, what="dead-letter metric")
+        wait_until(
+            lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="dead_lettered"') == len(bad),
+            10,
+            what="dead-letter metric",
+        )
         n_labels = sum(1 for p in good if b'"y"' in p)
-        wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="learned"') == n_labels, 20,
-                   what="every label learned")
+        wait_until(
+            lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="learned"') == n_labels,
+            20,
+            what="every label learned",
+        )
     first = json.loads(preds[0].value)
-    assert set(first) >= {"task", "id", "y_pred", "proba", "p_local", "p_kb", "w_local", "kb_top", "model_version",
-                          "offset"}
+    assert set(first) >= {
+        "task",
+        "id",
+        "y_pred",
+        "proba",
+        "p_local",
+        "p_kb",
+        "w_local",
+        "kb_top",
+        "model_version",
+        "offset",
+    }
     assert preds[0].key == first["task"].encode()
     ids = {json.loads(r.value)["id"] for r in preds}
     assert ids == {json.loads(p)["id"] for p in good if b'"x"' in p}
@@ -125,15 +148,22 @@ def test_kill_9_at_any_point_then_restart_equals_an_uninterrupted_run(broker, tm
     kills = 0
     for _ in range(3):
         # kill once some progress is made, at a random moment
-        wait_until(lambda: (metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') or 0) > 0,
-                   60, what="progress")
+        wait_until(
+            lambda: (metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') or 0) > 0,
+            60,
+            what="progress",
+        )
         time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         kills += 1
         proc = start_process(path, tmp_path / "daemon.log")
-    wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') == n_pred, 120,
-               interval=0.5, what="all events processed")
+    wait_until(
+        lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') == n_pred,
+        120,
+        interval=0.5,
+        what="all events processed",
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     restored = checkpoint.load_engine(cfg.checkpoint.dir, cfg)
@@ -151,8 +181,11 @@ def test_sigterm_checkpoints_commits_and_exits_0_within_grace(broker, tmp_path):
     payloads = stream_payloads(n_tasks=4, per_task=50)
     produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
     n_pred = sum(1 for p in payloads if b'"x"' in p)
-    wait_until(lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') == n_pred, 60,
-               what="processing")
+    wait_until(
+        lambda: metric(cfg.metrics.port, "lifelong_events_total", 'outcome="predicted"') == n_pred,
+        60,
+        what="processing",
+    )
     assert checkpoint.latest(cfg.checkpoint.dir) is None  # the interval is long: nothing saved yet
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -241,9 +274,16 @@ def test_fuzzed_payloads_go_to_the_dlq_and_the_daemon_keeps_serving(broker, tmp_
 
 
 def test_learning_slower_than_max_poll_interval_loses_no_work(broker, tmp_path):
-    values = settings(broker.bootstrap, tmp_path, **{
-        "kafka.max_poll_interval_ms": 7000, "batching.max_events": 50, "batching.queue_batches": 1,
-        "checkpoint.interval_s": 1.0})
+    values = settings(
+        broker.bootstrap,
+        tmp_path,
+        **{
+            "kafka.max_poll_interval_ms": 7000,
+            "batching.max_events": 50,
+            "batching.queue_batches": 1,
+            "checkpoint.interval_s": 1.0,
+        },
+    )
     cfg = config(values)
     payloads = stream_payloads(n_tasks=3, per_task=50)
     with ThreadDaemon(cfg) as daemon:
@@ -259,8 +299,11 @@ def test_learning_slower_than_max_poll_interval_loses_no_work(broker, tmp_path):
         produce(broker.bootstrap, cfg.kafka.events_topic, payloads)
         n_pred = sum(1 for p in payloads if b'"x"' in p)
         wait_until(lambda: daemon.engine.counters["predicted"] >= n_pred, 120, interval=0.5, what="all processed")
-        wait_until(lambda: daemon.source.committed.get(next(iter(daemon.positions))) == len(payloads), 30,
-                   what="offsets committed")
+        wait_until(
+            lambda: daemon.source.committed.get(next(iter(daemon.positions))) == len(payloads),
+            30,
+            what="offsets committed",
+        )
         assert daemon.source.generation == generation  # no rebalance happened
         with daemon.lock:
             assert_same_state(daemon.engine, offline_engine(cfg, payloads))
@@ -282,8 +325,11 @@ def test_delayed_labels_join_across_a_restart(broker, tmp_path):
         produce(broker.bootstrap, cfg.kafka.events_topic, labels)
         wait_until(lambda: daemon.engine.counters["learned"] == 20, 30, what="labels joined")
         assert daemon.engine.counters["label_expired"] == 0 and not daemon.engine.pending_keys
-        wait_until(lambda: metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") == 20, 10,
-                   what="label delays observed")
+        wait_until(
+            lambda: metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") == 20,
+            10,
+            what="label delays observed",
+        )
 
 
 def test_missing_topics_with_creation_off_is_a_clear_error(broker, tmp_path, caplog):
@@ -344,14 +390,17 @@ def test_oversized_messages_are_dead_lettered_and_the_next_event_is_predicted(br
         preds = read_topic(broker.bootstrap, cfg.kafka.predictions_topic, 1)
         assert json.loads(preds[0].value)["id"] == "z"
         dlq = read_topic(broker.bootstrap, cfg.kafka.dead_letter_topic, 52)
-        wait_until(lambda: metric(cfg.metrics.port, "lifelong_dead_letters_total", 'field="x"') == 50, 10,
-                   what="dead-letter metric")
+        wait_until(
+            lambda: metric(cfg.metrics.port, "lifelong_dead_letters_total", 'field="x"') == 50,
+            10,
+            what="dead-letter metric",
+        )
         _, body = http_get(cfg.metrics.port, "/metrics")
         assert "name-" not in body and daemon.source.error is None
     big = [dict(r.headers) for r in dlq[:2]]
     assert [h["original_bytes"] for h in big] == [str(len(huge)).encode(), str(len(keys)).encode()]
     assert all(h["truncated"] == b"1" and h["error"].startswith(b"payload") for h in big)
-    assert dlq[0].value == huge[:len(dlq[0].value)] and len(dlq[0].value) <= 64 * 1024
+    assert dlq[0].value == huge[: len(dlq[0].value)] and len(dlq[0].value) <= 64 * 1024
 
 
 def test_disk_full_pauses_processing_then_resumes_exactly(broker, tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ K8S = DEPLOY / "k8s"
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name) or (str(Path(sys.executable).parent / name) if (Path(sys.executable).parent / name)
-                                  .exists() else None)
+    path = shutil.which(name) or (
+        str(Path(sys.executable).parent / name) if (Path(sys.executable).parent / name).exists() else None
+    )
     if path is None:
         pytest.skip(f"{name} is not installed (.ci/run installs it)")
     return path
@@ -58,8 +59,12 @@ def k8s_docs() -> dict[str, dict]:
         docs[name] = yaml.safe_load((K8S / f"{name}.yaml").read_text())
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     generator = kustomization["configMapGenerator"][0]
-    docs["configmap"] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
-                         "data": {f: (K8S / f).read_text() for f in generator["files"]}}
+    docs["configmap"] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": generator["name"]},
+        "data": {f: (K8S / f).read_text() for f in generator["files"]},
+    }
     docs["statefulset-gpu"] = merge(docs["statefulset"], yaml.safe_load((K8S / "gpu" / "gpu-patch.yaml").read_text()))
     return docs
 
@@ -132,14 +137,21 @@ def test_kubernetes_workload_wiring(tmp_path):
 def test_promtool_checks_and_alert_unit_tests():
     promtool = tool("promtool")
     prom = DEPLOY / "prometheus"
-    checks = ((["check", "rules", "rules/lifelong.rules.yml"], prom), (["check", "config", "prometheus.yml"], prom),
-              (["test", "rules", "lifelong.test.yml"], prom / "tests"))
+    checks = (
+        (["check", "rules", "rules/lifelong.rules.yml"], prom),
+        (["check", "config", "prometheus.yml"], prom),
+        (["test", "rules", "lifelong.test.yml"], prom / "tests"),
+    )
     for args, cwd in checks:
         out = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
     tested = set(re.findall(r"alertname: (\w+)", (prom / "tests" / "lifelong.test.yml").read_text()))
-    alerts = {r["alert"] for g in yaml.safe_load((prom / "rules" / "lifelong.rules.yml").read_text())["groups"]
-              for r in g["rules"] if "alert" in r}
+    alerts = {
+        r["alert"]
+        for g in yaml.safe_load((prom / "rules" / "lifelong.rules.yml").read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
     assert alerts == tested  # every alert has a unit test
 
 
@@ -158,9 +170,16 @@ def test_dashboard_has_the_variables_and_panels_on_call_needs():
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["task"]["type"] == "query"
     text = " ".join(e for _, e in dashboard_exprs())
-    for needed in ("lifelong_consumer_lag", "lifelong_mistakes_total", "lifelong_task_regret_bound",
-                   "lifelong_kb_bytes", "lifelong_expert_weight", "lifelong_end_to_end_seconds_bucket",
-                   "lifelong_dead_letters_total", "lifelong_checkpoint_age_seconds"):
+    for needed in (
+        "lifelong_consumer_lag",
+        "lifelong_mistakes_total",
+        "lifelong_task_regret_bound",
+        "lifelong_kb_bytes",
+        "lifelong_expert_weight",
+        "lifelong_end_to_end_seconds_bucket",
+        "lifelong_dead_letters_total",
+        "lifelong_checkpoint_age_seconds",
+    ):
         assert needed in text
 
 
@@ -168,8 +187,9 @@ def test_dashboard_has_the_variables_and_panels_on_call_needs():
 def test_real_prometheus_evaluates_every_expression_against_a_running_daemon(tmp_path):
     prometheus = tool("prometheus")
     with EmbeddedBroker(log=tmp_path / "tansu.log") as broker:
-        cfg = config(settings(broker.bootstrap, tmp_path, shared=True,
-                              **{"engine.dim": 20, "checkpoint.interval_s": 1.0}))
+        cfg = config(
+            settings(broker.bootstrap, tmp_path, shared=True, **{"engine.dim": 20, "checkpoint.interval_s": 1.0})
+        )
         events = [json.dumps(e).encode() for e in stream("related", n_tasks=40, events=100, seed=3)]
         stop = threading.Event()
 
@@ -178,7 +198,7 @@ def test_real_prometheus_evaluates_every_expression_against_a_running_daemon(tmp
             for i in range(0, len(events), 200):
                 if stop.is_set():
                     return
-                chunk = events[i:i + 200]
+                chunk = events[i : i + 200]
                 if rng.random() < 0.5:
                     chunk.append(b'{"task": "bad", "x": "not a vector"}')
                 chunk.append(json.dumps({"task": "late", "id": f"l{i}", "x": [0.1] * 20, "ts": time.time()}).encode())
@@ -192,14 +212,23 @@ def test_real_prometheus_evaluates_every_expression_against_a_running_daemon(tmp
             feeder.start()
             port = free_port()
             prom_cfg = tmp_path / "prometheus.yml"
-            prom_cfg.write_text(yaml.safe_dump({
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(DEPLOY / "prometheus" / "rules" / "lifelong.rules.yml")],
-                "scrape_configs": [{"job_name": "lifelong", "static_configs": [
-                    {"targets": [f"127.0.0.1:{cfg.metrics.port}"]}]}]}))
+            prom_cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                        "rule_files": [str(DEPLOY / "prometheus" / "rules" / "lifelong.rules.yml")],
+                        "scrape_configs": [
+                            {"job_name": "lifelong", "static_configs": [{"targets": [f"127.0.0.1:{cfg.metrics.port}"]}]}
+                        ],
+                    }
+                )
+            )
             log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed after the process
-            args = [f"--config.file={prom_cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}"]
+            args = [
+                f"--config.file={prom_cfg}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ]
             proc = subprocess.Popen([prometheus, *args], stdout=subprocess.DEVNULL, stderr=log)
             try:
                 wait_until(lambda: http_get(port, "/-/ready")[0] == 200, 30, what="prometheus ready")
@@ -237,7 +266,10 @@ def test_real_prometheus_evaluates_every_expression_against_a_running_daemon(tmp
                 log.close()
     exported = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line.startswith("lifelong_")}
     used = set()
-    for text in [e for _, e in dashboard_exprs()] + rule_exprs() + [
-            (DEPLOY / "prometheus" / "tests" / "lifelong.test.yml").read_text()]:
+    for text in (
+        [e for _, e in dashboard_exprs()]
+        + rule_exprs()
+        + [(DEPLOY / "prometheus" / "tests" / "lifelong.test.yml").read_text()]
+    ):
         used |= set(re.findall(r"\blifelong_[a-z_]+", text))
     assert used and used <= exported, f"names not exported by the daemon: {sorted(used - exported)}"

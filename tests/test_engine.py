@@ -24,7 +24,7 @@ KINDS = [
 
 
 def run(engine, events, batch):
-    results = [engine.process(events[i:i + batch]) for i in range(0, len(events), batch)]
+    results = [engine.process(events[i : i + batch]) for i in range(0, len(events), batch)]
     return np.concatenate([r.pred for r in results]), np.concatenate([r.outcome for r in results])
 
 
@@ -37,10 +37,11 @@ def test_batches_equal_event_by_event(engine_factory, cfg, stream):
     assert (o1 == o2).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
     for key in one.t:
-        torch.testing.assert_close(one.t[key][:one.n_tasks], batched.t[key][:batched.n_tasks], atol=1e-7, rtol=1e-9)
+        torch.testing.assert_close(one.t[key][: one.n_tasks], batched.t[key][: batched.n_tasks], atol=1e-7, rtol=1e-9)
     assert one.kb.ids == batched.kb.ids
     assert one.report()["methods"]["lifelong"]["cumulative_error"] == pytest.approx(
-        batched.report()["methods"]["lifelong"]["cumulative_error"], rel=1e-12)
+        batched.report()["methods"]["lifelong"]["cumulative_error"], rel=1e-12
+    )
 
 
 @pytest.mark.parametrize(("cfg", "stream"), KINDS[:1] + KINDS[3:5])
@@ -55,10 +56,11 @@ def test_compiled_cpu_path_equals_torch_waves(engine_factory, cfg, stream):
     assert (o1 == o2).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
     for key in compiled.t:
-        torch.testing.assert_close(compiled.t[key][:compiled.n_tasks], waves.t[key][:waves.n_tasks], atol=1e-7,
-                                   rtol=1e-9)
+        torch.testing.assert_close(
+            compiled.t[key][: compiled.n_tasks], waves.t[key][: waves.n_tasks], atol=1e-7, rtol=1e-9
+        )
     for name, p in compiled.learners.params.items():
-        torch.testing.assert_close(p[:compiled.n_tasks], waves.learners.params[name][:waves.n_tasks])
+        torch.testing.assert_close(p[: compiled.n_tasks], waves.learners.params[name][: waves.n_tasks])
     assert compiled.kb.ids == waves.kb.ids and compiled.kb.basis_ready
 
 
@@ -74,7 +76,7 @@ def test_save_load_continue_equals_continue(engine_factory, tmp_path, cfg, strea
     p2, _ = run(restored, events[half:], 16)
     np.testing.assert_array_equal(p1, p2)
     for key in straight.t:
-        assert torch.equal(straight.t[key][:straight.n_tasks], restored.t[key][:restored.n_tasks])
+        assert torch.equal(straight.t[key][: straight.n_tasks], restored.t[key][: restored.n_tasks])
     assert straight.report() == restored.report()
 
 
@@ -105,16 +107,26 @@ def test_delayed_labels_join_expire_and_are_counted(engine_factory):
     engine = engine_factory(labels=LabelsConfig(pending_ttl_s=10.0, pending_max=2))
     x = np.ones(5, np.float32)
     events = [
-        Event("a", "p1", x, None, ts=0.0), Event("a", "p2", x, None, ts=1.0),
+        Event("a", "p1", x, None, ts=0.0),
+        Event("a", "p2", x, None, ts=1.0),
         Event("a", "p1", None, 1, ts=2.0),  # joins
         Event("a", "nobody", None, 1, ts=2.0),  # no such prediction
-        Event("a", "p3", x, None, ts=3.0), Event("a", "p4", x, None, ts=4.0),  # p2 evicted (count bound)
+        Event("a", "p3", x, None, ts=3.0),
+        Event("a", "p4", x, None, ts=4.0),  # p2 evicted (count bound)
         Event("a", "p2", None, 1, ts=5.0),
         Event("a", "p3", None, 0, ts=30.0),  # too late (TTL)
     ]
     r = engine.process(events)
-    assert list(r.outcome) == [PREDICTED, PREDICTED, LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, PREDICTED,
-                               LABEL_UNMATCHED, LABEL_UNMATCHED]
+    assert list(r.outcome) == [
+        PREDICTED,
+        PREDICTED,
+        LABEL_JOINED,
+        LABEL_UNMATCHED,
+        PREDICTED,
+        PREDICTED,
+        LABEL_UNMATCHED,
+        LABEL_UNMATCHED,
+    ]
     assert engine.counters["learned"] == 1
     assert engine.counters["label_expired"] == 3  # p2 by count, p3 and p4 by TTL
     assert not engine.pending_keys
@@ -192,8 +204,10 @@ def test_related_tasks_beat_independent_learners(engine_factory):
 
 def scaled(events, factors):
     """The same events with each task's features multiplied by its factor (unscaled amounts, counts...)."""
-    return [dataclasses.replace(e, x=None if e.x is None else e.x.astype(np.float64) * factors.get(e.task, 1.0))
-            for e in events]
+    return [
+        dataclasses.replace(e, x=None if e.x is None else e.x.astype(np.float64) * factors.get(e.task, 1.0))
+        for e in events
+    ]
 
 
 @pytest.mark.parametrize(("cfg", "stream"), KINDS[:1] + KINDS[3:5])
@@ -222,8 +236,9 @@ def test_unscaled_amounts_are_learned(v):
         rng = np.random.default_rng(seed)
         amounts = rng.uniform(0, v, 200)
         engine = Engine(EngineConfig(dim=2))
-        result = engine.process([Event("pay", f"e{i}", np.array([a, 1.0]), int(a > v / 2))
-                                 for i, a in enumerate(amounts)])
+        result = engine.process(
+            [Event("pay", f"e{i}", np.array([a, 1.0]), int(a > v / 2)) for i, a in enumerate(amounts)]
+        )
         assert np.isfinite(result.pred).all()
         assert engine.report()["methods"]["lifelong"]["cumulative_error"] <= 0.25
 
@@ -272,8 +287,9 @@ def test_a_non_finite_snapshot_never_enters_the_kb(engine_factory):
     first = [Event("a", f"a{i}", rng.normal(size=5), i % 2) for i in range(7)]
     engine.process(first)
     engine.learners.params["mu"][engine.task_index["a"]] = float("nan")
-    engine.process([Event("a", "a7", rng.normal(size=5), 1)] + [Event("b", f"b{i}", rng.normal(size=5), i % 2)
-                                                               for i in range(20)])
+    engine.process(
+        [Event("a", "a7", rng.normal(size=5), 1)] + [Event("b", f"b{i}", rng.normal(size=5), i % 2) for i in range(20)]
+    )
     assert engine.counters["snapshots_not_finite"] == 1 and engine.counters["reset_learner"] == 1
     assert "a" not in engine.kb.slot_of and engine.kb.size == 1  # only b's snapshot
     assert torch.isfinite(engine.kb.store["w"]).all()
@@ -292,8 +308,12 @@ def test_earlier_sums_stay_inside_their_group():
 def test_duplicate_deliveries_are_learned_once_and_counted(engine_factory):
     engine = engine_factory()
     x = np.ones(5)
-    once = [Event("a", "e1", x, 1, ts=10.0), Event("a", "p1", x, None, ts=11.0), Event("a", "p1", x, None, ts=12.0),
-            Event("a", "p1", None, 0, ts=13.0)]
+    once = [
+        Event("a", "e1", x, 1, ts=10.0),
+        Event("a", "p1", x, None, ts=11.0),
+        Event("a", "p1", x, None, ts=12.0),
+        Event("a", "p1", None, 0, ts=13.0),
+    ]
     again = [Event("a", "e1", x, 1, ts=14.0), Event("a", "p1", None, 0, ts=15.0)]
     engine.process(once)
     assert engine.counters["pending_replaced"] == 1
@@ -305,10 +325,19 @@ def test_duplicate_deliveries_are_learned_once_and_counted(engine_factory):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=st.lists(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**400, 10**400),
-                                 st.sampled_from([1e300, -1e300, 5e-324, 3.4e38, 1e12])), min_size=3, max_size=3),
-       sparse=st.dictionaries(st.text(min_size=1, max_size=5), st.floats(allow_nan=False), max_size=6),
-       label=st.one_of(st.integers(-2, 3), st.floats(), st.booleans(), st.none(), st.text(max_size=2)))
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.integers(-(10**400), 10**400),
+            st.sampled_from([1e300, -1e300, 5e-324, 3.4e38, 1e12]),
+        ),
+        min_size=3,
+        max_size=3,
+    ),
+    sparse=st.dictionaries(st.text(min_size=1, max_size=5), st.floats(allow_nan=False), max_size=6),
+    label=st.one_of(st.integers(-2, 3), st.floats(), st.booleans(), st.none(), st.text(max_size=2)),
+)
 def test_fuzzed_numbers_are_refused_or_learned_finite(engine_factory, values, sparse, label):
     """Any payload is either an event the engine learns with finite results, or an ``InvalidEvent``."""
     import json
@@ -332,3 +361,26 @@ def test_fuzzed_numbers_are_refused_or_learned_finite(engine_factory, values, sp
         assert np.isfinite(result.pred[has_x]).all()
         json.dumps([rec for _, rec in result.records("binary")], allow_nan=False)
         json.dumps(engine.report(), allow_nan=False)
+
+
+@pytest.mark.parametrize(("cfg", "stream"), [*KINDS, pytest.param({"backend": "river"}, {}, id="river")])
+def test_predict_is_what_process_predicts_next_and_changes_nothing(engine_factory, cfg, stream):
+    events = make_stream(delayed=0.2, **stream)
+    engine = engine_factory(**cfg)
+    for i in range(0, len(events), 23):
+        batch = events[i : i + 23]
+        probe = [batch[0]] if batch[0].x is not None else []  # the next event: predict must foresee process
+        probe.append(Event("never-seen", "q", np.ones(5)))
+        before = engine.state()
+        peeked = engine.predict(probe)
+        after = engine.state()
+        assert before[1] == after[1]
+        for k, v in before[0].items():
+            assert torch.equal(v, after[0][k]), k
+        result = engine.process(batch)
+        if len(probe) == 2:
+            np.testing.assert_allclose(peeked.pred[0], result.pred[0], atol=1e-9)
+            np.testing.assert_allclose(peeked.p_kb[0], result.p_kb[0], atol=1e-9)
+    fresh = engine_factory(**cfg)
+    new = Event("n", "q", np.ones(5))
+    np.testing.assert_allclose(fresh.predict([new]).pred, fresh.process([new]).pred, atol=1e-9)

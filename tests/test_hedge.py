@@ -11,8 +11,9 @@ from lifelong.hedge import Mixing, mix, smooth
 TOL = 1e-9
 
 
-def run_mixture(mixing: Mixing, preds: list[list[float]], labels: list[float], entries: list[int],
-                as_proba: bool) -> tuple[float, list[float], int]:
+def run_mixture(
+    mixing: Mixing, preds: list[list[float]], labels: list[float], entries: list[int], as_proba: bool
+) -> tuple[float, list[float], int]:
     """Play the mixture with sleeping experts (an expert joins at its entry round with the mixture's
     cumulative loss). Returns the mixture's loss, each expert's loss, and how many experts took part."""
     k = len(entries)
@@ -37,11 +38,15 @@ def run_mixture(mixing: Mixing, preds: list[list[float]], labels: list[float], e
 
 
 def sequences(value: st.SearchStrategy, label: st.SearchStrategy):
-    return st.integers(1, 5).flatmap(lambda k: st.integers(1, 40).flatmap(lambda n: st.tuples(
-        st.lists(st.lists(value, min_size=k, max_size=k), min_size=n, max_size=n),
-        st.lists(label, min_size=n, max_size=n),
-        st.lists(st.integers(0, n - 1), min_size=k, max_size=k).map(lambda e: [0, *e[1:]]),
-    )))
+    return st.integers(1, 5).flatmap(
+        lambda k: st.integers(1, 40).flatmap(
+            lambda n: st.tuples(
+                st.lists(st.lists(value, min_size=k, max_size=k), min_size=n, max_size=n),
+                st.lists(label, min_size=n, max_size=n),
+                st.lists(st.integers(0, n - 1), min_size=k, max_size=k).map(lambda e: [0, *e[1:]]),
+            )
+        )
+    )
 
 
 @settings(max_examples=300, deadline=None)

@@ -71,7 +71,7 @@ def test_tasks_are_independent(make):
     x1, y = labels_for(learners)
     before = predictions(learners, torch.tensor([1]), x1[:1])
     for i in range(20):
-        learners.forward(torch.tensor([0]), x1[i:i + 1], y[i:i + 1])
+        learners.forward(torch.tensor([0]), x1[i : i + 1], y[i : i + 1])
     assert torch.equal(predictions(learners, torch.tensor([1]), x1[:1]), before)
     assert not torch.equal(predictions(learners, torch.tensor([0]), x1[:1]), before)
 
@@ -83,7 +83,7 @@ def test_batch_equals_one_by_one(make):
     for step in range(8):
         rows = slice(3 * step, 3 * step + 3)
         batched = a.forward(idx, x1[rows], y[rows])
-        single = torch.cat([b.forward(idx[i:i + 1], x1[rows][i:i + 1], y[rows][i:i + 1]) for i in range(3)])
+        single = torch.cat([b.forward(idx[i : i + 1], x1[rows][i : i + 1], y[rows][i : i + 1]) for i in range(3)])
         torch.testing.assert_close(batched, single)
     torch.testing.assert_close(predictions(a, idx, x1[:3]), predictions(b, idx, x1[:3]))
 
@@ -92,12 +92,12 @@ def test_state_round_trips(make):
     a = make()
     x1, y = labels_for(a)
     for i in range(10):
-        a.forward(torch.tensor([i % 3]), x1[i:i + 1], y[i:i + 1])
+        a.forward(torch.tensor([i % 3]), x1[i : i + 1], y[i : i + 1])
     b = make()
     b.load_state(a.state())
     for i in range(10, 20):
-        a.forward(torch.tensor([i % 3]), x1[i:i + 1], y[i:i + 1])
-        b.forward(torch.tensor([i % 3]), x1[i:i + 1], y[i:i + 1])
+        a.forward(torch.tensor([i % 3]), x1[i : i + 1], y[i : i + 1])
+        b.forward(torch.tensor([i % 3]), x1[i : i + 1], y[i : i + 1])
     idx = torch.tensor([0, 1, 2])
     assert torch.equal(predictions(a, idx, x1[:3]), predictions(b, idx, x1[:3]))
 
@@ -117,10 +117,10 @@ def test_memory_is_bounded_by_tasks_not_events(make):
     learners = make()
     x1, y = labels_for(learners)
     for i in range(40):
-        learners.forward(torch.tensor([i % 3]), x1[i:i + 1], y[i:i + 1])
+        learners.forward(torch.tensor([i % 3]), x1[i : i + 1], y[i : i + 1])
     size = state_size(learners)
     for i in range(400):
-        learners.forward(torch.tensor([i % 3]), x1[i % 40:i % 40 + 1], y[i % 40:i % 40 + 1])
+        learners.forward(torch.tensor([i % 3]), x1[i % 40 : i % 40 + 1], y[i % 40 : i % 40 + 1])
     if learners.__class__.__name__ == "TorchLearners":
         assert state_size(learners) == size
     else:  # river models keep statistics of their own, but not the events
@@ -131,7 +131,7 @@ def test_members_predict_like_their_task(make):
     learners = make()
     x1, y = labels_for(learners)
     for i in range(20):
-        learners.forward(torch.tensor([0]), x1[i:i + 1], y[i:i + 1])
+        learners.forward(torch.tensor([0]), x1[i : i + 1], y[i : i + 1])
     store = learners.new_store(2)
     learners.write_member(store, 1, 0)
     member = learners.member_predict(store, x1[:5, :-1])[:, 1]

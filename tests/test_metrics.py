@@ -15,10 +15,20 @@ from conftest import make_stream
 def scrape(engine, archived=frozenset(), cap=3, foreign=frozenset()):
     cfg = load_config(env={})
     cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, max_task_labels=cap))
-    daemon = SimpleNamespace(lock=threading.RLock(), engine=engine, cfg=cfg, dead_lettered=4, source=None,
-                             positions={}, archived_tasks=lambda: set(archived),
-                             foreign_tasks=lambda: set(foreign), checkpoint_age=lambda: 1.5,
-                             ready=lambda: (True, {}), storage_error=None, sink=None)
+    daemon = SimpleNamespace(
+        lock=threading.RLock(),
+        engine=engine,
+        cfg=cfg,
+        dead_lettered=4,
+        source=None,
+        positions={},
+        archived_tasks=lambda: set(archived),
+        foreign_tasks=lambda: set(foreign),
+        checkpoint_age=lambda: 1.5,
+        ready=lambda: (True, {}),
+        storage_error=None,
+        sink=None,
+    )
     registry = CollectorRegistry()
     Metrics(registry)
     collector = EngineCollector(daemon)
@@ -35,10 +45,16 @@ def test_engine_values_are_exported(engine_factory):
     assert reg.get_sample_value("lifelong_events_total", {"outcome": "dead_lettered"}) == 4
     report = engine.report()
     learned = report["labelled"]
-    assert abs(reg.get_sample_value("lifelong_mistakes_total", {"predictor": "combined"}) / learned
-               - report["methods"]["lifelong"]["cumulative_error"]) < 1e-9
-    assert reg.get_sample_value("lifelong_regret", {"level": "top"}) <= \
-        reg.get_sample_value("lifelong_regret_bound", {"level": "top"})
+    assert (
+        abs(
+            reg.get_sample_value("lifelong_mistakes_total", {"predictor": "combined"}) / learned
+            - report["methods"]["lifelong"]["cumulative_error"]
+        )
+        < 1e-9
+    )
+    assert reg.get_sample_value("lifelong_regret", {"level": "top"}) <= reg.get_sample_value(
+        "lifelong_regret_bound", {"level": "top"}
+    )
     assert reg.get_sample_value("lifelong_regret_over_bound_tasks", {"level": "kb"}) == 0
     assert reg.get_sample_value("lifelong_kb_members") == engine.kb.size
     assert reg.get_sample_value("lifelong_kb_capacity") == engine.kb.capacity
@@ -69,8 +85,9 @@ def test_tasks_owned_by_another_replica_are_left_to_it(engine_factory):
     reg = engine.regrets()
     mine = [i for i in range(engine.n_tasks) if i not in moved]
     assert abs(shared.get_sample_value("lifelong_regret", {"level": "top"}) - reg["top"][mine].sum()) < 1e-9
-    assert shared.get_sample_value("lifelong_regret", {"level": "top"}) != \
-        alone.get_sample_value("lifelong_regret", {"level": "top"})
+    assert shared.get_sample_value("lifelong_regret", {"level": "top"}) != alone.get_sample_value(
+        "lifelong_regret", {"level": "top"}
+    )
 
 
 def test_a_scrape_never_waits_for_the_processing_lock(engine_factory):

@@ -81,12 +81,13 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int |
         consumer.close()
 
 
-def produce_slowly(bootstrap: str, topic: str, payloads: list[bytes], keys: list[bytes], chunks: int,
-                   pause: float) -> threading.Thread:
+def produce_slowly(
+    bootstrap: str, topic: str, payloads: list[bytes], keys: list[bytes], chunks: int, pause: float
+) -> threading.Thread:
     def run():
         step = -(-len(payloads) // chunks)
         for i in range(0, len(payloads), step):
-            produce(bootstrap, topic, payloads[i:i + step], keys[i:i + step])
+            produce(bootstrap, topic, payloads[i : i + step], keys[i : i + step])
             time.sleep(pause)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -95,9 +96,17 @@ def produce_slowly(bootstrap: str, topic: str, payloads: list[bytes], keys: list
 
 
 def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(broker, tmp_path):
-    values = settings(broker.bootstrap, tmp_path, shared=True, **{
-        "kafka.partitions": PARTITIONS, "checkpoint.interval_s": 1.0, "batching.max_events": 100,
-        "logging.json": True})
+    values = settings(
+        broker.bootstrap,
+        tmp_path,
+        shared=True,
+        **{
+            "kafka.partitions": PARTITIONS,
+            "checkpoint.interval_s": 1.0,
+            "batching.max_events": 100,
+            "logging.json": True,
+        },
+    )
     cfg = config(values)
     events = make_stream(n_tasks=36, per_task=60, dim=3, block=10, ends=False, seed=7)
     payloads, keys = events_json([to_dict(e) for e in events]), [e.task.encode() for e in events]
@@ -106,8 +115,14 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
     try:
         wait_until(lambda: all(r.ready() for r in replicas), 90, interval=0.5, what="three replicas ready")
         feeder = produce_slowly(broker.bootstrap, cfg.kafka.events_topic, payloads, keys, chunks=30, pause=0.6)
-        wait_until(lambda: sum(metric(r.port, "lifelong_events_total", 'outcome="learned"') or 0
-                               for r in replicas) > len(events) // 3, 60, what="a third of the stream")
+        wait_until(
+            lambda: (
+                sum(metric(r.port, "lifelong_events_total", 'outcome="learned"') or 0 for r in replicas)
+                > len(events) // 3
+            ),
+            60,
+            what="a third of the stream",
+        )
         victim = replicas[0]
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(10)
@@ -146,24 +161,34 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
 
     # The tasks that moved off the killed replica continue from its last committed checkpoint: a take-over
     # restored exactly the labelled counts and parameters that checkpoint holds for the partition.
-    pattern = re.compile(r"partition \S+-(\d+): restored (\d+) tasks \((\d+) labels learned, state digest (\w+)\) "
-                         r"from the changelog at committed offset (\d+)")
+    pattern = re.compile(
+        r"partition \S+-(\d+): restored (\d+) tasks \((\d+) labels learned, state digest (\w+)\) "
+        r"from the changelog at committed offset (\d+)"
+    )
     matched = 0
     for r in replicas[1:4]:  # (the restarted victim's log holds its first life too)
         for msg in r.messages():
             m = pattern.search(msg)
             if not m or int(m.group(2)) == 0:
                 continue
-            p, n, labels, digest, offset = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4), \
-                int(m.group(5))
+            p, n, labels, digest, offset = (
+                int(m.group(1)),
+                int(m.group(2)),
+                int(m.group(3)),
+                m.group(4),
+                int(m.group(5)),
+            )
             for tensors, meta in kept:
                 extra = meta["extra"]
                 if [cfg.kafka.events_topic, p, offset] not in extra["offsets"]:
                     continue
                 victim_engine = Engine(cfg.engine, cfg.labels)
                 victim_engine.load_state(tensors, meta)
-                names = [t for t, q in extra["task_partition"].items() if q == p
-                         and victim_engine.n_labelled[victim_engine.task_index[t]] > 0]
+                names = [
+                    t
+                    for t, q in extra["task_partition"].items()
+                    if q == p and victim_engine.n_labelled[victim_engine.task_index[t]] > 0
+                ]
                 assert len(names) == n
                 assert sum(victim_engine.n_labelled[victim_engine.task_index[t]] for t in names) == labels
                 assert victim_engine.digest(names) == digest
@@ -190,17 +215,25 @@ def test_malicious_knowledge_records_are_refused_and_counted(broker, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    bad = [pickle.dumps(Boom()),  # pickle bytes: never unpickled
-           pack("member", {"source": "x", "learned": 3}, {"w": torch.zeros(1, 7, 1), "b": torch.zeros(1, 1)}),
-           b"LLW1" + (10**6).to_bytes(4, "big") + b"{}",  # a header that claims more than there is
-           pack("member", {"source": "x", "learned": 3}, {"w": torch.zeros(1, 3, 1), "b": torch.zeros(1, 1)})
-           + b"\0" * 300_000]  # huge
+    bad = [
+        pickle.dumps(Boom()),  # pickle bytes: never unpickled
+        pack("member", {"source": "x", "learned": 3}, {"w": torch.zeros(1, 7, 1), "b": torch.zeros(1, 1)}),
+        b"LLW1" + (10**6).to_bytes(4, "big") + b"{}",  # a header that claims more than there is
+        pack("member", {"source": "x", "learned": 3}, {"w": torch.zeros(1, 3, 1), "b": torch.zeros(1, 1)})
+        + b"\0" * 300_000,
+    ]  # huge
     reasons = {"not_lifelong": 1, "shape": 1, "malformed": 1, "too_large": 1}
     with ThreadDaemon(cfg) as d:
         wait_until(lambda: d.assigned, 60, what="assigned")
         produce(broker.bootstrap, cfg.kafka.knowledge_topic, bad)
-        wait_until(lambda: {r: metric(cfg.metrics.port, "lifelong_knowledge_refused_total", f'reason="{r}"')
-                            for r in reasons} == reasons, 30, what="one refusal of each kind")
+        wait_until(
+            lambda: (
+                {r: metric(cfg.metrics.port, "lifelong_knowledge_refused_total", f'reason="{r}"') for r in reasons}
+                == reasons
+            ),
+            30,
+            what="one refusal of each kind",
+        )
         produce(broker.bootstrap, cfg.kafka.events_topic, events_json([to_dict(e) for e in make_stream(dim=3)]))
         wait_until(lambda: d.engine.counters["learned"] > 100, 60, what="still learning")
         wait_until(lambda: d.engine.kb.size > 0, 30, what="members of its own tasks")  # the log still works
@@ -230,8 +263,11 @@ def run_then_take_over(broker, tmp_path, commit_first_half: bool):
         written = metric(cfg.metrics.port, "lifelong_changelog_bytes_total")
         produce(broker.bootstrap, cfg.kafka.events_topic, payloads[half:], keys[half:])
         wait_until(lambda: d.engine.counters["learned"] == len(events), 60, what="the rest learned")
-        wait_until(lambda: metric(cfg.metrics.port, "lifelong_changelog_bytes_total") > written, 30,
-                   what="changelog of an uncommitted checkpoint")
+        wait_until(
+            lambda: metric(cfg.metrics.port, "lifelong_changelog_bytes_total") > written,
+            30,
+            what="changelog of an uncommitted checkpoint",
+        )
     other = config({**values, "checkpoint.dir": str(tmp_path / "other"), "metrics.port": free_port()})
     with ThreadDaemon(other) as d2:
         wait_until(lambda: sum(d2.positions.values()) == len(events), 60, what="replayed to the end")
@@ -270,4 +306,3 @@ def test_a_changelog_with_fewer_partitions_than_the_events_topic_is_a_clear_erro
         runner.thread.join(30)
     assert runner.code == 1
     assert "has 1 partitions, fewer than the 3" in caplog.text
-

@@ -40,10 +40,10 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory):
     log: list[bytes] = []
     seen = {"a": 0, "b": 0}
     for step, start in enumerate(range(0, max(len(first), len(mine["b"])), 20)):
-        a.process(first[start:start + 20])
+        a.process(first[start : start + 20])
         drain(a, log)
         seen["a"] = catch_up(a, log, seen["a"])  # a reads the log after every batch ...
-        b.process(mine["b"][start:start + 20])
+        b.process(mine["b"][start : start + 20])
         drain(b, log)
         if step % 3 == 2:  # ... b only now and then: the KB must not depend on when a replica reads
             seen["b"] = catch_up(b, log, seen["b"])
@@ -107,19 +107,22 @@ def test_good_member_records_round_trip(engine_factory):
         torch.testing.assert_close(snap.store[k], ref.store[k])
 
 
-@pytest.mark.parametrize(("make", "reason"), [
-    (lambda good: pickle.dumps(_Boom()), "not_lifelong"),
-    (lambda good: good[:40], "malformed"),
-    (lambda good: good + b"\0" * 8, "shape"),
-    (lambda good: good[:4] + struct.pack(">I", 1 << 30) + good[8:], "malformed"),
-    (lambda good: good + b"\0" * (2 * MAX), "too_large"),
-    (lambda good: member({"source": "x", "learned": 3}, w=torch.zeros(1, 999, 1)), "shape"),
-    (lambda good: member({"source": "x", "learned": 3}, w=torch.zeros(1, 5, 1, dtype=torch.float32)), "shape"),
-    (lambda good: member({"source": "x", "learned": 3}, w=torch.full((1, 5, 1), math.nan, dtype=DT)), "not_finite"),
-    (lambda good: member({"source": 7, "learned": 3}), "malformed"),
-    (lambda good: member({"source": "x", "learned": 3}, kind="task"), "malformed"),
-    (lambda good: None, "malformed"),
-])
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda good: pickle.dumps(_Boom()), "not_lifelong"),
+        (lambda good: good[:40], "malformed"),
+        (lambda good: good + b"\0" * 8, "shape"),
+        (lambda good: good[:4] + struct.pack(">I", 1 << 30) + good[8:], "malformed"),
+        (lambda good: good + b"\0" * (2 * MAX), "too_large"),
+        (lambda good: member({"source": "x", "learned": 3}, w=torch.zeros(1, 999, 1)), "shape"),
+        (lambda good: member({"source": "x", "learned": 3}, w=torch.zeros(1, 5, 1, dtype=torch.float32)), "shape"),
+        (lambda good: member({"source": "x", "learned": 3}, w=torch.full((1, 5, 1), math.nan, dtype=DT)), "not_finite"),
+        (lambda good: member({"source": 7, "learned": 3}), "malformed"),
+        (lambda good: member({"source": "x", "learned": 3}, kind="task"), "malformed"),
+        (lambda good: None, "malformed"),
+    ],
+)
 def test_bad_member_records_are_refused_never_loaded(engine_factory, make, reason):
     eng, good = _member(engine_factory)  # the engine's dtype is float64: members are float64 arrays
     with pytest.raises(wire.Refused) as info:

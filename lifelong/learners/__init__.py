@@ -64,17 +64,25 @@ class Learners(abc.ABC):
         """Raw outputs for inputs with a trailing 1, before learning; with ``y``, each row then learns."""
 
     @abc.abstractmethod
+    def forward_new(self, tasks: np.ndarray, x1: torch.Tensor) -> torch.Tensor:
+        """``forward``'s raw outputs of untrained learners of tasks not created yet (their would-be indices
+        ``tasks``, one per row), without creating them."""
+
+    @abc.abstractmethod
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """Predictions from ``forward``'s raw outputs."""
 
     @abc.abstractmethod
-    def new_store(self, capacity: int) -> Any: ...
+    def new_store(self, capacity: int) -> Any:
+        """An empty store of ``capacity`` member slots."""
 
     @abc.abstractmethod
-    def write_member(self, store: Any, slot: int, task: int) -> None: ...
+    def write_member(self, store: Any, slot: int, task: int) -> None:
+        """Freeze task ``task``'s learner into ``slot`` of ``store``."""
 
     @abc.abstractmethod
-    def copy_member(self, store: Any, slot: int, one: Any) -> None: ...
+    def copy_member(self, store: Any, slot: int, one: Any) -> None:
+        """Copy the one member of the one-slot store ``one`` into ``slot`` of ``store``."""
 
     @abc.abstractmethod
     def member_vector(self, store: Any, slot: int) -> torch.Tensor:
@@ -89,8 +97,9 @@ class Learners(abc.ABC):
         """True when ``sequence`` can run a whole segment event by event in compiled code."""
         return False
 
-    def sequence(self, tasks: np.ndarray, x1: torch.Tensor, y: np.ndarray, labelled: np.ndarray,
-                 snap_row: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def sequence(
+        self, tasks: np.ndarray, x1: torch.Tensor, y: np.ndarray, labelled: np.ndarray, snap_row: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """Raw outputs of a segment in order, and the snapshots asked for (only when ``can_sequence``)."""
         raise NotImplementedError
 
@@ -103,10 +112,12 @@ class Learners(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def store_state(self, store: Any) -> dict[str, Any]: ...
+    def store_state(self, store: Any) -> dict[str, Any]:
+        """A store as tensors (checkpoints; plain arrays for shareable backends)."""
 
     @abc.abstractmethod
-    def load_store(self, state: dict[str, Any]) -> Any: ...
+    def load_store(self, state: dict[str, Any]) -> Any:
+        """A store back from ``store_state``."""
 
     def task_state(self, task: int) -> dict[str, torch.Tensor]:
         """One task's learner as arrays (for the changelog other replicas restore from)."""
@@ -117,10 +128,12 @@ class Learners(abc.ABC):
         raise NotImplementedError(f"the {self.cfg.backend} backend cannot move task state between replicas")
 
     @abc.abstractmethod
-    def state(self) -> dict[str, Any]: ...
+    def state(self) -> dict[str, Any]:
+        """Every task's learner as tensors (checkpoints)."""
 
     @abc.abstractmethod
-    def load_state(self, state: dict[str, Any]) -> None: ...
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore every task's learner from ``state``."""
 
 
 def pick_device(name: str) -> torch.device:

@@ -18,8 +18,9 @@ REG_NOISE = 0.05  # observation noise variance for regression, on the target sca
 MIN_CURVATURE = 1e-4
 
 
-def forward(mu_all: torch.Tensor, S_all: torch.Tensor, idx: torch.Tensor, z: torch.Tensor,
-            y: torch.Tensor | None, task: str) -> torch.Tensor:
+def forward(
+    mu_all: torch.Tensor, S_all: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None, task: str
+) -> torch.Tensor:
     """Predictive mean and variance ``[n, 2C]`` of rows ``idx`` for inputs ``z [n, r]``, before learning;
     with ``y`` (class labels, or regression targets scaled to [0, 1]) each row then takes one EKF step.
 
@@ -46,8 +47,9 @@ def forward(mu_all: torch.Tensor, S_all: torch.Tensor, idx: torch.Tensor, z: tor
             h = (p - p * p).clamp_min_(MIN_CURVATURE)
         denom = (h * v).add_(1.0)
         r = z.shape[-1]
-        S_new = torch.baddbmm(S.view(-1, r, r), (sz * (h / denom).unsqueeze(-1)).view(-1, r, 1), sz.view(-1, 1, r),
-                              alpha=-1)
+        S_new = torch.baddbmm(
+            S.view(-1, r, r), (sz * (h / denom).unsqueeze(-1)).view(-1, r, 1), sz.view(-1, 1, r), alpha=-1
+        )
         S_all.index_copy_(0, idx, S_new.view(S.shape))
         mu_all.index_copy_(0, idx, torch.addcmul(mu, (g / denom).unsqueeze(-1), sz))
     return torch.cat([m, v], dim=-1)
@@ -66,8 +68,18 @@ TASK_CODES = {"binary": 0, "multiclass": 1, "regression": 2}
 
 
 @numba.njit(cache=True)
-def _sequence(mu: np.ndarray, S: np.ndarray, tasks: np.ndarray, z: np.ndarray, y: np.ndarray,
-              labelled: np.ndarray, task: int, out: np.ndarray, snap_row: np.ndarray, snaps: np.ndarray) -> None:
+def _sequence(
+    mu: np.ndarray,
+    S: np.ndarray,
+    tasks: np.ndarray,
+    z: np.ndarray,
+    y: np.ndarray,
+    labelled: np.ndarray,
+    task: int,
+    out: np.ndarray,
+    snap_row: np.ndarray,
+    snaps: np.ndarray,
+) -> None:
     n, r = z.shape
     n_out = mu.shape[1]
     sz = np.empty((n_out, r), mu.dtype)
@@ -122,8 +134,16 @@ def _sequence(mu: np.ndarray, S: np.ndarray, tasks: np.ndarray, z: np.ndarray, y
             snaps[snap_row[i]] = mu[t]
 
 
-def sequence(mu_all: torch.Tensor, S_all: torch.Tensor, tasks: np.ndarray, z: torch.Tensor, y: np.ndarray,
-             labelled: np.ndarray, task: str, snap_row: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def sequence(
+    mu_all: torch.Tensor,
+    S_all: torch.Tensor,
+    tasks: np.ndarray,
+    z: torch.Tensor,
+    y: np.ndarray,
+    labelled: np.ndarray,
+    task: str,
+    snap_row: np.ndarray | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
     """The same steps as ``forward``, event by event in order, compiled (CPU tensors only): no waves needed.
 
     Returns the raw outputs ``[n, 2C]`` (before each event's own step) and, for rows with
@@ -134,6 +154,16 @@ def sequence(mu_all: torch.Tensor, S_all: torch.Tensor, tasks: np.ndarray, z: to
     out = np.empty((n, 2 * mu.shape[1]), mu.dtype)
     rows = snap_row if snap_row is not None else np.full(n, -1, np.int64)
     snaps = np.empty((max(1, int(rows.max()) + 1), *mu.shape[1:]), mu.dtype)
-    _sequence(mu, S, tasks.astype(np.int64), np.ascontiguousarray(z.numpy()), y.astype(mu.dtype),
-              labelled.astype(np.bool_), TASK_CODES[task], out, rows, snaps)
+    _sequence(
+        mu,
+        S,
+        tasks.astype(np.int64),
+        np.ascontiguousarray(z.numpy()),
+        y.astype(mu.dtype),
+        labelled.astype(np.bool_),
+        TASK_CODES[task],
+        out,
+        rows,
+        snaps,
+    )
     return torch.from_numpy(out), snaps

@@ -12,6 +12,7 @@ import importlib
 import pickle
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import EngineConfig
@@ -41,6 +42,7 @@ class RiverLearners(Learners):
         self.models: list[Any] = []
 
     def ensure(self, n_tasks: int) -> None:
+        """Clone the prototype estimator for new tasks."""
         while len(self.models) < n_tasks:
             self.models.append(self.prototype.clone())
 
@@ -68,34 +70,47 @@ class RiverLearners(Learners):
         out = self._out([self._one(self.models[i], r) for i, r in zip(idx.tolist(), rows, strict=True)])
         if y is not None:
             for i, row, target in zip(idx.tolist(), rows, y.tolist(), strict=True):
-                label = bool(target) if self.task == "binary" else (
-                    int(target) if self.task == "multiclass" else target)
+                label = (
+                    bool(target) if self.task == "binary" else (int(target) if self.task == "multiclass" else target)
+                )
                 self.models[i].learn_one(row, label)
         return out
 
+    def forward_new(self, tasks: np.ndarray, x1: torch.Tensor) -> torch.Tensor:
+        """Predictions of the untrained prototype."""
+        return self._out([self._one(self.prototype, r) for r in self._rows(x1[:, :-1])])
+
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """River's outputs already are predictions."""
         return raw
 
     def new_store(self, capacity: int) -> list[Any]:
+        """``capacity`` empty slots."""
         return [None] * capacity
 
     def write_member(self, store: list[Any], slot: int, task: int) -> None:
+        """A deep copy of the task's estimator."""
         store[slot] = copy.deepcopy(self.models[task])
 
     def copy_member(self, store: list[Any], slot: int, one: list[Any]) -> None:
+        """Take the one member of ``one``."""
         store[slot] = one[0]
 
     def member_vector(self, store: list[Any], slot: int) -> torch.Tensor:
+        """River estimators have no common parameter vector: members are never near-duplicates."""
         # River estimators have no common parameter vector: members are never near-duplicates.
         return torch.zeros(0)
 
     def store_state(self, store: list[Any]) -> dict[str, Any]:
+        """The pickled members (local checkpoints only)."""
         return {"pickle": _pickled(store)}
 
     def load_store(self, state: dict[str, Any]) -> list[Any]:
-        return _unpickled(state["pickle"])
+        """Members from a local checkpoint."""
+        return list(_unpickled(state["pickle"]))
 
     def member_predict(self, store: list[Any], x: torch.Tensor) -> torch.Tensor:
+        """Every member's prediction for every row (empty slots predict zeros; they never take part)."""
         rows = self._rows(x)
         filler = [0.0] * self.n_pred if self.task != "regression" else [self.lo]
         preds = [[self._one(m, r) if m is not None else filler for m in store] for r in rows]
@@ -103,9 +118,11 @@ class RiverLearners(Learners):
         return out if self.task == "regression" else smooth(out)
 
     def state(self) -> dict[str, Any]:
+        """The pickled estimators (local checkpoints only)."""
         return {"pickle": _pickled(self.models)}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Estimators from a local checkpoint."""
         self.models = _unpickled(state["pickle"])
 
 

@@ -61,6 +61,7 @@ class TorchLearners(Learners):
         return [("w1", (d, h)), ("b1", (h,)), ("w2", (h, c)), ("b2", (c,))]
 
     def ensure(self, n_tasks: int) -> None:
+        """Grow the stacked tensors (doubling) and initialise the new tasks' rows."""
         if n_tasks <= self._n:
             return
         cap = self.params[next(iter(self.params))].shape[0]
@@ -90,7 +91,7 @@ class TorchLearners(Learners):
         # depend on how many tasks were created together.
         seeds = [(self.cfg.seed * 1_000_003 + task) * 2 + (name == "w2") for task in range(first, first + n)]
         rows = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=self.dtype) for s in seeds]
-        return (torch.stack(rows) / fan_in**0.5).to(self.device)
+        return (torch.stack(rows) / fan_in**0.5).to(self.device)  # type: ignore[no-any-return]
 
     def _logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, C]`` for per-row parameters (leading dim n) and inputs ``[n, d]``."""
@@ -103,8 +104,14 @@ class TorchLearners(Learners):
         """Raw outputs of the rows' tasks for inputs with a trailing 1 (``x1 [n, d + 1]``), before
         learning; with ``y``, each row then learns its label. ``finish`` maps raw outputs to predictions."""
         if self.use_ekf:
-            return ekf.forward(self.params["mu"], self.params["S"], idx, x1,
-                               None if y is None else self._scaled(y, x1.dtype), self.task)
+            return ekf.forward(
+                self.params["mu"],
+                self.params["S"],
+                idx,
+                x1,
+                None if y is None else self._scaled(y, x1.dtype),
+                self.task,
+            )
         x = x1[:, :-1]
         p = {k: v[idx] for k, v in self.params.items()}
         logits = self._logits(p, x)
@@ -112,13 +119,31 @@ class TorchLearners(Learners):
             self._adagrad(idx, p, x, logits, y)
         return logits
 
+    def forward_new(self, tasks: np.ndarray, x1: torch.Tensor) -> torch.Tensor:
+        """Raw outputs of freshly initialised parameters for each row's would-be task."""
+        params = {
+            name: torch.cat(
+                [
+                    torch.zeros((1, *v.shape[1:]), dtype=self.dtype, device=self.device) + self._init(name, int(i), 1)
+                    for i in tasks.tolist()
+                ]
+            )
+            for name, v in self.params.items()
+        }
+        if self.use_ekf:
+            return ekf.forward(
+                params["mu"], params["S"], torch.arange(len(tasks), device=self.device), x1, None, self.task
+            )
+        return self._logits(params, x1[:, :-1])
+
     @property
     def can_sequence(self) -> bool:
         """EKF learners on the CPU can run a segment event by event in compiled code (``sequence``)."""
         return self.use_ekf and self.device.type == "cpu"
 
-    def sequence(self, tasks: np.ndarray, x1: torch.Tensor, y: np.ndarray, labelled: np.ndarray,
-                 snap_row: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def sequence(
+        self, tasks: np.ndarray, x1: torch.Tensor, y: np.ndarray, labelled: np.ndarray, snap_row: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """Raw outputs of a whole segment, event by event in order, and the ``mu`` snapshots it asked for."""
         target = (y - self.lo) / (self.hi - self.lo) if self.task == "regression" else y
         return ekf.sequence(self.params["mu"], self.params["S"], tasks, x1, target, labelled, self.task, snap_row)
@@ -131,6 +156,7 @@ class TorchLearners(Learners):
         return store
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (probit-corrected for the EKF) or values in the target range."""
         return self.to_pred(ekf.predictive_logits(raw, self.task) if self.use_ekf else raw)
 
     def _scaled(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,8 +170,9 @@ class TorchLearners(Learners):
             return torch.softmax(logits, -1) - torch.nn.functional.one_hot(y.long(), self.n_out).to(logits.dtype)
         return logits - self._scaled(y, logits.dtype).unsqueeze(-1)
 
-    def _adagrad(self, idx: torch.Tensor, p: dict[str, torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
-                 y: torch.Tensor) -> None:
+    def _adagrad(
+        self, idx: torch.Tensor, p: dict[str, torch.Tensor], x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> None:
         if self.linear:
             g_out = self._grad_logits(logits, y)
             grads = {"w": x.unsqueeze(-1) * g_out.unsqueeze(1), "b": g_out}
@@ -164,11 +191,16 @@ class TorchLearners(Learners):
     # --- knowledge-base members: frozen copies of task parameters, stacked by slot ---
 
     def new_store(self, capacity: int) -> dict[str, torch.Tensor]:
-        shapes = [("w", (self.dim, self.n_out)), ("b", (self.n_out,))] if self.use_ekf else \
-            [(k, tuple(v.shape[1:])) for k, v in self.params.items()]
+        """Member slots: weights and biases (EKF members are posterior means), or all parameters."""
+        shapes = (
+            [("w", (self.dim, self.n_out)), ("b", (self.n_out,))]
+            if self.use_ekf
+            else [(k, tuple(v.shape[1:])) for k, v in self.params.items()]
+        )
         return {k: torch.zeros((capacity, *shape), dtype=self.dtype, device=self.device) for k, shape in shapes}
 
     def write_member(self, store: dict[str, torch.Tensor], slot: int, task: int) -> None:
+        """Freeze the task's parameters (the posterior mean for the EKF) into ``slot``."""
         if self.use_ekf:  # a member is the posterior mean
             mu = self.params["mu"][task]
             store["w"][slot], store["b"][slot] = mu[:, :-1].T, mu[:, -1]
@@ -177,16 +209,20 @@ class TorchLearners(Learners):
             store[k][slot] = v[task]
 
     def copy_member(self, store: dict[str, torch.Tensor], slot: int, one: dict[str, torch.Tensor]) -> None:
+        """Copy the one member of ``one`` into ``slot``."""
         for k in store:
             store[k][slot] = one[k][0]
 
     def member_vector(self, store: dict[str, torch.Tensor], slot: int) -> torch.Tensor:
+        """All of a member's parameters as one vector."""
         return torch.cat([v[slot].reshape(-1) for v in store.values()])
 
     def store_state(self, store: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The store's tensors, on the CPU."""
         return {k: v.cpu() for k, v in store.items()}
 
     def load_store(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A store from ``store_state`` output, on this device."""
         return {k: v.to(self.device) for k, v in state.items()}
 
     def member_predict(self, store: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +241,7 @@ class TorchLearners(Learners):
         return torch.cat([store["w"], store["b"].unsqueeze(1)], dim=1)
 
     def not_finite(self, tasks: np.ndarray) -> np.ndarray:
+        """Which of ``tasks`` hold a NaN or infinity in any parameter."""
         idx = torch.as_tensor(tasks, device=self.device)
         bad = torch.zeros(len(tasks), dtype=torch.bool, device=self.device)
         for p in self.params.values():
@@ -212,22 +249,26 @@ class TorchLearners(Learners):
         return bad.cpu().numpy()
 
     def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        """One task's parameters (and AdaGrad sums) as tensors."""
         out = {f"param.{k}": v[task].cpu() for k, v in self.params.items()}
         out.update({f"accum.{k}": v[task].cpu() for k, v in self.accum.items()})
         return out
 
     def load_task(self, task: int, state: dict[str, torch.Tensor] | None) -> None:
+        """Set one task from ``task_state`` output, or back to its initial parameters (None)."""
         for name, p in self.params.items():
-            p[task:task + 1] = self._init(name, task, 1) if state is None else state[f"param.{name}"].to(self.device)
+            p[task : task + 1] = self._init(name, task, 1) if state is None else state[f"param.{name}"].to(self.device)
         for name, acc in self.accum.items():
-            acc[task:task + 1] = ADAGRAD_INIT if state is None else state[f"accum.{name}"].to(self.device)
+            acc[task : task + 1] = ADAGRAD_INIT if state is None else state[f"accum.{name}"].to(self.device)
 
     def state(self) -> dict[str, Any]:
+        """Parameters (and AdaGrad sums) of every task, on the CPU."""
         out: dict[str, Any] = {f"param.{k}": v[: self._n].cpu() for k, v in self.params.items()}
         out.update({f"accum.{k}": v[: self._n].cpu() for k, v in self.accum.items()})
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Restore every task from ``state`` output."""
         n = state[f"param.{next(iter(self.params))}"].shape[0]
         self._n = 0
         self.params = {k: v[:0] for k, v in self.params.items()}

@@ -1,0 +1,66 @@
+"""The River estimators: River's own estimator checks, and the same results as the engine."""
+
+import numpy as np
+import pytest
+from river import checks
+
+from lifelong.config import EngineConfig
+from lifelong.engine import Engine
+from lifelong.events import Event
+from lifelong.river import LifelongClassifier, LifelongRegressor
+
+
+def river_checks():
+    for model in (LifelongClassifier(), LifelongClassifier(n_classes=7), LifelongRegressor(target_range=(0.0, 100.0))):
+        for check in checks.yield_checks(model):
+            if check.__name__ not in model._unit_test_skips():
+                yield pytest.param(model, check, id=f"{model}-{check.__name__}")
+
+
+@pytest.mark.parametrize(("model", "check"), list(river_checks()))
+def test_river_estimator_checks(model, check):
+    check(model.clone())
+
+
+def related_rows(n_tasks=30, events=80, seed=0):
+    from lifelong.generate import stream
+
+    for d in stream("related", n_tasks=n_tasks, events=events, dim=6, block=5, seed=seed):
+        if "x" in d:
+            yield {"task": d["task"], **{f"f{j}": v for j, v in enumerate(d["x"])}}, bool(d["y"])
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_progressive_validation_equals_the_engine_on_the_same_stream(batch):
+    """predict_proba_one then learn_one, row by row, gives what the engine predicts on the same events in
+    batches (the estimator hashes the same features into the same buckets)."""
+    model = LifelongClassifier(dim=16)
+    rows = list(related_rows())
+    river_proba = []
+    for x, y in rows:
+        river_proba.append(model.predict_proba_one(x)[True])
+        model.learn_one(x, y)
+    engine = Engine(EngineConfig(dim=16, device="cpu"))
+    events = [Event(x["task"], None, model._event(x).x, int(y)) for x, y in rows]
+    engine_proba = np.concatenate(
+        [engine.process(events[i : i + batch]).pred[:, 1] for i in range(0, len(events), batch)]
+    )
+    np.testing.assert_allclose(river_proba, engine_proba, atol=1e-6)
+    assert model._engine.report()["methods"]["lifelong"] == pytest.approx(engine.report()["methods"]["lifelong"])
+    assert model._engine.kb.size > 0  # knowledge flowed between the tasks
+
+
+def test_labels_task_feature_and_strings():
+    model = LifelongClassifier(n_classes=3, dim=8)
+    assert model.predict_proba_one({"task": "a", "f": 1.0}) == {}
+    for i in range(30):
+        model.learn_one({"task": "a", "colour": ["red", "green", "blue"][i % 3]}, ["r", "g", "b"][i % 3])
+    proba = model.predict_proba_one({"task": "a", "colour": "green"})
+    assert set(proba) == {"r", "g", "b"} and max(proba, key=proba.get) == "g"
+    assert set(model._engine.task_index) == {"a"}
+    model.learn_one({"colour": "red"}, "r")  # no task feature: the default task
+    assert set(model._engine.task_index) == {"a", "default"}
+    with pytest.raises(ValueError, match="n_classes"):
+        model.learn_one({"task": "a"}, "fourth")
+    with pytest.raises(ValueError, match="True/False"):
+        LifelongClassifier().learn_one({"f": 1.0}, "yes")
