@@ -82,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     Path(args.report_json).write_text(json.dumps(report, indent=1, allow_nan=False))  # strict JSON, always
     m = report["methods"]
     print(f"{'method':<10} {'error':>8} {'log loss':>9}")
-    for name in ("lifelong", "itl", "pooled", "kb_only"):
+    for name in ("lifelong", "local", "itl", "pooled", "kb_only"):
         print(f"{name:<10} {m[name]['cumulative_error']:>8.4f} {m[name]['cumulative_log_loss']:>9.4f}")
     r = report["regret"]
     early = report["early"]

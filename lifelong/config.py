@@ -65,9 +65,14 @@ class EngineConfig:
     mixing: str = "auto"  # auto (log loss eta=1 / exp-concave squared) | hedge (anytime Hedge, absolute loss)
     kb_capacity: int = 64
     snapshot_every: int = 50  # learned events of a task between KB snapshots; 0 = only on control end
+    # also snapshot a task at these labelled counts: short tasks feed the KB too (empty: only snapshot_every)
+    snapshot_at: tuple[int, ...] = (20, 40)
     publish_every: int = 1024  # staged snapshots join the KB every this many engine events
     duplicate_cosine: float = 0.999  # a snapshot this close to a member of another task is dropped
     basis: bool = True  # ELLA-style basis expert over linear members
+    # a population learner fed by every labelled event of every task: a KB member refreshed at each publication,
+    # and the prior mean new tasks' learners start from (EKF learners only)
+    population: bool = True
     basis_rank: int = 8
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"
@@ -255,6 +260,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"engine.dim: expected 0 (infer) or a positive integer, got {e.dim}")
     if e.threads < 0:
         raise ConfigError(f"engine.threads: expected 0 (one per core) or a positive integer, got {e.threads}")
+    if any(n <= 0 for n in e.snapshot_at):
+        raise ConfigError(f"engine.snapshot_at: expected positive labelled counts, got {list(e.snapshot_at)}")
     if e.snapshot_every < 0:
         raise ConfigError(f"engine.snapshot_every: expected 0 or a positive integer, got {e.snapshot_every}")
     if e.task == "multiclass" and e.n_classes < 2:

@@ -29,13 +29,14 @@ import torch
 from . import scaling, wire
 from .config import EngineConfig, LabelsConfig
 from .errors import StateError
-from .events import Event, Schema
+from .events import RESERVED_TASK, Event, Schema
 from .hedge import Mixing, mix
 from .knowledge import KnowledgeBase, Staged
 from .learners import make_learners, pick_device
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 KB_TOP = 3  # members listed in each prediction
+POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
 # Columns of the per-task statistics table.
 STATS = (
     "loss",
@@ -219,6 +220,15 @@ class Engine:
         # On the CPU, EKF learners run event by event in compiled code; otherwise (CUDA, AdaGrad, MLP,
         # River) in torch waves. Both give the same results to float tolerance (tested).
         self.compiled = self.learners.can_sequence
+        # One learner over every labelled event of every task (on the CPU, compiled), learning each segment's
+        # events at its end in arrival order; published as a KB member, and new tasks start from its mean.
+        self.population = None
+        if cfg.population and getattr(self.learners, "use_ekf", False):
+            from .learners.stacked import TorchLearners
+
+            self.population = TorchLearners(cfg, cfg.dim, torch.device("cpu"))
+            self.population.ensure(1)
+        self.population_n = 0
 
     # --- per-task tables ---
 
@@ -299,6 +309,7 @@ class Engine:
         wave, ref, n_before, trigger, outcome, tasks = [0] * n, [-1] * n, [0] * n, [False] * n, [0] * n, [0] * n
         depth: dict[int, int] = {}
         ttl, cap, every = self.labels.pending_ttl_s, self.labels.pending_max, self.cfg.snapshot_every
+        early = frozenset(self.cfg.snapshot_at)
         keys, counts, index, learned = self.pending_keys, self.n_labelled, self.task_index, self.learned_keys
         seg0 = result.seq0 + start
         now = self.now_ts
@@ -364,7 +375,7 @@ class Engine:
             n_before[j] = c
             if labelled:
                 counts[ti] = c + 1
-                trigger[j] = every > 0 and (c + 1) % every == 0
+                trigger[j] = (every > 0 and (c + 1) % every == 0) or c + 1 in early
             k = depth.get(ti, 0)
             depth[ti] = k + 1
             wave[j] = k
@@ -425,6 +436,16 @@ class Engine:
             np.unique(tasks), self.learners.finish(raw_local), self.kb.finish_basis(raw_basis)
         )
         self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
+        if self.population is not None and labelled.any():
+            rows = torch.as_tensor(np.flatnonzero(labelled), device=dev)
+            self.population.sequence(
+                np.zeros(len(rows), np.int64),
+                x1[rows].cpu(),
+                y[rows].cpu().numpy(),
+                np.ones(len(rows), bool),
+                np.full(len(rows), -1, np.int64),
+            )
+            self.population_n += len(rows)
         result.segment[start:stop] = len(result.kb_names)
         result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
 
@@ -721,6 +742,18 @@ class Engine:
         self.counters["snapshots"] += 1
 
     def _publish(self) -> None:
+        if self.population is not None and self.population_n:
+            mu = self.population.params["mu"][0]
+            self.learners.prior_mu = mu.to(self.device, copy=True)
+            self.staged.append(
+                Staged(
+                    -1,
+                    POPULATION,
+                    self.population_n,
+                    self.events_seen,
+                    self.learners.member_from_ekf(mu.numpy().copy()),
+                )
+            )
         if not self.staged:
             return
         # Each task's latest snapshot, in the order of the tasks' first triggers (arrival order, whatever the
@@ -751,8 +784,23 @@ class Engine:
             entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
             self.kb_version[entered] += 1
             self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
+            for slot in slots:  # the KB holds earlier tasks' knowledge: a task's own member stays out of its mixture
+                self._exclude_own(self.kb.source[slot], slot)
         if self.kb.basis_ready:
             self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
+
+    def _exclude_own(self, source: str | None, slot: int) -> None:
+        """Task ``source`` (if it is one of ours) never has its own member, just entered at ``slot``, in its KB
+        mixture: as if it had never entered (no round passed, so the bounds are unchanged)."""
+        i = self.task_index.get(source) if source is not None else None
+        if i is not None and bool(self.t["in_kb"][i, 1 + slot]):
+            self.t["in_kb"][i, 1 + slot] = False
+            self.t["n_kb"][i] -= 1
+            self.t["L_kb"][i, 1 + slot] = 0.0
+            if bool(self.t["in_top"][i, 1]) and not bool(self.t["in_kb"][i].any()):  # the KB level joined for it
+                self.t["in_top"][i, 1] = False
+                self.t["n_top"][i] -= 1
+                self.t["L_top"][i, 1] = 0.0
 
     def _enter(self, rows: slice, experts: torch.Tensor, present: torch.Tensor | None) -> None:
         """KB experts new to tasks ``rows`` join at the KB level's loss so far (sleeping-expert entry); with
@@ -821,7 +869,7 @@ class Engine:
             "labelled": int(counts.sum()),
             "methods": {
                 "lifelong": method("errors", "loss"),
-                "itl": method("errors_local", "loss_local"),
+                "local": method("errors_local", "loss_local"),
                 "kb_only": method("errors_kb", "loss_kb"),
             },
             "regret": {
@@ -835,7 +883,7 @@ class Engine:
             "early": {
                 "first_n": EARLY_N,
                 "lifelong": float(st[:, S["early_errors"]].sum() / early_n),
-                "itl": float(st[:, S["early_errors_local"]].sum() / early_n),
+                "local": float(st[:, S["early_errors_local"]].sum() / early_n),
             },
             "kb": {"size": self.kb.size, "capacity": self.kb.capacity, **self.kb.counts},
             "counters": dict(self.counters),
@@ -852,6 +900,10 @@ class Engine:
         tensors.update({f"learner.{k}": v for k, v in self.learners.state().items()})
         tensors.update(self.kb.state())
         tensors["kb_version"] = self.kb_version.cpu()
+        if self.population is not None:
+            tensors.update({f"population.{k}": v for k, v in self.population.state().items()})
+            if self.learners.prior_mu is not None:
+                tensors["population.prior_mu"] = self.learners.prior_mu.cpu()
         keys = list(self.pending_keys)
         if keys:
             entries = [self.pending[k] for k in keys]
@@ -871,6 +923,7 @@ class Engine:
             "pending": [[k[0], k[1], *self.pending_keys[k]] for k in keys],
             "learned_keys": [[k[0], k[1], ts] for k, ts in self.learned_keys.items()],
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
+            "population_n": self.population_n,
         }
         return tensors, meta
 
@@ -896,6 +949,17 @@ class Engine:
         self.learners.load_state({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.kb_version = tensors["kb_version"].to(dev)
+        if self.population is not None and "population.param.mu" in tensors:
+            self.population.load_state(
+                {
+                    k.removeprefix("population."): v
+                    for k, v in tensors.items()
+                    if k.startswith("population.") and k != "population.prior_mu"
+                }
+            )
+            self.population_n = int(meta.get("population_n", 0))
+            if "population.prior_mu" in tensors:
+                self.learners.prior_mu = tensors["population.prior_mu"].to(dev)
         self.pending_keys = OrderedDict()
         self.pending = {}
         for j, (task, eid, seq, ts) in enumerate(meta["pending"]):
@@ -993,6 +1057,9 @@ class Engine:
         changed = (arrays["kb.updated"].to(dev) != ours).nonzero().flatten()
         if len(changed):
             self._enter(rows, changed + 1, self.kb.valid[changed])
+            own = self.kb.slot_of.get(meta["task"])
+            if own is not None and own in changed.tolist():
+                self._exclude_own(meta["task"], own)
         self.t["in_top"][i, 1] &= self.t["in_kb"][i].any()  # with no KB expert here, the KB level sleeps
 
     def digest(self, names: list[str]) -> str:

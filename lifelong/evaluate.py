@@ -112,17 +112,23 @@ def run_engine(
 def evaluate(
     path: str | Path, cfg: Config, infer: bool = True, plot: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """One prequential pass of the engine, then the pooled baseline; the report of ``lifelong evaluate``."""
+    """One prequential pass of the engine, then the baselines: ``itl`` (cold-start independent learners, one
+    per task: no KB, no population prior) and ``pooled`` (one such learner for all tasks); the report of
+    ``lifelong evaluate``. ``local`` is the engine's own task level (warm-started from the population)."""
     cfg, events, bad = read_events(path, cfg, infer)
     batch = cfg.batching.max_events
     engine = Engine(cfg.engine, cfg.labels)
     seconds, errors = run_engine(engine, events, batch, "lifelong" if progress else None)
     report = engine.report()
-    pooled_cfg = dataclasses.replace(cfg.engine, snapshot_every=0, basis=False, tasks=())
-    pooled = Engine(pooled_cfg, cfg.labels)
+    alone = dataclasses.replace(cfg.engine, snapshot_every=0, snapshot_at=(), basis=False, population=False, tasks=())
+    cold = Engine(alone, cfg.labels)
+    _, cold_errors = run_engine(cold, events, batch, "itl" if progress else None)
+    report["methods"]["itl"] = cold.report()["methods"]["local"]
+    report["early"]["itl"] = cold.report()["early"]["local"]
+    pooled = Engine(alone, cfg.labels)
     pooled_events = [dataclasses.replace(e, task="_pooled") for e in events if e.control is None]
     _, pooled_errors = run_engine(pooled, pooled_events, batch, "pooled" if progress else None)
-    report["methods"]["pooled"] = pooled.report()["methods"]["itl"]
+    report["methods"]["pooled"] = pooled.report()["methods"]["local"]
     out = {
         "input": str(path),
         "events": len(events),
@@ -136,7 +142,12 @@ def evaluate(
     if plot:
         write_plot(
             plot,
-            {"lifelong": errors[:, 0], "itl": errors[:, 1], "kb_only": errors[:, 2], "pooled": pooled_errors[:, 1]},
+            {
+                "lifelong": errors[:, 0],
+                "itl": cold_errors[:, 1],
+                "kb_only": errors[:, 2],
+                "pooled": pooled_errors[:, 1],
+            },
             str(path),
         )
     return out

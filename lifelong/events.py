@@ -14,6 +14,7 @@ from .errors import InvalidEvent
 
 MAX_TASK_LEN = 256
 MAX_ID_LEN = 256
+RESERVED_TASK = "_population"  # the source name of the KB's population member
 CONTROLS = ("end",)
 
 
@@ -122,6 +123,8 @@ def from_dict(d: Any, schema: Schema) -> Event:
         raise InvalidEvent("task", "required non-empty string")
     if len(task) > MAX_TASK_LEN:
         raise InvalidEvent("task", f"longer than {MAX_TASK_LEN} characters")
+    if task == RESERVED_TASK:
+        raise InvalidEvent("task", f"{task!r} is reserved (the KB's population member)")
     if schema.tasks and task not in schema.tasks:
         raise InvalidEvent("task", f"unknown task {task!r} (engine.tasks refuses unknown tasks)")
     eid = d.get("id")

@@ -32,6 +32,9 @@ class Learners(abc.ABC):
         self.n_out = cfg.n_classes if cfg.task == "multiclass" else 1
         self.n_pred = cfg.n_classes if cfg.task == "multiclass" else (2 if cfg.task == "binary" else 1)
         self.lo, self.hi = cfg.target_range
+        # where new tasks' learners start (EKF: the population learner's mean, set by the engine at each
+        # publication); None: the backend's own initialisation
+        self.prior_mu: torch.Tensor | None = None
 
     def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
         """Map logits ``[..., n_out]`` into the prediction space shared by all levels."""

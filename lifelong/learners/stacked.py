@@ -80,6 +80,8 @@ class TorchLearners(Learners):
         self._n = n_tasks
 
     def _init(self, name: str, first: int, n: int) -> torch.Tensor | float:
+        if name == "mu" and self.prior_mu is not None:
+            return self.prior_mu.expand(n, -1, -1)
         if name == "S":
             eye = torch.eye(self.dim + 1, dtype=self.dtype, device=self.device) * self.cfg.prior_var
             return eye.expand(n, self.n_out, -1, -1)
