@@ -58,10 +58,10 @@ def _snapshot(d: Daemon) -> dict[str, float]:
             "processed": sum(d.positions.values()),
             "learned": e.counters["learned"],
             "error": st[S["errors"]] / labelled,
-            "error_itl": st[S["errors_local"]] / labelled,
+            "error_local": st[S["errors_local"]] / labelled,
             "error_kb": st[S["errors_kb"]] / labelled,
             "early": st[S["early_errors"]] / max(1.0, st[S["early_n"]]),
-            "early_itl": st[S["early_errors_local"]] / max(1.0, st[S["early_n"]]),
+            "early_local": st[S["early_errors_local"]] / max(1.0, st[S["early_n"]]),
             "regret": float(reg["top"].sum()) if reg else 0.0,
             "bound": float(reg["top_bound"].sum()) if reg else 0.0,
             "kb_regret": float(reg["kb"].sum()) if reg else 0.0,
@@ -124,8 +124,8 @@ def run_demo(
     )
     say(f"metrics: http://127.0.0.1:{daemon.http.port}/metrics   health: /healthz /readyz")
     say(
-        f"{'time':>5} {'learned':>8} {'ev/s':>7} {'lag':>6} {'error':>7} {'per-task':>8} {'KB':>4} "
-        f"{'regret':>8} {'bound':>8}  (error: lifelong vs per-task learners; regret: sum over tasks)"
+        f"{'time':>5} {'learned':>8} {'ev/s':>7} {'lag':>6} {'error':>7} {'task lvl':>8} {'KB':>4} "
+        f"{'regret':>8} {'bound':>8}  (error: lifelong vs its task level; regret: sum over tasks)"
     )
     t0 = time.monotonic()
     runner.start()
@@ -144,7 +144,7 @@ def run_demo(
                 continue
             say(
                 f"{now - t0:>4.0f}s {s['learned']:>8} {rate_now:>7,.0f} {s['lag']:>6} {s['error']:>7.4f} "
-                f"{s['error_itl']:>8.4f} {s['kb']:>4} {s['regret']:>8.2f} {s['bound']:>8.2f}"
+                f"{s['error_local']:>8.4f} {s['kb']:>4} {s['regret']:>8.2f} {s['bound']:>8.2f}"
             )
             if daemon.engine.counters["predicted"] >= total_x and not producer.is_alive():
                 break
@@ -162,7 +162,7 @@ def run_demo(
         say(f"  {'wall time (incl. group join)':<34}{elapsed:>11.1f}s")
         say(f"  {'':<34}{'error':>12}{'first 20/task':>15}")
         say(f"  {'lifelong (two levels)':<34}{s['error']:>12.4f}{s['early']:>15.4f}")
-        say(f"  {'per-task learners only':<34}{s['error_itl']:>12.4f}{s['early_itl']:>15.4f}")
+        say(f"  {'task level (warm-started)':<34}{s['error_local']:>12.4f}{s['early_local']:>15.4f}")
         say(f"  {'knowledge base only':<34}{s['error_kb']:>12.4f}")
         say(f"  {'regret vs better level (sum)':<34}{s['regret']:>12.2f}  bound {s['bound']:.2f}")
         say(f"  {'KB regret vs best member (sum)':<34}{s['kb_regret']:>12.2f}  bound {s['kb_bound']:.2f}")

@@ -784,23 +784,29 @@ class Engine:
             entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
             self.kb_version[entered] += 1
             self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
-            for slot in slots:  # the KB holds earlier tasks' knowledge: a task's own member stays out of its mixture
-                self._exclude_own(self.kb.source[slot], slot)
+            self._exclude_own(
+                slots
+            )  # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
         if self.kb.basis_ready:
             self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
 
-    def _exclude_own(self, source: str | None, slot: int) -> None:
-        """Task ``source`` (if it is one of ours) never has its own member, just entered at ``slot``, in its KB
-        mixture: as if it had never entered (no round passed, so the bounds are unchanged)."""
-        i = self.task_index.get(source) if source is not None else None
-        if i is not None and bool(self.t["in_kb"][i, 1 + slot]):
-            self.t["in_kb"][i, 1 + slot] = False
-            self.t["n_kb"][i] -= 1
-            self.t["L_kb"][i, 1 + slot] = 0.0
-            if bool(self.t["in_top"][i, 1]) and not bool(self.t["in_kb"][i].any()):  # the KB level joined for it
-                self.t["in_top"][i, 1] = False
-                self.t["n_top"][i] -= 1
-                self.t["L_top"][i, 1] = 0.0
+    def _exclude_own(self, slots: list[int]) -> None:
+        """A task never has its own member, just entered at one of ``slots``, in its KB mixture: as if it had
+        never entered (no round passed, so the bounds are unchanged); nor the KB level, if that was all of it."""
+        pairs = [(self.task_index[src], 1 + s) for s in slots if (src := self.kb.source[s]) in self.task_index]
+        if not pairs:
+            return
+        t, dev = self.t, self.device
+        rows, cols = (torch.tensor(c, dtype=torch.long, device=dev) for c in zip(*pairs, strict=True))
+        keep = t["in_kb"][rows, cols]
+        rows, cols = rows[keep], cols[keep]
+        t["in_kb"][rows, cols] = False
+        t["L_kb"][rows, cols] = 0.0
+        t["n_kb"][rows] -= 1
+        alone = rows[t["in_top"][rows, 1] & ~t["in_kb"][rows].any(1)]
+        t["in_top"][alone, 1] = False
+        t["n_top"][alone] -= 1
+        t["L_top"][alone, 1] = 0.0
 
     def _enter(self, rows: slice, experts: torch.Tensor, present: torch.Tensor | None) -> None:
         """KB experts new to tasks ``rows`` join at the KB level's loss so far (sleeping-expert entry); with
@@ -1057,9 +1063,7 @@ class Engine:
         changed = (arrays["kb.updated"].to(dev) != ours).nonzero().flatten()
         if len(changed):
             self._enter(rows, changed + 1, self.kb.valid[changed])
-            own = self.kb.slot_of.get(meta["task"])
-            if own is not None and own in changed.tolist():
-                self._exclude_own(meta["task"], own)
+            self._exclude_own([s for s in changed.tolist() if self.kb.source[s] == meta["task"]])
         self.t["in_top"][i, 1] &= self.t["in_kb"][i].any()  # with no KB expert here, the KB level sleeps
 
     def digest(self, names: list[str]) -> str:

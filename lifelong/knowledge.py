@@ -24,6 +24,7 @@ import torch
 from . import wire
 from .config import EngineConfig
 from .errors import LifelongError
+from .events import RESERVED_TASK
 from .learners import Learners, ekf
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
@@ -160,7 +161,9 @@ class KnowledgeBase:
                 self.counts["added"] += 1
             self.updated[slot] = self.applied
             self._write(slot, snap, vec)
-        if staged and self.basis_on and self.size >= 2:
+        # the population member changes at every publication: alone, it does not move the basis (whose refresh
+        # rotates every task's code)
+        if self.basis_on and self.size >= 2 and any(snap.task_name != RESERVED_TASK for snap in staged):
             self._refresh_basis()
         return entered
 

@@ -349,7 +349,9 @@ def test_demo_runs_and_prints_a_summary(broker):
     assert "/metrics" in text and "summary" in text and "lifelong (two levels)" in text
     learned = int(next(line for line in text.splitlines() if "events learned" in line).split()[-1].replace(",", ""))
     assert learned == 20 * 30
-    assert np.isfinite(float(next(line for line in text.splitlines() if "per-task learners only" in line).split()[3]))
+    assert np.isfinite(
+        float(next(line for line in text.splitlines() if "task level (warm-started)" in line).split()[3])
+    )
 
 
 def test_a_flush_during_an_outage_is_postponed_not_fatal(tmp_path):

@@ -418,3 +418,13 @@ def test_a_task_never_mixes_its_own_member(engine_factory):
         assert not bool(engine.t["in_kb"][task, 1 + slot])
     others = [i for i in range(engine.n_tasks) if i != owned[0][0]]
     assert bool(engine.t["in_kb"][others, 1 + owned[0][1]].all())  # everyone else does
+
+
+def test_snapshot_at_lets_short_tasks_into_the_kb(engine_factory):
+    rng = np.random.default_rng(0)
+    events = [Event(f"t{i % 4}", f"e{i}", rng.normal(size=5), int(rng.random() < 0.5)) for i in range(40)]
+    plain = engine_factory(population=False, snapshot_every=50)
+    early = engine_factory(population=False, snapshot_every=50, snapshot_at=(5,))
+    run(plain, events, 40)
+    run(early, events, 40)
+    assert plain.kb.size == 0 and early.kb.size == 4  # ten events per task: only snapshot_at reaches them
