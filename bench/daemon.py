@@ -104,7 +104,17 @@ def rate_of(records: list) -> float:
     return (len(ts) - 1) / max(1e-3, (ts[-1] - ts[0]) / 1000)
 
 
-def start_daemon(bootstrap: str, tag: str, work: Path) -> subprocess.Popen:
+def start_daemon(
+    bootstrap: str,
+    tag: str,
+    work: Path,
+    shared: bool = True,
+    state: Path | None = None,
+    port: int | None = None,
+    interval_s: float = CHECKPOINT_S,
+) -> subprocess.Popen:
+    """``lifelong run`` on topics named after ``tag`` (scale-out topics unless ``shared`` is False); its
+    stderr goes to ``work/<tag>.log``."""
     cfg = {
         "kafka": {
             "bootstrap_servers": bootstrap,
@@ -113,17 +123,18 @@ def start_daemon(bootstrap: str, tag: str, work: Path) -> subprocess.Popen:
             "dead_letter_topic": f"dlq-{tag}",
             "group_id": f"g-{tag}",
             "session_timeout_ms": 6000,
-            "knowledge_topic": f"kb-{tag}",
-            "changelog_topic": f"cl-{tag}",
+            "knowledge_topic": f"kb-{tag}" if shared else "",
+            "changelog_topic": f"cl-{tag}" if shared else "",
         },
         "engine": {"dim": 20},
-        "checkpoint": {"dir": str(work / f"state-{tag}"), "interval_s": CHECKPOINT_S},
-        "metrics": {"port": free_port()},
+        "checkpoint": {"dir": str(state or work / f"state-{tag}"), "interval_s": interval_s},
+        "metrics": {"port": port or free_port()},
         "logging": {"level": "WARNING"},
     }
     path = work / f"{tag}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    return subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)])
+    log = open(work / f"{tag}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)], stderr=log)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -27,35 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from daemon import produce, rate_of, read_all  # noqa: E402
+from daemon import produce, rate_of, read_all, start_daemon  # noqa: E402
 
 from lifelong import checkpoint  # noqa: E402
 from lifelong.broker import EmbeddedBroker, free_port  # noqa: E402
 from lifelong.generate import stream  # noqa: E402
-
-
-def start(bootstrap: str, tag: str, state: Path, port: int, work: Path) -> subprocess.Popen:
-    cfg = {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "events_topic": f"ev-{tag}",
-            "predictions_topic": f"pred-{tag}",
-            "dead_letter_topic": f"dlq-{tag}",
-            "group_id": f"g-{tag}",
-            "session_timeout_ms": 6000,
-            "knowledge_topic": "",
-            "changelog_topic": "",
-        },
-        "engine": {"dim": 20},
-        "checkpoint": {"dir": str(state), "interval_s": 2.0},
-        "metrics": {"port": port},
-        "logging": {"level": "WARNING"},
-    }
-    path = work / f"{tag}.json"
-    path.write_text(json.dumps(cfg))
-    return subprocess.Popen(
-        [sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)], stderr=open(work / f"{tag}.log", "wb")
-    )  # noqa: SIM115 - lives with the process
 
 
 def get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -71,7 +47,7 @@ def get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
 def scrape_run(bootstrap: str, payloads: list[bytes], tag: str, scrapers: int, work: Path) -> tuple[float, list]:
     port = free_port()
     produce(bootstrap, f"ev-{tag}", payloads)
-    proc = start(bootstrap, tag, work / f"state-{tag}", port, work)
+    proc = start_daemon(bootstrap, tag, work, shared=False, port=port, interval_s=2.0)
     done = threading.Event()
     latencies: list[float] = []
 
@@ -104,7 +80,7 @@ def disk_full(bootstrap: str, payloads: list[bytes], full_s: float, work: Path) 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
     port = free_port()
     try:
-        proc = start(bootstrap, "full", mount / "state", port, work)
+        proc = start_daemon(bootstrap, "full", work, shared=False, state=mount / "state", port=port, interval_s=2.0)
         half = len(payloads) // 2
         produce(bootstrap, "ev-full", payloads[:half])
         read_all(bootstrap, "pred-full", half)

@@ -65,9 +65,9 @@ class EngineConfig:
     mixing: str = "auto"  # auto (log loss eta=1 / exp-concave squared) | hedge (anytime Hedge, absolute loss)
     kb_capacity: int = 64
     snapshot_every: int = 50  # learned events of a task between KB snapshots; 0 = only on control end
-    # also snapshot a task at these labelled counts, e.g. [20, 40]: short tasks feed the KB too (measured: short
-    # tasks 0.340 -> 0.307 error, related 0.219 -> 0.224, and twice the KB churn; so off by default)
-    snapshot_at: tuple[int, ...] = ()
+    # also snapshot a task at these labelled counts: tasks of a few dozen events feed the KB too ([]: only
+    # snapshot_every). Measured (bench/accuracy.py, generate --kind short): short 0.340 -> 0.290, related 0.201 -> 0.206
+    snapshot_at: tuple[int, ...] = (20, 40)
     publish_every: int = 1024  # staged snapshots join the KB every this many engine events
     duplicate_cosine: float = 0.999  # a snapshot this close to a member of another task is dropped
     basis: bool = True  # ELLA-style basis expert over linear members

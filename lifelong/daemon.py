@@ -54,10 +54,17 @@ class DaemonError(LifelongError):
 
 
 def _admin(cfg: Config) -> KafkaAdminClient:
+    """An admin client for the start-up checks. While it connects the client would log every refused attempt:
+    an unreachable broker is one line, ours."""
+    client_log = logging.getLogger("kafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
     try:
         return KafkaAdminClient(client_id="lifelong-admin", request_timeout_ms=15000, **client_options(cfg))
     except KafkaError as exc:
         raise LifelongError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc!r}") from None
+    finally:
+        client_log.setLevel(level)
 
 
 def committed_offsets(cfg: Config) -> dict[int, int]:

@@ -37,6 +37,10 @@ from .learners import make_learners, pick_device
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 KB_TOP = 3  # members listed in each prediction
 POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
+# Log prior weight of the KB's shared experts (the basis and the population member) over one member's 0: a task
+# trusts what all tasks share from its first events, and its own evidence moves it to a member when one fits
+# better. The KB bound becomes ln(M) / η with M = members + e^5 per shared expert (``hedge.py``).
+SHARED_PRIOR = 5.0
 # Columns of the per-task statistics table.
 STATS = (
     "loss",
@@ -646,9 +650,20 @@ class Engine:
         p_local: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The KB level's weights, and the two levels ``[n, 2, P]`` (local, KB) the top level mixes."""
-        w_kb = torch.nan_to_num(self.kb_mix.weights(loss_kb, in_kb, rounds))
+        w_kb = torch.nan_to_num(self.kb_mix.weights(loss_kb, in_kb, rounds, self._kb_log_prior()))
         p_kb = torch.where(in_top[:, 1:2], mix(w_kb, kb_x), p_local)  # finite stand-in; weight 0 until the KB joins
         return w_kb, torch.stack([p_local, p_kb], dim=1)
+
+    def _kb_log_prior(self) -> torch.Tensor | None:
+        """Each KB expert's log prior weight (``SHARED_PRIOR`` for the shared experts, 0 for members); None
+        (uniform) for anytime Hedge, whose bound assumes it."""
+        if self.kb_mix.fixed_eta is None:
+            return None
+        prior = torch.zeros(self.n_experts, dtype=torch.float64, device=self.device)
+        prior[0] = SHARED_PRIOR
+        if (slot := self.kb.slot_of.get(POPULATION)) is not None:
+            prior[1 + slot] = SHARED_PRIOR
+        return prior
 
     def _top_level(
         self,
@@ -839,7 +854,14 @@ class Engine:
         kb = torch.where(torch.isfinite(best_kb), st[:, S["loss_kb"]] - best_kb, 0.0).cpu().numpy()
         counts = self.n_labelled
         top_bound = np.array([self.top_mix.bound(c, k) for c, k in zip(counts, t["n_top"][:n].tolist(), strict=True)])
-        kb_bound = np.array([self.kb_mix.bound(c, k) for c, k in zip(counts, t["n_kb"][:n].tolist(), strict=True)])
+        n_kb = t["n_kb"][:n].tolist()
+        prior = self._kb_log_prior()
+        if prior is None:
+            mass = [None] * n
+        else:  # the shared experts that took part weigh e^SHARED_PRIOR instead of 1
+            shared = (t["in_kb"][:n] & (prior > 0)).sum(1)
+            mass = (t["n_kb"][:n] + shared * (math.exp(SHARED_PRIOR) - 1.0)).tolist()
+        kb_bound = np.array([self.kb_mix.bound(c, k, m) for c, k, m in zip(counts, n_kb, mass, strict=True)])
         return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
 
     def report(self) -> dict[str, Any]:
@@ -1080,7 +1102,8 @@ class Engine:
         """One row per KB member: slot, id, source task and its total weight over tasks."""
         n, t = self.n_tasks, self.t
         if n:
-            weights = torch.nan_to_num(self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds())).sum(0)
+            weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds(), self._kb_log_prior())
+            weights = torch.nan_to_num(weights).sum(0)
         else:
             weights = torch.zeros(self.n_experts)
         rows = (

@@ -7,6 +7,10 @@ been there from the start predicting exactly what the mixture predicted, so ever
 ``N`` = the number of experts that ever took part, against each expert on the stretch it took part in.
 
 - ``log`` loss (classification): probabilities mixed with η = 1 (Bayes mixture), regret ≤ ln N.
+  With prior weights ``π_k`` (``log_prior``, fixed per expert; fixed-rate losses only) the weights are
+  ``∝ π_k exp(-η L_k)`` and the regret against expert k is ≤ ln(M / π_k) / η, M = the prior weight of all
+  experts that took part: with weight 1 for most experts, ``bound(n, N, mass=M)`` ≤ ln M / η holds against
+  every expert of weight ≥ 1.
 - ``squared`` loss on a known target range [a, b]: η = 1 / (2 (b-a)²) (exp-concave), regret ≤ ln N / η.
 - ``hedge`` (absolute loss, scaled to [0, 1]; not mixable): anytime rate η_t = sqrt(8 ln M / t) with a
   fixed M, regret ≤ (2/η_{n+1} − 1/η_1) ln N + Σ_t η_t / 8 (Cesa-Bianchi & Lugosi 2006, Thm 2.3 proof).
@@ -43,9 +47,14 @@ class Mixing:
             return torch.full_like(n, self.fixed_eta, dtype=torch.float64)
         return torch.sqrt(8.0 * math.log(self.hedge_m) / n.to(torch.float64))
 
-    def weights(self, cum_loss: torch.Tensor, present: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """Normalised weights ``[..., K]`` from cumulative losses; absent experts get weight 0."""
+    def weights(
+        self, cum_loss: torch.Tensor, present: torch.Tensor, n: torch.Tensor, log_prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Normalised weights ``[..., K]`` from cumulative losses (and log prior weights ``[K]``); absent experts
+        get weight 0."""
         logits = -self.eta(n).unsqueeze(-1) * cum_loss
+        if log_prior is not None:
+            logits = logits + log_prior
         logits = logits.masked_fill(~present, -math.inf)
         return torch.softmax(logits, dim=-1)
 
@@ -60,12 +69,13 @@ class Mixing:
             return 1.0 - p_true
         return -torch.log(p_true)
 
-    def bound(self, n: int, n_experts: int) -> float:
-        """Regret bound after ``n`` rounds against any of ``n_experts`` experts."""
+    def bound(self, n: int, n_experts: int, mass: float | None = None) -> float:
+        """Regret bound after ``n`` rounds against any of ``n_experts`` experts; with prior weights, ``mass`` is
+        the prior weight of all of them (each at least 1), and the bound holds against those of weight ≥ 1."""
         if n_experts <= 1 or n <= 0:
             return 0.0
         if self.fixed_eta is not None:
-            return math.log(n_experts) / self.fixed_eta
+            return math.log(n_experts if mass is None else mass) / self.fixed_eta
         lm = math.log(self.hedge_m)
         eta_1, eta_next = math.sqrt(8 * lm), math.sqrt(8 * lm / (n + 1))
         eta_sum = (

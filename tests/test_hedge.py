@@ -12,7 +12,12 @@ TOL = 1e-9
 
 
 def run_mixture(
-    mixing: Mixing, preds: list[list[float]], labels: list[float], entries: list[int], as_proba: bool
+    mixing: Mixing,
+    preds: list[list[float]],
+    labels: list[float],
+    entries: list[int],
+    as_proba: bool,
+    log_prior: torch.Tensor | None = None,
 ) -> tuple[float, list[float], int]:
     """Play the mixture with sleeping experts (an expert joins at its entry round with the mixture's
     cumulative loss). Returns the mixture's loss, each expert's loss, and how many experts took part."""
@@ -29,7 +34,7 @@ def run_mixture(
             continue
         p = torch.tensor(row, dtype=torch.float64)
         experts = smooth(torch.stack([1 - p, p], dim=-1)) if as_proba else p.unsqueeze(-1)
-        w = mixing.weights(cum, present, torch.tensor(t + 1))
+        w = mixing.weights(cum, present, torch.tensor(t + 1), log_prior)
         combined = mix(w, experts)
         target = torch.tensor(y)
         total += float(mixing.loss(combined, target))
@@ -85,3 +90,20 @@ def test_hedge_bound_grows_like_sqrt_n():
     mixing = Mixing("hedge", hedge_m=2)
     b100, b10000 = mixing.bound(100, 2), mixing.bound(10_000, 2)
     assert 8 < b10000 / b100 < 12  # sqrt(100) = 10: the average regret vanishes
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequences(st.floats(0, 1), st.integers(0, 1)), st.lists(st.floats(0, 6), min_size=5, max_size=5))
+def test_log_loss_mixture_with_a_prior_regret_at_most_ln_mass_over_weight(seq, log_prior):
+    """Prior weights pi_k (the KB's shared experts): regret against expert k <= ln(M / pi_k), M = the prior
+    weight of every expert that took part; at most ln M against any expert of weight >= 1."""
+    preds, labels, entries = seq
+    k = len(entries)
+    prior = torch.tensor(log_prior[:k], dtype=torch.float64)
+    mixing = Mixing("log")
+    total, experts, n = run_mixture(mixing, preds, labels, entries, as_proba=True, log_prior=prior)
+    took_part = [e for e in range(k) if entries[e] < len(labels)]
+    mass = float(prior[took_part].exp().sum())
+    for e in took_part:
+        assert total - experts[e] <= math.log(mass) - float(prior[e]) + TOL
+    assert mixing.bound(len(labels), n, mass) == math.log(mass) or n == 1
