@@ -174,3 +174,22 @@ def test_features_of_an_extra_name_it_when_it_is_missing(tmp_path, capsys, monke
     assert main(["generate", "--kind", "digits", "--out", str(tmp_path / "d.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'lifelong[plot]'" in err and "pip install 'lifelong[data]'" in err
+
+
+def test_benign_client_messages_are_debug_real_problems_still_show(capsys):
+    import logging
+
+    from lifelong.cli import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("kafka").level
+    try:
+        setup_logging(load_config(env={}))
+        logging.getLogger("kafka.cluster").error("Metadata refresh: failed Cancelled")
+        logging.getLogger("kafka.net.selector").warning("Task <poll> ran for 0.3s")
+        logging.getLogger("kafka.net.manager").error("Connection failed: KafkaConnectionError: 111 ECONNREFUSED")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("kafka").setLevel(saved[2])
+    err = capsys.readouterr().err
+    assert "Cancelled" not in err and "ran for" not in err and "ECONNREFUSED" in err
