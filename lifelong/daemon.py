@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from kafka import KafkaAdminClient, TopicPartition
@@ -43,14 +43,24 @@ from .source import KafkaSource, client_options
 from .wire import Refused
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 STALL_S = 60.0  # /healthz fails when the processing or the poll loop made no progress for this long
 KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
-STATUS_EVERY_S = 1.0  # how often the main loop refreshes the engine values that /metrics serves
+# The main loop refreshes the engine values that /metrics serves every second, or less often where a refresh
+# (which reads every task) would take more than STATUS_SHARE of the loop's time: hundreds of thousands of tasks.
+STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
 RETRY_S = (1.0, 30.0)  # a failed checkpoint is retried after 1 s, doubling up to 30 s
 
 
 class DaemonError(LifelongError):
     """The daemon cannot go on (a failed delivery, a dead poll loop): it stops without checkpointing."""
+
+
+def _started(client: T | None) -> T:
+    """A Kafka client ``run`` has opened (using one earlier is a bug, said plainly, not an ``assert``)."""
+    if client is None:
+        raise DaemonError("used before the Kafka clients were started")
+    return client
 
 
 def _admin(cfg: Config) -> KafkaAdminClient:
@@ -175,6 +185,7 @@ class Daemon:
         self.retry_at = 0.0
         self.retry_s = RETRY_S[0]
         self.status_at = 0.0
+        self.status_every = STATUS_EVERY_S
         self.dead_lettered = 0
         self.assigned: list[TopicPartition] = []
         self.ended: set[int] = set()
@@ -293,10 +304,9 @@ class Daemon:
 
     def _take_over(self, tp: TopicPartition) -> None:
         """Make this replica's state of ``tp``'s tasks the committed one (poll thread, under the lock)."""
-        if self.source is None:
-            raise DaemonError("used before the Kafka clients were started")
+        source = _started(self.source)
         t0 = time.monotonic()
-        offset = self.source.committed_offset(tp)
+        offset = source.committed_offset(tp)
         p = tp.partition
         mine = [t for t, q in self.task_partition.items() if q == p]
         if offset is not None and offset == self.positions.get(tp):
@@ -376,7 +386,7 @@ class Daemon:
                 self.last_progress = time.monotonic()
                 if self.source.error is not None:
                     raise DaemonError(f"the poll loop stopped: {self.source.error!r}")
-                if self.last_progress - self.status_at >= STATUS_EVERY_S:
+                if self.last_progress - self.status_at >= self.status_every:
                     self._refresh_status()
                 if self.storage_error is not None:  # no new work (nor predictions) until state is saved again
                     if self.last_progress >= self.retry_at:
@@ -418,20 +428,21 @@ class Daemon:
 
     def _refresh_status(self) -> None:
         """Engine values for /metrics, taken here (where the engine is consistent): a scrape never waits."""
+        start = time.monotonic()
         with self.lock:
             self.collector.refresh()
         self.status_at = time.monotonic()
+        self.status_every = max(STATUS_EVERY_S, (self.status_at - start) / STATUS_SHARE)
 
     def _collect(self) -> list[Any]:
-        if self.source is None:
-            raise DaemonError("used before the Kafka clients were started")
-        first = self.source.get(timeout=0.1)
+        source = _started(self.source)
+        first = source.get(timeout=0.1)
         if first is None:
             return []
         batches, n = [first], len(first.records)
         deadline = time.monotonic() + self.cfg.batching.max_ms / 1000
         while n < self.cfg.batching.max_events and (left := deadline - time.monotonic()) > 0:
-            more = self.source.get(timeout=left)
+            more = source.get(timeout=left)
             if more is None:
                 break
             batches.append(more)
@@ -439,15 +450,15 @@ class Daemon:
         return batches
 
     def _process(self, batches: list[Any]) -> None:
-        if self.source is None or self.sink is None:
-            raise DaemonError("used before the Kafka clients were started")
+        source = _started(self.source)
+        sink = _started(self.sink)
         t0 = time.perf_counter()
         with self.lock:
             events: list[Event] = []
             sources: list[Any] = []
             new_tasks: set[str] = set()
             for batch in batches:
-                if batch.generation != self.source.generation:
+                if batch.generation != source.generation:
                     continue  # fetched before a rebalance; fetched again after the seek
                 for r in batch.records:
                     tp = TopicPartition(r.topic, r.partition)
@@ -488,7 +499,7 @@ class Daemon:
                         self.task_partition[e.task] = r.partition
                     self.changed.add(e.task)
                 for snap in self.engine.outbox:
-                    self.sink.knowledge(snap.task_name, self.engine.kb.encode(snap))
+                    sink.knowledge(snap.task_name, self.engine.kb.encode(snap))
                 self.engine.outbox.clear()
             for i, e in enumerate(events):
                 if e.control == "end":
@@ -499,13 +510,13 @@ class Daemon:
             for i, rec in result.records(self.cfg.engine.task):
                 r = sources[i]
                 rec["offset"] = r.offset
-                self.sink.prediction(rec["task"], rec)
+                sink.prediction(rec["task"], rec)
                 self.metrics.end_to_end.observe(max(0.0, now - r.timestamp / 1000.0))
             for delay in result.label_delay[result.label_delay == result.label_delay]:
                 self.metrics.label_delay.observe(float(delay))
             self.dirty = True
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-        gaps, self.source.poll_gaps = self.source.poll_gaps, []
+        gaps, source.poll_gaps = source.poll_gaps, []
         for gap in gaps:
             self.metrics.poll_interval.observe(gap)
 
@@ -514,13 +525,12 @@ class Daemon:
 
         With ``until_end``, read up to the log's current end first (bounded in time): a replica starts with
         the group's KB."""
-        if self.knowledge is None:
-            raise DaemonError("used before the Kafka clients were started")
+        knowledge = _started(self.knowledge)
         self.knowledge_read = time.monotonic()
-        end = self.knowledge.end() if until_end else None
+        end = knowledge.end() if until_end else None
         deadline = time.monotonic() + 60.0
         while True:
-            records = self.knowledge.poll(timeout_s=0.1 if until_end else 0.0)
+            records = knowledge.poll(timeout_s=0.1 if until_end else 0.0)
             members = []
             for r in records:
                 try:
@@ -535,15 +545,14 @@ class Daemon:
                 if records:
                     self.knowledge_offset = records[-1].offset + 1
             # past the end offset and nothing more (tansu may report the end one short)
-            if end is None or (not records and self.knowledge.offset >= end) or time.monotonic() > deadline:
+            if end is None or (not records and knowledge.offset >= end) or time.monotonic() > deadline:
                 break
         if until_end:
-            log.info("knowledge base read to offset %d: %d members", self.knowledge.offset, self.engine.kb.size)
+            log.info("knowledge base read to offset %d: %d members", knowledge.offset, self.engine.kb.size)
 
     def _dead_letter(self, r: Any, exc: InvalidEvent) -> None:
-        if self.sink is None:
-            raise DaemonError("used before the Kafka clients were started")
-        self.sink.dead_letter(r.value, r.key, str(exc), r.topic, r.partition, r.offset)
+        sink = _started(self.sink)
+        sink.dead_letter(r.value, r.key, str(exc), r.topic, r.partition, r.offset)
         self.metrics.dead_letters.labels(exc.kind).inc()
         self.dead_lettered += 1
 
@@ -551,8 +560,6 @@ class Daemon:
         """Flush and verify deliveries (and write changed tasks to the changelog), then persist state with its
         offsets, then commit the offsets. None: postponed, deliveries still pending (a broker outage), or the
         checkpoint could not be written (``storage_error``: retried with backoff while processing waits)."""
-        if self.sink is None or self.source is None:
-            raise DaemonError("used before the Kafka clients were started")
         try:
             path = self._checkpoint_now(timeout, wait_commit)
         except FlushTimeout as exc:
@@ -576,11 +583,11 @@ class Daemon:
         return path
 
     def _checkpoint_now(self, timeout: float, wait_commit: bool) -> Path:
-        if self.sink is None or self.source is None:
-            raise DaemonError("used before the Kafka clients were started")
+        sink = _started(self.sink)
+        source = _started(self.source)
         start = time.monotonic()
         with self.lock:
-            self.sink.flush(timeout=max(1.0, timeout * 0.4))
+            sink.flush(timeout=max(1.0, timeout * 0.4))
             owned = {tp.partition: self.positions.get(tp, 0) for tp in self.assigned}
             if self.shared:
                 for task in sorted(self.changed):
@@ -588,10 +595,10 @@ class Daemon:
                     if p in owned:  # the record holds the task's events below this position
                         position = max(owned[p], self.floor.get(task, 0))
                         value = self.engine.export_task(task, {"partition": p, "position": position})
-                        self.sink.changelog(task, p, value, position)
+                        sink.changelog(task, p, value, position)
                         self.metrics.changelog_bytes.inc(len(value))
                 self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
-                self.sink.flush(timeout=max(1.0, timeout * 0.3))
+                sink.flush(timeout=max(1.0, timeout * 0.3))
                 self.changed = set()
             offsets = dict(self.positions)
             for tp, off in offsets.items():
@@ -613,10 +620,10 @@ class Daemon:
             self.dirty = False
             self.metrics.checkpoints.labels("ok").inc()
             if not wait_commit:
-                self.source.commit_async(offsets)
+                source.commit_async(offsets)
                 return path
             try:
-                self.source.commit(offsets, timeout=max(0.5, timeout - (time.monotonic() - start)))
+                source.commit(offsets, timeout=max(0.5, timeout - (time.monotonic() - start)))
             except Exception as exc:  # noqa: BLE001 - the checkpoint, not the commit, is what restores state
                 log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
         log.debug("checkpoint %s offsets %s", path, {tp.partition: o for tp, o in offsets.items()})

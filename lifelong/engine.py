@@ -348,9 +348,6 @@ class Engine:
                     continue
                 outcome[j] = LABEL_JOINED
                 labelled = True
-                learned[key] = now
-                if len(learned) > cap:
-                    learned.popitem(last=False)
                 result.label_delay[start + j] = now - entry[1]
                 if entry[0] >= seg0:
                     ref[j] = entry[0] - seg0
@@ -370,14 +367,15 @@ class Engine:
                         outcome[j] = DUPLICATE
                         self.counters["duplicates"] += 1
                         continue
-                    learned[key] = now
-                    if len(learned) > cap:
-                        learned.popitem(last=False)
                 outcome[j] = LEARNED
                 labelled = True
             c = counts[ti]
             n_before[j] = c
             if labelled:
+                if e.id is not None:  # a later delivery of the same (task, id) is a duplicate
+                    learned[(e.task, e.id)] = now
+                    if len(learned) > cap:
+                        learned.popitem(last=False)
                 counts[ti] = c + 1
                 trigger[j] = (every > 0 and (c + 1) % every == 0) or c + 1 in early
             k = depth.get(ti, 0)
@@ -727,18 +725,17 @@ class Engine:
         kb_x = self._kb_experts(p_basis, x)
         w_kb, top = self._kb_level(kb_x, tables["L_kb"], tables["in_kb"], tables["in_top"], rounds, p_local)
         w_top, pred = self._top_level(top, tables["L_top"], tables["in_top"], rounds)
-        out = rows
-        result.outcome[out] = PREDICTED
-        result.task_index[out] = index
-        result.pred[out] = pred.cpu().numpy()
-        result.p_local[out] = top[:, 0].cpu().numpy()
-        result.p_kb[out] = top[:, 1].cpu().numpy()
-        result.w_local[out] = w_top[:, 0].cpu().numpy()
-        result.model_version[out] = rounds.cpu().numpy() - 1
+        result.outcome[rows] = PREDICTED
+        result.task_index[rows] = index
+        result.pred[rows] = pred.cpu().numpy()
+        result.p_local[rows] = top[:, 0].cpu().numpy()
+        result.p_kb[rows] = top[:, 1].cpu().numpy()
+        result.w_local[rows] = w_top[:, 0].cpu().numpy()
+        result.model_version[rows] = rounds.cpu().numpy() - 1
         top_k = min(KB_TOP, w_kb.shape[1])
         tw, ts = torch.topk(w_kb, top_k, dim=1)
-        result.kb_slots[out, :top_k] = ts.cpu().numpy()
-        result.kb_weights[out, :top_k] = tw.cpu().numpy()
+        result.kb_slots[rows, :top_k] = ts.cpu().numpy()
+        result.kb_weights[rows, :top_k] = tw.cpu().numpy()
         result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
         return result
 
@@ -799,9 +796,8 @@ class Engine:
             entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
             self.kb_version[entered] += 1
             self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
-            self._exclude_own(
-                slots
-            )  # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
+            # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
+            self._exclude_own(slots)
         if self.kb.basis_ready:
             self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
 
@@ -852,16 +848,15 @@ class Engine:
         top = (st[:, S["loss"]] - best_level).cpu().numpy()
         best_kb = torch.where(t["in_kb"][:n], t["L_kb"][:n], math.inf).min(1).values
         kb = torch.where(torch.isfinite(best_kb), st[:, S["loss_kb"]] - best_kb, 0.0).cpu().numpy()
-        counts = self.n_labelled
-        top_bound = np.array([self.top_mix.bound(c, k) for c, k in zip(counts, t["n_top"][:n].tolist(), strict=True)])
-        n_kb = t["n_kb"][:n].tolist()
+        counts = np.array(self.n_labelled, np.int64)
+        top_bound = self.top_mix.bounds(counts, t["n_top"][:n].cpu().numpy())
+        n_kb = t["n_kb"][:n].cpu().numpy()
         prior = self._kb_log_prior()
-        if prior is None:
-            mass = [None] * n
-        else:  # the shared experts that took part weigh e^SHARED_PRIOR instead of 1
-            shared = (t["in_kb"][:n] & (prior > 0)).sum(1)
-            mass = (t["n_kb"][:n] + shared * (math.exp(SHARED_PRIOR) - 1.0)).tolist()
-        kb_bound = np.array([self.kb_mix.bound(c, k, m) for c, k, m in zip(counts, n_kb, mass, strict=True)])
+        mass = None
+        if prior is not None:  # the shared experts that took part weigh e^SHARED_PRIOR instead of 1
+            shared = (t["in_kb"][:n] & (prior > 0)).sum(1).cpu().numpy()
+            mass = n_kb + shared * (math.exp(SHARED_PRIOR) - 1.0)
+        kb_bound = self.kb_mix.bounds(counts, n_kb, mass)
         return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
 
     def report(self) -> dict[str, Any]:

@@ -123,8 +123,9 @@ def evaluate(
     alone = dataclasses.replace(cfg.engine, snapshot_every=0, snapshot_at=(), basis=False, population=False, tasks=())
     cold = Engine(alone, cfg.labels)
     _, cold_errors = run_engine(cold, events, batch, "itl" if progress else None)
-    report["methods"]["itl"] = cold.report()["methods"]["local"]
-    report["early"]["itl"] = cold.report()["early"]["local"]
+    cold_report = cold.report()
+    report["methods"]["itl"] = cold_report["methods"]["local"]
+    report["early"]["itl"] = cold_report["early"]["local"]
     pooled = Engine(alone, cfg.labels)
     pooled_events = [dataclasses.replace(e, task="_pooled") for e in events if e.control is None]
     _, pooled_errors = run_engine(pooled, pooled_events, batch, "pooled" if progress else None)

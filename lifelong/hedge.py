@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 EPS = 1e-6  # experts' probabilities are smoothed by this much, so no log loss is infinite
@@ -82,6 +83,13 @@ class Mixing:
             sum(math.sqrt(8 * lm / t) for t in range(1, n + 1)) if n < 10_000 else math.sqrt(8 * lm) * 2 * math.sqrt(n)
         )
         return (2 / eta_next - 1 / eta_1) * math.log(n_experts) + eta_sum / 8
+
+    def bounds(self, n: np.ndarray, n_experts: np.ndarray, mass: np.ndarray | None = None) -> np.ndarray:
+        """``bound`` for many tasks at once (vectorised for the fixed-rate losses: /metrics reads every task)."""
+        if self.fixed_eta is None:
+            return np.array([self.bound(int(a), int(b)) for a, b in zip(n, n_experts, strict=True)], np.float64)
+        size = np.asarray(n_experts if mass is None else mass, np.float64)
+        return np.where((n_experts <= 1) | (n <= 0), 0.0, np.log(np.maximum(size, 1.0)) / self.fixed_eta)
 
 
 def mix(weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:

@@ -116,18 +116,24 @@ class KafkaSource:
 
     def commit_async(self, offsets: dict[TopicPartition, int]) -> None:
         """Send a commit without waiting (rebalance callbacks, which run where nothing may block)."""
-        if self.consumer is None:
-            raise LifelongError("used before the Kafka clients were started")
-        mine = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in self.consumer.assignment()}
+        consumer = self.client
+        mine = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in consumer.assignment()}
         if mine:
-            self.consumer.commit_async(mine)
+            consumer.commit_async(mine)
 
     def committed_offset(self, tp: TopicPartition) -> int | None:
         """The group's committed offset of ``tp`` (in the poll thread: taking over gained partitions)."""
-        if self.consumer is None or threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._thread:
             raise LifelongError("the consumer is used outside the poll thread")
-        got = self.consumer.committed(tp)
+        got = self.client.committed(tp)
         return None if got is None else int(got)
+
+    @property
+    def client(self) -> KafkaConsumer:
+        """The consumer, which the poll thread creates when it starts (using it earlier is a bug)."""
+        if self.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
+        return self.consumer
 
     @property
     def broker_reachable(self) -> bool:
@@ -183,25 +189,23 @@ class KafkaSource:
             except queue.Empty:
                 return
             try:
-                if self.consumer is None:
-                    raise LifelongError("used before the Kafka clients were started")
-                mine = {tp: o for tp, o in offsets.items() if tp in self.consumer.assignment()}
+                consumer = self.client
+                mine = {tp: o for tp, o in offsets.items() if tp in consumer.assignment()}
                 if mine:
-                    self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in mine.items()})
+                    consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in mine.items()})
                     self.committed.update(mine)
                 done.set_result(None)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting daemon thread
                 done.set_exception(exc)
 
     def _take_over(self) -> None:
-        if self.consumer is None:
-            raise LifelongError("used before the Kafka clients were started")
+        consumer = self.client
         gained, self.gained = self.gained, []
         positions = self.on_assign(gained)
         for tp in gained:
             if tp in positions:
-                self.consumer.seek(tp, positions[tp])
-        self.consumer.resume(*gained)
+                consumer.seek(tp, positions[tp])
+        consumer.resume(*gained)
         self.assigned = self.assigned + gained
         log.info(
             "partitions taken over: %s (positions %s)",
@@ -210,25 +214,23 @@ class KafkaSource:
         )
 
     def _backpressure(self) -> None:
-        if self.consumer is None:
-            raise LifelongError("used before the Kafka clients were started")
+        consumer = self.client
         full = self.batches.full()
-        parts = list(self.consumer.assignment())
+        parts = list(consumer.assignment())
         if full and not self.paused and parts:
-            self.consumer.pause(*parts)
+            consumer.pause(*parts)
             self.paused = True
         elif not full and self.paused:
-            self.consumer.resume(*self.consumer.paused())
+            consumer.resume(*consumer.paused())
             self.paused = False
 
     def _observe(self) -> None:
-        if self.consumer is None:
-            raise LifelongError("used before the Kafka clients were started")
+        consumer = self.client
         for tp in self.assigned:
-            hw = self.consumer.highwater(tp)
+            hw = consumer.highwater(tp)
             if hw is not None:
                 self.highwater[tp] = hw
-        metrics = self.consumer.metrics().get("consumer-coordinator-metrics", {})
+        metrics = consumer.metrics().get("consumer-coordinator-metrics", {})
         age = metrics.get("last-heartbeat-seconds-ago", 0.0)
         self.heartbeat_age = 0.0 if age == float("inf") else float(age)
 
@@ -264,10 +266,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-pytho
         src = self.source
         src.generation += 1
         src.drain()
-        if src.consumer is None:
-            raise LifelongError("used before the Kafka clients were started")
         if assigned:
-            src.consumer.pause(*assigned)
+            src.client.pause(*assigned)
         src.gained = list(assigned)
         src.paused = False
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -107,3 +108,16 @@ def test_log_loss_mixture_with_a_prior_regret_at_most_ln_mass_over_weight(seq, l
     for e in took_part:
         assert total - experts[e] <= math.log(mass) - float(prior[e]) + TOL
     assert mixing.bound(len(labels), n, mass) == math.log(mass) or n == 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 70), st.floats(1, 400)), min_size=1, max_size=20))
+def test_bounds_of_many_tasks_equal_the_bound_of_each(rows):
+    n, k, mass = (np.array(c) for c in zip(*rows, strict=True))
+    mass = np.maximum(mass, k)
+    for mixing in (Mixing("log"), Mixing("squared", (0.0, 2.0)), Mixing("hedge", hedge_m=3)):
+        expected = [mixing.bound(int(a), int(b)) for a, b in zip(n, k, strict=True)]
+        assert np.allclose(mixing.bounds(n, k), expected, rtol=1e-12, atol=0)
+        if mixing.fixed_eta is not None:
+            with_mass = [mixing.bound(int(a), int(b), float(m)) for a, b, m in zip(n, k, mass, strict=True)]
+            assert np.allclose(mixing.bounds(n, k, mass), with_mass, rtol=1e-12, atol=0)
