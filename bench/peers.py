@@ -74,6 +74,29 @@ def lifelong_in_river(events: list[Event]) -> tuple[float, float]:
     return 1.0 - accuracy.get(), time.perf_counter() - t0
 
 
+def bayes_personal(events: list[Event], seed: int) -> np.ndarray:
+    """The learner no method can beat on average on ``personal`` streams: each user's Bayesian logistic
+    regression (EKF steps, probit predictive) whose prior is the generator's own distribution of users
+    (the true common weights and spread, ``generate.personal_prior``). Its 0/1 error per labelled event."""
+    from lifelong.generate import personal_prior
+
+    mu0, s0 = personal_prior(seed=seed)
+    state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out = []
+    for e in events:
+        if e.x is None or e.y is None:
+            continue
+        z = np.append(e.x, 1.0)
+        mu, s = state.get(e.task, (mu0, s0))
+        m, sz = float(mu @ z), s @ z
+        v = float(z @ sz)
+        out.append(float((m > 0) != bool(e.y)))  # the probit correction never moves the sign
+        p = 1.0 / (1.0 + math.exp(-m))
+        h = max(p * (1 - p), 1e-4)
+        state[e.task] = (mu + (e.y - p) / (1 + h * v) * sz, s - h / (1 + h * v) * np.outer(sz, sz))
+    return np.array(out)
+
+
 def early_error(events: list[Event], errors: np.ndarray, first_n: int = 20) -> float:
     """Error over each task's first ``first_n`` labelled events (errors in labelled-event order)."""
     seen: dict[str, int] = {}

@@ -74,6 +74,8 @@ class EngineConfig:
     # a population learner fed by every labelled event of every task: a KB member refreshed at each publication,
     # and the prior mean new tasks' learners start from (EKF learners only)
     population: bool = True
+    # new tasks' EKF learners start from the KB members' weight covariance (empirical Bayes), not prior_var x I
+    task_prior: bool = True
     basis_rank: int = 8
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"

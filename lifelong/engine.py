@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import math
 import typing
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from . import scaling, wire
 from .config import EngineConfig, LabelsConfig
 from .errors import StateError
 from .events import RESERVED_TASK, Event, Schema
-from .hedge import Mixing, mix
+from .hedge import LOSS_CODES, Mixing, mix, mix_events
 from .knowledge import KnowledgeBase, Staged
 from .learners import make_learners, pick_device
 
@@ -86,14 +87,36 @@ class _Pending:
     versions: torch.Tensor
 
 
+class _Window(dict[tuple[str, str], float]):
+    """(task, id) of the labelled events learned within the pending window, with the event time each was
+    learned at, oldest first: a second delivery of one is a duplicate. A plain dict (a key learned again keeps
+    its place) and a queue of its keys in that order: the oldest leave first, cheaply."""
+
+    def __init__(self, items: Iterable[tuple[tuple[str, str], float]] = ()):
+        super().__init__(items)
+        self.order = deque(self)
+
+    def add(self, keys: list[tuple[str, str]], times: list[float], cap: int, new: bool = False) -> None:
+        """Learn ``keys`` at ``times``; ``new``: none of them is here yet (nor twice in ``keys``)."""
+        self.order.extend(keys if new else [k for k in dict.fromkeys(keys) if k not in self])
+        self.update(zip(keys, times, strict=True))
+        while len(self) > cap:
+            del self[self.order.popleft()]
+
+    def expire(self, limit: float) -> None:
+        """Forget the keys learned before ``limit``."""
+        while self.order and self[self.order[0]] < limit:
+            del self[self.order.popleft()]
+
+
 @dataclass
 class _Plan:
-    """Per event of a segment: its wave, the row of the prediction a label joins (-1: stored earlier),
-    the task's labelled count before it, and whether a KB snapshot follows it."""
+    """Per event of a segment: the row of the prediction a label joins (-1: stored earlier), the task's
+    labelled count before it, its task's row among the segment's tasks, and whether a KB snapshot follows it."""
 
-    wave: np.ndarray
     ref: np.ndarray
     n_before: np.ndarray
+    group: np.ndarray  # the event's task's row among the segment's tasks (0 .. tasks in the segment - 1)
     trigger: np.ndarray
 
 
@@ -212,7 +235,7 @@ class Engine:
         self.pending: dict[tuple[str, str], _Pending] = {}
         # (task, id) of labelled events learned within the pending window (TTL and count): a second delivery
         # of one is a duplicate, not learned again
-        self.learned_keys: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.learned_keys = _Window()
         self.staged: list[Staged] = []
         self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
         self.outbox: list[Staged] = []
@@ -305,24 +328,64 @@ class Engine:
         return result
 
     def _plan(self, events: list[Event], start: int, stop: int, result: BatchResult) -> _Plan:
-        """Arrival-order bookkeeping (tasks, pending labels and their TTL, label counts) and waves.
+        """Arrival-order bookkeeping: each event's task and outcome, pending labels and their TTL, the
+        duplicate window (``_sort_out``), then each task's labelled counts and the snapshot triggers."""
+        first_new = self.n_tasks
+        outcome, tasks, ref = self._sort_out(events, start, stop, result)
+        self.learned_keys.expire(self.now_ts - self.labels.pending_ttl_s)
+        if self.n_tasks > first_new:
+            self._init_tasks(first_new)
+        labelled = (outcome == LEARNED) | (outcome == LABEL_JOINED)
+        # each event's labelled count of its task before it: the task's count so far plus its labelled events
+        # earlier in the segment
+        uniq, inv = np.unique(tasks, return_inverse=True)
+        counts = self.n_labelled
+        so_far = np.array([counts[t] for t in uniq.tolist()], np.int64)
+        order = np.argsort(inv, kind="stable")
+        lab_sorted = labelled[order].astype(np.int64)
+        total = np.cumsum(lab_sorted)
+        first = np.flatnonzero(np.concatenate(([True], np.diff(inv[order]) != 0)))
+        group_start = np.repeat(first, np.diff(np.append(first, len(order))))
+        n_before = np.empty(len(tasks), np.int64)
+        n_before[order] = so_far[inv[order]] + total - lab_sorted - (total[group_start] - lab_sorted[group_start])
+        after = so_far + np.bincount(inv, labelled, len(uniq)).astype(np.int64)
+        for t, c in zip(uniq.tolist(), after.tolist(), strict=True):
+            counts[t] = c
+        c = n_before + 1
+        every = self.cfg.snapshot_every
+        trigger = (c % every == 0) if every > 0 else np.zeros(len(c), bool)
+        for at in self.cfg.snapshot_at:
+            trigger |= c == at
+        trigger &= labelled
+        result.outcome[start:stop] = outcome
+        result.task_index[start:stop] = tasks
+        return _Plan(ref, n_before, inv, trigger | (outcome == CONTROL))
 
-        A plain Python loop over plain Python lists: it runs once per event.
+    def _sort_out(
+        self, events: list[Event], start: int, stop: int, result: BatchResult
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each event's outcome, task and the row of the prediction a label joins (-1: none, or stored earlier),
+        in arrival order: pending predictions expire by count and TTL, labels join them, duplicates are spotted.
+
+        A plain Python loop over plain Python lists: it runs once per event; the common case takes a shorter
+        road with the same result (``_plain``).
         """
         n = stop - start
-        wave, ref, n_before, trigger, outcome, tasks = [0] * n, [-1] * n, [0] * n, [False] * n, [0] * n, [0] * n
-        depth: dict[int, int] = {}
-        ttl, cap, every = self.labels.pending_ttl_s, self.labels.pending_max, self.cfg.snapshot_every
-        early = frozenset(self.cfg.snapshot_at)
-        keys, counts, index, learned = self.pending_keys, self.n_labelled, self.task_index, self.learned_keys
+        evs = events[start:stop]
+        index, learned, now = self.task_index, self.learned_keys, self.now_ts
+        if not self.pending_keys:
+            plain = self._plain(evs)
+            if plain is not None:
+                return plain
+        ref, outcome, tasks = [-1] * n, [0] * n, [0] * n
+        ttl, cap = self.labels.pending_ttl_s, self.labels.pending_max
+        keys_ = self.pending_keys
         seg0 = result.seq0 + start
-        now = self.now_ts
-        first_new = self.n_tasks
-        for j, e in enumerate(events[start:stop]):
+        for j, e in enumerate(evs):
             if e.ts is not None and e.ts > now:
                 now = e.ts
-            while keys:  # the oldest entries expire first; arrival order, so independent of batching
-                key, (_, ts) = next(iter(keys.items()))
+            while keys_:  # the oldest entries expire first; arrival order, so independent of batching
+                key, (_, ts) = next(iter(keys_.items()))
                 if ts >= now - ttl:
                     break
                 self._drop_pending(key)
@@ -330,14 +393,12 @@ class Engine:
             if ti is None:
                 ti = self._task(e.task)
             tasks[j] = ti
-            labelled = False
             if e.control is not None:
                 outcome[j] = CONTROL
                 self.counters["controls"] += 1
-                trigger[j] = True
             elif e.x is None:
                 key = (e.task, e.id or "")
-                entry = keys.pop(key, None)
+                entry = keys_.pop(key, None)
                 if entry is None:
                     if key in learned and learned[key] >= now - ttl:
                         outcome[j] = DUPLICATE
@@ -347,48 +408,66 @@ class Engine:
                         self.counters["label_unmatched"] += 1
                     continue
                 outcome[j] = LABEL_JOINED
-                labelled = True
+                learned.add([key], [now], cap)
                 result.label_delay[start + j] = now - entry[1]
                 if entry[0] >= seg0:
                     ref[j] = entry[0] - seg0
             elif e.y is None:
                 outcome[j] = PREDICTED
                 key = (e.task, e.id or "")
-                if keys.pop(key, None) is not None:
+                if keys_.pop(key, None) is not None:
                     self.counters["pending_replaced"] += 1
                 self.pending.pop(key, None)
-                keys[key] = (seg0 + j, e.ts if e.ts is not None else now)
-                while len(keys) > cap:
-                    self._drop_pending(next(iter(keys)))
+                keys_[key] = (seg0 + j, e.ts if e.ts is not None else now)
+                while len(keys_) > cap:
+                    self._drop_pending(next(iter(keys_)))
             else:
-                if e.id is not None:
+                if e.id is not None:  # a later delivery of the same (task, id) is a duplicate
                     key = (e.task, e.id)
                     if key in learned and learned[key] >= now - ttl:
                         outcome[j] = DUPLICATE
                         self.counters["duplicates"] += 1
                         continue
+                    learned.add([key], [now], cap)
                 outcome[j] = LEARNED
-                labelled = True
-            c = counts[ti]
-            n_before[j] = c
-            if labelled:
-                if e.id is not None:  # a later delivery of the same (task, id) is a duplicate
-                    learned[(e.task, e.id)] = now
-                    if len(learned) > cap:
-                        learned.popitem(last=False)
-                counts[ti] = c + 1
-                trigger[j] = (every > 0 and (c + 1) % every == 0) or c + 1 in early
-            k = depth.get(ti, 0)
-            depth[ti] = k + 1
-            wave[j] = k
         self.now_ts = now
-        while learned and next(iter(learned.values())) < now - ttl:  # expired: no longer duplicates anyway
-            learned.popitem(last=False)
-        if self.n_tasks > first_new:
-            self._init_tasks(first_new)
-        result.outcome[start:stop] = outcome
-        result.task_index[start:stop] = tasks
-        return _Plan(np.array(wave), np.array(ref), np.array(n_before), np.array(trigger, bool))
+        return np.array(outcome, np.int8), np.array(tasks, np.int64), np.array(ref, np.int64)
+
+    def _plain(self, evs: list[Event]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``_sort_out`` for a segment of labelled events with ids and controls only, when no prediction is
+        pending and no (task, id) was seen within the window (else None): the common case, in a few passes."""
+        keys = typing.cast(list[tuple[str, str]], [(e.task, e.id) for e in evs])  # ids checked below
+        control = [e.control is not None for e in evs]
+        if any(control):
+            with_label = (e.x is not None and e.y is not None and e.id is not None for e in evs)
+            if not all(c or ok for c, ok in zip(control, with_label, strict=True)):
+                return None
+            learned = [k for k, c in zip(keys, control, strict=True) if not c]
+        elif all(e.x is not None and e.y is not None and e.id is not None for e in evs):
+            learned = keys
+        else:
+            return None
+        window = self.learned_keys
+        if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
+            return None
+        index = self.task_index
+        for name in dict.fromkeys(k[0] for k in keys if k[0] not in index):  # new tasks, in order of arrival
+            self._task(name)
+        tasks = [index[k[0]] for k in keys]
+        ts = [e.ts for e in evs]
+        if None in ts:
+            ts = [-math.inf if v is None else v for v in ts]
+        nows = np.maximum.accumulate(np.maximum(np.array(ts, np.float64), self.now_ts))
+        outcome = np.full(len(evs), LEARNED, np.int8)
+        if learned is keys:
+            window.add(keys, nows.tolist(), self.labels.pending_max, new=True)
+        else:
+            at = np.array(control)
+            outcome[at] = CONTROL
+            self.counters["controls"] += int(at.sum())
+            window.add(learned, nows[~at].tolist(), self.labels.pending_max, new=True)
+        self.now_ts = float(nows[-1])
+        return outcome, np.array(tasks, np.int64), np.full(len(evs), -1, np.int64)
 
     def _drop_pending(self, key: tuple[str, str]) -> None:
         del self.pending_keys[key]
@@ -400,7 +479,7 @@ class Engine:
         of the whole segment at once: the KB is fixed within a segment, and given the experts' predictions
         the exponential weights are per-task cumulative sums."""
         plan = self._plan(events, start, stop, result)
-        n, dev = stop - start, self.device
+        n, dev, evs = stop - start, self.device, events[start:stop]
         outcome = result.outcome[start:stop]
         tasks = result.task_index[start:stop]
         has_x = (outcome == PREDICTED) | (outcome == LEARNED)
@@ -411,12 +490,10 @@ class Engine:
         if len(rows_x):
             # concatenate + reshape: several times faster than np.stack on many small arrays
             x_np[rows_x] = self._scaled(
-                np.concatenate([typing.cast(np.ndarray, events[start + j].x) for j in rows_x.tolist()]).reshape(
-                    len(rows_x), -1
-                ),
+                np.concatenate([evs[j].x for j in rows_x.tolist()]).reshape(len(rows_x), -1),
                 tasks[rows_x],
             )
-        y_np = np.array([0 if e.y is None else e.y for e in events[start:stop]], np.float64)
+        y_np = np.array([0 if e.y is None else e.y for e in evs], np.float64)
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
         x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
@@ -493,7 +570,13 @@ class Engine:
         """The sequential part in waves: wave k holds the k-th event of each task. Rows are sorted by (wave,
         labelled), so that every call takes contiguous slices. Returns raw local and basis outputs."""
         n, dev = len(tasks), self.device
-        key = plan.wave * 2 + labelled
+        # wave k: the k-th row of its task in the segment
+        by_task = np.argsort(tasks, kind="stable")
+        ranked = tasks[by_task]
+        first = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        wave = np.empty(n, np.int64)
+        wave[by_task] = np.arange(n) - np.repeat(first, np.diff(np.r_[first, n]))
+        key = wave * 2 + labelled
         order = np.argsort(key, kind="stable")
         perm = torch.as_tensor(order, device=dev)
         idx_p, x1_p, z_p, y_p = idx[perm], x1[perm], z[perm], y[perm]
@@ -540,10 +623,9 @@ class Engine:
         y_np = y.numpy()
         raw_local, snaps = self.learners.sequence(tasks, x1, y_np, labelled, snap_row)
         raw_basis = self.kb.sequence_basis(tasks, z, y_np, labelled)
-        for row, (task, (first, last)) in enumerate(spans.items()):
-            self._stage(
-                task, int(plan.n_before[last] + labelled[last]), seq0 + first, self.learners.member_from_ekf(snaps[row])
-            )
+        stores = self.learners.members_from_ekf(snaps[: len(spans)])
+        for store, (task, (first, last)) in zip(stores, spans.items(), strict=True):
+            self._stage(task, int(plan.n_before[last] + labelled[last]), seq0 + first, store)
         return raw_local, raw_basis
 
     def _mix(
@@ -560,44 +642,142 @@ class Engine:
         stored: list[_Pending],
         stored_rows: np.ndarray,
     ) -> None:
-        dev, t = self.device, self.t
-        n = len(plan.wave)
-        outcome = result.outcome[start : start + n]
-        has_x_np = (outcome == PREDICTED) | (outcome == LEARNED)
-        lab_np = (outcome == LEARNED) | (outcome == LABEL_JOINED)
+        """Both mixtures of a segment (compiled event by event, or in torch for the whole segment at once)
+        into ``result``, then the statistics and the pending predictions."""
+        dev, n = self.device, len(plan.ref)
+        rows = slice(start, start + n)
+        outcome = result.outcome[rows]
+        has_x = (outcome == PREDICTED) | (outcome == LEARNED)
+        lab = (outcome == LEARNED) | (outcome == LABEL_JOINED)
+        # Which row's predictions each labelled row is scored on: itself, the earlier row it labels, or -1
+        # for a prediction stored in an earlier segment.
+        src = np.where(plan.ref >= 0, plan.ref, np.arange(n))
+        src[stored_rows] = -1
+        kb_x = self._kb_experts(p_basis, x)
+        s_kb = torch.zeros((0, *kb_x.shape[1:]), dtype=torch.float64, device=dev)
+        s_top, s_pred = s_kb[:, :2], s_kb[:, 0]
+        if stored:
+            s_kb = torch.stack([en.kb_experts for en in stored]).double()
+            s_top = torch.stack([en.top for en in stored]).double()
+            s_pred = torch.stack([en.pred for en in stored]).double()
+            stale = torch.stack([en.versions for en in stored]) != self.kb_version
+            # A slot refilled since that prediction is another expert: it slept, so it "predicted" the mixture.
+            s_kb = torch.where(stale.unsqueeze(-1), s_top[:, 1:2].expand_as(s_kb), s_kb)
+        mix = self._mix_events if self.compiled else self._mix_torch
+        mix(plan, has_x, lab, src, y, idx, p_local.double(), kb_x, s_kb, s_top, s_pred, result, rows)
+        result.model_version[rows][has_x] = plan.n_before[has_x]
+        self.counters["learned"] += int(lab.sum())
+        self.counters["predicted"] += int(has_x.sum())
+        for j in np.flatnonzero(outcome == PREDICTED).tolist():
+            e = events[start + j]
+            key = (e.task, e.id or "")
+            if key in self.pending_keys:
+                i = start + j
+                self.pending[key] = _Pending(
+                    x[j].clone(),
+                    kb_x[j].to(self.dtype),
+                    torch.as_tensor(np.stack([result.p_local[i], result.p_kb[i]]), device=dev),
+                    torch.as_tensor(result.pred[i], device=dev),
+                    self.kb_version.clone(),
+                )
+
+    def _mix_events(
+        self,
+        plan: _Plan,
+        has_x: np.ndarray,
+        lab: np.ndarray,
+        src: np.ndarray,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        p_local: torch.Tensor,
+        kb_x: torch.Tensor,
+        s_kb: torch.Tensor,
+        s_top: torch.Tensor,
+        s_pred: torch.Tensor,
+        result: BatchResult,
+        rows: slice,
+    ) -> None:
+        """``_mix_torch``, event by event in compiled code (CPU), written straight into ``result``."""
+        t = self.t
+        stored = np.full(len(src), -1, np.int64)
+        stored[src < 0] = np.arange(int((src < 0).sum()))
+        prior = self._kb_log_prior()
+        k = min(KB_TOP, self.n_experts)
+        mix_events(
+            idx.numpy(),
+            plan.group,
+            has_x,
+            lab,
+            src,
+            plan.n_before,
+            y.double().numpy(),
+            p_local.numpy(),
+            kb_x.numpy(),
+            stored,
+            s_kb.numpy(),
+            s_top.numpy(),
+            s_pred.numpy(),
+            t["L_kb"].numpy(),
+            t["in_kb"].numpy(),
+            t["L_top"].numpy(),
+            t["in_top"].numpy(),
+            t["stats"].numpy(),
+            np.zeros(self.n_experts) if prior is None else prior.numpy(),
+            LOSS_CODES[self.kb_mix.loss_name],
+            self.cfg.task == "regression",
+            self.kb_mix.fixed_eta or 0.0,
+            float(self.kb_mix.hedge_m),
+            *self.cfg.target_range,
+            EARLY_N,
+            result.p_local[rows],
+            result.p_kb[rows],
+            result.pred[rows],
+            result.w_local[rows],
+            result.kb_slots[rows, :k],
+            result.kb_weights[rows, :k],
+            result.errors[rows],
+            result.losses[rows],
+        )
+
+    def _mix_torch(
+        self,
+        plan: _Plan,
+        has_x: np.ndarray,
+        lab_np: np.ndarray,
+        src_np: np.ndarray,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        p_local: torch.Tensor,
+        kb_x: torch.Tensor,
+        s_kb: torch.Tensor,
+        s_top: torch.Tensor,
+        s_pred: torch.Tensor,
+        result: BatchResult,
+        rows: slice,
+    ) -> None:
+        """The mixtures of a whole segment in torch: the KB is fixed within a segment, so given the experts'
+        predictions, the weights are per-task cumulative sums (what CUDA runs)."""
+        dev, t, n = self.device, self.t, len(src_np)
         lab = torch.as_tensor(lab_np, device=dev)
         n_before = torch.as_tensor(plan.n_before, device=dev)
-        # Which row's predictions each labelled row is scored on (itself, or the earlier prediction it
-        # labels); rows labelled from a stored pending prediction are filled in below.
-        src = torch.as_tensor(np.where(plan.ref >= 0, plan.ref, np.arange(n)), device=dev)
-        st_rows = torch.as_tensor(stored_rows, dtype=torch.long, device=dev)
-
-        p_local = p_local.double()
-        kb_x = self._kb_experts(p_basis, x)
+        st_rows = torch.as_tensor(np.flatnonzero(src_np < 0), dtype=torch.long, device=dev)
+        src = torch.as_tensor(np.where(src_np < 0, np.arange(n), src_np), device=dev)
         lab_kb_x = kb_x[src]
-        if stored:
-            s_kb = torch.stack([en.kb_experts for en in stored])
-            stale = torch.stack([en.versions for en in stored]) != self.kb_version
-            s_top = torch.stack([en.top for en in stored])
-            # A slot refilled since that prediction is another expert: it slept, so it "predicted" the mixture.
-            lab_kb_x[st_rows] = torch.where(stale.unsqueeze(-1), s_top[:, 1:2].expand_as(s_kb), s_kb)
+        lab_kb_x[st_rows] = s_kb
         y_col = y.unsqueeze(-1)
-        c_kb = torch.where(lab.unsqueeze(-1), self.kb_mix.loss(lab_kb_x, y_col), 0.0)
         in_kb = t["in_kb"][idx]
+        c_kb = torch.where(lab.unsqueeze(-1) & in_kb, self.kb_mix.loss(lab_kb_x, y_col), 0.0)
         round_n = n_before + 1
         earlier = _EarlierSum(idx)
         in_top = t["in_top"][idx]
         w_kb, top = self._kb_level(kb_x, t["L_kb"][idx] + earlier(c_kb), in_kb, in_top, round_n, p_local)
         lab_top = top[src]
-        if stored:
-            lab_top[st_rows] = s_top
+        lab_top[st_rows] = s_top
         c_top = torch.where(lab.unsqueeze(-1), self.top_mix.loss(lab_top, y_col), 0.0)
         w_top, pred = self._top_level(top, t["L_top"][idx] + earlier(c_top), in_top, round_n)
         three = torch.cat([pred.unsqueeze(1), top], dim=1)[src]
-        if stored:
-            three[st_rows] = torch.cat([torch.stack([en.pred for en in stored]).unsqueeze(1), s_top], dim=1)
-            three[st_rows, 2] = torch.where(in_top[st_rows, 1:2], three[st_rows, 2], three[st_rows, 0])
-
+        three[st_rows] = torch.cat([s_pred.unsqueeze(1), s_top], dim=1)
+        three[st_rows, 2] = torch.where(in_top[st_rows, 1:2], three[st_rows, 2], three[st_rows, 0])
         li = torch.as_tensor(np.flatnonzero(lab_np), device=dev)
         if len(li):
             ti = idx[li]
@@ -607,32 +787,20 @@ class Engine:
             t["L_kb"].index_add_(0, ti, c_kb[li])
             t["L_top"].index_add_(0, ti, c_top[li])
             t["stats"].index_add_(0, ti, torch.cat([loss3, err3, err3[:, :2] * early, early], dim=1))
-            rows = start + lab_np.nonzero()[0]
-            result.errors[rows] = err3.cpu().numpy()
-            result.losses[rows] = loss3.cpu().numpy()
-            self.counters["learned"] += len(li)
-
-        pi_np = np.flatnonzero(has_x_np)
-        if len(pi_np):
-            pi = torch.as_tensor(pi_np, device=dev)
-            rows = start + pi_np
-            result.pred[rows] = pred[pi].cpu().numpy()
-            result.p_local[rows] = top[pi, 0].cpu().numpy()
-            result.p_kb[rows] = top[pi, 1].cpu().numpy()
-            result.w_local[rows] = w_top[pi, 0].cpu().numpy()
-            result.model_version[rows] = plan.n_before[pi_np]
-            k = min(KB_TOP, w_kb.shape[1])
-            tw, ts = torch.topk(w_kb[pi], k, dim=1)
-            result.kb_slots[rows, :k] = ts.cpu().numpy()
-            result.kb_weights[rows, :k] = tw.cpu().numpy()
-            self.counters["predicted"] += len(pi_np)
-        for j in np.flatnonzero(outcome == PREDICTED):
-            e = events[start + j]
-            key = (e.task, e.id or "")
-            if key in self.pending_keys:
-                self.pending[key] = _Pending(
-                    x[j].clone(), kb_x[j].to(self.dtype), top[j].clone(), pred[j].clone(), self.kb_version.clone()
-                )
+            result.errors[rows][lab_np], result.losses[rows][lab_np] = err3.cpu().numpy(), loss3.cpu().numpy()
+        pi = torch.as_tensor(np.flatnonzero(has_x), device=dev)
+        k = min(KB_TOP, w_kb.shape[1])
+        tw, ts = torch.topk(w_kb[pi], k, dim=1)
+        out = {
+            "pred": pred,
+            "p_local": top[:, 0],
+            "p_kb": top[:, 1],
+            "w_local": w_top[:, 0],
+        }
+        for name, values in out.items():
+            getattr(result, name)[rows][has_x] = values[pi].cpu().numpy()
+        result.kb_slots[rows, :k][has_x] = ts.cpu().numpy()
+        result.kb_weights[rows, :k][has_x] = tw.cpu().numpy()
 
     def _kb_experts(self, p_basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Predictions ``[n, 1 + capacity, P]`` of the KB experts: the basis expert, then every slot."""
@@ -763,7 +931,7 @@ class Engine:
                     POPULATION,
                     self.population_n,
                     self.events_seen,
-                    self.learners.member_from_ekf(mu.numpy().copy()),
+                    self.learners.members_from_ekf(mu.numpy().copy()[None])[0],
                 )
             )
         if not self.staged:
@@ -776,9 +944,9 @@ class Engine:
             latest[st.task] = st if first is None else Staged(st.task, st.task_name, st.learned, first.seq, st.store)
         self.staged = []
         snaps = list(latest.values())
-        vectors = [self.learners.member_vector(st.store, 0) for st in snaps]
-        if vectors[0].numel():  # a snapshot taken while its task was non-finite (reset since) never publishes
-            finite = torch.isfinite(torch.stack(vectors)).all(1).tolist()
+        vectors = self.learners.member_vectors([st.store for st in snaps])
+        if vectors.shape[1]:  # a snapshot taken while its task was non-finite (reset since) never publishes
+            finite = torch.isfinite(vectors).all(1).tolist()
             self.counters["snapshots_not_finite"] += finite.count(False)
             latest = {st.task: st for st, ok in zip(snaps, finite, strict=True) if ok}
         if self.share:  # the daemon sends them to the knowledge log; they join when read back from it
@@ -790,6 +958,7 @@ class Engine:
         """Members join the KB in this order (between batches); new experts join every task's mixture."""
         if not members:
             return
+        had_basis = self.kb.basis_ready
         slots = self.kb.publish(members)
         n = self.n_tasks
         if slots:
@@ -798,8 +967,9 @@ class Engine:
             self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
             # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
             self._exclude_own(slots)
-        if self.kb.basis_ready:
+        if self.kb.basis_ready and not had_basis:  # from then on, every task joins with it (``_join_kb``)
             self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
+        self.learners.prior_S = self.kb.task_S
 
     def _exclude_own(self, slots: list[int]) -> None:
         """A task never has its own member, just entered at one of ``slots``, in its KB mixture: as if it had
@@ -823,16 +993,16 @@ class Engine:
         """KB experts new to tasks ``rows`` join at the KB level's loss so far (sleeping-expert entry); with
         ``present`` None, only where the expert is not in the task's mixture yet."""
         t = self.t
-        loss_kb = t["stats"][rows, S["loss_kb"]].unsqueeze(1)
-        was = t["in_kb"][rows][:, experts]
+        stats, in_kb, L_kb, in_top = t["stats"][rows], t["in_kb"][rows], t["L_kb"][rows], t["in_top"][rows]
+        was = in_kb[:, experts]
         join = ~was if present is None else present.expand_as(was)
-        t["L_kb"][rows, experts] = torch.where(join, loss_kb, torch.where(was, t["L_kb"][rows][:, experts], 0.0))
-        t["in_kb"][rows, experts] = join | (was if present is None else False)
-        t["n_kb"][rows] += join.long().sum(1)
-        newly = ~t["in_top"][rows, 1] & t["in_kb"][rows].any(1)
-        t["L_top"][rows, 1] = torch.where(newly, t["stats"][rows, S["loss"]], t["L_top"][rows, 1])
-        t["in_top"][rows, 1] |= newly
-        t["n_top"][rows] += newly.long()
+        L_kb[:, experts] = torch.where(join, stats[:, S["loss_kb"], None], torch.where(was, L_kb[:, experts], 0.0))
+        in_kb[:, experts] = join | was if present is None else join
+        t["n_kb"][rows] += join.sum(1)
+        newly = ~in_top[:, 1] & join.any(1)  # the KB level joins with its first expert
+        t["L_top"][rows, 1] = torch.where(newly, stats[:, S["loss"]], t["L_top"][rows, 1])
+        in_top[:, 1] |= newly
+        t["n_top"][rows] += newly
 
     def _rounds(self) -> torch.Tensor:
         return torch.tensor(self.n_labelled, device=self.device) + 1
@@ -971,6 +1141,7 @@ class Engine:
         self.n_labelled = tensors["task.n_labelled"].tolist()
         self.learners.load_state({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
+        self.learners.prior_S = self.kb.task_S
         self.kb_version = tensors["kb_version"].to(dev)
         if self.population is not None and "population.param.mu" in tensors:
             self.population.load_state(
@@ -999,7 +1170,7 @@ class Engine:
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
         self.counters = {**dict.fromkeys(COUNTERS, 0), **meta["counters"]}
-        self.learned_keys = OrderedDict(((task, eid), float(ts)) for task, eid, ts in meta.get("learned_keys", []))
+        self.learned_keys = _Window(((task, eid), float(ts)) for task, eid, ts in meta.get("learned_keys", []))
 
     # --- moving tasks between replicas (the changelog) ---
 

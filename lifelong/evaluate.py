@@ -120,7 +120,9 @@ def evaluate(
     engine = Engine(cfg.engine, cfg.labels)
     seconds, errors = run_engine(engine, events, batch, "lifelong" if progress else None)
     report = engine.report()
-    alone = dataclasses.replace(cfg.engine, snapshot_every=0, snapshot_at=(), basis=False, population=False, tasks=())
+    alone = dataclasses.replace(
+        cfg.engine, snapshot_every=0, snapshot_at=(), basis=False, population=False, task_prior=False, tasks=()
+    )
     cold = Engine(alone, cfg.labels)
     _, cold_errors = run_engine(cold, events, batch, "itl" if progress else None)
     cold_report = cold.report()

@@ -22,6 +22,8 @@ from .errors import require
 KINDS = ("related", "unrelated", "digits", "short", "personal")
 DEFAULT_TASKS = {"short": 3000, "personal": 20000}
 LENGTHS = {"short": (5, 40), "personal": (1, 6)}  # events per task, uniform in this range
+PERSONAL_SD = 0.75  # personal: each user's deviation from the common weights, over all features
+BIAS_SD = 0.5  # each task's bias
 
 
 def _interleave(
@@ -58,23 +60,36 @@ def synthetic(kind: str, n_tasks: int, events: int, dim: int, rank: int, seed: i
     subspace; ``unrelated``: independent weights of the same scale; ``personal``: one common weight vector
     plus a small personal deviation. ``short`` and ``personal`` tasks have ``LENGTHS`` events, not ``events``."""
     rng = np.random.default_rng(seed)
-    mean = rng.normal(0, 1, dim) / np.sqrt(dim) * 1.5
-    basis = rng.normal(0, 1, (dim, rank)) / np.sqrt(dim) * 2.5
-    common = rng.normal(0, 1, dim) / np.sqrt(dim) * 3.0 if kind == "personal" else mean
+    mean, basis, common = _concepts(kind, dim, rank, rng)
     tasks = []
     for k in range(n_tasks):
         if kind in ("related", "short"):
             w = mean + basis @ rng.normal(0, 1, rank)
         elif kind == "personal":
-            w = common + rng.normal(0, 1, dim) / np.sqrt(dim) * 0.75
+            w = common + rng.normal(0, 1, dim) / np.sqrt(dim) * PERSONAL_SD
         else:
             w = rng.normal(0, 1, dim) / np.sqrt(dim) * np.sqrt(1.5**2 + rank * 2.5**2)
-        b = rng.normal(0, 0.5)
+        b = rng.normal(0, BIAS_SD)
         n = int(rng.integers(LENGTHS[kind][0], LENGTHS[kind][1] + 1)) if kind in LENGTHS else events
         x = rng.normal(0, 1, (n, dim))
         y = (rng.random(n) < 1 / (1 + np.exp(-(x @ w + b)))).astype(int)
         tasks.append((f"{kind}-{k:05d}", x, y))
     return tasks
+
+
+def _concepts(kind: str, dim: int, rank: int, rng: np.random.Generator) -> tuple[Any, Any, Any]:
+    """What a stream's tasks share: a mean, a subspace, and (personal) the common weights."""
+    mean = rng.normal(0, 1, dim) / np.sqrt(dim) * 1.5
+    basis = rng.normal(0, 1, (dim, rank)) / np.sqrt(dim) * 2.5
+    common = rng.normal(0, 1, dim) / np.sqrt(dim) * 3.0 if kind == "personal" else mean
+    return mean, basis, common
+
+
+def personal_prior(dim: int = 20, rank: int = 3, seed: int = 0) -> tuple[Any, Any]:
+    """Mean and covariance of the weights (bias last) ``personal`` users are drawn from: the truth a learner
+    can at best know in advance (``bench/peers.py`` plays the Bayes learner that knows it)."""
+    _, _, common = _concepts("personal", dim, rank, np.random.default_rng(seed))
+    return np.append(common, 0.0), np.diag([PERSONAL_SD**2 / dim] * dim + [BIAS_SD**2])
 
 
 def digit_pairs(seed: int) -> list[tuple[str, Any, Any]]:

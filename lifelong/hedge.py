@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
 
@@ -100,7 +101,7 @@ def mix(weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
 
 def smooth(proba: torch.Tensor) -> torch.Tensor:
     """Keep every class probability at least ~EPS, so that log losses stay finite (still sums to 1)."""
-    return (proba + EPS) / (1.0 + EPS * proba.shape[-1])
+    return (proba + EPS).div_(1.0 + EPS * proba.shape[-1])
 
 
 def _expand_index(y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -108,3 +109,227 @@ def _expand_index(y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     while idx.dim() < pred.dim():
         idx = idx.unsqueeze(-1)
     return idx.expand(*pred.shape[:-1], 1)
+
+
+LOSS_CODES = {"log": 0, "squared": 1, "hedge": 2}
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss(code: int, p: np.ndarray, y: float, lo: float, hi: float) -> float:
+    if code == 1:
+        return float((p[0] - y) ** 2)
+    if code == 2 and p.shape[0] == 1:
+        return float(abs(p[0] - y) / (hi - lo))
+    if code == 2:
+        return float(1.0 - p[int(y)])
+    return -math.log(p[int(y)])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _add_losses(
+    code: int, preds: np.ndarray, y: float, lo: float, hi: float, present: np.ndarray, acc: np.ndarray
+) -> None:
+    """``acc[k] +=`` the loss of ``preds[k]`` for every present expert k (log loss inline: the hot case)."""
+    c = int(y)
+    for k in range(preds.shape[0]):
+        if present[k]:
+            acc[k] += -math.log(preds[k, c]) if code == 0 else _loss(code, preds[k], y, lo, hi)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _softmax(logits: np.ndarray, present: np.ndarray, out: np.ndarray) -> None:
+    """``Mixing.weights`` for one row: weight 0 for absent experts (and for all, when none is present)."""
+    top = -np.inf
+    for k in range(len(logits)):
+        if present[k] and logits[k] > top:
+            top = logits[k]
+    total = 0.0
+    for k in range(len(logits)):
+        out[k] = math.exp(logits[k] - top) if present[k] else 0.0
+        total += out[k]
+    for k in range(len(logits)):
+        out[k] = out[k] / total if total > 0.0 else 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _eta(fixed: float, m: float, rounds: float) -> float:
+    return fixed if fixed > 0.0 else math.sqrt(8.0 * math.log(m) / rounds)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _score(code: int, regression: bool, p: np.ndarray, y: float, lo: float, hi: float) -> tuple[float, float]:
+    """(mixing loss, error) of one prediction: 0/1 error for classes, squared error for values."""
+    if regression:
+        return _loss(code, p, y, lo, hi), (p[0] - y) ** 2
+    return _loss(code, p, y, lo, hi), 0.0 if np.argmax(p) == int(y) else 1.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _top_k(w: np.ndarray, slots: np.ndarray, weights: np.ndarray) -> None:
+    """The ``len(slots)`` heaviest weights, heaviest first (the lower index first on ties)."""
+    m = len(slots)
+    for s in range(m):
+        slots[s], weights[s] = -1, -1.0
+    for k in range(len(w)):
+        if w[k] <= weights[m - 1]:
+            continue
+        s = m - 1
+        while s > 0 and w[k] > weights[s - 1]:
+            slots[s], weights[s] = slots[s - 1], weights[s - 1]
+            s -= 1
+        slots[s], weights[s] = k, w[k]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def mix_events(
+    tasks: np.ndarray,
+    group: np.ndarray,
+    has_x: np.ndarray,
+    lab: np.ndarray,
+    src: np.ndarray,
+    n_before: np.ndarray,
+    y: np.ndarray,
+    p_local: np.ndarray,
+    kb_x: np.ndarray,
+    stored: np.ndarray,
+    s_kb: np.ndarray,
+    s_top: np.ndarray,
+    s_pred: np.ndarray,
+    L_kb: np.ndarray,
+    in_kb: np.ndarray,
+    L_top: np.ndarray,
+    in_top: np.ndarray,
+    stats: np.ndarray,
+    log_prior: np.ndarray,
+    code: int,
+    regression: bool,
+    eta_fixed: float,
+    m_kb: float,
+    lo: float,
+    hi: float,
+    early_n: int,
+    top_local: np.ndarray,
+    top_kb: np.ndarray,
+    pred: np.ndarray,
+    w_local: np.ndarray,
+    kb_slots: np.ndarray,
+    kb_weights: np.ndarray,
+    errors: np.ndarray,
+    losses: np.ndarray,
+) -> None:
+    """Both mixtures of a segment, event by event in arrival order (the engine's torch ``_mix``, compiled).
+
+    Per event with features: the KB level's weights from its task's cumulative losses so far, the two levels
+    (``top_local``, ``top_kb``), the top level's weights and the prediction; rows without features are left
+    as they are. Per labelled event, scored on the row
+    ``src`` that predicted it (or ``stored`` pending prediction ``s_*``, whose refilled slots carry the KB
+    level's prediction): each expert's loss enters its task's row of ``L_kb`` / ``L_top`` and the statistics.
+
+    With log loss and η = 1 the KB weights of a task (``group``: its row among the segment's tasks) are computed
+    from ``L_kb`` once per segment and then multiplied by each expert's probability of the label: the same
+    weights, as exp(-L - loss) = exp(-L) p, without an exponential per expert and event.
+    """
+    n, n_kb, n_p = kb_x.shape
+    product = code == 0 and eta_fixed == 1.0
+    n_groups = group.max() + 1 if n else 0
+    w_group = np.empty((n_groups, n_kb))
+    ready = np.zeros(n_groups, np.bool_)
+    # log loss: each group's product of the experts' probabilities of its labels (and the logs of what was
+    # taken out of it to keep it in range), not yet in L_kb: one logarithm per expert and task per segment
+    owed = np.ones((n_groups, n_kb))
+    owed_log = np.zeros((n_groups, n_kb))
+    owes = np.zeros(n_groups, np.bool_)
+    task_of = np.empty(n_groups, np.int64)
+    w = np.empty(n_kb)
+    logits = np.empty(n_kb)
+    wt = np.empty(2)
+    lt = np.empty(2)
+    three = np.empty((3, n_p))
+    for i in range(n):
+        t, g = tasks[i], group[i]
+        awake = in_top[t, 1]
+        rounds = n_before[i] + 1.0
+        task_of[g] = t
+        if has_x[i]:
+            if not (product and ready[g]):
+                if owes[g]:
+                    _settle(L_kb[t], in_kb[t], owed[g], owed_log[g])
+                    owes[g] = False
+                eta = _eta(eta_fixed, m_kb, rounds)
+                for k in range(n_kb):
+                    logits[k] = -eta * L_kb[t, k] + log_prior[k]
+                _softmax(logits, in_kb[t], w_group[g])
+                ready[g] = product
+            total = 0.0
+            for k in range(n_kb):
+                total += w_group[g, k]
+            scale = 1.0 / total if total > 0.0 else 0.0
+            for k in range(n_kb):
+                w[k] = w_group[g, k] * scale
+            for c in range(n_p):
+                acc = 0.0
+                for k in range(n_kb):
+                    acc += w[k] * kb_x[i, k, c]
+                top_local[i, c] = p_local[i, c]
+                top_kb[i, c] = acc if awake else p_local[i, c]
+            eta = _eta(eta_fixed, 2.0, rounds)
+            lt[0], lt[1] = -eta * L_top[t, 0], -eta * L_top[t, 1]
+            _softmax(lt, in_top[t], wt)
+            for c in range(n_p):
+                pred[i, c] = wt[0] * top_local[i, c] + wt[1] * top_kb[i, c]
+                if not awake:  # a sleeping KB level "predicts" the mixture
+                    top_kb[i, c] = pred[i, c]
+            w_local[i] = wt[0]
+            _top_k(w, kb_slots[i], kb_weights[i])
+        if not lab[i]:
+            continue
+        yi = y[i]
+        j = src[i]
+        experts = kb_x[j] if j >= 0 else s_kb[stored[i]]
+        if product:
+            c = int(yi)
+            top_w = 0.0
+            for k in range(n_kb):
+                if in_kb[t, k]:
+                    owed[g, k] *= experts[k, c]
+                    if owed[g, k] < 1e-250:
+                        owed_log[g, k] += math.log(owed[g, k])
+                        owed[g, k] = 1.0
+                    w_group[g, k] *= experts[k, c]
+                    top_w = max(top_w, w_group[g, k])
+            owes[g] = True
+            if ready[g] and 0.0 < top_w < 1e-200:  # keep the weights in range
+                for k in range(n_kb):
+                    w_group[g, k] /= top_w
+        else:
+            _add_losses(code, experts, yi, lo, hi, in_kb[t], L_kb[t])
+        if j >= 0:
+            # the KB level's loss while it sleeps is its stand-in's (the local prediction)
+            L_top[t, 0] += _loss(code, top_local[j], yi, lo, hi)
+            L_top[t, 1] += _loss(code, top_kb[j] if awake else p_local[j], yi, lo, hi)
+            three[0], three[1], three[2] = pred[j], top_local[j], top_kb[j]
+        else:
+            q = stored[i]
+            L_top[t, 0] += _loss(code, s_top[q, 0], yi, lo, hi)
+            L_top[t, 1] += _loss(code, s_top[q, 1], yi, lo, hi)
+            three[0], three[1], three[2] = s_pred[q], s_top[q, 0], s_top[q, 1] if awake else s_pred[q]
+        early = 1.0 if n_before[i] < early_n else 0.0
+        for m in range(3):
+            losses[i, m], errors[i, m] = _score(code, regression, three[m], yi, lo, hi)
+            stats[t, m] += losses[i, m]
+            stats[t, 3 + m] += errors[i, m]
+        stats[t, 6] += errors[i, 0] * early
+        stats[t, 7] += errors[i, 1] * early
+        stats[t, 8] += early
+    for g in range(n_groups):
+        if owes[g]:
+            _settle(L_kb[task_of[g]], in_kb[task_of[g]], owed[g], owed_log[g])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _settle(L: np.ndarray, present: np.ndarray, owed: np.ndarray, owed_log: np.ndarray) -> None:
+    """Add the log losses a product of probabilities ``owed`` (times exp(``owed_log``)) stands for to ``L``."""
+    for k in range(len(L)):
+        if present[k]:
+            L[k] -= owed_log[k] + math.log(owed[k])
+        owed[k], owed_log[k] = 1.0, 0.0

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lifelong import checkpoint
 from lifelong.config import LabelsConfig
-from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
+from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, _Window
 from lifelong.events import Event
 
 from conftest import make_stream
@@ -21,6 +21,7 @@ KINDS = [
     pytest.param({"task": "multiclass", "n_classes": 3}, {"task": "multiclass", "n_classes": 3}, id="multiclass"),
     pytest.param({"task": "regression", "target_range": (0.0, 1.0)}, {"task": "regression"}, id="regression"),
     pytest.param({"mixing": "hedge"}, {}, id="hedge"),
+    pytest.param({"kb_capacity": 16}, {"n_tasks": 12}, id="task-prior"),  # enough members for the task prior
 ]
 
 
@@ -45,7 +46,7 @@ def test_batches_equal_event_by_event(engine_factory, cfg, stream):
     )
 
 
-@pytest.mark.parametrize(("cfg", "stream"), KINDS[:1] + KINDS[3:5])
+@pytest.mark.parametrize(("cfg", "stream"), KINDS[:1] + KINDS[3:5] + KINDS[6:])
 def test_compiled_cpu_path_equals_torch_waves(engine_factory, cfg, stream):
     """The compiled event-by-event path (CPU, EKF) and the torch waves (what CUDA runs) agree."""
     events = make_stream(delayed=0.2, **stream)
@@ -428,3 +429,50 @@ def test_snapshot_at_lets_short_tasks_into_the_kb(engine_factory):
     run(plain, events, 40)
     run(early, events, 40)
     assert plain.kb.size == 0 and early.kb.size == 4  # ten events per task: only snapshot_at reaches them
+
+
+def test_duplicate_window_keeps_the_newest_keys_in_learning_order():
+    window = _Window()
+    window.add([("a", "1"), ("a", "2")], [1.0, 2.0], cap=3)
+    window.add([("a", "1"), ("b", "1")], [3.0, 3.0], cap=3)  # "a/1" learned again keeps its place
+    assert list(window) == [("a", "1"), ("a", "2"), ("b", "1")] and window[("a", "1")] == 3.0
+    window.add([("b", "2")], [4.0], cap=3)  # the oldest leaves first
+    assert list(window) == [("a", "2"), ("b", "1"), ("b", "2")]
+    window.expire(3.5)
+    assert list(window) == [("b", "2")]
+    assert list(_Window(window.items()).order) == [("b", "2")]
+
+
+@pytest.mark.parametrize("labels", [LabelsConfig(), LabelsConfig(pending_max=20, pending_ttl_s=3.0)])
+def test_plain_segments_take_the_short_road_to_the_same_state(engine_factory, monkeypatch, labels):
+    """Segments of labelled events and controls (the common case) skip the per-event loop; with it forced,
+    outcomes, counts, the duplicate window and every table are the same."""
+    rng = np.random.default_rng(1)
+    events = [e for e in make_stream(n_tasks=8, per_task=24) if e.x is not None]
+    stamped = [dataclasses.replace(e, ts=None if i % 3 == 0 else float(i) / 4) for i, e in enumerate(events)]
+    stamped[40:40] = [stamped[37], dataclasses.replace(stamped[38], ts=float(rng.integers(50)))]  # duplicates
+    short, loop = engine_factory(labels=labels), engine_factory(labels=labels)
+    monkeypatch.setattr(loop, "_plain", lambda evs: None)
+    p1, o1 = run(short, stamped, 16)
+    p2, o2 = run(loop, stamped, 16)
+    assert (o1 == o2).all() and short.counters == loop.counters and short.counters["duplicates"] >= 1
+    np.testing.assert_array_equal(p1, p2)
+    assert list(short.learned_keys.items()) == list(loop.learned_keys.items()) and short.now_ts == loop.now_ts
+    assert short.n_labelled == loop.n_labelled and short.task_names == loop.task_names
+
+
+def test_new_tasks_start_from_the_members_weight_distribution(engine_factory):
+    """With enough members, a new task's learner starts from their weight covariance (shrunk towards the plain
+    prior); ``task_prior: false`` keeps the plain prior."""
+    events = make_stream(n_tasks=12, per_task=24)
+    warm, plain = engine_factory(kb_capacity=16), engine_factory(kb_capacity=16, task_prior=False)
+    run(warm, events, 32)
+    run(plain, events, 32)
+    assert warm.kb.size >= 8 and warm.learners.prior_S is not None and plain.learners.prior_S is None
+    w = warm.learners.linear_weights(warm.kb.store)[warm.kb.valid].permute(2, 0, 1).double()
+    cov = torch.cov(w[0].T)
+    shrink = max(0.1, 1 - w.shape[1] / w.shape[2])
+    expected = (1 - shrink) * cov + shrink * warm.cfg.prior_var * torch.eye(w.shape[2], dtype=torch.float64)
+    torch.testing.assert_close(warm.learners.prior_S[0].double(), expected)
+    warm.process([Event("new", "n0", np.ones(5), None)])  # predicted, not learned yet: the learner as it starts
+    torch.testing.assert_close(warm.learners.params["S"][warm.task_index["new"], 0].double(), expected)

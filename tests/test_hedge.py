@@ -3,11 +3,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.hedge import Mixing, mix, smooth
+from lifelong.hedge import LOSS_CODES, Mixing, _top_k, mix, mix_events, smooth
 
 TOL = 1e-9
 
@@ -121,3 +122,67 @@ def test_bounds_of_many_tasks_equal_the_bound_of_each(rows):
         if mixing.fixed_eta is not None:
             with_mass = [mixing.bound(int(a), int(b), float(m)) for a, b, m in zip(n, k, mass, strict=True)]
             assert np.allclose(mixing.bounds(n, k, mass), with_mass, rtol=1e-12, atol=0)
+
+
+def reference_mix(kb_x, p_local, y, log_prior):
+    """Both mixtures of one task's labelled events, one by one from cumulative losses (log loss, eta = 1)."""
+    L_kb, L_top = np.zeros(kb_x.shape[1]), np.zeros(2)
+    preds, heaviest = [], []
+    for i in range(len(y)):
+        logits = -L_kb + log_prior
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        top = np.stack([p_local[i], w @ kb_x[i]])
+        v = np.exp(-L_top - (-L_top).max())
+        v /= v.sum()
+        preds.append(v @ top)
+        heaviest.append(np.sort(w)[::-1][:3])
+        L_kb -= np.log(kb_x[i, :, y[i]])
+        L_top -= np.log(top[:, y[i]])
+    return np.array(preds), np.array(heaviest), L_kb, L_top
+
+
+@pytest.mark.parametrize("tiny", [1e-3, 1e-6])
+def test_compiled_mixture_equals_cumulative_losses(tiny):
+    """The compiled mixture (products of probabilities, kept in range) equals the mixture recomputed from
+    cumulative log losses, also when an expert's product of probabilities underflows a double."""
+    rng = np.random.default_rng(0)
+    n, k = 1000, 5  # the best expert's product of probabilities leaves a double's range too
+    p1 = rng.uniform(0.05, 0.95, (n, k))
+    p1[:, 1] = tiny  # always (nearly) sure of the wrong class: exp(-L) < 1e-300 after a few dozen events
+    y = np.ones(n, np.int64)
+    kb_x = np.stack([1 - p1, p1], axis=-1)
+    p_local = np.stack([np.full(n, 0.4), np.full(n, 0.6)], axis=-1)
+    log_prior = np.array([5.0, 0, 0, 0, 0])
+    want, heaviest, L_kb, L_top = reference_mix(kb_x, p_local, y, log_prior)
+
+    tables = {
+        "L_kb": np.zeros((1, k)),
+        "in_kb": np.ones((1, k), bool),
+        "L_top": np.zeros((1, 2)),
+        "in_top": np.ones((1, 2), bool),
+        "stats": np.zeros((1, 9)),
+    }
+    out = {name: np.full((n, 2), np.nan) for name in ("local", "kb", "pred")}
+    slots, weights = np.zeros((n, 3), np.int64), np.zeros((n, 3))
+    errors, losses, w_local = np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.zeros(n)
+    none = np.zeros((0, k, 2))
+    zeros = np.zeros(n, np.int64)
+    mix_events(
+        zeros, zeros, np.ones(n, bool), np.ones(n, bool), np.arange(n), np.arange(n), y.astype(float), p_local,
+        kb_x, np.full(n, -1), none, none[:, :2], none[:, 0], tables["L_kb"], tables["in_kb"], tables["L_top"],
+        tables["in_top"], tables["stats"], log_prior, LOSS_CODES["log"], False, 1.0, float(k), 0.0, 1.0, 20,
+        out["local"], out["kb"], out["pred"], w_local, slots, weights, errors, losses,
+    )  # fmt: skip
+    np.testing.assert_allclose(out["pred"], want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(tables["L_kb"][0], L_kb, rtol=1e-9)
+    np.testing.assert_allclose(tables["L_top"][0], L_top, rtol=1e-9)
+    np.testing.assert_allclose(weights, heaviest, rtol=1e-9, atol=1e-300)  # the three heaviest KB experts
+
+
+def test_top_k_takes_the_heaviest_and_the_lower_index_on_ties():
+    slots, weights = np.zeros(3, np.int64), np.zeros(3)
+    _top_k(np.array([0.1, 0.3, 0.3, 0.0, 0.3]), slots, weights)
+    assert slots.tolist() == [1, 2, 4] and weights.tolist() == [0.3, 0.3, 0.3]
+    _top_k(np.array([0.0, 0.7, 0.2, 0.1]), slots, weights)
+    assert slots.tolist() == [1, 2, 3]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lifelong.config import EngineConfig
+from lifelong.hedge import smooth
 from lifelong.learners import make_learners
 
 BASE = EngineConfig(dim=3, dtype="float64", hidden=4, seed=7)
@@ -141,3 +142,23 @@ def test_members_predict_like_their_task(make):
         assert torch.equal(member.argmax(-1), own.argmax(-1))
     else:
         torch.testing.assert_close(member, own)
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_compiled_predictions_equal_the_torch_formula(task):
+    """On the CPU, logits become predictions in one compiled pass; CUDA takes torch operations: same values."""
+    cfg = dataclasses.replace(BASE, task=task, n_classes=3, target_range=(-1.0, 2.0))
+    learners = make_learners(cfg, cfg.dim, torch.device("cpu"))
+    logits = torch.randn(7, 4, 1 if task != "multiclass" else 3, generator=torch.Generator().manual_seed(3)) * 4
+    got = learners.to_pred(logits.float())
+    p = {"binary": torch.sigmoid, "multiclass": lambda v: torch.softmax(v, -1)}.get(task, lambda v: v.clamp(0, 1))(
+        logits.float()
+    ).double()
+    if task == "binary":
+        want = smooth(torch.cat([1 - p, p], -1))
+    elif task == "multiclass":
+        want = smooth(p)
+    else:
+        want = -1.0 + 3.0 * p
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
 from ..config import EngineConfig
-from ..hedge import smooth
+from ..hedge import EPS, smooth
 
 
 class Learners(abc.ABC):
@@ -35,22 +36,34 @@ class Learners(abc.ABC):
         # where new tasks' learners start (EKF: the population learner's mean, set by the engine at each
         # publication); None: the backend's own initialisation
         self.prior_mu: torch.Tensor | None = None
+        self.prior_S: torch.Tensor | None = None  # EKF: the covariance new tasks start from (``task_prior``)
 
     def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
-        """Map logits ``[..., n_out]`` into the prediction space shared by all levels."""
+        """Map logits ``[..., n_out]`` into the prediction space shared by all levels (float64 on the CPU)."""
         if self.task == "binary":
-            p1 = torch.sigmoid(logits)
-            return smooth(torch.cat([1 - p1, p1], dim=-1))
+            p = torch.sigmoid(logits)
+        elif self.task == "multiclass":
+            p = torch.softmax(logits, dim=-1)
+        else:
+            p = logits.clamp(0.0, 1.0)
+        if p.device.type == "cpu":  # the rest in one compiled pass, straight to float64
+            out = np.empty((*p.shape[:-1], self.n_pred))
+            rows = p.detach().reshape(-1, p.shape[-1]).numpy()
+            binary, regression = self.task == "binary", self.task == "regression"
+            _finish_pred(rows, binary, regression, self.lo, self.hi, out.reshape(len(rows), -1))
+            return torch.from_numpy(out)
+        if self.task == "binary":
+            return smooth(torch.cat([1 - p, p], dim=-1))
         if self.task == "multiclass":
-            return smooth(torch.softmax(logits, dim=-1))
-        return self.lo + (self.hi - self.lo) * logits.clamp(0.0, 1.0)
+            return smooth(p)
+        return self.lo + (self.hi - self.lo) * p
 
     def safe(self, pred: torch.Tensor) -> torch.Tensor:
         """``pred`` with each row that holds a non-finite value replaced by the uninformed prediction (uniform
         class probabilities, or the middle of the target range)."""
-        bad = ~torch.isfinite(pred).all(-1, keepdim=True)
-        if not bool(bad.any()):
+        if bool(torch.isfinite(pred).all()):
             return pred
+        bad = ~torch.isfinite(pred).all(-1, keepdim=True)
         fill = (self.lo + self.hi) / 2 if self.task == "regression" else 1.0 / self.n_pred
         return torch.where(bad, torch.full_like(pred, fill), pred)
 
@@ -91,6 +104,15 @@ class Learners(abc.ABC):
     def member_vector(self, store: Any, slot: int) -> torch.Tensor:
         """A member's parameters as one vector (empty when they have no common form)."""
 
+    def member_vectors(self, stores: list[Any]) -> torch.Tensor:
+        """``member_vector`` of each one-slot store, stacked ``[m, D]``."""
+        return torch.stack([self.member_vector(one, 0) for one in stores])
+
+    def copy_members(self, store: Any, slots: list[int], stores: list[Any]) -> None:
+        """``copy_member`` of each one-slot store into its slot (distinct slots)."""
+        for slot, one in zip(slots, stores, strict=True):
+            self.copy_member(store, slot, one)
+
     @abc.abstractmethod
     def member_predict(self, store: Any, x: torch.Tensor) -> torch.Tensor:
         """Predictions ``[n, K, P]`` of every slot for inputs ``[n, d]``."""
@@ -106,8 +128,8 @@ class Learners(abc.ABC):
         """Raw outputs of a segment in order, and the snapshots asked for (only when ``can_sequence``)."""
         raise NotImplementedError
 
-    def member_from_ekf(self, mu: np.ndarray) -> Any:
-        """A one-slot member store from a snapshot of ``sequence`` (only when ``can_sequence``)."""
+    def members_from_ekf(self, mu: np.ndarray) -> list[Any]:
+        """One-slot member stores from snapshots ``[m, C, d + 1]`` of ``sequence`` (only when ``can_sequence``)."""
         raise NotImplementedError
 
     def linear_weights(self, store: Any) -> torch.Tensor | None:
@@ -137,6 +159,46 @@ class Learners(abc.ABC):
     @abc.abstractmethod
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore every task's learner from ``state``."""
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _finish_pred(p: np.ndarray, binary: bool, regression: bool, lo: float, hi: float, out: np.ndarray) -> None:
+    """``to_pred`` after the sigmoid, softmax or clamp: ``smooth`` for classes, the target range for values."""
+    scale = 1.0 / (1.0 + EPS * out.shape[1])
+    for i in range(len(p)):
+        if regression:
+            out[i, 0] = lo + (hi - lo) * np.float64(p[i, 0])
+        elif binary:
+            p1 = np.float64(p[i, 0])
+            out[i, 0] = (1.0 - p1 + EPS) * scale
+            out[i, 1] = (p1 + EPS) * scale
+        else:
+            for c in range(out.shape[1]):
+                out[i, c] = (np.float64(p[i, c]) + EPS) * scale
+
+
+def rows_not_finite(tables: list[torch.Tensor], rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` hold a NaN or infinity in any of ``tables`` (tensors indexed by row first)."""
+    if tables and tables[0].device.type == "cpu":  # compiled: no copies of the rows
+        bad = np.zeros(len(rows), np.bool_)
+        for table in tables:
+            _rows_not_finite(table.numpy().reshape(len(table), -1), rows, bad)
+        return bad
+    idx = torch.as_tensor(rows, device=tables[0].device if tables else "cpu")
+    out = torch.zeros(len(rows), dtype=torch.bool, device=idx.device)
+    for table in tables:
+        out |= ~torch.isfinite(table[idx].flatten(1)).all(1)
+    return out.cpu().numpy()
+
+
+@numba.njit(cache=True)
+def _rows_not_finite(table: np.ndarray, rows: np.ndarray, bad: np.ndarray) -> None:
+    for j in range(len(rows)):
+        if not bad[j]:
+            for v in table[rows[j]]:
+                if not np.isfinite(v):
+                    bad[j] = True
+                    break
 
 
 def pick_device(name: str) -> torch.device:

@@ -67,7 +67,7 @@ def predictive_logits(raw: torch.Tensor, task: str) -> torch.Tensor:
 TASK_CODES = {"binary": 0, "multiclass": 1, "regression": 2}
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _sequence(
     mu: np.ndarray,
     S: np.ndarray,

@@ -9,7 +9,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import ConfigError
-from . import Learners, ekf
+from . import Learners, ekf, rows_not_finite
 
 EKF_MAX_DIM = 256  # optimizer "auto" uses the EKF up to this many features (its state is quadratic in them)
 
@@ -82,6 +82,8 @@ class TorchLearners(Learners):
     def _init(self, name: str, first: int, n: int) -> torch.Tensor | float:
         if name == "mu" and self.prior_mu is not None:
             return self.prior_mu.expand(n, -1, -1)
+        if name == "S" and self.prior_S is not None:
+            return self.prior_S.expand(n, -1, -1, -1)
         if name == "S":
             eye = torch.eye(self.dim + 1, dtype=self.dtype, device=self.device) * self.cfg.prior_var
             return eye.expand(n, self.n_out, -1, -1)
@@ -150,12 +152,11 @@ class TorchLearners(Learners):
         target = (y - self.lo) / (self.hi - self.lo) if self.task == "regression" else y
         return ekf.sequence(self.params["mu"], self.params["S"], tasks, x1, target, labelled, self.task, snap_row)
 
-    def member_from_ekf(self, mu: np.ndarray) -> dict[str, torch.Tensor]:
-        """A one-slot member store from an EKF posterior mean ``[C, d + 1]``."""
-        store = self.new_store(1)
-        m = torch.from_numpy(mu)
-        store["w"][0], store["b"][0] = m[:, :-1].T, m[:, -1]
-        return store
+    def members_from_ekf(self, mu: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        """One-slot member stores from EKF posterior means ``[m, C, d + 1]`` (views of ``mu``: it is not reused)."""
+        m = torch.from_numpy(mu).to(self.device, self.dtype)
+        w, b = m[:, :, :-1].transpose(1, 2), m[:, :, -1]
+        return [{"w": w[i : i + 1], "b": b[i : i + 1]} for i in range(len(m))]
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """Class probabilities (probit-corrected for the EKF) or values in the target range."""
@@ -219,6 +220,18 @@ class TorchLearners(Learners):
         """All of a member's parameters as one vector."""
         return torch.cat([v[slot].reshape(-1) for v in store.values()])
 
+    def member_vectors(self, stores: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """``member_vector`` of each one-slot store, stacked ``[m, D]``: one operation per parameter."""
+        return torch.cat([torch.cat([one[k] for one in stores]).flatten(1) for k in stores[0]], dim=1)
+
+    def copy_members(
+        self, store: dict[str, torch.Tensor], slots: list[int], stores: list[dict[str, torch.Tensor]]
+    ) -> None:
+        """``copy_member`` of each one-slot store into its slot (distinct slots), one operation per parameter."""
+        at = torch.as_tensor(slots, device=self.device)
+        for k, v in store.items():
+            v[at] = torch.cat([one[k] for one in stores])
+
     def store_state(self, store: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The store's tensors, on the CPU."""
         return {k: v.cpu() for k, v in store.items()}
@@ -229,8 +242,10 @@ class TorchLearners(Learners):
 
     def member_predict(self, store: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Predictions ``[n, K, P]`` of every member slot for inputs ``[n, d]``: one batched operation."""
-        if self.linear:
-            logits = torch.einsum("nd,kdc->nkc", x, store["w"]) + store["b"]
+        if self.linear:  # one matrix product over all slots
+            k, d, c = store["w"].shape
+            flat = torch.addmm(store["b"].reshape(-1), x, store["w"].permute(1, 0, 2).reshape(d, k * c))
+            logits = flat.view(len(x), k, c)
         else:
             h = torch.relu(torch.einsum("nd,kdh->nkh", x, store["w1"]) + store["b1"])
             logits = torch.einsum("nkh,khc->nkc", h, store["w2"]) + store["b2"]
@@ -244,11 +259,7 @@ class TorchLearners(Learners):
 
     def not_finite(self, tasks: np.ndarray) -> np.ndarray:
         """Which of ``tasks`` hold a NaN or infinity in any parameter."""
-        idx = torch.as_tensor(tasks, device=self.device)
-        bad = torch.zeros(len(tasks), dtype=torch.bool, device=self.device)
-        for p in self.params.values():
-            bad |= ~torch.isfinite(p[idx].flatten(1)).all(1)
-        return bad.cpu().numpy()
+        return rows_not_finite(list(self.params.values()), tasks)
 
     def task_state(self, task: int) -> dict[str, torch.Tensor]:
         """One task's parameters (and AdaGrad sums) as tensors."""
