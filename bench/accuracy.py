@@ -7,8 +7,8 @@ writes accuracy.json. Targets (issue 10), against the best peer: related at most
 of each task at most 0.75x our own cold per-task learners, ``itl``), short tasks (3,000 related tasks of 5-40
 events, never ended) at most 0.80x (first 20: 0.80x), digit pairs at most 0.5x, personal (20,000 users of 1-6
 events) at most 0.90x; unrelated at most half a point above River per task. On ``personal`` the table also
-shows the Bayes learner that knows the generator's distribution of users: no method beats it on average, so a
-target below it is marked unreachable (and does not fail the run).
+shows the Bayes learner that knows the generator's distribution of users (close to the best any learner can do
+on average): a target below it is marked unreachable (and does not fail the run).
 """
 
 from __future__ import annotations

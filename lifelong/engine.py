@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -31,7 +32,7 @@ from . import scaling, wire
 from .config import EngineConfig, LabelsConfig
 from .errors import StateError
 from .events import RESERVED_TASK, Event, Schema
-from .hedge import LOSS_CODES, Mixing, mix, mix_events
+from .hedge import LOSS_CODES, Mixing, enter_experts, mix, mix_events
 from .knowledge import KnowledgeBase, Staged
 from .learners import make_learners, pick_device
 
@@ -87,6 +88,31 @@ class _Pending:
     versions: torch.Tensor
 
 
+@numba.njit(cache=True)
+def _count(
+    tasks: np.ndarray,
+    labelled: np.ndarray,
+    control: np.ndarray,
+    counts: np.ndarray,
+    every: int,
+    at: np.ndarray,
+    n_before: np.ndarray,
+    trigger: np.ndarray,
+) -> None:
+    """Each event's task's labelled count before it (``counts`` advance), and whether a KB snapshot follows
+    it: a control, or a labelled event that brings its task's count to a multiple of ``every`` or into ``at``."""
+    for j in range(len(tasks)):
+        c = counts[tasks[j]]
+        n_before[j] = c
+        trigger[j] = control[j]
+        if labelled[j]:
+            c += 1
+            counts[tasks[j]] = c
+            trigger[j] = every > 0 and c % every == 0
+            for a in at:
+                trigger[j] = trigger[j] or c == a
+
+
 class _Window(dict[tuple[str, str], float]):
     """(task, id) of the labelled events learned within the pending window, with the event time each was
     learned at, oldest first: a second delivery of one is a duplicate. A plain dict (a key learned again keeps
@@ -116,8 +142,27 @@ class _Plan:
 
     ref: np.ndarray
     n_before: np.ndarray
-    group: np.ndarray  # the event's task's row among the segment's tasks (0 .. tasks in the segment - 1)
+    group: np.ndarray  # the event's task's row among the segment's tasks ``touched`` (0 .. len(touched) - 1)
+    touched: np.ndarray  # the segment's tasks, in increasing order
     trigger: np.ndarray
+
+
+@dataclass
+class _Inputs:
+    """What the mixtures of a segment read, per row: whether it has features and a label, the row whose
+    predictions a label is scored on (-1: a prediction ``s_*`` stored in an earlier segment), the label, the
+    task, the task level's and the KB experts' predictions."""
+
+    has_x: np.ndarray
+    lab: np.ndarray
+    src: np.ndarray
+    y: torch.Tensor
+    idx: torch.Tensor
+    p_local: torch.Tensor
+    kb_x: torch.Tensor
+    s_kb: torch.Tensor
+    s_top: torch.Tensor
+    s_pred: torch.Tensor
 
 
 @dataclass
@@ -240,7 +285,7 @@ class Engine:
         self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
         self.outbox: list[Staged] = []
         self._task_spec: wire.Spec | None = None  # what a changelog record must hold (``decode_task``)
-        self.n_labelled: list[int] = []  # labelled events learned per task (host side: drives the plan)
+        self._counts = np.zeros(16, np.int64)  # labelled events learned per task (host side: drives the plan)
         self.events_seen = 0
         self.now_ts = -math.inf
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -279,7 +324,9 @@ class Engine:
         i = len(self.task_names)
         self.task_names.append(name)
         self.task_index[name] = i
-        self.n_labelled.append(0)
+        if i == len(self._counts):
+            self._counts = np.concatenate([self._counts, np.zeros(i, np.int64)])
+        self._counts[i] = 0
         self.counters["tasks_created"] += 1
         return i
 
@@ -304,6 +351,11 @@ class Engine:
         tables["n_kb"][rows] = int(present.sum())
         tables["in_top"][rows] = torch.tensor([True, has_kb], device=self.device)
         tables["n_top"][rows] = 1 + int(has_kb)
+
+    @property
+    def n_labelled(self) -> np.ndarray:
+        """Labelled events learned so far, per task (a view: the engine keeps counting in it)."""
+        return self._counts[: self.n_tasks]
 
     @property
     def n_tasks(self) -> int:
@@ -336,30 +388,13 @@ class Engine:
         if self.n_tasks > first_new:
             self._init_tasks(first_new)
         labelled = (outcome == LEARNED) | (outcome == LABEL_JOINED)
-        # each event's labelled count of its task before it: the task's count so far plus its labelled events
-        # earlier in the segment
         uniq, inv = np.unique(tasks, return_inverse=True)
-        counts = self.n_labelled
-        so_far = np.array([counts[t] for t in uniq.tolist()], np.int64)
-        order = np.argsort(inv, kind="stable")
-        lab_sorted = labelled[order].astype(np.int64)
-        total = np.cumsum(lab_sorted)
-        first = np.flatnonzero(np.concatenate(([True], np.diff(inv[order]) != 0)))
-        group_start = np.repeat(first, np.diff(np.append(first, len(order))))
-        n_before = np.empty(len(tasks), np.int64)
-        n_before[order] = so_far[inv[order]] + total - lab_sorted - (total[group_start] - lab_sorted[group_start])
-        after = so_far + np.bincount(inv, labelled, len(uniq)).astype(np.int64)
-        for t, c in zip(uniq.tolist(), after.tolist(), strict=True):
-            counts[t] = c
-        c = n_before + 1
-        every = self.cfg.snapshot_every
-        trigger = (c % every == 0) if every > 0 else np.zeros(len(c), bool)
-        for at in self.cfg.snapshot_at:
-            trigger |= c == at
-        trigger &= labelled
+        n_before, trigger = np.empty(len(tasks), np.int64), np.empty(len(tasks), np.bool_)
+        at = np.array(self.cfg.snapshot_at, np.int64)
+        _count(tasks, labelled, outcome == CONTROL, self._counts, self.cfg.snapshot_every, at, n_before, trigger)
         result.outcome[start:stop] = outcome
         result.task_index[start:stop] = tasks
-        return _Plan(ref, n_before, inv, trigger | (outcome == CONTROL))
+        return _Plan(ref, n_before, inv, uniq, trigger)
 
     def _sort_out(
         self, events: list[Event], start: int, stop: int, result: BatchResult
@@ -379,13 +414,13 @@ class Engine:
                 return plain
         ref, outcome, tasks = [-1] * n, [0] * n, [0] * n
         ttl, cap = self.labels.pending_ttl_s, self.labels.pending_max
-        keys_ = self.pending_keys
+        pending = self.pending_keys
         seg0 = result.seq0 + start
         for j, e in enumerate(evs):
             if e.ts is not None and e.ts > now:
                 now = e.ts
-            while keys_:  # the oldest entries expire first; arrival order, so independent of batching
-                key, (_, ts) = next(iter(keys_.items()))
+            while pending:  # the oldest entries expire first; arrival order, so independent of batching
+                key, (_, ts) = next(iter(pending.items()))
                 if ts >= now - ttl:
                     break
                 self._drop_pending(key)
@@ -398,7 +433,7 @@ class Engine:
                 self.counters["controls"] += 1
             elif e.x is None:
                 key = (e.task, e.id or "")
-                entry = keys_.pop(key, None)
+                entry = pending.pop(key, None)
                 if entry is None:
                     if key in learned and learned[key] >= now - ttl:
                         outcome[j] = DUPLICATE
@@ -415,12 +450,12 @@ class Engine:
             elif e.y is None:
                 outcome[j] = PREDICTED
                 key = (e.task, e.id or "")
-                if keys_.pop(key, None) is not None:
+                if pending.pop(key, None) is not None:
                     self.counters["pending_replaced"] += 1
                 self.pending.pop(key, None)
-                keys_[key] = (seg0 + j, e.ts if e.ts is not None else now)
-                while len(keys_) > cap:
-                    self._drop_pending(next(iter(keys_)))
+                pending[key] = (seg0 + j, e.ts if e.ts is not None else now)
+                while len(pending) > cap:
+                    self._drop_pending(next(iter(pending)))
             else:
                 if e.id is not None:  # a later delivery of the same (task, id) is a duplicate
                     key = (e.task, e.id)
@@ -475,9 +510,8 @@ class Engine:
         self.counters["label_expired"] += 1
 
     def _segment(self, events: list[Event], start: int, stop: int, result: BatchResult) -> None:
-        """The sequential part (each task's learner and basis code: compiled or in waves), then the mixtures
-        of the whole segment at once: the KB is fixed within a segment, and given the experts' predictions
-        the exponential weights are per-task cumulative sums."""
+        """The sequential part (each task's learner and basis code: compiled or in waves), then both mixtures
+        (compiled event by event, or as per-task cumulative sums over the segment: the KB is fixed within it)."""
         plan = self._plan(events, start, stop, result)
         n, dev, evs = stop - start, self.device, events[start:stop]
         outcome = result.outcome[start:stop]
@@ -490,8 +524,11 @@ class Engine:
         if len(rows_x):
             # concatenate + reshape: several times faster than np.stack on many small arrays
             x_np[rows_x] = self._scaled(
-                np.concatenate([evs[j].x for j in rows_x.tolist()]).reshape(len(rows_x), -1),
-                tasks[rows_x],
+                np.concatenate([e.x for e in evs] if len(rows_x) == n else [evs[j].x for j in rows_x.tolist()]).reshape(
+                    len(rows_x), -1
+                ),
+                plan.touched,
+                plan.group[rows_x],
             )
         y_np = np.array([0 if e.y is None else e.y for e in evs], np.float64)
         same = joined & (plan.ref >= 0)
@@ -511,9 +548,7 @@ class Engine:
             raw_local, raw_basis = self._compiled(plan, tasks, labelled, x1, y, z, seq0)
         else:
             raw_local, raw_basis = self._waves(plan, tasks, labelled, x1, y, z, idx, seq0)
-        p_local, p_basis = self._guard(
-            np.unique(tasks), self.learners.finish(raw_local), self.kb.finish_basis(raw_basis)
-        )
+        p_local, p_basis = self._guard(plan.touched, self.learners.finish(raw_local), self.kb.finish_basis(raw_basis))
         self._mix(events, start, plan, result, x, y, idx, p_local, p_basis, stored, stored_rows)
         if self.population is not None and labelled.any():
             rows = torch.as_tensor(np.flatnonzero(labelled), device=dev)
@@ -528,10 +563,10 @@ class Engine:
         result.segment[start:stop] = len(result.kb_names)
         result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
 
-    def _scaled(self, x: np.ndarray, tasks: np.ndarray) -> np.ndarray:
-        """Rows of ``x`` (float64, arrival order) bounded per task (``scaling.py``); their tasks' peaks advance."""
-        uniq, rows = np.unique(tasks, return_inverse=True)
-        u = torch.as_tensor(uniq, device=self.device)
+    def _scaled(self, x: np.ndarray, tasks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows of ``x`` (float64, arrival order; row i of task ``tasks[rows[i]]``) bounded per task
+        (``scaling.py``); their tasks' peaks advance."""
+        u = torch.as_tensor(tasks, device=self.device)
         peak = self.t["peak"][u].cpu().numpy()
         scaling.scale(peak, rows, x)
         self.t["peak"][u] = torch.as_tensor(peak, device=self.device)
@@ -663,8 +698,8 @@ class Engine:
             stale = torch.stack([en.versions for en in stored]) != self.kb_version
             # A slot refilled since that prediction is another expert: it slept, so it "predicted" the mixture.
             s_kb = torch.where(stale.unsqueeze(-1), s_top[:, 1:2].expand_as(s_kb), s_kb)
-        mix = self._mix_events if self.compiled else self._mix_torch
-        mix(plan, has_x, lab, src, y, idx, p_local.double(), kb_x, s_kb, s_top, s_pred, result, rows)
+        inputs = _Inputs(has_x, lab, src, y, idx, p_local.double(), kb_x, s_kb, s_top, s_pred)
+        (self._mix_events if self.compiled else self._mix_torch)(plan, inputs, result, rows)
         result.model_version[rows][has_x] = plan.n_before[has_x]
         self.counters["learned"] += int(lab.sum())
         self.counters["predicted"] += int(has_x.sum())
@@ -681,42 +716,27 @@ class Engine:
                     self.kb_version.clone(),
                 )
 
-    def _mix_events(
-        self,
-        plan: _Plan,
-        has_x: np.ndarray,
-        lab: np.ndarray,
-        src: np.ndarray,
-        y: torch.Tensor,
-        idx: torch.Tensor,
-        p_local: torch.Tensor,
-        kb_x: torch.Tensor,
-        s_kb: torch.Tensor,
-        s_top: torch.Tensor,
-        s_pred: torch.Tensor,
-        result: BatchResult,
-        rows: slice,
-    ) -> None:
+    def _mix_events(self, plan: _Plan, m: _Inputs, result: BatchResult, rows: slice) -> None:
         """``_mix_torch``, event by event in compiled code (CPU), written straight into ``result``."""
         t = self.t
-        stored = np.full(len(src), -1, np.int64)
-        stored[src < 0] = np.arange(int((src < 0).sum()))
+        stored = np.full(len(m.src), -1, np.int64)
+        stored[m.src < 0] = np.arange(int((m.src < 0).sum()))
         prior = self._kb_log_prior()
         k = min(KB_TOP, self.n_experts)
         mix_events(
-            idx.numpy(),
+            m.idx.numpy(),
             plan.group,
-            has_x,
-            lab,
-            src,
+            m.has_x,
+            m.lab,
+            m.src,
             plan.n_before,
-            y.double().numpy(),
-            p_local.numpy(),
-            kb_x.numpy(),
+            m.y.double().numpy(),
+            m.p_local.numpy(),
+            m.kb_x.numpy(),
             stored,
-            s_kb.numpy(),
-            s_top.numpy(),
-            s_pred.numpy(),
+            m.s_kb.numpy(),
+            m.s_top.numpy(),
+            m.s_pred.numpy(),
             t["L_kb"].numpy(),
             t["in_kb"].numpy(),
             t["L_top"].numpy(),
@@ -739,44 +759,30 @@ class Engine:
             result.losses[rows],
         )
 
-    def _mix_torch(
-        self,
-        plan: _Plan,
-        has_x: np.ndarray,
-        lab_np: np.ndarray,
-        src_np: np.ndarray,
-        y: torch.Tensor,
-        idx: torch.Tensor,
-        p_local: torch.Tensor,
-        kb_x: torch.Tensor,
-        s_kb: torch.Tensor,
-        s_top: torch.Tensor,
-        s_pred: torch.Tensor,
-        result: BatchResult,
-        rows: slice,
-    ) -> None:
+    def _mix_torch(self, plan: _Plan, m: _Inputs, result: BatchResult, rows: slice) -> None:
         """The mixtures of a whole segment in torch: the KB is fixed within a segment, so given the experts'
         predictions, the weights are per-task cumulative sums (what CUDA runs)."""
-        dev, t, n = self.device, self.t, len(src_np)
+        dev, t, n = self.device, self.t, len(m.src)
+        lab_np, src_np, y, idx, kb_x = m.lab, m.src, m.y, m.idx, m.kb_x
         lab = torch.as_tensor(lab_np, device=dev)
         n_before = torch.as_tensor(plan.n_before, device=dev)
         st_rows = torch.as_tensor(np.flatnonzero(src_np < 0), dtype=torch.long, device=dev)
         src = torch.as_tensor(np.where(src_np < 0, np.arange(n), src_np), device=dev)
         lab_kb_x = kb_x[src]
-        lab_kb_x[st_rows] = s_kb
+        lab_kb_x[st_rows] = m.s_kb
         y_col = y.unsqueeze(-1)
         in_kb = t["in_kb"][idx]
         c_kb = torch.where(lab.unsqueeze(-1) & in_kb, self.kb_mix.loss(lab_kb_x, y_col), 0.0)
         round_n = n_before + 1
         earlier = _EarlierSum(idx)
         in_top = t["in_top"][idx]
-        w_kb, top = self._kb_level(kb_x, t["L_kb"][idx] + earlier(c_kb), in_kb, in_top, round_n, p_local)
+        w_kb, top = self._kb_level(kb_x, t["L_kb"][idx] + earlier(c_kb), in_kb, in_top, round_n, m.p_local)
         lab_top = top[src]
-        lab_top[st_rows] = s_top
+        lab_top[st_rows] = m.s_top
         c_top = torch.where(lab.unsqueeze(-1), self.top_mix.loss(lab_top, y_col), 0.0)
         w_top, pred = self._top_level(top, t["L_top"][idx] + earlier(c_top), in_top, round_n)
         three = torch.cat([pred.unsqueeze(1), top], dim=1)[src]
-        three[st_rows] = torch.cat([s_pred.unsqueeze(1), s_top], dim=1)
+        three[st_rows] = torch.cat([m.s_pred.unsqueeze(1), m.s_top], dim=1)
         three[st_rows, 2] = torch.where(in_top[st_rows, 1:2], three[st_rows, 2], three[st_rows, 0])
         li = torch.as_tensor(np.flatnonzero(lab_np), device=dev)
         if len(li):
@@ -788,7 +794,7 @@ class Engine:
             t["L_top"].index_add_(0, ti, c_top[li])
             t["stats"].index_add_(0, ti, torch.cat([loss3, err3, err3[:, :2] * early, early], dim=1))
             result.errors[rows][lab_np], result.losses[rows][lab_np] = err3.cpu().numpy(), loss3.cpu().numpy()
-        pi = torch.as_tensor(np.flatnonzero(has_x), device=dev)
+        pi = torch.as_tensor(np.flatnonzero(m.has_x), device=dev)
         k = min(KB_TOP, w_kb.shape[1])
         tw, ts = torch.topk(w_kb[pi], k, dim=1)
         out = {
@@ -798,13 +804,16 @@ class Engine:
             "w_local": w_top[:, 0],
         }
         for name, values in out.items():
-            getattr(result, name)[rows][has_x] = values[pi].cpu().numpy()
-        result.kb_slots[rows, :k][has_x] = ts.cpu().numpy()
-        result.kb_weights[rows, :k][has_x] = tw.cpu().numpy()
+            getattr(result, name)[rows][m.has_x] = values[pi].cpu().numpy()
+        result.kb_slots[rows, :k][m.has_x] = ts.cpu().numpy()
+        result.kb_weights[rows, :k][m.has_x] = tw.cpu().numpy()
 
     def _kb_experts(self, p_basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Predictions ``[n, 1 + capacity, P]`` of the KB experts: the basis expert, then every slot."""
-        return torch.cat([p_basis.unsqueeze(1), self.learners.member_predict(self.kb.store, x)], dim=1).double()
+        out = torch.empty((len(x), self.n_experts, self.n_pred), dtype=torch.float64, device=self.device)
+        out[:, 0] = p_basis
+        self.learners.member_predict(self.kb.store, x, out[:, 1:])
+        return out
 
     def _kb_level(
         self,
@@ -964,9 +973,25 @@ class Engine:
         if slots:
             entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
             self.kb_version[entered] += 1
-            self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
-            # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
-            self._exclude_own(slots)
+            if self.device.type == "cpu":
+                t = {k: v[:n].numpy() for k, v in self.t.items()}
+                own = [self.task_index.get(self.kb.source[s] or "", -1) for s in slots]
+                enter_experts(
+                    t["L_kb"],
+                    t["in_kb"],
+                    t["n_kb"],
+                    t["L_top"],
+                    t["in_top"],
+                    t["n_top"],
+                    t["stats"][:, S["loss_kb"]],
+                    t["stats"][:, S["loss"]],
+                    entered.numpy(),
+                    np.array(own, np.int64),
+                )
+            else:
+                self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
+                # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
+                self._exclude_own(slots)
         if self.kb.basis_ready and not had_basis:  # from then on, every task joins with it (``_join_kb``)
             self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
         self.learners.prior_S = self.kb.task_S
@@ -1005,7 +1030,7 @@ class Engine:
         t["n_top"][rows] += newly
 
     def _rounds(self) -> torch.Tensor:
-        return torch.tensor(self.n_labelled, device=self.device) + 1
+        return torch.as_tensor(self.n_labelled, device=self.device) + 1
 
     # --- reporting ---
 
@@ -1089,7 +1114,7 @@ class Engine:
         """All state as tensors plus JSON metadata; ``load_state`` of the pair restores it exactly."""
         n = self.n_tasks
         tensors: dict[str, Any] = {f"task.{k}": v[:n].cpu() for k, v in self.t.items()}
-        tensors["task.n_labelled"] = torch.tensor(self.n_labelled, dtype=torch.long)
+        tensors["task.n_labelled"] = torch.from_numpy(self.n_labelled.copy())
         tensors.update({f"learner.{k}": v for k, v in self.learners.state().items()})
         tensors.update(self.kb.state())
         tensors["kb_version"] = self.kb_version.cpu()
@@ -1138,7 +1163,8 @@ class Engine:
         for k in self.t:
             if f"task.{k}" in tensors:  # a checkpoint from before a table was added: zeros
                 self.t[k][:n] = tensors[f"task.{k}"].to(dev)
-        self.n_labelled = tensors["task.n_labelled"].tolist()
+        self._counts = np.zeros(max(16, n), np.int64)
+        self._counts[:n] = tensors["task.n_labelled"].numpy()
         self.learners.load_state({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.learners.prior_S = self.kb.task_S
@@ -1181,7 +1207,7 @@ class Engine:
         arrays["code.mu"], arrays["code.S"] = self.kb.mu[i].cpu(), self.kb.S[i].cpu()
         arrays.update({f"t.{k}": v[i].cpu() for k, v in self.t.items()})
         arrays["kb.updated"] = torch.tensor(self.kb.updated, dtype=torch.long)
-        meta = {"task": name, "n_labelled": self.n_labelled[i], "basis_at": self.kb.basis_at, **extra}
+        meta = {"task": name, "n_labelled": int(self.n_labelled[i]), "basis_at": self.kb.basis_at, **extra}
         return wire.pack("task", meta, arrays)
 
     def decode_task(self, data: bytes | None, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -240,7 +240,6 @@ def mix_events(
     owed_log = np.zeros((n_groups, n_kb))
     owes = np.zeros(n_groups, np.bool_)
     task_of = np.empty(n_groups, np.int64)
-    w = np.empty(n_kb)
     logits = np.empty(n_kb)
     wt = np.empty(2)
     lt = np.empty(2)
@@ -264,14 +263,12 @@ def mix_events(
             for k in range(n_kb):
                 total += w_group[g, k]
             scale = 1.0 / total if total > 0.0 else 0.0
-            for k in range(n_kb):
-                w[k] = w_group[g, k] * scale
             for c in range(n_p):
                 acc = 0.0
                 for k in range(n_kb):
-                    acc += w[k] * kb_x[i, k, c]
+                    acc += w_group[g, k] * kb_x[i, k, c]
                 top_local[i, c] = p_local[i, c]
-                top_kb[i, c] = acc if awake else p_local[i, c]
+                top_kb[i, c] = acc * scale if awake else p_local[i, c]
             eta = _eta(eta_fixed, 2.0, rounds)
             lt[0], lt[1] = -eta * L_top[t, 0], -eta * L_top[t, 1]
             _softmax(lt, in_top[t], wt)
@@ -280,7 +277,9 @@ def mix_events(
                 if not awake:  # a sleeping KB level "predicts" the mixture
                     top_kb[i, c] = pred[i, c]
             w_local[i] = wt[0]
-            _top_k(w, kb_slots[i], kb_weights[i])
+            _top_k(w_group[g], kb_slots[i], kb_weights[i])
+            for s in range(kb_slots.shape[1]):
+                kb_weights[i, s] *= scale
         if not lab[i]:
             continue
         yi = y[i]
@@ -333,3 +332,45 @@ def _settle(L: np.ndarray, present: np.ndarray, owed: np.ndarray, owed_log: np.n
         if present[k]:
             L[k] -= owed_log[k] + math.log(owed[k])
         owed[k], owed_log[k] = 1.0, 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def enter_experts(
+    L_kb: np.ndarray,
+    in_kb: np.ndarray,
+    n_kb: np.ndarray,
+    L_top: np.ndarray,
+    in_top: np.ndarray,
+    n_top: np.ndarray,
+    loss_kb: np.ndarray,
+    loss: np.ndarray,
+    experts: np.ndarray,
+    own: np.ndarray,
+) -> None:
+    """New KB ``experts`` join every task's mixture (row) at its KB level's loss so far (sleeping-expert
+    entry), waking its KB level if it slept; an expert's own task (``own``, -1: none here) never has its own
+    member: for it, it is as if the expert had never entered (``Engine._enter`` then ``_exclude_own``, in
+    compiled form, for every task at once)."""
+    for t in range(len(L_kb)):
+        has_own = False
+        for e in range(len(experts)):
+            if own[e] == t:
+                has_own = True
+                in_kb[t, experts[e]] = False
+                L_kb[t, experts[e]] = 0.0
+            else:
+                L_kb[t, experts[e]] = loss_kb[t]
+                in_kb[t, experts[e]] = True
+                n_kb[t] += 1
+        if not in_top[t, 1]:
+            L_top[t, 1] = loss[t]
+            in_top[t, 1] = True
+            n_top[t] += 1
+        if has_own:
+            alone = True
+            for k in range(in_kb.shape[1]):
+                alone = alone and not in_kb[t, k]
+            if alone:
+                in_top[t, 1] = False
+                n_top[t] -= 1
+                L_top[t, 1] = 0.0

@@ -156,6 +156,7 @@ class KnowledgeBase:
             cos_old, cos_new = (vecs @ self.vectors.T).cpu().numpy(), (vecs @ vecs.T).cpu().numpy()
         holder = np.full(self.capacity, -1)  # which record each slot holds now (-1: what it held before)
         valid = self.valid.cpu().numpy()
+        updated = np.array(self.updated)
         entered: list[int] = []
         for i, snap in enumerate(staged):
             self.applied += 1
@@ -171,11 +172,11 @@ class KnowledgeBase:
                 if not valid.all():
                     slot = int(valid.argmin())
                 else:  # the member whose latest record is oldest
-                    slot = min(range(self.capacity), key=self.updated.__getitem__)
+                    slot = int(updated.argmin())
                     self.counts["evicted"] += 1
                 entered.append(slot)
                 self.counts["added"] += 1
-            self.updated[slot] = self.applied
+            self.updated[slot] = updated[slot] = self.applied
             holder[slot], valid[slot] = i, True
             self.ids[slot] = f"{snap.task_name}@{snap.learned}"
             old = self.source[slot]

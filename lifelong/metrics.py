@@ -241,7 +241,7 @@ def _engine_families(
 
 def _local_weights(engine: Any) -> np.ndarray:
     n, t = engine.n_tasks, engine.t
-    w: torch.Tensor = engine.top_mix.weights(t["L_top"][:n], t["in_top"][:n], torch.tensor(engine.n_labelled) + 1)
+    w: torch.Tensor = engine.top_mix.weights(t["L_top"][:n], t["in_top"][:n], torch.as_tensor(engine.n_labelled) + 1)
     return w[:, 0].cpu().numpy()
 
 

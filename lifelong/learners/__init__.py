@@ -38,8 +38,9 @@ class Learners(abc.ABC):
         self.prior_mu: torch.Tensor | None = None
         self.prior_S: torch.Tensor | None = None  # EKF: the covariance new tasks start from (``task_prior``)
 
-    def to_pred(self, logits: torch.Tensor) -> torch.Tensor:
-        """Map logits ``[..., n_out]`` into the prediction space shared by all levels (float64 on the CPU)."""
+    def to_pred(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Map logits ``[..., n_out]`` into the prediction space shared by all levels (float64 on the CPU),
+        written into ``out`` when given."""
         if self.task == "binary":
             p = torch.sigmoid(logits)
         elif self.task == "multiclass":
@@ -47,16 +48,18 @@ class Learners(abc.ABC):
         else:
             p = logits.clamp(0.0, 1.0)
         if p.device.type == "cpu":  # the rest in one compiled pass, straight to float64
-            out = np.empty((*p.shape[:-1], self.n_pred))
-            rows = p.detach().reshape(-1, p.shape[-1]).numpy()
-            binary, regression = self.task == "binary", self.task == "regression"
-            _finish_pred(rows, binary, regression, self.lo, self.hi, out.reshape(len(rows), -1))
-            return torch.from_numpy(out)
+            if out is None:
+                out = torch.empty((*p.shape[:-1], self.n_pred), dtype=torch.float64)
+            rows, target = p.detach().numpy(), out.numpy()  # [n, K, ...] or [n, ...]; views: ``out`` is written
+            if p.dim() == 2:
+                rows, target = rows[:, None], target[:, None]
+            _finish_pred(rows, self.task == "binary", self.task == "regression", self.lo, self.hi, target)
+            return out
         if self.task == "binary":
-            return smooth(torch.cat([1 - p, p], dim=-1))
-        if self.task == "multiclass":
-            return smooth(p)
-        return self.lo + (self.hi - self.lo) * p
+            pred = smooth(torch.cat([1 - p, p], dim=-1))
+        else:
+            pred = smooth(p) if self.task == "multiclass" else self.lo + (self.hi - self.lo) * p
+        return pred if out is None else out.copy_(pred)
 
     def safe(self, pred: torch.Tensor) -> torch.Tensor:
         """``pred`` with each row that holds a non-finite value replaced by the uninformed prediction (uniform
@@ -114,8 +117,8 @@ class Learners(abc.ABC):
             self.copy_member(store, slot, one)
 
     @abc.abstractmethod
-    def member_predict(self, store: Any, x: torch.Tensor) -> torch.Tensor:
-        """Predictions ``[n, K, P]`` of every slot for inputs ``[n, d]``."""
+    def member_predict(self, store: Any, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions ``[n, K, P]`` of every slot for inputs ``[n, d]`` (written into ``out`` when given)."""
 
     @property
     def can_sequence(self) -> bool:
@@ -164,17 +167,18 @@ class Learners(abc.ABC):
 @numba.njit(cache=True, error_model="numpy")
 def _finish_pred(p: np.ndarray, binary: bool, regression: bool, lo: float, hi: float, out: np.ndarray) -> None:
     """``to_pred`` after the sigmoid, softmax or clamp: ``smooth`` for classes, the target range for values."""
-    scale = 1.0 / (1.0 + EPS * out.shape[1])
-    for i in range(len(p)):
-        if regression:
-            out[i, 0] = lo + (hi - lo) * np.float64(p[i, 0])
-        elif binary:
-            p1 = np.float64(p[i, 0])
-            out[i, 0] = (1.0 - p1 + EPS) * scale
-            out[i, 1] = (p1 + EPS) * scale
-        else:
-            for c in range(out.shape[1]):
-                out[i, c] = (np.float64(p[i, c]) + EPS) * scale
+    scale = 1.0 / (1.0 + EPS * out.shape[2])
+    for i in range(p.shape[0]):
+        for j in range(p.shape[1]):
+            if regression:
+                out[i, j, 0] = lo + (hi - lo) * np.float64(p[i, j, 0])
+            elif binary:
+                p1 = np.float64(p[i, j, 0])
+                out[i, j, 0] = (1.0 - p1 + EPS) * scale
+                out[i, j, 1] = (p1 + EPS) * scale
+            else:
+                for c in range(out.shape[2]):
+                    out[i, j, c] = (np.float64(p[i, j, c]) + EPS) * scale
 
 
 def rows_not_finite(tables: list[torch.Tensor], rows: np.ndarray) -> np.ndarray:

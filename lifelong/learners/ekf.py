@@ -86,18 +86,22 @@ def _sequence(
     m = np.empty(n_out, mu.dtype)
     v = np.empty(n_out, mu.dtype)
     p = np.empty(n_out, mu.dtype)
+    acc = np.empty(r)
     for i in range(n):
         t = tasks[i]
         for c in range(n_out):
+            # S z as a sum of S's rows (S is symmetric): contiguous, no reduction in the inner loop
+            acc[:] = 0.0
+            for b in range(r):
+                zb = z[i, b]
+                for a in range(r):
+                    acc[a] += S[t, c, b, a] * zb
             mc = 0.0
             vc = 0.0
             for a in range(r):
-                acc = 0.0
-                for b in range(r):
-                    acc += S[t, c, a, b] * z[i, b]
-                sz[c, a] = acc
+                sz[c, a] = acc[a]
                 mc += mu[t, c, a] * z[i, a]
-                vc += acc * z[i, a]
+                vc += acc[a] * z[i, a]
             m[c] = mc
             v[c] = max(vc, 0.0)
             out[i, c] = m[c]

@@ -109,13 +109,14 @@ class RiverLearners(Learners):
         """Members from a local checkpoint."""
         return list(_unpickled(state["pickle"]))
 
-    def member_predict(self, store: list[Any], x: torch.Tensor) -> torch.Tensor:
+    def member_predict(self, store: list[Any], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Every member's prediction for every row (empty slots predict zeros; they never take part)."""
         rows = self._rows(x)
         filler = [0.0] * self.n_pred if self.task != "regression" else [self.lo]
         preds = [[self._one(m, r) if m is not None else filler for m in store] for r in rows]
-        out = torch.tensor(preds, dtype=self.dtype, device=self.device).reshape(len(rows), len(store), -1)
-        return out if self.task == "regression" else smooth(out)
+        pred = torch.tensor(preds, dtype=self.dtype, device=self.device).reshape(len(rows), len(store), -1)
+        pred = pred if self.task == "regression" else smooth(pred)
+        return pred if out is None else out.copy_(pred)
 
     def state(self) -> dict[str, Any]:
         """The pickled estimators (local checkpoints only)."""

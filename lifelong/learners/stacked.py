@@ -240,7 +240,9 @@ class TorchLearners(Learners):
         """A store from ``store_state`` output, on this device."""
         return {k: v.to(self.device) for k, v in state.items()}
 
-    def member_predict(self, store: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def member_predict(
+        self, store: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predictions ``[n, K, P]`` of every member slot for inputs ``[n, d]``: one batched operation."""
         if self.linear:  # one matrix product over all slots
             k, d, c = store["w"].shape
@@ -249,7 +251,7 @@ class TorchLearners(Learners):
         else:
             h = torch.relu(torch.einsum("nd,kdh->nkh", x, store["w1"]) + store["b1"])
             logits = torch.einsum("nkh,khc->nkc", h, store["w2"]) + store["b2"]
-        return self.to_pred(logits)
+        return self.to_pred(logits, out)
 
     def linear_weights(self, store: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Members as ``[K, d + 1, C]`` (weights with the bias last), or None for non-linear models."""
