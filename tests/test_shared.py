@@ -29,9 +29,10 @@ def catch_up(engine, log, applied):
     return len(log)
 
 
-def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory):
-    events = make_stream(n_tasks=8, per_task=48, block=6, ends=False)
-    a, b = engine_factory(), engine_factory()
+@pytest.mark.parametrize("capacity", [4, 10])  # 10: enough members for the task prior
+def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity):
+    events = make_stream(n_tasks=12, per_task=48, block=6, ends=False)
+    a, b = engine_factory(kb_capacity=capacity), engine_factory(kb_capacity=capacity)
     a.share = b.share = True
     mine = {"a": [e for e in events if int(e.task[1:]) < 4], "b": [e for e in events if int(e.task[1:]) >= 4]}
     moved = "t1"
@@ -53,6 +54,9 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory):
     for k in a.kb.store:
         torch.testing.assert_close(a.kb.store[k], b.kb.store[k], rtol=0, atol=0)
     torch.testing.assert_close(a.kb.B, b.kb.B, rtol=0, atol=0)
+    assert (a.kb.task_S is None) == (capacity < 8) and (b.kb.task_S is None) == (capacity < 8)
+    if a.kb.task_S is not None:
+        torch.testing.assert_close(a.kb.task_S, b.kb.task_S, rtol=0, atol=0)
 
     record = b.decode_task(a.export_task(moved, {"partition": 0}), MAX)
     assert record[0]["partition"] == 0
