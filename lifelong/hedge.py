@@ -217,13 +217,13 @@ def mix_events(
     errors: np.ndarray,
     losses: np.ndarray,
 ) -> None:
-    """Both mixtures of a segment, event by event in arrival order (the engine's torch ``_mix``, compiled).
+    """Both mixtures of a segment, event by event in arrival order (``Engine._mix_torch``, compiled).
 
     Per event with features: the KB level's weights from its task's cumulative losses so far, the two levels
     (``top_local``, ``top_kb``), the top level's weights and the prediction; rows without features are left
-    as they are. Per labelled event, scored on the row
-    ``src`` that predicted it (or ``stored`` pending prediction ``s_*``, whose refilled slots carry the KB
-    level's prediction): each expert's loss enters its task's row of ``L_kb`` / ``L_top`` and the statistics.
+    as they are. Per labelled event, scored on the row ``src`` that predicted it (or the ``stored`` pending
+    prediction ``s_*``, whose refilled slots carry the KB level's prediction): each expert's loss enters its
+    task's row of ``L_kb`` / ``L_top``, and the three predictions' losses and errors the statistics.
 
     With log loss and η = 1 the KB weights of a task (``group``: its row among the segment's tasks) are computed
     from ``L_kb`` once per segment and then multiplied by each expert's probability of the label: the same

@@ -29,8 +29,8 @@ from .learners import Learners, ekf, rows_not_finite
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
 # The task-level prior (``task_prior``): from this many members on, shrunk at least this much towards the plain
-# prior. Measured (bench/accuracy.py, seed 0, against PRIOR_SHRINK 0.3): related 0.191 vs 0.197, short 0.274 vs
-# 0.277, unrelated 0.2557 vs 0.2516.
+# prior (more while members are fewer than weights). Measured (bench/accuracy.py, seed 0, against a fixed 0.3):
+# related 0.191 vs 0.197, short 0.274 vs 0.277, unrelated 0.2557 vs 0.2516; a fixed 0.1 took digits to 0.0169.
 PRIOR_MEMBERS = 8
 PRIOR_SHRINK = 0.1
 
@@ -201,7 +201,7 @@ class KnowledgeBase:
     def _task_prior(self) -> torch.Tensor | None:
         """The covariance ``[C, d + 1, d + 1]`` new tasks' EKF learners start from (an empirical-Bayes prior):
         the members' weight covariance, shrunk towards ``prior_var`` x I; None (the plain prior) while fewer than
-        ``PRIOR_MEMBERS`` members, or for non-linear ones. Refreshed with the basis."""
+        ``PRIOR_MEMBERS`` members, or for non-linear ones. Recomputed at every publication."""
         weights = self.learners.linear_weights(self.store)
         if weights is None or self.size < PRIOR_MEMBERS:
             return None
