@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from . import checkpoint
 from .config import Config
-from .engine import Engine
+from .engine import Engine, warm_up
 from .errors import ConfigError, InvalidEvent, LifelongError, StateError
 from .events import Event, Schema, decode
 from .metrics import EngineCollector, HealthServer, Metrics
@@ -380,6 +380,8 @@ class Daemon:
             if self.shared:
                 self.knowledge = KnowledgeLog(self.cfg, self.knowledge_offset)
                 self._read_knowledge(until_end=True)
+            if self.engine.compiled:  # before joining the group: compiling holds the interpreter for seconds
+                log.info("engine kernels ready in %.1f s", warm_up(self.cfg.engine, self.cfg.labels))
             self.source = KafkaSource(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
             self.source.start()
             while not self.stopping.is_set():

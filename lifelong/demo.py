@@ -16,7 +16,7 @@ from kafka import KafkaProducer
 from .broker import EmbeddedBroker, free_port
 from .config import load_config
 from .daemon import Daemon
-from .engine import S
+from .engine import S, warm_up
 from .generate import stream
 
 BAD_PAYLOADS = [
@@ -86,8 +86,8 @@ def run_demo(
 ) -> int:
     """Run the demo; returns the exit code. Everything listens on 127.0.0.1 only."""
 
-    def say(msg: str) -> None:
-        print(msg, file=out, flush=True)
+    def say(msg: str, end: str = "\n") -> None:
+        print(msg, file=out, flush=True, end=end)
 
     work = Path(tempfile.mkdtemp(prefix="lifelong-demo-"))
     broker = EmbeddedBroker(log=work / "broker.log").start()
@@ -123,6 +123,8 @@ def run_demo(
         f"({len(events)} events at {rate:,.0f}/s), state in {work}"
     )
     say(f"metrics: http://127.0.0.1:{daemon.http.port}/metrics   health: /healthz /readyz")
+    say("compiling the engine (about 10 s on the first run after an install, then cached) ...", end=" ")
+    say(f"done in {warm_up(cfg.engine, cfg.labels):.1f} s")
     say(
         f"{'time':>5} {'learned':>8} {'ev/s':>7} {'lag':>6} {'error':>7} {'task lvl':>8} {'KB':>4} "
         f"{'regret':>8} {'bound':>8}  (error: lifelong vs its task level; regret: sum over tasks)"

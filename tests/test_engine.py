@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lifelong import checkpoint
 from lifelong.config import LabelsConfig
-from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, S, _Window
+from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, S, _Window, warm_up
 from lifelong.events import Event
 from lifelong.hedge import enter_experts
 
@@ -510,3 +510,12 @@ def test_compiled_entry_of_new_members_equals_the_torch_sweep(engine_factory):
     for k in t:
         torch.testing.assert_close(t[k], swept[k], rtol=0, atol=0)
     assert not bool(t["in_kb"][2, 2]) and bool(t["in_kb"][3, 2])
+
+
+@pytest.mark.parametrize(("cfg", "stream"), KINDS)
+def test_warm_up_runs_every_path_of_every_kind_and_changes_nothing(engine_factory, cfg, stream):
+    """The daemon compiles the kernels before it joins its group: a throwaway engine, whatever the kind."""
+    engine = engine_factory(**cfg)
+    before = engine.state()[1]
+    assert warm_up(engine.cfg, engine.labels) >= 0.0
+    assert engine.state()[1] == before and engine.counters["learned"] == 0
