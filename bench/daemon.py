@@ -104,6 +104,20 @@ def rate_of(records: list) -> float:
     return (len(ts) - 1) / max(1e-3, (ts[-1] - ts[0]) / 1000)
 
 
+def kafka_section(bootstrap: str, tag: str, shared: bool = True) -> dict[str, object]:
+    """The ``kafka`` section of a benchmark replica's configuration: topics and group named after ``tag``."""
+    return {
+        "bootstrap_servers": bootstrap,
+        "events_topic": f"ev-{tag}",
+        "predictions_topic": f"pred-{tag}",
+        "dead_letter_topic": f"dlq-{tag}",
+        "group_id": f"g-{tag}",
+        "session_timeout_ms": 6000,
+        "knowledge_topic": f"kb-{tag}" if shared else "",
+        "changelog_topic": f"cl-{tag}" if shared else "",
+    }
+
+
 def start_daemon(
     bootstrap: str,
     tag: str,
@@ -116,16 +130,7 @@ def start_daemon(
     """``lifelong run`` on topics named after ``tag`` (scale-out topics unless ``shared`` is False); its
     stderr goes to ``work/<tag>.log``."""
     cfg = {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "events_topic": f"ev-{tag}",
-            "predictions_topic": f"pred-{tag}",
-            "dead_letter_topic": f"dlq-{tag}",
-            "group_id": f"g-{tag}",
-            "session_timeout_ms": 6000,
-            "knowledge_topic": f"kb-{tag}" if shared else "",
-            "changelog_topic": f"cl-{tag}" if shared else "",
-        },
+        "kafka": kafka_section(bootstrap, tag, shared),
         "engine": {"dim": 20},
         "checkpoint": {"dir": str(state or work / f"state-{tag}"), "interval_s": interval_s},
         "metrics": {"port": port or free_port()},

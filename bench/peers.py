@@ -75,25 +75,25 @@ def lifelong_in_river(events: list[Event]) -> tuple[float, float]:
 
 
 def bayes_personal(events: list[Event], seed: int) -> np.ndarray:
-    """The learner no method can beat on average on ``personal`` streams: each user's Bayesian logistic
-    regression (EKF steps, probit predictive) whose prior is the generator's own distribution of users
-    (the true common weights and spread, ``generate.personal_prior``). Its 0/1 error per labelled event."""
-    from lifelong.generate import personal_prior
+    """The learner no method can do much better than on average on ``personal`` streams: each user's Bayesian
+    logistic regression (the engine's EKF steps, ``ekf.forward``) whose prior is the generator's own
+    distribution of users (the true common weights and spread, ``generate.personal_prior``). Its 0/1 error per
+    labelled event."""
+    import torch
 
-    mu0, s0 = personal_prior(seed=seed)
-    state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    from lifelong.generate import personal_prior
+    from lifelong.learners import ekf
+
+    labelled = [e for e in events if e.x is not None and e.y is not None]
+    users = {name: i for i, name in enumerate(dict.fromkeys(e.task for e in labelled))}
+    mu0, s0 = (torch.as_tensor(a) for a in personal_prior(seed=seed))
+    mu = mu0.expand(len(users), 1, -1).clone()
+    s = s0.expand(len(users), 1, -1, -1).clone()
     out = []
-    for e in events:
-        if e.x is None or e.y is None:
-            continue
-        z = np.append(e.x, 1.0)
-        mu, s = state.get(e.task, (mu0, s0))
-        m, sz = float(mu @ z), s @ z
-        v = float(z @ sz)
-        out.append(float((m > 0) != bool(e.y)))  # the probit correction never moves the sign
-        p = 1.0 / (1.0 + math.exp(-m))
-        h = max(p * (1 - p), 1e-4)
-        state[e.task] = (mu + (e.y - p) / (1 + h * v) * sz, s - h / (1 + h * v) * np.outer(sz, sz))
+    for e in labelled:
+        z = torch.as_tensor(np.append(e.x, 1.0)).unsqueeze(0)
+        raw = ekf.forward(mu, s, torch.tensor([users[e.task]]), z, torch.tensor([int(e.y)]), "binary")
+        out.append(float((float(raw[0, 0]) > 0) != bool(e.y)))  # the probit correction never moves the sign
     return np.array(out)
 
 

@@ -34,7 +34,7 @@ from lifelong.broker import EmbeddedBroker, free_port
 from lifelong.generate import stream
 
 sys.path.insert(0, str(Path(__file__).parent))
-from daemon import rate_of, read_all  # noqa: E402
+from daemon import kafka_section, rate_of, read_all  # noqa: E402
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> None:
@@ -48,17 +48,7 @@ def produce(bootstrap: str, topic: str, events: list[dict]) -> None:
 def start(bootstrap: str, tag: str, work: Path, name: str, partitions: int) -> tuple[subprocess.Popen, int, Path]:
     port = free_port()
     cfg = {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "events_topic": f"ev-{tag}",
-            "predictions_topic": f"pred-{tag}",
-            "dead_letter_topic": f"dlq-{tag}",
-            "group_id": f"g-{tag}",
-            "session_timeout_ms": 6000,
-            "partitions": partitions,
-            "knowledge_topic": f"kb-{tag}",
-            "changelog_topic": f"cl-{tag}",
-        },
+        "kafka": {**kafka_section(bootstrap, tag), "partitions": partitions},
         "engine": {"dim": 20},
         "checkpoint": {"dir": str(work / f"state-{tag}-{name}"), "interval_s": 5.0},
         "metrics": {"port": port},
