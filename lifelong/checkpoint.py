@@ -1,10 +1,16 @@
-"""Checkpoints: the complete engine state (plus the daemon's offsets) written atomically with a checksum.
+"""Checkpoints: the engine state (plus the daemon's offsets) written atomically with a checksum.
 
 A checkpoint is one file ``checkpoint-<seq>.ckpt`` in the checkpoint directory: a magic line, the SHA-256 of
 the payload, then the payload, a ``torch.save`` of tensors and JSON-like metadata that is read back with
 ``weights_only=True`` (no arbitrary unpickling). It is written to a temporary file, fsynced, renamed, and
 the directory fsynced; files are mode 0600. Loading takes the newest checkpoint that verifies and says
 which ones it refused and why.
+
+An engine with a task store kept in the checkpoint directory (the daemon's: ``tasks/``) checkpoints
+incrementally: the tasks changed since the last checkpoint are written to the store, the store is snapshotted
+(``store-<seq>/``: hard links, so its cost follows what changed), and the checkpoint file holds the global state
+(KB, basis, counters, pending labels, offsets) and names that snapshot. Restoring starts the live store from the
+snapshot and reads no task until its next event.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import io
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ import torch
 from .config import Config, EngineConfig, LabelsConfig
 from .engine import Engine
 from .errors import StateError
+from .store import TaskStore
 
 MAGIC = b"LIFELONG-CHECKPOINT-1\n"
 NAME = re.compile(r"^checkpoint-(\d{12})\.ckpt$")
@@ -38,8 +46,7 @@ def write(directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], 
     """Write one checkpoint atomically; keep the newest ``keep`` files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    existing = _files(directory)
-    seq = int(NAME.match(existing[0].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+    seq = _next_seq(directory)
     buf = io.BytesIO()
     torch.save({"tensors": tensors, "meta": meta}, buf)
     payload = buf.getvalue()
@@ -63,6 +70,22 @@ def write(directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], 
     for old in _files(directory)[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _next_seq(directory: Path) -> int:
+    existing = _files(directory)
+    return int(NAME.match(existing[0].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+
+
+def _prune_snapshots(directory: Path) -> None:
+    """Remove task-store snapshots that no kept checkpoint names."""
+    named = set()
+    for path in _files(directory):
+        match = NAME.match(path.name)
+        named.add(f"store-{match.group(1)}" if match else "")
+    for snap in directory.glob("store-*"):
+        if snap.name not in named:
+            shutil.rmtree(snap, ignore_errors=True)
 
 
 def check_writable(directory: str | Path) -> None:
@@ -105,15 +128,46 @@ def latest(directory: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]
         except StateError as exc:
             log.error("refusing checkpoint: %s; trying the previous one", exc)
             continue
+        if meta.get("store") and not (path.parent / meta["store"]).is_dir():
+            log.error(
+                "refusing checkpoint %s: its task store %s is missing; trying the previous one", path, meta["store"]
+            )
+            continue
         return path, tensors, meta
     return None
 
 
 def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Checkpoint ``engine`` (and the daemon's ``extra`` metadata, e.g. offsets)."""
-    tensors, meta = engine.state()
+    """Checkpoint ``engine`` (and the daemon's ``extra`` metadata, e.g. offsets): incrementally when its task
+    store lives in ``directory`` (module docstring), else every task in the file."""
+    directory = Path(directory)
+    store = engine.store
+    if store is not None and store.path.parent == directory:
+        engine.flush_tasks()
+        snapshot = directory / f"store-{_next_seq(directory):012d}"
+        shutil.rmtree(snapshot, ignore_errors=True)  # left by a checkpoint that failed after its snapshot
+        store.snapshot(snapshot)
+        tensors, meta = engine.state(tasks=False)
+        meta["store"] = snapshot.name
+    else:
+        tensors, meta = engine.state()
     meta["extra"] = extra or {}
-    return write(directory, tensors, meta, keep)
+    path = write(directory, tensors, meta, keep)
+    _prune_snapshots(directory)
+    return path
+
+
+def restore_engine(engine: Engine, directory: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Load a checkpoint into a new ``engine``; one that names a task-store snapshot first makes the engine's
+    live store (``engine.store_dir``) a copy of it, so that tasks come back from it at their next event."""
+    if meta.get("store"):
+        snapshot = directory / meta["store"]
+        if not snapshot.is_dir() or engine.store_dir is None:
+            raise StateError(f"checkpoint names task store {snapshot}, which is missing")
+        engine.store = TaskStore.restore(snapshot, engine.store_dir, engine.layout())
+    elif engine.store_dir is not None:  # every task is in the file: a live store left from before is stale
+        shutil.rmtree(engine.store_dir, ignore_errors=True)
+    engine.load_state(tensors, meta)
 
 
 def load_engine(directory: str | Path, cfg: Config | EngineConfig, labels: LabelsConfig | None = None) -> Engine:
@@ -132,6 +186,7 @@ def load_engine(directory: str | Path, cfg: Config | EngineConfig, labels: Label
         import dataclasses
 
         engine_cfg = dataclasses.replace(engine_cfg, dim=int(meta["config"]["dim"]))
-    engine = Engine(engine_cfg, labels)
-    engine.load_state(tensors, meta)
+    path = Path(directory)
+    engine = Engine(engine_cfg, labels, path / "tasks" if meta.get("store") else None)
+    restore_engine(engine, path, tensors, meta)
     return engine

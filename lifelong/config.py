@@ -81,7 +81,12 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     tasks: tuple[str, ...] = ()  # when set, events of other tasks are refused
-    max_tasks: int = 1_000_000
+    # a guard against runaway task names (e.g. a timestamp keyed as a task): events of further new tasks are
+    # dead-lettered. Tasks beyond max_resident_tasks live in the on-disk task store, not in memory.
+    max_tasks: int = 100_000_000
+    # tasks held in the engine's tensors (about 3 KB each at dim 20); the least recently used others live in the
+    # task store (RocksDB) on disk and are read back when their next event comes
+    max_resident_tasks: int = 100_000
     # torch CPU threads of a `lifelong run` process (0: torch's default, one per core). The engine's batched
     # operations are small: more threads mostly spin, and replicas sharing a machine oversubscribe it.
     threads: int = 1
@@ -172,6 +177,7 @@ POSITIVE = {
     "engine.prior_var",
     "engine.hidden",
     "engine.max_tasks",
+    "engine.max_resident_tasks",
     "batching.max_events",
     "batching.max_ms",
     "batching.queue_batches",

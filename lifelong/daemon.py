@@ -19,6 +19,7 @@ of it or reports ready.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -188,7 +189,7 @@ class Daemon:
         self.status_every = STATUS_EVERY_S
         self.dead_lettered = 0
         self.assigned: list[TopicPartition] = []
-        self.ended: set[int] = set()
+        self.ended: set[str] = set()
         self.stopping = threading.Event()
         self.last_progress = time.monotonic()
         self.source: KafkaSource | None = None
@@ -206,13 +207,20 @@ class Daemon:
     # --- state ---
 
     def _restore(self) -> tuple[Engine, dict[TopicPartition, int]]:
-        found = checkpoint.latest(self.cfg.checkpoint.dir)
-        engine = Engine(self.cfg.engine, self.cfg.labels)
+        directory = Path(self.cfg.checkpoint.dir)
+        found = checkpoint.latest(directory)
+        # tasks beyond engine.max_resident_tasks wait in the task store, checkpointed incrementally with it
+        engine = Engine(self.cfg.engine, self.cfg.labels, directory / "tasks")
         if found is None:
             log.info("no checkpoint in %s", self.cfg.checkpoint.dir)
+            shutil.rmtree(directory / "tasks", ignore_errors=True)  # what a run that never checkpointed left
+            if engine.tiered:
+                engine.open_store()
             return engine, {}
         path, tensors, meta = found
-        engine.load_state(tensors, meta)
+        checkpoint.restore_engine(engine, directory, tensors, meta)
+        if engine.tiered and engine.store is None:
+            engine.open_store()
         self.restored = True
         extra = meta.get("extra", {})
         offsets = {TopicPartition(t, p): o for t, p, o in extra.get("offsets", []) if t == self.cfg.kafka.events_topic}
@@ -222,15 +230,16 @@ class Daemon:
         log.info(
             "restored %s: %d tasks, KB %d members, offsets %s",
             path,
-            engine.n_tasks,
+            engine.n_known,
             engine.kb.size,
             {tp.partition: o for tp, o in offsets.items()},
         )
         return engine, offsets
 
     def archived_tasks(self) -> set[int]:
-        """Tasks that ended (``control: end``): their per-task series are dropped."""
-        return self.ended
+        """Resident tasks (rows) that ended (``control: end``): their per-task series are dropped."""
+        index = self.engine.task_index
+        return {index[t] for t in self.ended if t in index}
 
     def foreign_tasks(self) -> set[int]:
         """Tasks of partitions this replica does not own now (held from an earlier ownership)."""
@@ -472,7 +481,7 @@ class Daemon:
                             raise InvalidEvent("payload", "empty (null) record")
                         e = decode(r.value, self.schema)
                         if e.task not in self.engine.task_index and e.task not in new_tasks:
-                            if self.engine.n_tasks + len(new_tasks) >= self.cfg.engine.max_tasks:
+                            if self.engine.n_known + len(new_tasks) >= self.cfg.engine.max_tasks:
                                 raise InvalidEvent("task", f"engine.max_tasks ({self.cfg.engine.max_tasks}) reached")
                             new_tasks.add(e.task)
                     except InvalidEvent as exc:
@@ -503,11 +512,11 @@ class Daemon:
                 for snap in self.engine.outbox:
                     sink.knowledge(snap.task_name, self.engine.kb.encode(snap))
                 self.engine.outbox.clear()
-            for i, e in enumerate(events):
+            for e in events:
                 if e.control == "end":
-                    self.ended.add(int(result.task_index[i]))
+                    self.ended.add(e.task)
                 else:
-                    self.ended.discard(int(result.task_index[i]))
+                    self.ended.discard(e.task)
             now = time.time()
             for i, rec in result.records(self.cfg.engine.task):
                 r = sources[i]
@@ -621,6 +630,10 @@ class Daemon:
             self.last_checkpoint = time.monotonic()
             self.dirty = False
             self.metrics.checkpoints.labels("ok").inc()
+            self.metrics.checkpoint_seconds.observe(self.last_checkpoint - start)
+            written = self.engine.flushed * (self.engine.store.width if self.engine.store else 0)
+            self.metrics.checkpoint_bytes.inc(path.stat().st_size + written)
+            self.metrics.checkpoint_tasks.inc(self.engine.flushed)
             if not wait_commit:
                 source.commit_async(offsets)
                 return path
@@ -653,4 +666,6 @@ class Daemon:
                 log.warning("closing the producer: %r", exc)
         if self.knowledge is not None:
             self.knowledge.close()
+        if self.engine.store is not None:
+            self.engine.store.close()
         self.http.stop()

@@ -19,11 +19,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import shutil
+import tempfile
 import time
 import typing
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -37,9 +41,11 @@ from .events import RESERVED_TASK, Event, Schema
 from .hedge import LOSS_CODES, Mixing, enter_experts, mix, mix_events
 from .knowledge import KnowledgeBase, Staged
 from .learners import make_learners, pick_device
+from .store import TaskStore, pack_rows, unpack_rows
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 KB_TOP = 3  # members listed in each prediction
+LOCAL = ("kb_seen", "code_at")  # task columns that refer to this replica's KB log: never in a changelog record
 POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
 # Log prior weight of the KB's shared experts (the basis and the population member) over one member's 0: a task
 # trusts what all tasks share from its first events, and its own evidence moves it to a member when one fits
@@ -76,6 +82,8 @@ COUNTERS = (
     "reset_learner",
     "reset_code",
     "snapshots_not_finite",
+    "tasks_evicted",
+    "tasks_loaded",
 )
 
 
@@ -259,7 +267,7 @@ class Engine:
     40
     """
 
-    def __init__(self, cfg: EngineConfig, labels: LabelsConfig | None = None):
+    def __init__(self, cfg: EngineConfig, labels: LabelsConfig | None = None, store_dir: str | Path | None = None):
         if cfg.dim <= 0:
             raise StateError("engine.dim must be known before the engine starts (set it, or infer it from data)")
         self.cfg = cfg
@@ -287,7 +295,20 @@ class Engine:
         self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
         self.outbox: list[Staged] = []
         self._task_spec: wire.Spec | None = None  # what a changelog record must hold (``decode_task``)
-        self._counts = np.zeros(16, np.int64)  # labelled events learned per task (host side: drives the plan)
+        # per task row, host side: labelled events learned (drives the plan), the batch that last used it (the
+        # least recently used leave first), whether the store holds the task, whether it changed since written
+        self._counts = np.zeros(16, np.int64)
+        self._used = np.zeros(16, np.int64)
+        self._stored = np.zeros(16, np.bool_)
+        self._dirty = np.zeros(16, np.bool_)
+        self._batch = 0
+        # tasks beyond ``max_resident_tasks`` live in an on-disk store (``store.py``): in ``store_dir`` (the
+        # daemon's, kept across restarts) or, when first needed, in a temporary directory removed with the engine
+        self.store_dir = store_dir
+        self.store: TaskStore | None = None
+        self.tiered = isinstance(getattr(self.learners, "params", None), dict)  # River's models are not arrays
+        self._away = np.zeros(len(STATS))  # the statistics of tasks in the store, summed (``stats_total``)
+        self.flushed = 0  # tasks the last ``flush_tasks`` wrote
         self.events_seen = 0
         self.now_ts = -math.inf
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -317,23 +338,34 @@ class Engine:
             "n_kb": torch.zeros(n, dtype=torch.long, device=dev),
             "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
             "peak": torch.zeros(n, self.cfg.dim, dtype=f64, device=dev),  # feature scaling (``scaling.py``)
+            "kb_seen": torch.zeros(n, dtype=torch.long, device=dev),  # KB log position last met (``_sync_kb``)
+            "code_at": torch.zeros(n, dtype=torch.long, device=dev),  # the basis its code is in (``basis_at``)
         }
 
-    def _task(self, name: str) -> int:
-        """Register a new task (its tensors are set up for all new tasks at once by ``_init_tasks``)."""
-        if len(self.task_names) >= self.cfg.max_tasks:
+    def _task(self, name: str, row: int | None = None) -> int:
+        """Register a task in a new row (its tensors are set up for all new rows at once by ``_init_tasks``) or
+        in ``row``, freed by ``_evict``."""
+        if row is None:
+            row = len(self.task_names)
+            self.task_names.append(name)
+            if row == len(self._counts):
+                self._counts, self._used, self._stored, self._dirty = (
+                    np.concatenate([a, np.zeros_like(a)]) for a in (self._counts, self._used, self._stored, self._dirty)
+                )
+        else:
+            self.task_names[row] = name
+        self.task_index[name] = row
+        self._counts[row], self._used[row], self._stored[row], self._dirty[row] = 0, self._batch, False, True
+        return row
+
+    def _new_task(self, name: str, row: int | None = None) -> int:
+        if self.n_known >= self.cfg.max_tasks:
             raise StateError(f"engine.max_tasks ({self.cfg.max_tasks}) reached; task {name!r} refused")
-        i = len(self.task_names)
-        self.task_names.append(name)
-        self.task_index[name] = i
-        if i == len(self._counts):
-            self._counts = np.concatenate([self._counts, np.zeros(i, np.int64)])
-        self._counts[i] = 0
         self.counters["tasks_created"] += 1
-        return i
+        return self._task(name, row)
 
     def _init_tasks(self, first: int) -> None:
-        """Learners, codes and mixture tables for tasks ``first ..``: every current KB expert takes part."""
+        """Learners, codes and mixture tables for tasks ``first ..`` (they meet the KB in ``_sync_kb``)."""
         n = self.n_tasks
         cap = self.t["stats"].shape[0]
         if n > cap:
@@ -343,16 +375,74 @@ class Engine:
             self.t = grown
         self.learners.ensure(n)
         self.kb.ensure(n)
-        self._join_kb(self.t, slice(first, n))
+        self._start(self.t, slice(first, n))
 
-    def _join_kb(self, tables: dict[str, torch.Tensor], rows: slice) -> None:
-        """Tasks ``rows`` of ``tables`` start with every current KB expert in their mixtures."""
-        present = torch.cat([torch.tensor([self.kb.basis_ready], device=self.device), self.kb.valid])
-        has_kb = bool(present.any())
-        tables["in_kb"][rows] = present
-        tables["n_kb"][rows] = int(present.sum())
-        tables["in_top"][rows] = torch.tensor([True, has_kb], device=self.device)
-        tables["n_top"][rows] = 1 + int(has_kb)
+    def _start(self, tables: dict[str, torch.Tensor], rows: slice | int | torch.Tensor) -> None:
+        """New tasks' rows (zeros): the local level alone in the top mixture, the code in the current basis;
+        KB experts join in ``_sync_kb``."""
+        tables["in_top"][rows, 0] = True
+        tables["n_top"][rows] = 1
+        tables["code_at"][rows] = self.kb.basis_at
+
+    def _sync_kb(
+        self,
+        rows: np.ndarray,
+        tables: dict[str, torch.Tensor] | None = None,
+        since: Any = None,
+        names: dict[str, int] | None = None,
+    ) -> None:
+        """KB experts that entered since tasks ``rows`` (increasing) of ``tables`` last met the KB join their
+        mixtures (``hedge.enter_experts``). A publication never sweeps over every task: a task catches up when
+        it next meets the KB, where entry gives what it would have given at the publication (its losses have
+        not moved since). ``since``: the log position each expert entered at, for a task moved from another KB;
+        ``names``: the row of each task in ``tables`` other than the engine's own (own members stay out)."""
+        kb, dev = self.kb, self.device
+        t = self.t if tables is None else tables
+        if not len(rows) or kb.applied == 0:
+            return
+        keys = ("kb_seen", "L_kb", "in_kb", "n_kb", "L_top", "in_top", "n_top", "stats")
+        on_cpu = dev.type == "cpu"
+        idx = torch.as_tensor(rows, device=dev)
+        a = {k: t[k].numpy() if on_cpu else t[k][idx].cpu().numpy() for k in keys}
+        own = np.full(1 + kb.capacity, -1, np.int64)  # each expert's own task here (its row in ``a``), or -1
+        lookup = self.task_index if tables is None else names
+        if lookup is not None:
+            for s, src in enumerate(kb.source):
+                i = lookup.get(src, -1) if src is not None else -1
+                j = i if on_cpu else int(np.searchsorted(rows, i))
+                own[1 + s] = j if i >= 0 and (on_cpu or (j < len(rows) and rows[j] == i)) else -1
+        enter_experts(
+            rows if on_cpu else np.arange(len(rows)),
+            a["kb_seen"],
+            np.array([kb.basis_since, *kb.entered], np.int64) if since is None else since,
+            own,
+            kb.applied,
+            a["L_kb"],
+            a["in_kb"],
+            a["n_kb"],
+            a["L_top"],
+            a["in_top"],
+            a["n_top"],
+            a["stats"][:, S["loss_kb"]],
+            a["stats"][:, S["loss"]],
+        )
+        if not on_cpu:
+            for k in keys:
+                t[k][idx] = torch.as_tensor(a[k], device=dev)
+
+    def _carry_codes(self, rows: np.ndarray) -> None:
+        """Tasks ``rows``' basis codes, learned in an earlier basis, carried into the current one (``carry``):
+        a basis refresh never sweeps over every task either."""
+        at = self.t["code_at"][torch.as_tensor(rows, device=self.device)].cpu().numpy()
+        stale = at != self.kb.basis_at
+        if stale.any():
+            moved = torch.as_tensor(rows[stale], device=self.device)
+            self.kb.carry(moved, at[stale])
+            self.t["code_at"][moved] = self.kb.basis_at
+
+    def settle(self) -> None:
+        """Every task's mixtures hold every KB expert now (reports read every task; events do it task by task)."""
+        self._sync_kb(np.arange(self.n_tasks))
 
     @property
     def n_labelled(self) -> np.ndarray:
@@ -361,8 +451,116 @@ class Engine:
 
     @property
     def n_tasks(self) -> int:
-        """Tasks registered so far."""
+        """Task rows in the engine's tensors: the resident tasks."""
         return len(self.task_names)
+
+    @property
+    def n_known(self) -> int:
+        """Tasks known: resident or in the store."""
+        return self.counters["tasks_created"]
+
+    # --- resident and stored tasks (``store.py``) ---
+
+    def _columns(self) -> dict[str, torch.Tensor]:
+        """Every per-task column (row i: task i's values), in the order of a store's rows."""
+        cols = {f"t.{k}": v for k, v in self.t.items()}
+        cols.update({f"learner.{k}": v for k, v in self.learners.columns().items()})
+        cols["code.mu"], cols["code.S"] = self.kb.mu, self.kb.S
+        cols["n_labelled"] = torch.from_numpy(self._counts)
+        return cols
+
+    def open_store(self) -> TaskStore:
+        """The task store, opened (or made) on first use."""
+        if self.store is None:
+            path = self.store_dir
+            if path is None:
+                path = tempfile.mkdtemp(prefix="lifelong-tasks-")
+                weakref.finalize(self, shutil.rmtree, path, True)
+            self.store = TaskStore(path, self.layout())
+        return self.store
+
+    def layout(self) -> wire.Spec:
+        """The shape of one task's row in the store."""
+        spec = wire.spec_of({k: v[:0] for k, v in self._columns().items()})
+        return {k: (dtype, shape[1:]) for k, (dtype, shape) in spec.items()}
+
+    def _admit(self, names: list[str], create: bool = True, evict: bool = True) -> None:
+        """Tasks ``names`` are resident after this: those in the store are read back and new ones (with
+        ``create``) registered, in arrival order. When that would pass ``max_resident_tasks`` (and ``evict``),
+        the least recently used tasks (none of ``names``) go to the store first, and their rows take the tasks
+        coming in."""
+        index = self.task_index
+        wanted = dict.fromkeys(names)
+        missing = [n for n in wanted if n not in index]
+        if not missing or (not create and self.store is None):
+            return
+        values = self.store.get(missing) if self.store is not None else [None] * len(missing)
+        back = [(name, v) for name, v in zip(missing, values, strict=True) if v is not None]
+        new = [name for name, v in zip(missing, values, strict=True) if v is None] if create else []
+        coming = len(back) + len(new)
+        free: list[int] = []
+        if evict and self.tiered and coming > self.cfg.max_resident_tasks - self.n_tasks:
+            self._used[[index[n] for n in wanted if n in index]] = self._batch
+            free = self._evict(min(coming, coming - (self.cfg.max_resident_tasks - self.n_tasks)))
+        first = len(self.task_names)
+        rows_back = [self._task(name, free.pop() if free else None) for name, _ in back]
+        rows_new = [self._new_task(name, free.pop() if free else None) for name in new]
+        self._init_tasks(first)
+        reused = [r for r in rows_new if r < first]
+        if reused:
+            self._reset(np.array(reused, np.int64))
+        if back:
+            at = torch.as_tensor(rows_back, device=self.device)
+            unpack_rows(self._columns(), at, [v for _, v in back])
+            self._away -= self.t["stats"][at].sum(0).cpu().numpy()
+            self._stored[rows_back] = True
+            self.counters["tasks_loaded"] += len(back)
+
+    def _evict(self, k: int) -> list[int]:
+        """Write the ``k`` least recently used tasks not used in this batch to the store; their rows, freed."""
+        n = self.n_tasks
+        idle = np.flatnonzero(self._used[:n] < self._batch)
+        if k <= 0 or not len(idle):
+            return []
+        rows = idle if len(idle) <= k else idle[np.argpartition(self._used[idle], k - 1)[:k]]
+        names = [self.task_names[r] for r in rows.tolist()]
+        at = torch.as_tensor(rows, device=self.device)
+        values = pack_rows(self._columns(), at)
+        self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
+        self._away += self.t["stats"][at].sum(0).cpu().numpy()
+        for name in names:
+            del self.task_index[name]
+        self.counters["tasks_evicted"] += len(rows)
+        return [int(r) for r in rows]
+
+    def _reset(self, rows: np.ndarray) -> None:
+        """Rows freed by ``_evict`` that take new tasks: as ``_init_tasks`` sets up new rows."""
+        at = torch.as_tensor(rows, device=self.device)
+        for table in self.t.values():
+            table[at] = 0
+        self._start(self.t, at)
+        self.learners.reset(at)
+        self.kb.mu[at], self.kb.S[at] = self.kb.prior_mu, self.kb.prior_S
+
+    def recall(self) -> None:
+        """Every stored task back in memory, whatever ``max_resident_tasks`` (a whole state in one object)."""
+        if self.store is not None:
+            self._admit([k for k, _ in self.store.items()], create=False, evict=False)
+
+    def stats_total(self) -> np.ndarray:
+        """Every task's statistics (``STATS``), summed: resident and stored tasks."""
+        return self.t["stats"][: self.n_tasks].sum(0).cpu().numpy() + self._away
+
+    def flush_tasks(self) -> int:
+        """Write every resident task changed since it was last written to the store; returns how many."""
+        rows = np.flatnonzero(self._dirty[: self.n_tasks])
+        self.flushed = len(rows)
+        if len(rows):
+            values = pack_rows(self._columns(), torch.as_tensor(rows, device=self.device))
+            names = [self.task_names[r] for r in rows.tolist()]
+            self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
+            self._stored[rows], self._dirty[rows] = True, False
+        return len(rows)
 
     # --- processing ---
 
@@ -370,6 +568,7 @@ class Engine:
         """Predict, account and learn a batch of valid events in arrival order."""
         result = BatchResult.empty(events, self.n_pred)
         result.seq0 = self.events_seen
+        self._batch += 1
         start = 0
         while start < len(events):
             room = self.cfg.publish_every - self.events_seen % self.cfg.publish_every
@@ -384,6 +583,7 @@ class Engine:
     def _plan(self, events: list[Event], start: int, stop: int, result: BatchResult) -> _Plan:
         """Arrival-order bookkeeping: each event's task and outcome, pending labels and their TTL, the
         duplicate window (``_sort_out``), then each task's labelled counts and the snapshot triggers."""
+        self._admit([e.task for e in events[start:stop]])
         first_new = self.n_tasks
         outcome, tasks, ref = self._sort_out(events, start, stop, result)
         self.learned_keys.expire(self.now_ts - self.labels.pending_ttl_s)
@@ -391,6 +591,9 @@ class Engine:
             self._init_tasks(first_new)
         labelled = (outcome == LEARNED) | (outcome == LABEL_JOINED)
         uniq, inv = np.unique(tasks, return_inverse=True)
+        self._used[uniq], self._dirty[uniq] = self._batch, True
+        self._sync_kb(uniq)
+        self._carry_codes(uniq)
         n_before, trigger = np.empty(len(tasks), np.int64), np.empty(len(tasks), np.bool_)
         at = np.array(self.cfg.snapshot_at, np.int64)
         _count(tasks, labelled, outcome == CONTROL, self._counts, self.cfg.snapshot_every, at, n_before, trigger)
@@ -428,7 +631,7 @@ class Engine:
                 self._drop_pending(key)
             ti = index.get(e.task)
             if ti is None:
-                ti = self._task(e.task)
+                ti = self._new_task(e.task)
             tasks[j] = ti
             if e.control is not None:
                 outcome[j] = CONTROL
@@ -489,7 +692,7 @@ class Engine:
             return None
         index = self.task_index
         for name in dict.fromkeys(k[0] for k in keys if k[0] not in index):  # new tasks, in order of arrival
-            self._task(name)
+            self._new_task(name)
         tasks = [index[k[0]] for k in keys]
         ts = [e.ts for e in evs]
         if None in ts:
@@ -857,8 +1060,9 @@ class Engine:
 
     def predict(self, events: list[Event]) -> BatchResult:
         """What ``process`` would predict for each event with features if it came next, changing nothing: no
-        task is registered, no prediction waits for its label, no counter, scale or learner moves. Labels
-        are ignored; events without features get no prediction. Rows are independent of each other.
+        task is registered, no prediction waits for its label, no counter, scale or learner moves (the tasks
+        meet the KB as their next event would have them do). Labels are ignored; events without features get
+        no prediction. Rows are independent of each other.
 
         >>> from lifelong.config import EngineConfig
         >>> eng = Engine(EngineConfig(dim=2))
@@ -872,13 +1076,18 @@ class Engine:
         rows = np.array([j for j, e in enumerate(events) if e.x is not None], np.int64)
         if not len(rows):
             return result
-        dev, t = self.device, self.t
+        dev = self.device
         names = [events[j].task for j in rows.tolist()]
+        self._admit(names, create=False)
+        t = self.t
         new = {
             name: self.n_tasks + k for k, name in enumerate(dict.fromkeys(n for n in names if n not in self.task_index))
         }
         index = np.array([self.task_index.get(name, new.get(name, -1)) for name in names], np.int64)
         known = index < self.n_tasks
+        touched = np.unique(index[known])  # they meet the KB now, as their next event would have them do
+        self._sync_kb(touched)
+        self._carry_codes(touched)
         kt = torch.as_tensor(index[known], device=dev)
         peak = np.zeros((len(rows), self.cfg.dim))
         peak[known] = t["peak"][kt].cpu().numpy()
@@ -894,7 +1103,8 @@ class Engine:
         p_local = self.learners.safe(self.learners.finish(raw_local)).double()
         p_basis = self.learners.safe(self.kb.finish_basis(raw_basis))
         fresh = self._task_tables(int((~known).sum()))
-        self._join_kb(fresh, slice(None))
+        self._start(fresh, slice(None))
+        self._sync_kb(np.arange(len(fresh["stats"])), fresh)
         tables = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype, device=dev) for k, v in fresh.items()}
         for k, v in tables.items():
             v[kn], v[~kn] = t[k][kt], fresh[k]
@@ -949,87 +1159,33 @@ class Engine:
             return
         # Each task's latest snapshot, in the order of the tasks' first triggers (arrival order, whatever the
         # batching): an earlier snapshot of the same task would be replaced in its slot anyway.
-        latest: dict[int, Staged] = {}
+        latest: dict[str, Staged] = {}  # by name: a task's row may hold another task by now (``_evict``)
         for st in sorted(self.staged, key=lambda st: st.seq):
-            first = latest.get(st.task)
-            latest[st.task] = st if first is None else Staged(st.task, st.task_name, st.learned, first.seq, st.store)
+            first = latest.get(st.task_name)
+            latest[st.task_name] = (
+                st if first is None else Staged(st.task, st.task_name, st.learned, first.seq, st.store)
+            )
         self.staged = []
         snaps = list(latest.values())
         vectors = self.learners.member_vectors([st.store for st in snaps])
         if vectors.shape[1]:  # a snapshot taken while its task was non-finite (reset since) never publishes
             finite = torch.isfinite(vectors).all(1).tolist()
             self.counters["snapshots_not_finite"] += finite.count(False)
-            latest = {st.task: st for st, ok in zip(snaps, finite, strict=True) if ok}
+            latest = {st.task_name: st for st, ok in zip(snaps, finite, strict=True) if ok}
         if self.share:  # the daemon sends them to the knowledge log; they join when read back from it
             self.outbox.extend(latest.values())
         else:
             self.apply(list(latest.values()))
 
     def apply(self, members: list[Staged]) -> None:
-        """Members join the KB in this order (between batches); new experts join every task's mixture."""
+        """Members join the KB in this order (between batches); new experts join each task's mixture when
+        the task next meets the KB (``_sync_kb``)."""
         if not members:
             return
-        had_basis = self.kb.basis_ready
         slots = self.kb.publish(members)
-        n = self.n_tasks
-        if slots:
-            entered = torch.tensor(slots, dtype=torch.long, device=self.device) + 1
-            self.kb_version[entered] += 1
-            if self.device.type == "cpu":
-                t = {k: v[:n].numpy() for k, v in self.t.items()}
-                own = [self.task_index.get(self.kb.source[s] or "", -1) for s in slots]
-                enter_experts(
-                    t["L_kb"],
-                    t["in_kb"],
-                    t["n_kb"],
-                    t["L_top"],
-                    t["in_top"],
-                    t["n_top"],
-                    t["stats"][:, S["loss_kb"]],
-                    t["stats"][:, S["loss"]],
-                    entered.numpy(),
-                    np.array(own, np.int64),
-                )
-            else:
-                self._enter(slice(0, n), entered, torch.ones(len(slots), dtype=torch.bool, device=self.device))
-                # the KB holds other tasks' knowledge: a task's own member stays out of its mixture
-                self._exclude_own(slots)
-        if self.kb.basis_ready and not had_basis:  # from then on, every task joins with it (``_join_kb``)
-            self._enter(slice(0, n), torch.zeros(1, dtype=torch.long, device=self.device), None)
+        if slots:  # pending predictions' experts in these slots slept (``_mix``); tasks meet them in ``_sync_kb``
+            self.kb_version[torch.tensor(slots, dtype=torch.long, device=self.device) + 1] += 1
         self.learners.prior_S = self.kb.task_S
-
-    def _exclude_own(self, slots: list[int]) -> None:
-        """A task never has its own member, just entered at one of ``slots``, in its KB mixture: as if it had
-        never entered (no round passed, so the bounds are unchanged); nor the KB level, if that was all of it."""
-        pairs = [(self.task_index[src], 1 + s) for s in slots if (src := self.kb.source[s]) in self.task_index]
-        if not pairs:
-            return
-        t, dev = self.t, self.device
-        rows, cols = (torch.tensor(c, dtype=torch.long, device=dev) for c in zip(*pairs, strict=True))
-        keep = t["in_kb"][rows, cols]
-        rows, cols = rows[keep], cols[keep]
-        t["in_kb"][rows, cols] = False
-        t["L_kb"][rows, cols] = 0.0
-        t["n_kb"][rows] -= 1
-        alone = rows[t["in_top"][rows, 1] & ~t["in_kb"][rows].any(1)]
-        t["in_top"][alone, 1] = False
-        t["n_top"][alone] -= 1
-        t["L_top"][alone, 1] = 0.0
-
-    def _enter(self, rows: slice, experts: torch.Tensor, present: torch.Tensor | None) -> None:
-        """KB experts new to tasks ``rows`` join at the KB level's loss so far (sleeping-expert entry); with
-        ``present`` None, only where the expert is not in the task's mixture yet."""
-        t = self.t
-        stats, in_kb, L_kb, in_top = t["stats"][rows], t["in_kb"][rows], t["L_kb"][rows], t["in_top"][rows]
-        was = in_kb[:, experts]
-        join = ~was if present is None else present.expand_as(was)
-        L_kb[:, experts] = torch.where(join, stats[:, S["loss_kb"], None], torch.where(was, L_kb[:, experts], 0.0))
-        in_kb[:, experts] = join | was if present is None else join
-        t["n_kb"][rows] += join.sum(1)
-        newly = ~in_top[:, 1] & join.any(1)  # the KB level joins with its first expert
-        t["L_top"][rows, 1] = torch.where(newly, stats[:, S["loss"]], t["L_top"][rows, 1])
-        in_top[:, 1] |= newly
-        t["n_top"][rows] += newly
 
     def _rounds(self) -> torch.Tensor:
         return torch.as_tensor(self.n_labelled, device=self.device) + 1
@@ -1037,15 +1193,19 @@ class Engine:
     # --- reporting ---
 
     def regrets(self) -> dict[str, np.ndarray]:
-        """Per task: regret of the combined predictor vs the better level, of the KB vs its best expert,
-        and the bound of each."""
-        n, t = self.n_tasks, self.t
+        """Per resident task: regret of the combined predictor vs the better level, of the KB vs its best
+        expert, and the bound of each."""
+        self.settle()
+        return self._regrets({k: v[: self.n_tasks] for k, v in self.t.items()}, self.n_labelled)
+
+    def _regrets(self, t: dict[str, torch.Tensor], counts: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(counts)
         st = t["stats"][:n]
         best_level = torch.where(t["in_top"][:n], t["L_top"][:n], math.inf).min(1).values
         top = (st[:, S["loss"]] - best_level).cpu().numpy()
         best_kb = torch.where(t["in_kb"][:n], t["L_kb"][:n], math.inf).min(1).values
         kb = torch.where(torch.isfinite(best_kb), st[:, S["loss_kb"]] - best_kb, 0.0).cpu().numpy()
-        counts = np.array(self.n_labelled, np.int64)
+        counts = np.array(counts, np.int64)
         top_bound = self.top_mix.bounds(counts, t["n_top"][:n].cpu().numpy())
         n_kb = t["n_kb"][:n].cpu().numpy()
         prior = self._kb_log_prior()
@@ -1056,13 +1216,33 @@ class Engine:
         kb_bound = self.kb_mix.bounds(counts, n_kb, mass)
         return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
 
+    def _every_task(self) -> tuple[list[str], dict[str, torch.Tensor], np.ndarray]:
+        """Every task's name, mixture tables (each task met the KB as it is now) and labelled count: the
+        resident tasks, then the others from the store (for reports, not the event path)."""
+        self.settle()
+        names, n = list(self.task_names), self.n_tasks
+        tables, counts = {k: v[:n] for k, v in self.t.items()}, self.n_labelled
+        store = self.store
+        stored = [] if store is None else [(k, v) for k, v in store.items() if k not in self.task_index]
+        if store is not None and stored:
+            m, dev = len(stored), self.device
+            cols = {f"t.{k}": v.new_zeros((m, *v.shape[1:])) for k, v in self.t.items()}
+            cols["n_labelled"] = torch.zeros(m, dtype=torch.long)
+            unpack_rows(cols, torch.arange(m, device=dev), [v for _, v in stored], store.spec)
+            tables_m = {k[2:]: v for k, v in cols.items() if k.startswith("t.")}
+            self._sync_kb(np.arange(m), tables_m, names={k: j for j, (k, _) in enumerate(stored)})
+            names += [k for k, _ in stored]
+            tables = {k: torch.cat([v, cols[f"t.{k}"]]) for k, v in tables.items()}
+            counts = np.concatenate([counts, cols["n_labelled"].numpy()])
+        return names, tables, counts
+
     def report(self) -> dict[str, Any]:
-        """Cumulative figures per method and per task (the core of ``lifelong evaluate``'s report)."""
-        n = self.n_tasks
-        st = self.t["stats"][:n].cpu().numpy()
-        counts = np.array(self.n_labelled, np.int64)
+        """Cumulative figures per method and per task, every task (the core of ``lifelong evaluate``'s report)."""
+        names, t, counts = self._every_task()
+        n = len(names)
+        st = t["stats"].cpu().numpy()
         total = max(1, int(counts.sum()))
-        reg = self.regrets()
+        reg = self._regrets(t, counts)
 
         def method(err: str, loss: str) -> dict[str, float]:
             return {
@@ -1071,7 +1251,7 @@ class Engine:
             }
 
         tasks = {}
-        for i, name in enumerate(self.task_names):
+        for i, name in enumerate(names):
             c = max(1, int(counts[i]))
             tasks[name] = {
                 "events": int(counts[i]),
@@ -1112,13 +1292,18 @@ class Engine:
 
     # --- state ---
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """All state as tensors plus JSON metadata; ``load_state`` of the pair restores it exactly."""
-        n = self.n_tasks
+    def state(self, tasks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """All state as tensors plus JSON metadata; ``load_state`` of the pair restores it exactly. Every task
+        is in it (stored tasks are read back into memory first); without ``tasks``, none: the global state
+        that goes with a snapshot of the task store (``flush_tasks``, ``TaskStore.snapshot``)."""
+        if tasks:
+            self.recall()
+        n = self.n_tasks if tasks else 0
         tensors: dict[str, Any] = {f"task.{k}": v[:n].cpu() for k, v in self.t.items()}
-        tensors["task.n_labelled"] = torch.from_numpy(self.n_labelled.copy())
-        tensors.update({f"learner.{k}": v for k, v in self.learners.state().items()})
+        tensors["task.n_labelled"] = torch.from_numpy(self.n_labelled[:n].copy())
+        tensors.update({f"learner.{k}": v if tasks else v[:0] for k, v in self.learners.state().items()})
         tensors.update(self.kb.state())
+        tensors["kb.mu"], tensors["kb.S"] = tensors["kb.mu"][:n], tensors["kb.S"][:n]
         tensors["kb_version"] = self.kb_version.cpu()
         if self.population is not None:
             tensors.update({f"population.{k}": v for k, v in self.population.state().items()})
@@ -1135,7 +1320,7 @@ class Engine:
         meta = {
             "version": 1,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.cfg.__dict__.items()},
-            "task_names": self.task_names,
+            "task_names": self.task_names[:n],
             "events_seen": self.events_seen,
             "now_ts": self.now_ts,
             "counters": self.counters,
@@ -1144,6 +1329,7 @@ class Engine:
             "learned_keys": [[k[0], k[1], ts] for k, ts in self.learned_keys.items()],
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
+            "stats_away": self._away.tolist() if not tasks else [0.0] * len(STATS),
         }
         return tensors, meta
 
@@ -1165,11 +1351,15 @@ class Engine:
         for k in self.t:
             if f"task.{k}" in tensors:  # a checkpoint from before a table was added: zeros
                 self.t[k][:n] = tensors[f"task.{k}"].to(dev)
-        self._counts = np.zeros(max(16, n), np.int64)
+        missing = [k for k in ("kb_seen", "code_at") if f"task.{k}" not in tensors]
+        self._counts, self._used = np.zeros(max(16, n), np.int64), np.zeros(max(16, n), np.int64)
+        self._stored, self._dirty = np.zeros(max(16, n), np.bool_), np.ones(max(16, n), np.bool_)
         self._counts[:n] = tensors["task.n_labelled"].numpy()
         self.learners.load_state({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.learners.prior_S = self.kb.task_S
+        for k in missing:  # saved before lazy entry: every task had met the KB and held its codes in its basis
+            self.t[k][:n] = self.kb.applied if k == "kb_seen" else self.kb.basis_at
         self.kb_version = tensors["kb_version"].to(dev)
         if self.population is not None and "population.param.mu" in tensors:
             self.population.load_state(
@@ -1195,6 +1385,7 @@ class Engine:
             prefix = f"staged.{i}."
             store = self.learners.load_store({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             self.staged.append(Staged(int(task), name, int(learned), int(seq), store))
+        self._away = np.array(meta.get("stats_away", [0.0] * len(STATS)), np.float64)
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
         self.counters = {**dict.fromkeys(COUNTERS, 0), **meta["counters"]}
@@ -1204,10 +1395,13 @@ class Engine:
 
     def export_task(self, name: str, extra: dict[str, Any]) -> bytes:
         """Task ``name``'s whole state (learner, basis code, mixture tables) as a changelog record."""
+        self._admit([name], create=False)
         i = self.task_index[name]
+        self._sync_kb(np.array([i]))
+        self._carry_codes(np.array([i]))
         arrays = {f"learner.{k}": v for k, v in self.learners.task_state(i).items()}
         arrays["code.mu"], arrays["code.S"] = self.kb.mu[i].cpu(), self.kb.S[i].cpu()
-        arrays.update({f"t.{k}": v[i].cpu() for k, v in self.t.items()})
+        arrays.update({f"t.{k}": v[i].cpu() for k, v in self.t.items() if k not in LOCAL})
         arrays["kb.updated"] = torch.tensor(self.kb.updated, dtype=torch.long)
         meta = {"task": name, "n_labelled": int(self.n_labelled[i]), "basis_at": self.kb.basis_at, **extra}
         return wire.pack("task", meta, arrays)
@@ -1217,7 +1411,8 @@ class Engine:
         wire.check_shareable(self.learners)
         if self._task_spec is None:  # one row of every per-task table, as ``export_task`` writes them
             tables = {f"learner.{k}": v for k, v in self.learners.state().items()}
-            tables.update({"code.mu": self.kb.mu, "code.S": self.kb.S}, **{f"t.{k}": v for k, v in self.t.items()})
+            tables.update({f"t.{k}": v for k, v in self.t.items() if k not in LOCAL})
+            tables.update({"code.mu": self.kb.mu, "code.S": self.kb.S})
             self._task_spec = wire.spec_of({k: v.new_empty(v.shape[1:]) for k, v in tables.items()})
             self._task_spec["kb.updated"] = ("int64", (self.kb.capacity,))
         meta, arrays = wire.unpack(data, "task", self._task_spec, max_bytes)
@@ -1239,51 +1434,52 @@ class Engine:
         another expert for that task: it enters now, as a late expert does. A code learned in another basis
         restarts from this basis's prior. The tasks' pending predictions (not in records) are dropped.
         """
-        first = self.n_tasks
-        for name in records:
-            if name not in self.task_index:
-                self._task(name)
-        if self.n_tasks > first:
-            self._init_tasks(first)
+        self._admit(list(records))
         for key in [k for k in self.pending_keys if k[0] in records]:
             del self.pending_keys[key]
             self.pending.pop(key, None)
         ours = torch.tensor(self.kb.updated, device=self.device)
         for name, record in records.items():
             self._load_task(self.task_index[name], record, ours)
+            self._dirty[self.task_index[name]] = True
 
     def _load_task(
         self, i: int, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None, ours: torch.Tensor
     ) -> None:
-        rows, dev = slice(i, i + 1), self.device
+        dev, t = self.device, self.t
         if record is None:
             self.learners.load_task(i, None)
-            for table in self.t.values():
+            for table in t.values():
                 table[i] = 0
-            self._join_kb(self.t, rows)
+            self._start(t, i)
             self.n_labelled[i] = 0
             self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
             return
         meta, arrays = record
         self.learners.load_task(i, {k[len("learner.") :]: v for k, v in arrays.items() if k.startswith("learner.")})
-        for k, table in self.t.items():
-            table[i] = arrays[f"t.{k}"].to(dev)
+        for k, table in t.items():
+            if k not in LOCAL:
+                table[i] = arrays[f"t.{k}"].to(dev)
         self.n_labelled[i] = int(meta["n_labelled"])
-        if meta["basis_at"] == self.kb.basis_at:
-            self.kb.mu[i], self.kb.S[i] = arrays["code.mu"].to(dev), arrays["code.S"].to(dev)
-        else:
-            self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
-            self._enter(
-                rows, torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([self.kb.basis_ready], device=dev)
-            )
-        changed = (arrays["kb.updated"].to(dev) != ours).nonzero().flatten()
-        if len(changed):
-            self._enter(rows, changed + 1, self.kb.valid[changed])
-            self._exclude_own([s for s in changed.tolist() if self.kb.source[s] == meta["task"]])
-        self.t["in_top"][i, 1] &= self.t["in_kb"][i].any()  # with no KB expert here, the KB level sleeps
+        self.kb.mu[i], self.kb.S[i] = arrays["code.mu"].to(dev), arrays["code.S"].to(dev)
+        t["code_at"][i] = meta["basis_at"]
+        self._carry_codes(np.array([i]))
+        # experts of slots that changed between the writer's KB and this one are other experts here: a slot
+        # empty here leaves, the others enter as late experts do; so does the basis expert of another basis
+        changed = torch.cat(
+            [torch.tensor([meta["basis_at"] != self.kb.basis_at]), arrays["kb.updated"] != ours.cpu()]
+        ).to(dev)
+        present = torch.cat([torch.tensor([self.kb.basis_ready], device=dev), self.kb.valid])
+        gone = changed & ~present
+        t["in_kb"][i, gone], t["L_kb"][i, gone] = False, 0.0
+        t["kb_seen"][i] = 0
+        self._sync_kb(np.array([i]), since=(changed & present).long().cpu().numpy())
+        t["kb_seen"][i] = self.kb.applied
+        t["in_top"][i, 1] &= t["in_kb"][i].any()  # with no KB expert here, the KB level sleeps
 
     def digest(self, names: list[str]) -> str:
         """SHA-256 over tasks' names, labelled counts and learner parameters: shows which state was restored."""
+        self._admit(names, create=False)
         h = hashlib.sha256()
         for name in sorted(names):
             i = self.task_index[name]
@@ -1294,6 +1490,7 @@ class Engine:
 
     def kb_summary(self) -> list[dict[str, Any]]:
         """One row per KB member: slot, id, source task and its total weight over tasks."""
+        self.settle()
         n, t = self.n_tasks, self.t
         if n:
             weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds(), self._kb_log_prior())

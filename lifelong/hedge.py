@@ -336,6 +336,11 @@ def _settle(L: np.ndarray, present: np.ndarray, owed: np.ndarray, owed_log: np.n
 
 @numba.njit(cache=True, error_model="numpy")
 def enter_experts(
+    rows: np.ndarray,
+    seen: np.ndarray,
+    since: np.ndarray,
+    own: np.ndarray,
+    now: int,
     L_kb: np.ndarray,
     in_kb: np.ndarray,
     n_kb: np.ndarray,
@@ -344,33 +349,32 @@ def enter_experts(
     n_top: np.ndarray,
     loss_kb: np.ndarray,
     loss: np.ndarray,
-    experts: np.ndarray,
-    own: np.ndarray,
 ) -> None:
-    """New KB ``experts`` join every task's mixture (row) at its KB level's loss so far (sleeping-expert
-    entry), waking its KB level if it slept; an expert's own task (``own``, -1: none here) never has its own
-    member: for it, it is as if the expert had never entered (``Engine._enter`` then ``_exclude_own``, in
-    compiled form, for every task at once)."""
-    for t in range(len(L_kb)):
-        has_own = False
-        for e in range(len(experts)):
-            if own[e] == t:
-                has_own = True
-                in_kb[t, experts[e]] = False
-                L_kb[t, experts[e]] = 0.0
+    """KB experts that entered (at log position ``since[k]``, 0: absent) after task ``t`` last met the KB
+    (``seen[t]``) join its mixture at its KB level's loss so far (sleeping-expert entry), waking its KB level if it
+    slept; the expert of a task's own member (``own[k] == t``) stays out, as if it had never entered, and a KB
+    level left without experts sleeps. Then ``seen[t] = now``. For each task of ``rows``."""
+    for t in rows:
+        if seen[t] >= now:
+            continue
+        joined = False
+        for k in range(len(since)):
+            if since[k] <= seen[t]:
+                continue
+            if own[k] == t:
+                in_kb[t, k] = False
+                L_kb[t, k] = 0.0
             else:
-                L_kb[t, experts[e]] = loss_kb[t]
-                in_kb[t, experts[e]] = True
+                L_kb[t, k] = loss_kb[t]
+                in_kb[t, k] = True
                 n_kb[t] += 1
-        if not in_top[t, 1]:
+                joined = True
+        if joined and not in_top[t, 1]:
             L_top[t, 1] = loss[t]
             in_top[t, 1] = True
             n_top[t] += 1
-        if has_own:
-            alone = True
-            for k in range(in_kb.shape[1]):
-                alone = alone and not in_kb[t, k]
-            if alone:
-                in_top[t, 1] = False
-                n_top[t] -= 1
-                L_top[t, 1] = 0.0
+        if in_top[t, 1] and not in_kb[t].any():
+            in_top[t, 1] = False
+            n_top[t] -= 1
+            L_top[t, 1] = 0.0
+        seen[t] = now

@@ -33,6 +33,9 @@ JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positi
 # related 0.191 vs 0.197, short 0.274 vs 0.277, unrelated 0.2557 vs 0.2516; a fixed 0.1 took digits to 0.0169.
 PRIOR_MEMBERS = 8
 PRIOR_SHRINK = 0.1
+# bases kept to carry a returning task's code into the current one (``KnowledgeBase.carry``); a task away for
+# longer restarts its code from the prior
+BASES_KEPT = 64
 
 
 @dataclass
@@ -64,10 +67,13 @@ class KnowledgeBase:
         self.counts = {"added": 0, "replaced": 0, "evicted": 0, "duplicates": 0}
         self.applied = 0  # member records applied so far: the position in the (shared) knowledge log
         self.updated = [-1] * self.capacity  # per slot, the position of its latest record
+        self.entered = [0] * self.capacity  # per slot, the position of the record its expert entered with (0: none)
         self.n_out = learners.n_pred if cfg.task == "multiclass" else 1
         self.basis_on = cfg.basis and learners.linear
         self.basis_ready = False
         self.basis_at = 0  # ``applied`` when the basis was last computed: identifies it across replicas
+        self.basis_since = 0  # ``applied`` when the basis expert first existed (0: not yet)
+        self.bases: dict[int, torch.Tensor] = {}  # recent bases by ``basis_at``, the current one included
         r, c = cfg.basis_rank, self.n_out
         self.B = torch.zeros(dim + 1, r, dtype=self.dtype, device=device)
         self.prior_mu = torch.zeros(c, r, dtype=self.dtype, device=device)
@@ -175,6 +181,7 @@ class KnowledgeBase:
                     slot = int(updated.argmin())
                     self.counts["evicted"] += 1
                 entered.append(slot)
+                self.entered[slot] = self.applied
                 self.counts["added"] += 1
             self.updated[slot] = updated[slot] = self.applied
             holder[slot], valid[slot] = i, True
@@ -232,17 +239,34 @@ class KnowledgeBase:
         centred = (codes - prior_mu).reshape(-1, r_max)
         eye = torch.eye(r_max, dtype=self.dtype, device=self.device)
         prior_S = centred.T @ centred / max(1, centred.shape[0] - 1) + JITTER * eye
-        # Carry every task's code into the new basis; directions the old basis lacked get the prior.
-        rot = B.T @ self.B  # [r_new, r_old]
-        perp = eye - rot @ rot.T
-        n = self._n  # only the rows in use: results must not depend on the spare capacity
-        self.mu[:n] = self.mu[:n] @ rot.T + prior_mu @ perp.T
-        # rot S rot^T for every task as two plain matrix products (S is symmetric)
-        half = (self.S[:n].reshape(-1, r_max) @ rot.T).reshape(-1, r_max, r_max).transpose(1, 2)
-        self.S[:n] = (half.reshape(-1, r_max) @ rot.T).reshape(self.S[:n].shape) + perp @ prior_S @ perp.T
         self.B, self.prior_mu, self.prior_S = B, prior_mu, prior_S
+        if not self.basis_ready:
+            self.basis_since = self.applied
         self.basis_ready = True
         self.basis_at = self.applied
+        self.bases[self.applied] = B
+        for old in sorted(self.bases)[:-BASES_KEPT]:
+            del self.bases[old]
+
+    def carry(self, rows: torch.Tensor, at: np.ndarray) -> None:
+        """Carry the codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), into the
+        current basis (directions it lacked get the prior); from a basis no longer kept (or none), they
+        restart from the prior. Done when a task next meets the KB (``Engine._carry_codes``), never for every
+        task at a refresh."""
+        kept = np.array(sorted(self.bases), np.int64)
+        j = np.minimum(np.searchsorted(kept, at), len(kept) - 1)
+        has = torch.as_tensor(kept[j] == at if len(kept) else np.zeros(len(at), bool), device=self.device)
+        self.mu[rows[~has]], self.S[rows[~has]] = self.prior_mu, self.prior_S
+        rows = rows[has]
+        if not len(rows):
+            return
+        old = torch.stack([self.bases[int(b)] for b in kept])[torch.as_tensor(j, device=self.device)[has]]
+        rot = self.B.T @ old  # [m, r_new, r_old]
+        eye = torch.eye(self.cfg.basis_rank, dtype=self.dtype, device=self.device)
+        perp = eye - rot @ rot.transpose(1, 2)
+        self.mu[rows] = self.mu[rows] @ rot.transpose(1, 2) + self.prior_mu @ perp.transpose(1, 2)
+        rot, perp = rot.unsqueeze(1), perp.unsqueeze(1)
+        self.S[rows] = rot @ self.S[rows] @ rot.transpose(2, 3) + perp @ self.prior_S @ perp.transpose(2, 3)
 
     # --- state ---
 
@@ -263,6 +287,8 @@ class KnowledgeBase:
             out["kb.vectors"] = self.vectors.cpu()
         if self.task_S is not None:
             out["kb.task_S"] = self.task_S.cpu()
+        if self.bases:
+            out["kb.bases"] = torch.stack([self.bases[at].cpu() for at in sorted(self.bases)])
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -275,6 +301,9 @@ class KnowledgeBase:
             "applied": self.applied,
             "updated": self.updated,
             "basis_at": self.basis_at,
+            "basis_since": self.basis_since,
+            "entered": self.entered,
+            "bases": sorted(self.bases),
         }
 
     def load_state(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -292,6 +321,12 @@ class KnowledgeBase:
         self.slot_of = {name: slot for slot, name in enumerate(self.source) if name is not None}
         self.counts, self.basis_ready = dict(meta["counts"]), bool(meta["basis_ready"])
         self.applied, self.updated, self.basis_at = int(meta["applied"]), list(meta["updated"]), int(meta["basis_at"])
+        # (state from before lazy entry: every task had met the KB, as ``Engine.load_state`` records)
+        self.entered = list(meta.get("entered", [0] * self.capacity))
+        self.basis_since = int(meta.get("basis_since", self.basis_at if self.basis_ready else 0))
+        at = meta.get("bases", [self.basis_at] if self.basis_ready else [])
+        stacked = state.get("kb.bases", self.B[None].cpu())
+        self.bases = {int(a): stacked[j].to(dev) for j, a in enumerate(at)}
 
     # --- the knowledge log (shared by replicas) ---
 

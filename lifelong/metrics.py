@@ -67,6 +67,20 @@ class Metrics:
             ["field"],
             registry=registry,
         )
+        self.checkpoint_seconds = Histogram(
+            "lifelong_checkpoint_seconds",
+            "Time to write one checkpoint (changed tasks, store snapshot, global state; offsets committed after)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_bytes = Counter(
+            "lifelong_checkpoint_bytes",
+            "Bytes checkpoints wrote: their files plus the rows of the tasks changed since the one before",
+            registry=registry,
+        )
+        self.checkpoint_tasks = Counter(
+            "lifelong_checkpoint_tasks", "Task rows written to the task store by checkpoints", registry=registry
+        )
         self.checkpoints = Counter(
             "lifelong_checkpoints", "Checkpoints written, by result", ["result"], registry=registry
         )
@@ -166,9 +180,10 @@ def _engine_families(
         "Cumulative mistakes (squared error for regression) of each predictor",
         labels=["predictor"],
     )
+    total = engine.stats_total()  # tasks in the task store included: the counters never go down
     for name, loss_col, err_col in PREDICTORS:
-        loss.add_metric([name], float(stats[:, S[loss_col]].sum()))
-        mistakes.add_metric([name], float(stats[:, S[err_col]].sum()))
+        loss.add_metric([name], float(total[S[loss_col]]))
+        mistakes.add_metric([name], float(total[S[err_col]]))
     yield loss
     yield mistakes
 
@@ -179,7 +194,7 @@ def _engine_families(
         reg = {k: np.where(mine, v, 0.0) for k, v in reg.items()}
     regret = _gauge(
         "lifelong_regret",
-        "Regret summed over tasks: combined vs better level (top), KB level vs its best expert (kb)",
+        "Regret summed over resident tasks: combined vs better level (top), KB level vs its best expert (kb)",
         ["level"],
     )
     bound = _gauge("lifelong_regret_bound", "The theoretical bound of lifelong_regret (summed over tasks)", ["level"])
@@ -233,7 +248,25 @@ def _engine_families(
         changes.add_metric([change], kb.counts[key])
     changes.add_metric(["not_finite"], c["snapshots_not_finite"])  # refused: the KB never holds such a member
     yield changes
-    yield GaugeMetricFamily("lifelong_tasks", "Tasks known to the engine", value=n)
+    yield GaugeMetricFamily(
+        "lifelong_tasks", "Tasks known to the engine (resident or in the task store)", value=engine.n_known
+    )
+    yield GaugeMetricFamily(
+        "lifelong_tasks_resident", "Tasks in the engine's tensors (at most engine.max_resident_tasks)", value=n
+    )
+    store = engine.store
+    yield GaugeMetricFamily(
+        "lifelong_tasks_stored", "Tasks with a row in the on-disk task store", value=store.count if store else 0
+    )
+    yield GaugeMetricFamily(
+        "lifelong_task_store_bytes", "Bytes of the task store on disk", value=store.size_bytes() if store else 0
+    )
+    moves = CounterMetricFamily(
+        "lifelong_task_moves", "Tasks moved between memory and the task store, by direction", labels=["direction"]
+    )
+    moves.add_metric(["evicted"], c["tasks_evicted"])
+    moves.add_metric(["loaded"], c["tasks_loaded"])
+    yield moves
     yield GaugeMetricFamily(
         "lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.pending_keys)
     )

@@ -8,9 +8,8 @@ from hypothesis import strategies as st
 
 from lifelong import checkpoint
 from lifelong.config import LabelsConfig
-from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, S, _Window, warm_up
+from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, _Window, warm_up
 from lifelong.events import Event
-from lifelong.hedge import enter_experts
 
 from conftest import make_stream
 
@@ -39,6 +38,7 @@ def test_batches_equal_event_by_event(engine_factory, cfg, stream):
     p2, o2 = run(batched, events, 37)
     assert (o1 == o2).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
+    one.settle(), batched.settle()  # tasks absent since the last publication meet the KB now
     for key in one.t:
         torch.testing.assert_close(one.t[key][: one.n_tasks], batched.t[key][: batched.n_tasks], atol=1e-7, rtol=1e-9)
     assert one.kb.ids == batched.kb.ids
@@ -58,6 +58,7 @@ def test_compiled_cpu_path_equals_torch_waves(engine_factory, cfg, stream):
     p2, o2 = run(waves, events, 29)
     assert (o1 == o2).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
+    compiled.settle(), waves.settle()
     for key in compiled.t:
         torch.testing.assert_close(
             compiled.t[key][: compiled.n_tasks], waves.t[key][: waves.n_tasks], atol=1e-7, rtol=1e-9
@@ -414,6 +415,7 @@ def test_a_task_never_mixes_its_own_member(engine_factory):
     events = make_stream(n_tasks=8, per_task=40, ends=False)
     engine = engine_factory()
     run(engine, events, 50)
+    engine.settle()
     owned = [(engine.task_index[src], s) for s, src in enumerate(engine.kb.source) if src in engine.task_index]
     assert owned
     for task, slot in owned:
@@ -479,37 +481,37 @@ def test_new_tasks_start_from_the_members_weight_distribution(engine_factory):
     torch.testing.assert_close(warm.learners.params["S"][warm.task_index["new"], 0].double(), expected)
 
 
-def test_compiled_entry_of_new_members_equals_the_torch_sweep(engine_factory):
-    """New members join every task's mixture (their own task excepted) the same way on the CPU (compiled) and
-    in torch (what CUDA runs), from tables in every state: KB level awake or asleep, own member or not."""
-    engine = engine_factory(kb_capacity=6)
-    run(engine, make_stream(n_tasks=8, per_task=20), 16)
-    n, t = engine.n_tasks, engine.t
-    rng = np.random.default_rng(0)
-    asleep = torch.as_tensor(rng.random(n) < 0.4)
-    t["in_top"][:n, 1] &= ~asleep
-    t["in_kb"][:n][asleep] = False
-    slots = [1, 4]
-    engine.kb.source[1], engine.kb.source[4] = engine.task_names[2], "elsewhere"
-    engine.t["in_kb"][2] = False  # task 2: its own member is all its KB would hold
-    engine.t["in_top"][2, 1] = False
-    before = {k: v.clone() for k, v in t.items()}
-    engine._enter(slice(0, n), torch.tensor(slots) + 1, torch.ones(2, dtype=torch.bool))
-    engine._exclude_own(slots)
-    swept = {k: v.clone() for k, v in t.items()}
-    for k, v in before.items():
-        t[k][:] = v
-    own = np.array([2, -1])
-    enter_experts(
-        *(t[k][:n].numpy() for k in ("L_kb", "in_kb", "n_kb", "L_top", "in_top", "n_top")),
-        t["stats"][:n, S["loss_kb"]].numpy(),
-        t["stats"][:n, S["loss"]].numpy(),
-        np.array(slots) + 1,
-        own,
-    )
-    for k in t:
-        torch.testing.assert_close(t[k], swept[k], rtol=0, atol=0)
-    assert not bool(t["in_kb"][2, 2]) and bool(t["in_kb"][3, 2])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "waves"])
+def test_tasks_meet_the_kb_at_their_next_event_as_if_at_each_publication(engine_factory, compiled):
+    """A publication touches no task's tables; a task meets the experts that entered while it was away (its own
+    member excepted) when it next comes, with the predictions and tables of meeting them at every publication."""
+    events = make_stream(n_tasks=16, per_task=24, ends=False, delayed=0.2)
+    lazy, eager = engine_factory(kb_capacity=3), engine_factory(kb_capacity=3)
+    lazy.compiled = eager.compiled = compiled
+    preds = {}
+    for engine in (lazy, eager):
+        out = []
+        for i in range(0, len(events), 16):  # one publication per batch
+            before = {k: v[: engine.n_tasks].clone() for k, v in engine.t.items()}
+            result = engine.process(events[i : i + 16])
+            out.append(result.pred)
+            if engine is eager:
+                engine.settle()
+                continue
+            away = np.setdiff1d(np.arange(len(before["stats"])), result.task_index)
+            for k, v in before.items():  # tasks absent from the batch: untouched by its publication
+                assert torch.equal(engine.t[k][away], v[away])
+        preds[engine is lazy] = np.concatenate(out)
+    np.testing.assert_allclose(preds[True], preds[False], atol=1e-12)
+    lazy.settle()
+    for key in set(lazy.t) - {"n_kb"}:
+        torch.testing.assert_close(lazy.t[key][: lazy.n_tasks], eager.t[key][: eager.n_tasks], rtol=0, atol=1e-12)
+    # an expert evicted before the task came back never took part for it: the KB bound counts fewer experts
+    assert (lazy.t["n_kb"] <= eager.t["n_kb"]).all() and (lazy.t["n_kb"] < eager.t["n_kb"]).any()
+    reg = lazy.regrets()
+    assert (reg["kb"] <= reg["kb_bound"] + 1e-9).all()
+    owned = [(lazy.task_index[src], 1 + s) for s, src in enumerate(lazy.kb.source) if src in lazy.task_index]
+    assert owned and not any(bool(lazy.t["in_kb"][i, k]) for i, k in owned)
 
 
 @pytest.mark.parametrize(("cfg", "stream"), KINDS)

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import threading
 import time
@@ -126,7 +127,12 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
         victim = replicas[0]
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(10)
-        kept = [checkpoint.read(path) for path in sorted((tmp_path / "r0" / "state").glob("checkpoint-*.ckpt"))]
+        kept = []  # the victim's checkpoints with copies of their task-store snapshots (a restart prunes them)
+        for i, path in enumerate(sorted((tmp_path / "r0" / "state").glob("checkpoint-*.ckpt"))):
+            tensors, meta = checkpoint.read(path)
+            copy = tmp_path / f"kept-{i}"
+            shutil.copytree(path.parent / meta["store"], copy / meta["store"])
+            kept.append((copy, tensors, meta))
         # the survivors take the victim's partitions over (from the changelog); then a new replica takes some
         # of theirs (handed over at a revoke checkpoint), and the victim comes back on its own, stale, disk
         wait_until(lambda: sum(r.assigned() for r in replicas[1:]) == PARTITIONS, 60, what="survivors take over")
@@ -178,12 +184,13 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
                 m.group(4),
                 int(m.group(5)),
             )
-            for tensors, meta in kept:
+            for copy, tensors, meta in kept:
                 extra = meta["extra"]
                 if [cfg.kafka.events_topic, p, offset] not in extra["offsets"]:
                     continue
-                victim_engine = Engine(cfg.engine, cfg.labels)
-                victim_engine.load_state(tensors, meta)
+                victim_engine = Engine(cfg.engine, cfg.labels, copy / "tasks")
+                checkpoint.restore_engine(victim_engine, copy, tensors, meta)
+                victim_engine.recall()
                 names = [
                     t
                     for t, q in extra["task_partition"].items()

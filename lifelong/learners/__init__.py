@@ -155,6 +155,14 @@ class Learners(abc.ABC):
         """Set one task's learner from ``task_state`` output; None: back to untrained."""
         raise NotImplementedError(f"the {self.cfg.backend} backend cannot move task state between replicas")
 
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Every per-task tensor (row i: task i), for moving tasks to and from the task store."""
+        raise NotImplementedError(f"the {self.cfg.backend} backend keeps every task in memory")
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Tasks ``rows`` back to untrained (rows reused for new tasks)."""
+        raise NotImplementedError(f"the {self.cfg.backend} backend keeps every task in memory")
+
     @abc.abstractmethod
     def state(self) -> dict[str, Any]:
         """Every task's learner as tensors (checkpoints)."""

@@ -269,6 +269,21 @@ class TorchLearners(Learners):
         out.update({f"accum.{k}": v[task].cpu() for k, v in self.accum.items()})
         return out
 
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Parameters (and AdaGrad sums), row i: task i."""
+        return {**{f"param.{k}": v for k, v in self.params.items()}, **{f"accum.{k}": v for k, v in self.accum.items()}}
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Tasks ``rows`` back to their initial parameters."""
+        for name, p in self.params.items():
+            if self.linear or name.startswith("b"):
+                p[rows] = self._init(name, 0, len(rows))
+            else:  # an MLP's initial weights are drawn per row
+                for row in rows.tolist():
+                    p[row : row + 1] = self._init(name, row, 1)
+        for acc in self.accum.values():
+            acc[rows] = ADAGRAD_INIT
+
     def load_task(self, task: int, state: dict[str, torch.Tensor] | None) -> None:
         """Set one task from ``task_state`` output, or back to its initial parameters (None)."""
         for name, p in self.params.items():

@@ -1,0 +1,90 @@
+"""Tiered task state: tasks beyond ``engine.max_resident_tasks`` wait in the on-disk task store (``store.py``)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lifelong import checkpoint
+from lifelong.errors import StateError
+from lifelong.events import Event
+from lifelong.store import TaskStore
+
+from conftest import make_stream
+
+
+def run(engine, events, batch):
+    return np.concatenate([engine.process(events[i : i + batch]).pred for i in range(0, len(events), batch)])
+
+
+@pytest.mark.parametrize(
+    "cfg", [{}, {"optimizer": "adagrad"}, {"task": "multiclass", "n_classes": 3}], ids=["ekf", "adagrad", "multiclass"]
+)
+def test_tasks_beyond_the_resident_limit_give_the_same_results(engine_factory, cfg):
+    stream = {"task": "multiclass", "n_classes": 3} if cfg.get("task") else {}
+    events = make_stream(n_tasks=30, per_task=24, ends=False, delayed=0.2, **stream)
+    memory, tiered = engine_factory(**cfg), engine_factory(max_resident_tasks=5, **cfg)
+    np.testing.assert_allclose(run(memory, events, 8), run(tiered, events, 8), rtol=0, atol=1e-12)
+    assert tiered.counters["tasks_evicted"] > 0 and tiered.counters["tasks_loaded"] > 0
+    assert tiered.n_tasks <= 8 and tiered.n_known == memory.n_known == 30  # at most 5, or one batch's tasks
+    assert tiered.store is not None and tiered.store.count > 0
+    a, b = memory.report(), tiered.report()
+    assert a["tasks"].keys() == b["tasks"].keys()  # (rows in another order: equal to rounding)
+    assert all(a["tasks"][k] == pytest.approx(b["tasks"][k], rel=1e-9) for k in a["tasks"])
+    assert a["methods"]["lifelong"] == pytest.approx(b["methods"]["lifelong"], rel=1e-12)
+    assert a["regret"] == pytest.approx(b["regret"], rel=1e-12)
+    probe = [Event(f"t{i}", "q", np.ones(5, np.float32)) for i in range(30)] + [Event("new", "q", np.ones(5))]
+    np.testing.assert_allclose(memory.predict(probe).pred, tiered.predict(probe).pred, rtol=0, atol=1e-12)
+    assert tiered.n_known == 30  # predict registers nothing
+
+
+def test_an_engine_with_stored_tasks_saves_and_restores_all_of_them(engine_factory, tmp_path):
+    events = make_stream(n_tasks=20, per_task=24, ends=False)
+    half = len(events) // 2
+    straight = engine_factory(max_resident_tasks=4)
+    run(straight, events[:half], 16)
+    checkpoint.save_engine(straight, tmp_path)  # every task: the stored ones are read back for it
+    restored = checkpoint.load_engine(tmp_path, straight.cfg, straight.labels)
+    assert restored.n_known == straight.n_known == 20
+    np.testing.assert_array_equal(run(straight, events[half:], 16), run(restored, events[half:], 16))
+
+
+def test_a_moved_task_is_read_from_the_store_for_export(engine_factory):
+    events = make_stream(n_tasks=12, per_task=24, ends=False)
+    a, b = engine_factory(max_resident_tasks=3), engine_factory()
+    run(a, events, 8)
+    run(b, events, 8)
+    stored = next(k for k, _ in a.store.items() if k not in a.task_index)
+    assert a.export_task(stored, {}) == b.export_task(stored, {})
+
+
+def test_flush_writes_only_changed_tasks_and_the_store_refuses_another_engine_shape(engine_factory, tmp_path):
+    engine = engine_factory(max_resident_tasks=1000)
+    engine.store_dir = tmp_path / "tasks"
+    events = make_stream(n_tasks=10, per_task=8, ends=False)
+    run(engine, events, 16)
+    assert engine.flush_tasks() == 10 and engine.flush_tasks() == 0
+    engine.process([e for e in make_stream(n_tasks=10, per_task=8, ends=False, seed=1) if e.task in ("t1", "t2")])
+    assert engine.flush_tasks() == 2
+    assert engine.store.count == 10
+    engine.store.close()
+    other = engine_factory(dim=6)
+    with pytest.raises(StateError, match="another shape of engine"):
+        TaskStore(tmp_path / "tasks", other.layout())
+    again = TaskStore(tmp_path / "tasks", engine.layout())
+    assert again.count == 10 and len(again.get(["t1", "nope"])) == 2 and again.get(["nope"]) == [None]
+    again.close()
+
+
+def test_rows_of_stored_tasks_survive_a_round_trip_through_bytes(engine_factory):
+    from lifelong.store import pack_rows, unpack_rows
+
+    engine = engine_factory()
+    run(engine, make_stream(n_tasks=6, per_task=20, ends=False), 16)
+    cols = engine._columns()
+    rows = torch.tensor([4, 1, 3])
+    packed = pack_rows(cols, rows)
+    copy = {k: torch.zeros_like(v) for k, v in cols.items()}
+    unpack_rows(copy, rows, packed)
+    for k, v in cols.items():
+        assert torch.equal(copy[k][rows], v[rows]), k
+    assert len({len(p) for p in packed}) == 1
