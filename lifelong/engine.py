@@ -45,6 +45,7 @@ from .store import TaskStore, pack_rows, unpack_rows
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 KB_TOP = 3  # members listed in each prediction
+FLUSH_ROWS = 8192  # task rows written to the store at a time by ``flush_tasks``
 LOCAL = ("kb_seen", "code_at")  # task columns that refer to this replica's KB log: never in a changelog record
 POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
 # Log prior weight of the KB's shared experts (the basis and the population member) over one member's 0: a task
@@ -437,7 +438,7 @@ class Engine:
         stale = at != self.kb.basis_at
         if stale.any():
             moved = torch.as_tensor(rows[stale], device=self.device)
-            self.kb.carry(moved, at[stale])
+            self.kb.mu[moved], self.kb.S[moved] = self.kb.carried(moved, at[stale])
             self.t["code_at"][moved] = self.kb.basis_at
 
     def settle(self) -> None:
@@ -513,7 +514,7 @@ class Engine:
             at = torch.as_tensor(rows_back, device=self.device)
             unpack_rows(self._columns(), at, [v for _, v in back])
             self._away -= self.t["stats"][at].sum(0).cpu().numpy()
-            self._stored[rows_back] = True
+            self._stored[rows_back], self._dirty[rows_back] = True, False
             self.counters["tasks_loaded"] += len(back)
 
     def _evict(self, k: int) -> list[int]:
@@ -553,14 +554,14 @@ class Engine:
 
     def flush_tasks(self) -> int:
         """Write every resident task changed since it was last written to the store; returns how many."""
-        rows = np.flatnonzero(self._dirty[: self.n_tasks])
-        self.flushed = len(rows)
-        if len(rows):
+        dirty = np.flatnonzero(self._dirty[: self.n_tasks])
+        self.flushed = len(dirty)
+        for rows in np.array_split(dirty, -(-len(dirty) // FLUSH_ROWS)) if len(dirty) else []:  # bounded memory
             values = pack_rows(self._columns(), torch.as_tensor(rows, device=self.device))
             names = [self.task_names[r] for r in rows.tolist()]
             self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
             self._stored[rows], self._dirty[rows] = True, False
-        return len(rows)
+        return len(dirty)
 
     # --- processing ---
 
@@ -1060,9 +1061,8 @@ class Engine:
 
     def predict(self, events: list[Event]) -> BatchResult:
         """What ``process`` would predict for each event with features if it came next, changing nothing: no
-        task is registered, no prediction waits for its label, no counter, scale or learner moves (the tasks
-        meet the KB as their next event would have them do). Labels are ignored; events without features get
-        no prediction. Rows are independent of each other.
+        task is registered, no prediction waits for its label, no counter, scale or learner moves. Labels
+        are ignored; events without features get no prediction. Rows are independent of each other.
 
         >>> from lifelong.config import EngineConfig
         >>> eng = Engine(EngineConfig(dim=2))
@@ -1085,9 +1085,6 @@ class Engine:
         }
         index = np.array([self.task_index.get(name, new.get(name, -1)) for name in names], np.int64)
         known = index < self.n_tasks
-        touched = np.unique(index[known])  # they meet the KB now, as their next event would have them do
-        self._sync_kb(touched)
-        self._carry_codes(touched)
         kt = torch.as_tensor(index[known], device=dev)
         peak = np.zeros((len(rows), self.cfg.dim))
         peak[known] = t["peak"][kt].cpu().numpy()
@@ -1099,15 +1096,26 @@ class Engine:
         raw_local = _by_rows(
             known, lambda: self.learners.forward(kt, x1[kn]), lambda: self.learners.forward_new(index[~known], x1[~kn])
         )
-        raw_basis = _by_rows(known, lambda: self.kb.forward_basis(kt, z[kn]), lambda: self.kb.forward_basis_new(z[~kn]))
+        codes = self.kb.carried(kt, t["code_at"][kt].cpu().numpy())  # as the tasks' next event would carry them
+        raw_basis = _by_rows(
+            known,
+            lambda: self.kb.forward_basis(torch.arange(len(kt), device=dev), z[kn], codes=codes),
+            lambda: self.kb.forward_basis_new(z[~kn]),
+        )
         p_local = self.learners.safe(self.learners.finish(raw_local)).double()
         p_basis = self.learners.safe(self.kb.finish_basis(raw_basis))
         fresh = self._task_tables(int((~known).sum()))
         self._start(fresh, slice(None))
-        self._sync_kb(np.arange(len(fresh["stats"])), fresh)
         tables = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype, device=dev) for k, v in fresh.items()}
         for k, v in tables.items():
             v[kn], v[~kn] = t[k][kt], fresh[k]
+        # with the KB experts they would meet at their next event (a task's own member left out), one row per task
+        first: dict[str, int] = {}
+        for j, name in enumerate(names):
+            first.setdefault(name, j)
+        self._sync_kb(np.array(sorted(first.values()), np.int64), tables, names=first)
+        same = torch.as_tensor([first[name] for name in names], device=dev)
+        tables = {k: v[same] for k, v in tables.items()}
         rounds = (
             torch.as_tensor([self.n_labelled[i] if i < self.n_tasks else 0 for i in index.tolist()], device=dev) + 1
         )
@@ -1329,8 +1337,14 @@ class Engine:
             "learned_keys": [[k[0], k[1], ts] for k, ts in self.learned_keys.items()],
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
-            "stats_away": self._away.tolist() if not tasks else [0.0] * len(STATS),
+            # without tasks, every task is in the store when this state is loaded
+            "stats_away": self.stats_total().tolist() if not tasks else [0.0] * len(STATS),
         }
+        # a view of a larger tensor (rows in use of a table with spare capacity) is saved as its own copy: a
+        # saved view holds its whole storage
+        for k, v in tensors.items():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.numel() * v.element_size():
+                tensors[k] = v.clone()
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

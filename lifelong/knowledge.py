@@ -103,14 +103,22 @@ class KnowledgeBase:
 
     # --- prediction and learning ---
 
-    def forward_basis(self, idx: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw outputs of the basis expert for codes' inputs ``z = x1 @ B``; with ``y``, then one EKF step."""
+    def forward_basis(
+        self,
+        idx: torch.Tensor,
+        z: torch.Tensor,
+        y: torch.Tensor | None = None,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Raw outputs of the basis expert for codes' inputs ``z = x1 @ B``; with ``y``, then one EKF step.
+        ``codes``: (mu, S) to read rows ``idx`` from instead of the tasks' own (no learning then)."""
         if not self.basis_on:
             return torch.zeros(len(idx), 2 * self.n_out, dtype=self.dtype, device=self.device)
         if y is not None and self.cfg.task == "regression":
             lo, hi = self.cfg.target_range
             y = (y - lo) / (hi - lo)
-        return ekf.forward(self.mu, self.S, idx, z, y, self.cfg.task)
+        mu, S = codes or (self.mu, self.S)
+        return ekf.forward(mu, S, idx, z, y, self.cfg.task)
 
     def forward_basis_new(self, z: torch.Tensor) -> torch.Tensor:
         """``forward_basis`` (no learning) for tasks not created yet: their codes are the prior."""
@@ -248,25 +256,25 @@ class KnowledgeBase:
         for old in sorted(self.bases)[:-BASES_KEPT]:
             del self.bases[old]
 
-    def carry(self, rows: torch.Tensor, at: np.ndarray) -> None:
-        """Carry the codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), into the
-        current basis (directions it lacked get the prior); from a basis no longer kept (or none), they
-        restart from the prior. Done when a task next meets the KB (``Engine._carry_codes``), never for every
-        task at a refresh."""
+    def carried(self, rows: torch.Tensor, at: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), carried into the
+        current basis (directions it lacked get the prior); from a basis no longer kept (or none), the prior.
+        A task's code is carried when it next meets the KB (``Engine._carry_codes``), never for every task at a
+        refresh."""
+        mu, S = self.mu[rows].clone(), self.S[rows].clone()
         kept = np.array(sorted(self.bases), np.int64)
         j = np.minimum(np.searchsorted(kept, at), len(kept) - 1)
         has = torch.as_tensor(kept[j] == at if len(kept) else np.zeros(len(at), bool), device=self.device)
-        self.mu[rows[~has]], self.S[rows[~has]] = self.prior_mu, self.prior_S
-        rows = rows[has]
-        if not len(rows):
-            return
-        old = torch.stack([self.bases[int(b)] for b in kept])[torch.as_tensor(j, device=self.device)[has]]
-        rot = self.B.T @ old  # [m, r_new, r_old]
-        eye = torch.eye(self.cfg.basis_rank, dtype=self.dtype, device=self.device)
-        perp = eye - rot @ rot.transpose(1, 2)
-        self.mu[rows] = self.mu[rows] @ rot.transpose(1, 2) + self.prior_mu @ perp.transpose(1, 2)
-        rot, perp = rot.unsqueeze(1), perp.unsqueeze(1)
-        self.S[rows] = rot @ self.S[rows] @ rot.transpose(2, 3) + perp @ self.prior_S @ perp.transpose(2, 3)
+        mu[~has], S[~has] = self.prior_mu, self.prior_S
+        if has.any():
+            old = torch.stack([self.bases[int(b)] for b in kept])[torch.as_tensor(j, device=self.device)[has]]
+            rot = self.B.T @ old  # [m, r_new, r_old]
+            eye = torch.eye(self.cfg.basis_rank, dtype=self.dtype, device=self.device)
+            perp = eye - rot @ rot.transpose(1, 2)
+            mu[has] = mu[has] @ rot.transpose(1, 2) + self.prior_mu @ perp.transpose(1, 2)
+            rot, perp = rot.unsqueeze(1), perp.unsqueeze(1)
+            S[has] = rot @ S[has] @ rot.transpose(2, 3) + perp @ self.prior_S @ perp.transpose(2, 3)
+        return mu, S
 
     # --- state ---
 

@@ -261,6 +261,9 @@ def _engine_families(
     yield GaugeMetricFamily(
         "lifelong_task_store_bytes", "Bytes of the task store on disk", value=store.size_bytes() if store else 0
     )
+    yield GaugeMetricFamily(
+        "lifelong_task_row_bytes", "Bytes of one task's row in the task store", value=store.width if store else 0
+    )
     moves = CounterMetricFamily(
         "lifelong_task_moves", "Tasks moved between memory and the task store, by direction", labels=["direction"]
     )

@@ -30,7 +30,7 @@ def pack_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> list[byte
     """Rows ``rows`` of every column, one ``bytes`` per row (the layout's order: ``columns``' order)."""
     parts = []
     for col in columns.values():
-        a = np.ascontiguousarray(col[rows].cpu().numpy())
+        a = np.ascontiguousarray(col[rows.to(col.device)].cpu().numpy())
         parts.append(a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(len(a), -1).view(np.uint8))
     flat = np.concatenate(parts, axis=1) if parts else np.zeros((len(rows), 0), np.uint8)
     return [r.tobytes() for r in flat]
@@ -50,7 +50,7 @@ def unpack_rows(
         col = columns.get(name)
         if col is not None:
             part = flat[:, at : at + width].copy().view(dtype).reshape(len(values), *col.shape[1:])
-            col[rows] = torch.from_numpy(part).to(col.device)
+            col[rows.to(col.device)] = torch.from_numpy(part).to(col.device)
         at += width
 
 

@@ -378,6 +378,7 @@ def test_predict_is_what_process_predicts_next_and_changes_nothing(engine_factor
         probe = [batch[0]] if batch[0].x is not None else []  # the next event: predict must foresee process
         probe.append(Event("never-seen", "q", np.ones(5)))
         before = engine.state()
+        before = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in before[0].items()}, before[1])
         peeked = engine.predict(probe)
         after = engine.state()
         assert before[1] == after[1]
