@@ -282,7 +282,27 @@ class Daemon:
                 for tp in partitions:
                     self._take_over(tp)
             self.assigned = self.assigned + list(partitions)
+            if self.shared:
+                self._forget_unowned()
             return {tp: self.positions[tp] for tp in partitions if tp in self.positions}
+
+    def _forget_unowned(self) -> None:
+        """Tasks of partitions this replica does not own after a rebalance leave its memory and task store:
+        their owner holds them, and the changelog; one that comes back is restored from there (take-over)."""
+        owned = {tp.partition for tp in self.assigned if tp.topic == self.cfg.kafka.events_topic}
+        gone = [t for t, p in self.task_partition.items() if p not in owned]
+        if not gone:
+            return
+        self.engine.drop_tasks(gone)
+        for t in gone:
+            del self.task_partition[t]
+            self.floor.pop(t, None)
+            self.ended.discard(t)
+        self.changed -= set(gone)
+        for tp in [tp for tp in self.positions if tp.partition not in owned]:
+            self.positions.pop(tp)
+            self.checkpointed.pop(tp, None)
+        log.info("dropped %d tasks of partitions owned elsewhere now", len(gone))
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self.lock:

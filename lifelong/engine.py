@@ -85,6 +85,7 @@ COUNTERS = (
     "snapshots_not_finite",
     "tasks_evicted",
     "tasks_loaded",
+    "tasks_dropped",
 )
 
 
@@ -310,6 +311,7 @@ class Engine:
         self.tiered = isinstance(getattr(self.learners, "params", None), dict)  # River's models are not arrays
         self._away = np.zeros(len(STATS))  # the statistics of tasks in the store, summed (``stats_total``)
         self.flushed = 0  # tasks the last ``flush_tasks`` wrote
+        self._high = 0  # rows ever used: those past ``n_tasks`` (after ``drop_tasks``) hold old values
         self.events_seen = 0
         self.now_ts = -math.inf
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -377,6 +379,9 @@ class Engine:
         self.learners.ensure(n)
         self.kb.ensure(n)
         self._start(self.t, slice(first, n))
+        if first < min(n, self._high):  # rows that held dropped tasks (``drop_tasks``)
+            self._reset(np.arange(first, min(n, self._high)))
+        self._high = max(self._high, n)
 
     def _start(self, tables: dict[str, torch.Tensor], rows: slice | int | torch.Tensor) -> None:
         """New tasks' rows (zeros): the local level alone in the top mixture, the code in the current basis;
@@ -458,7 +463,7 @@ class Engine:
     @property
     def n_known(self) -> int:
         """Tasks known: resident or in the store."""
-        return self.counters["tasks_created"]
+        return self.counters["tasks_created"] - self.counters["tasks_dropped"]
 
     # --- resident and stored tasks (``store.py``) ---
 
@@ -542,6 +547,44 @@ class Engine:
         self._start(self.t, at)
         self.learners.reset(at)
         self.kb.mu[at], self.kb.S[at] = self.kb.prior_mu, self.kb.prior_S
+
+    def drop_tasks(self, names: Iterable[str]) -> None:
+        """Forget tasks, resident or stored, and their pending predictions (another replica owns them now).
+        The last resident rows move into the rows they leave, so resident rows stay ``0 .. n_tasks - 1``."""
+        names = set(names)
+        store = self.store
+        if store is not None:
+            stored = [(k, v) for k, v in zip(sorted(names), store.get(sorted(names)), strict=True) if v is not None]
+            gone = [k for k, _ in stored if k not in self.task_index]
+            if gone:  # their statistics leave the stored sum
+                stats = {"t.stats": torch.zeros(len(gone), len(STATS), dtype=torch.float64)}
+                values = dict(stored)
+                unpack_rows(stats, torch.arange(len(gone)), [values[k] for k in gone], store.spec)
+                self._away -= stats["t.stats"].sum(0).numpy()
+            store.delete([k for k, _ in stored])
+            self.counters["tasks_dropped"] += len(gone)
+        holes = sorted(self.task_index[k] for k in names if k in self.task_index)
+        self.counters["tasks_dropped"] += len(holes)
+        for key in [k for k in self.pending_keys if k[0] in names]:
+            del self.pending_keys[key]
+            self.pending.pop(key, None)
+        if not holes:
+            return
+        n, m = self.n_tasks, len(holes)
+        tail = [r for r in range(n - m, n) if r not in set(holes)]
+        dst = [h for h in holes if h < n - m]
+        if tail:
+            src_t, dst_t = (torch.as_tensor(r, device=self.device) for r in (tail, dst))
+            for col in self._columns().values():
+                col[dst_t.to(col.device)] = col[src_t.to(col.device)]
+            for a in (self._counts, self._used, self._stored, self._dirty):
+                a[dst] = a[tail]
+        for h in holes:
+            del self.task_index[self.task_names[h]]
+        for s_row, d_row in zip(tail, dst, strict=True):
+            self.task_names[d_row] = self.task_names[s_row]
+            self.task_index[self.task_names[d_row]] = d_row
+        del self.task_names[n - m :]
 
     def recall(self) -> None:
         """Every stored task back in memory, whatever ``max_resident_tasks`` (a whole state in one object)."""

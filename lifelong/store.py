@@ -104,6 +104,17 @@ class TaskStore:
             batch.put(key, value)
         self.db.write(batch, self._wo)
 
+    def delete(self, names: list[str]) -> None:
+        """Remove stored tasks (all of them stored) in one atomic write."""
+        if not names:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for name in names:
+            batch.delete(name.encode())
+        self.count -= len(names)
+        batch.put(COUNT, str(self.count).encode())
+        self.db.write(batch, self._wo)
+
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every stored task's name and row (reports: not the event path)."""
         for key, value in self.db.items():

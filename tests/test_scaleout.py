@@ -213,6 +213,36 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
         torch.testing.assert_close(other.kb.B, first.kb.B, rtol=0, atol=0)  # the same basis expert
 
 
+def test_a_replica_forgets_the_tasks_of_partitions_it_no_longer_owns(broker, tmp_path):
+    """After a rebalance, a task lives on its partition's owner only (memory and task store): the replica that
+    gave the partition up drops it, the new owner restores it from the changelog."""
+    values = settings(
+        broker.bootstrap, tmp_path, shared=True, **{"kafka.partitions": 2, "engine.max_resident_tasks": 3}
+    )
+    cfg = config(values)
+    events = make_stream(n_tasks=8, per_task=20, dim=3, ends=False, seed=5)
+    with ThreadDaemon(cfg) as a:
+        wait_until(lambda: len(a.assigned) == 2, 60, what="both partitions")
+        produce(
+            broker.bootstrap,
+            cfg.kafka.events_topic,
+            events_json([to_dict(e) for e in events]),
+            [e.task.encode() for e in events],
+        )
+        wait_until(lambda: a.engine.counters["learned"] == len(events), 60, what="every event learned")
+        assert a.engine.n_known == 8 and len(set(a.task_partition.values())) == 2
+        other = config({**values, "checkpoint.dir": str(tmp_path / "b"), "metrics.port": free_port()})
+        with ThreadDaemon(other) as b:
+            wait_until(lambda: len(a.assigned) == 1 and len(b.assigned) == 1, 90, what="one partition each")
+            with a.lock, b.lock:
+                kept, moved = set(a.task_partition), set(b.task_partition)
+                assert kept and moved and not kept & moved and len(kept | moved) == 8
+                assert {a.task_partition[t] for t in kept} == {a.assigned[0].partition}
+                assert a.engine.n_known == len(kept) and b.engine.n_known == len(moved)
+                assert a.engine.store.get(sorted(moved)) == [None] * len(moved)
+                assert not moved & set(a.engine.task_index)
+
+
 def test_malicious_knowledge_records_are_refused_and_counted(broker, tmp_path):
     values = settings(broker.bootstrap, tmp_path, shared=True, **{"kafka.max_message_bytes": 200_000})
     cfg = config(values)

@@ -119,3 +119,26 @@ def test_incremental_checkpoints_write_changed_tasks_and_restore_from_the_snapsh
     rest = [e for e in events[240:] if e.task not in ("t1", "t2")]
     np.testing.assert_allclose(run(reference, rest, 16), run(restored, rest, 16), rtol=0, atol=1e-12)
     np.testing.assert_allclose(restored.stats_total(), reference.stats_total(), rtol=1e-12)
+
+
+def test_dropped_tasks_leave_memory_and_store_and_the_others_keep_their_state(engine_factory):
+    events = make_stream(n_tasks=10, per_task=24, ends=False, delayed=0.3)
+    engine = engine_factory(max_resident_tasks=4)
+    run(engine, events, 16)
+    resident = set(engine.task_index)
+    stored = {k for k, _ in engine.store.items()} - resident
+    dropped = {sorted(resident)[0], sorted(stored)[0], sorted(stored)[1]}
+    kept = sorted(set(resident | stored) - dropped)
+    before = engine.digest(kept)
+    totals = {k: v for k, v in engine.report()["tasks"].items() if k not in dropped}
+    engine.drop_tasks(dropped)
+    assert engine.n_known == 7 and engine.store.get(sorted(dropped)) == [None] * 3
+    assert not any(k[0] in dropped for k in engine.pending_keys)
+    assert engine.digest(kept) == before
+    report = engine.report()
+    assert report["tasks"] == totals
+    errors = sum(t["cumulative_error"] * t["events"] for t in totals.values())
+    assert report["methods"]["lifelong"]["cumulative_error"] * report["labelled"] == pytest.approx(errors)
+    back = next(iter(dropped))
+    engine.process([Event(back, "again", np.ones(5, np.float32), 1)])
+    assert engine.report()["tasks"][back]["events"] == 1  # a dropped task that comes back starts afresh
