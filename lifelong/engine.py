@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import shutil
 import tempfile
@@ -1376,8 +1377,9 @@ class Engine:
             "now_ts": self.now_ts,
             "counters": self.counters,
             "kb": self.kb.meta(),
-            "pending": [[k[0], k[1], *self.pending_keys[k]] for k in keys],
-            "learned_keys": [[k[0], k[1], ts] for k, ts in self.learned_keys.items()],
+            # up to labels.pending_max entries each: one JSON string, not a list of lists (pickled object by object)
+            "pending": json.dumps([[k[0], k[1], *self.pending_keys[k]] for k in keys]),
+            "learned_keys": json.dumps([[k[0], k[1], ts] for k, ts in self.learned_keys.items()]),
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
             # without tasks, every task is in the store when this state is loaded
@@ -1431,7 +1433,7 @@ class Engine:
                 self.learners.prior_mu = tensors["population.prior_mu"].to(dev)
         self.pending_keys = OrderedDict()
         self.pending = {}
-        for j, (task, eid, seq, ts) in enumerate(meta["pending"]):
+        for j, (task, eid, seq, ts) in enumerate(_listed(meta["pending"])):
             pkey = (task, eid)
             self.pending_keys[pkey] = (int(seq), float(ts))
             self.pending[pkey] = _Pending(
@@ -1446,7 +1448,7 @@ class Engine:
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
         self.counters = {**dict.fromkeys(COUNTERS, 0), **meta["counters"]}
-        self.learned_keys = _Window(((task, eid), float(ts)) for task, eid, ts in meta.get("learned_keys", []))
+        self.learned_keys = _Window(((task, eid), float(ts)) for task, eid, ts in _listed(meta.get("learned_keys", [])))
 
     # --- moving tasks between replicas (the changelog) ---
 
@@ -1563,6 +1565,11 @@ class Engine:
             if mid is not None and bool(self.kb.valid[s]):
                 rows.append({"slot": s, "id": mid, "source": self.kb.source[s], "weight": float(weights[1 + s])})
         return rows
+
+
+def _listed(value: str | list[Any]) -> list[Any]:
+    """A list saved as one JSON string (or, in checkpoints from before, as a list)."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def warm_up(cfg: EngineConfig, labels: LabelsConfig | None = None) -> float:
