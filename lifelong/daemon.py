@@ -174,6 +174,7 @@ class Daemon:
         self.knowledge_offset = 0  # the knowledge log has been applied up to here
         self.floor: dict[str, int] = {}  # task -> its events below this offset are in its restored state
         self.restored = False
+        self.ended: set[str] = set()  # tasks whose last event was ``control: end`` (no per-task series)
         self.engine, self.positions = self._restore()
         self.engine.share = self.shared
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
@@ -189,7 +190,6 @@ class Daemon:
         self.status_every = STATUS_EVERY_S
         self.dead_lettered = 0
         self.assigned: list[TopicPartition] = []
-        self.ended: set[str] = set()
         self.stopping = threading.Event()
         self.last_progress = time.monotonic()
         self.source: KafkaSource | None = None
@@ -227,6 +227,7 @@ class Daemon:
         self.task_partition = dict(extra.get("task_partition", {}))
         self.knowledge_offset = int(extra.get("knowledge_offset", 0))
         self.floor = dict(extra.get("floor", {}))
+        self.ended = set(extra.get("ended", []))
         log.info(
             "restored %s: %d tasks, KB %d members, offsets %s",
             path,
@@ -642,6 +643,7 @@ class Daemon:
                 "task_partition": self.task_partition,
                 "floor": self.floor,
                 "knowledge_offset": self.knowledge_offset,
+                "ended": sorted(self.ended),
             }
             path = checkpoint.save_engine(
                 self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep, extra=extra

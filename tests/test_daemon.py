@@ -323,15 +323,20 @@ def test_delayed_labels_join_across_a_restart(broker, tmp_path):
     x = [0.5, -1.0, 2.0]
     predictions = [json.dumps({"task": "late", "id": f"p{i}", "x": x, "ts": 100.0 + i}).encode() for i in range(20)]
     labels = [json.dumps({"task": "late", "id": f"p{i}", "y": i % 2, "ts": 200.0 + i}).encode() for i in range(20)]
+    done = [
+        json.dumps({"task": "done", "id": "d0", "x": x, "y": 1, "ts": 150.0}).encode(),
+        b'{"task": "done", "control": "end", "ts": 150.0}',
+    ]
     with ThreadDaemon(cfg) as daemon:
         wait_until(lambda: daemon.ready()[0], 30, what="ready")
-        produce(broker.bootstrap, cfg.kafka.events_topic, predictions)
-        wait_until(lambda: len(daemon.engine.pending_keys) == 20, 30, what="pending predictions")
+        produce(broker.bootstrap, cfg.kafka.events_topic, predictions + done)
+        wait_until(lambda: len(daemon.engine.pending_keys) == 20 and daemon.ended, 30, what="pending predictions")
     with ThreadDaemon(config(values)) as daemon:  # restarted: the pending store came back with the checkpoint
         assert len(daemon.engine.pending_keys) == 20
+        assert daemon.ended == {"done"}  # and the ended tasks (no per-task series for them)
         wait_until(lambda: daemon.ready()[0], 30, what="ready")
         produce(broker.bootstrap, cfg.kafka.events_topic, labels)
-        wait_until(lambda: daemon.engine.counters["learned"] == 20, 30, what="labels joined")
+        wait_until(lambda: daemon.engine.counters["learned"] == 21, 30, what="labels joined")  # and "done"
         assert daemon.engine.counters["label_expired"] == 0 and not daemon.engine.pending_keys
         wait_until(
             lambda: metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") == 20,
