@@ -530,13 +530,10 @@ class Engine:
         if k <= 0 or not len(idle):
             return []
         rows = idle if len(idle) <= k else idle[np.argpartition(self._used[idle], k - 1)[:k]]
-        names = [self.task_names[r] for r in rows.tolist()]
-        at = torch.as_tensor(rows, device=self.device)
-        values = pack_rows(self._columns(), at)
-        self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
-        self._away += self.t["stats"][at].sum(0).cpu().numpy()
-        for name in names:
-            del self.task_index[name]
+        self._store_rows(rows)
+        self._away += self.t["stats"][torch.as_tensor(rows, device=self.device)].sum(0).cpu().numpy()
+        for r in rows.tolist():
+            del self.task_index[self.task_names[r]]
         self.counters["tasks_evicted"] += len(rows)
         return [int(r) for r in rows]
 
@@ -601,11 +598,15 @@ class Engine:
         dirty = np.flatnonzero(self._dirty[: self.n_tasks])
         self.flushed = len(dirty)
         for rows in np.array_split(dirty, -(-len(dirty) // FLUSH_ROWS)) if len(dirty) else []:  # bounded memory
-            values = pack_rows(self._columns(), torch.as_tensor(rows, device=self.device))
-            names = [self.task_names[r] for r in rows.tolist()]
-            self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
-            self._stored[rows], self._dirty[rows] = True, False
+            self._store_rows(rows)
         return len(dirty)
+
+    def _store_rows(self, rows: np.ndarray) -> None:
+        """Write resident tasks ``rows`` to the store, in one write."""
+        values = pack_rows(self._columns(), torch.as_tensor(rows, device=self.device))
+        names = [self.task_names[r] for r in rows.tolist()]
+        self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
+        self._stored[rows], self._dirty[rows] = True, False
 
     # --- processing ---
 

@@ -28,7 +28,11 @@ COUNT = b"\x00count"
 
 def pack_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> list[bytes]:
     """Rows ``rows`` of every column, one ``bytes`` per row (the layout's order: ``columns``' order)."""
-    parts = [col[rows.to(col.device)].cpu().numpy() for col in columns.values()]
+    idx = rows.cpu().numpy()
+    parts = [
+        col.numpy()[idx] if col.device.type == "cpu" else col[rows.to(col.device)].cpu().numpy()
+        for col in columns.values()
+    ]
     parts = [a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(len(a), -1).view(np.uint8) for a in parts]
     flat = np.empty((len(rows), sum(p.shape[1] for p in parts)), np.uint8)
     at = 0
@@ -45,6 +49,7 @@ def unpack_rows(
     columns named in ``columns`` are read and the others skipped."""
     flat = np.frombuffer(b"".join(values), np.uint8).reshape(len(values), -1)
     spec = layout or wire.spec_of({k: v[:0] for k, v in columns.items()})
+    idx = rows.cpu().numpy()
     at = 0
     for name, (dtype_name, shape) in spec.items():
         dtype = np.dtype(wire.DTYPES[dtype_name])
@@ -52,7 +57,10 @@ def unpack_rows(
         col = columns.get(name)
         if col is not None:
             part = flat[:, at : at + width].copy().view(dtype).reshape(len(values), *col.shape[1:])
-            col[rows.to(col.device)] = torch.from_numpy(part).to(col.device)
+            if col.device.type == "cpu":
+                col.numpy()[idx] = part
+            else:
+                col[rows.to(col.device)] = torch.from_numpy(part).to(col.device)
         at += width
 
 
