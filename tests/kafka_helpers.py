@@ -88,8 +88,11 @@ def events_json(events: list[dict[str, Any]]) -> list[bytes]:
     return [json.dumps(e).encode() for e in events]
 
 
-def read_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.0) -> list[Any]:
-    """Every record of ``topic`` (partition 0) once at least ``at_least`` are there."""
+def read_topic(
+    bootstrap: str, topic: str, at_least: int, timeout: float = 60.0, ids: set[str] | None = None
+) -> list[Any]:
+    """Every record of ``topic`` (partition 0) once at least ``at_least`` are there and, with ``ids``, once
+    records with every one of these ids are (replays add duplicates: a count alone can be reached early)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500)
     tp = TopicPartition(topic, 0)
     records: list[Any] = []
@@ -98,7 +101,11 @@ def read_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.0)
         wait_until(lambda: topic in consumer.topics(), timeout, what=f"topic {topic}")
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
-        while len(records) < at_least and time.monotonic() < deadline:
+
+        def missing() -> bool:
+            return ids is not None and not ids <= {json.loads(r.value).get("id") for r in records}
+
+        while (len(records) < at_least or missing()) and time.monotonic() < deadline:
             for rs in consumer.poll(timeout_ms=300).values():
                 records.extend(rs)
     finally:

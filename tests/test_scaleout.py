@@ -141,7 +141,9 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
         replicas.append(Replica("r0", values, tmp_path))
         wait_until(lambda: replicas[4].assigned() > 0, 60, what="the restarted replica gets partitions")
         feeder.join(60)
-        preds = read_topic(broker.bootstrap, cfg.kafka.predictions_topic, len(events), timeout=150)
+        preds = read_topic(
+            broker.bootstrap, cfg.kafka.predictions_topic, len(events), timeout=150, ids={e.id for e in events}
+        )
         assert {json.loads(r.value)["id"] for r in preds} == {e.id for e in events}  # every event predicted
         live = replicas[1:]
         wait_until(lambda: all(r.ready() for r in live), 60, what="replicas ready")
