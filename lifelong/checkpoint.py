@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +161,17 @@ def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | N
 
 def restore_engine(engine: Engine, directory: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     """Load a checkpoint into a new ``engine``; one that names a task-store snapshot first makes the engine's
-    live store (``engine.store_dir``) a copy of it, so that tasks come back from it at their next event."""
+    live store (``engine.store_dir``, or without one a temporary copy removed with the engine) a copy of it,
+    so that tasks come back from it at their next event."""
     if meta.get("store"):
         snapshot = directory / meta["store"]
-        if not snapshot.is_dir() or engine.store_dir is None:
+        if not snapshot.is_dir():
             raise StateError(f"checkpoint names task store {snapshot}, which is missing")
-        engine.store = TaskStore.restore(snapshot, engine.store_dir, engine.layout())
+        target = engine.store_dir
+        if target is None:
+            target = tempfile.mkdtemp(prefix="lifelong-tasks-")
+            weakref.finalize(engine, shutil.rmtree, target, True)
+        engine.store = TaskStore.restore(snapshot, target, engine.layout())
     elif engine.store_dir is not None:  # every task is in the file: a live store left from before is stale
         shutil.rmtree(engine.store_dir, ignore_errors=True)
     engine.load_state(tensors, meta)
@@ -186,7 +193,6 @@ def load_engine(directory: str | Path, cfg: Config | EngineConfig, labels: Label
         import dataclasses
 
         engine_cfg = dataclasses.replace(engine_cfg, dim=int(meta["config"]["dim"]))
-    path = Path(directory)
-    engine = Engine(engine_cfg, labels, path / "tasks" if meta.get("store") else None)
-    restore_engine(engine, path, tensors, meta)
+    engine = Engine(engine_cfg, labels)  # tasks in a copy of the snapshot: never a running daemon's live store
+    restore_engine(engine, Path(directory), tensors, meta)
     return engine

@@ -51,9 +51,9 @@ def _snapshot(d: Daemon) -> dict[str, float]:
     with d.lock:
         e = d.engine
         n = e.n_tasks
-        st = e.t["stats"][:n].sum(0).tolist() if n else [0.0] * len(S)
+        st = e.stats_total().tolist()  # every task, resident or in the task store
         reg = e.regrets() if n else None
-        labelled = max(1, sum(e.n_labelled))
+        labelled = max(1, e.counters["learned"])
         return {
             "processed": sum(d.positions.values()),
             "learned": e.counters["learned"],

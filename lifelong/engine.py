@@ -589,6 +589,16 @@ class Engine:
         if self.store is not None:
             self._admit([k for k, _ in self.store.items()], create=False, evict=False)
 
+    def task_stats(self) -> np.ndarray:
+        """Each resident task's statistics (columns ``STATS``)."""
+        return self.t["stats"][: self.n_tasks].cpu().numpy()
+
+    def local_weights(self) -> np.ndarray:
+        """Each resident task's top-level weight on its own learner (the rest is on the KB level)."""
+        n, t = self.n_tasks, self.t
+        rounds = torch.as_tensor(self.n_labelled, device=self.device) + 1
+        return self.top_mix.weights(t["L_top"][:n], t["in_top"][:n], rounds)[:, 0].cpu().numpy()
+
     def stats_total(self) -> np.ndarray:
         """Every task's statistics (``STATS``), summed: resident and stored tasks."""
         return self.t["stats"][: self.n_tasks].sum(0).cpu().numpy() + self._away

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -169,7 +168,7 @@ def _engine_families(
     resets.add_metric(["learner_not_finite"], c["reset_learner"])
     resets.add_metric(["code_not_finite"], c["reset_code"])
     yield resets
-    stats = engine.t["stats"][:n].cpu().numpy() if n else np.zeros((0, len(STATS)))
+    stats = engine.task_stats() if n else np.zeros((0, len(STATS)))
     loss = CounterMetricFamily(
         "lifelong_loss",
         "Cumulative loss (log loss, or squared loss for regression) of each predictor",
@@ -209,7 +208,7 @@ def _engine_families(
     live = np.array([i for i in range(n) if i not in archived and i not in foreign], np.int64)
     top = live[np.argsort(-counts[live], kind="stable")[:cap]] if len(live) else live
     others = np.setdiff1d(np.array([i for i in range(n) if i not in foreign], np.int64), top)
-    weights = _local_weights(engine) if n else np.zeros(0)
+    weights = engine.local_weights() if n else np.zeros(0)
     t_regret = _gauge("lifelong_task_regret", "Regret of one task (capped set of tasks)", ["task", "level"])
     t_bound = _gauge("lifelong_task_regret_bound", "Bound of lifelong_task_regret", ["task", "level"])
     t_error = _gauge("lifelong_task_error_ratio", "Cumulative error of one task per predictor", ["task", "predictor"])
@@ -273,12 +272,6 @@ def _engine_families(
     yield GaugeMetricFamily(
         "lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.pending_keys)
     )
-
-
-def _local_weights(engine: Any) -> np.ndarray:
-    n, t = engine.n_tasks, engine.t
-    w: torch.Tensor = engine.top_mix.weights(t["L_top"][:n], t["in_top"][:n], torch.as_tensor(engine.n_labelled) + 1)
-    return w[:, 0].cpu().numpy()
 
 
 def _daemon_families(d: Daemon) -> Iterable[Metric]:

@@ -112,9 +112,9 @@ def test_incremental_checkpoints_write_changed_tasks_and_restore_from_the_snapsh
     assert engine.flushed == 2  # the two tasks that changed, not all twenty
     checkpoint.save_engine(engine, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("store-*")) == ["store-000000000002", "store-000000000003"]
-    engine.store.close()
-    restored = checkpoint.load_engine(tmp_path, engine.cfg, engine.labels)
+    restored = checkpoint.load_engine(tmp_path, engine.cfg, engine.labels)  # the engine's live store stays open
     assert restored.n_tasks == 0 and restored.n_known == 20  # every task waits in the store
+    assert restored.store.path != engine.store.path and engine.store.count == 20
     np.testing.assert_allclose(restored.stats_total(), reference.stats_total(), rtol=1e-12)
     rest = [e for e in events[240:] if e.task not in ("t1", "t2")]
     np.testing.assert_allclose(run(reference, rest, 16), run(restored, rest, 16), rtol=0, atol=1e-12)
