@@ -27,7 +27,7 @@ import typing
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,10 @@ from .events import RESERVED_TASK, Event, Schema
 from .hedge import LOSS_CODES, Mixing, enter_experts, mix, mix_events
 from .knowledge import KnowledgeBase, Staged
 from .learners import make_learners, pick_device
+from .results import CONTROL, DUPLICATE, KB_TOP, LABEL_JOINED, LABEL_UNMATCHED, LEARNED, PREDICTED, BatchResult
 from .store import TaskStore, pack_rows, unpack_rows
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
-KB_TOP = 3  # members listed in each prediction
 FLUSH_ROWS = 8192  # task rows written to the store at a time by ``flush_tasks``
 LOCAL = ("kb_seen", "code_at")  # task columns that refer to this replica's KB log: never in a changelog record
 POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
@@ -67,10 +67,6 @@ STATS = (
 )
 S = {name: i for i, name in enumerate(STATS)}
 
-# Outcome of each event in a batch. A label whose prediction expired (TTL or count) finds nothing to join:
-# LABEL_UNMATCHED; the expiry itself is counted in counters["label_expired"]. DUPLICATE: a labelled event
-# (or a label) whose (task, id) was already learned within the pending window, delivered again: skipped.
-PREDICTED, LEARNED, LABEL_JOINED, LABEL_UNMATCHED, CONTROL, DUPLICATE = range(1, 7)
 COUNTERS = (
     "predicted",
     "learned",
@@ -176,81 +172,6 @@ class _Inputs:
     s_kb: torch.Tensor
     s_top: torch.Tensor
     s_pred: torch.Tensor
-
-
-@dataclass
-class BatchResult:
-    """Per-event outputs of one ``process`` call, as arrays in batch order (NaN where not applicable)."""
-
-    events: list[Event]
-    outcome: np.ndarray
-    pred: np.ndarray
-    p_local: np.ndarray
-    p_kb: np.ndarray
-    w_local: np.ndarray
-    errors: np.ndarray  # [n, 3]: combined, local, KB level (0/1 for classification, squared error otherwise)
-    losses: np.ndarray  # [n, 3]: the mixing loss of the same three
-    model_version: np.ndarray
-    task_index: np.ndarray
-    kb_slots: np.ndarray  # [n, KB_TOP] expert index of the heaviest KB experts, weights in kb_weights
-    kb_weights: np.ndarray
-    segment: np.ndarray  # which entry of kb_names names the experts of each event
-    label_delay: np.ndarray  # event-time seconds from a prediction to its delayed label (joined labels)
-    kb_names: list[list[str]] = field(default_factory=list)
-    seq0: int = 0  # engine event count before this batch
-
-    @classmethod
-    def empty(cls, events: list[Event], n_pred: int) -> BatchResult:
-        """A result for ``events`` with nothing filled in yet."""
-        n = len(events)
-        nan = np.full((n, n_pred), np.nan)
-        return cls(
-            events,
-            np.zeros(n, np.int8),
-            nan.copy(),
-            nan.copy(),
-            nan.copy(),
-            np.full(n, np.nan),
-            np.full((n, 3), np.nan),
-            np.full((n, 3), np.nan),
-            np.zeros(n, np.int64),
-            np.zeros(n, np.int64),
-            np.zeros((n, KB_TOP), np.int64),
-            np.zeros((n, KB_TOP)),
-            np.zeros(n, np.int64),
-            np.full(n, np.nan),
-        )
-
-    def records(self, task_kind: str) -> list[tuple[int, dict[str, Any]]]:
-        """Prediction records (DESIGN §3) with their position in the batch, for every predicted event.
-
-        Numbers are rounded and converted for the whole batch at once: this runs for every prediction.
-        """
-        rows = np.flatnonzero((self.outcome == PREDICTED) | (self.outcome == LEARNED))
-        if not len(rows):
-            return []
-        regression = task_kind == "regression"
-        cols = [0] if regression else slice(None)
-        proba, local, kb = (np.round(a[rows][:, cols], 6).tolist() for a in (self.pred, self.p_local, self.p_kb))
-        y_pred = self.pred[rows, 0].tolist() if regression else self.pred[rows].argmax(1).tolist()
-        w_local = np.round(self.w_local[rows], 6).tolist()
-        versions = self.model_version[rows].tolist()
-        slots, weights = self.kb_slots[rows].tolist(), np.round(self.kb_weights[rows], 6).tolist()
-        segments = self.segment[rows].tolist()
-        out = []
-        for j, i in enumerate(rows.tolist()):
-            e = self.events[i]
-            names = self.kb_names[segments[j]]
-            rec: dict[str, Any] = {"task": e.task, "id": e.id, "y_pred": y_pred[j]}
-            if regression:
-                rec["p_local"], rec["p_kb"] = local[j][0], kb[j][0]
-            else:
-                rec["proba"], rec["p_local"], rec["p_kb"] = proba[j], local[j], kb[j]
-            rec["w_local"] = w_local[j]
-            rec["kb_top"] = [[names[s], w] for s, w in zip(slots[j], weights[j], strict=True) if w > 0]
-            rec["model_version"] = versions[j]
-            out.append((i, rec))
-        return out
 
 
 class Engine:

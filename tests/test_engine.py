@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from lifelong import checkpoint
 from lifelong.config import LabelsConfig
-from lifelong.engine import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED, _Window, warm_up
+from lifelong.engine import _Window, warm_up
 from lifelong.events import Event
+from lifelong.results import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
 
 from conftest import make_stream
 
