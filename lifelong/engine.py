@@ -97,6 +97,50 @@ class _Pending:
     versions: torch.Tensor
 
 
+PENDING_FIELDS = ("x", "kb_experts", "top", "pred", "versions")
+
+
+class PendingLabels:
+    """Predictions waiting for their label, oldest first: ``keys`` maps (task, id) to (engine event count,
+    event time); ``stored`` holds a prediction's inputs once its segment is over (within its segment, a label
+    joins the prediction's row instead)."""
+
+    def __init__(self) -> None:
+        self.keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self.stored: dict[tuple[str, str], _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def drop(self, key: tuple[str, str]) -> None:
+        """Forget one pending prediction."""
+        del self.keys[key]
+        self.stored.pop(key, None)
+
+    def drop_tasks(self, names: set[str] | dict[str, Any]) -> None:
+        """Forget the pending predictions of tasks ``names``."""
+        for key in [k for k in self.keys if k[0] in names]:
+            self.drop(key)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], str]:
+        """Tensors (each field stacked) and the keys as one JSON string (checkpoints)."""
+        keys = list(self.keys)
+        tensors = {}
+        if keys:
+            entries = [self.stored[k] for k in keys]
+            for name in PENDING_FIELDS:
+                tensors[f"pending.{name}"] = torch.stack([getattr(en, name) for en in entries]).cpu()
+        return tensors, json.dumps([[k[0], k[1], *self.keys[k]] for k in keys])
+
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: str | list[Any], device: torch.device) -> None:
+        """Restore what ``state`` returned."""
+        self.keys, self.stored = OrderedDict(), {}
+        for j, (task, eid, seq, ts) in enumerate(_listed(keys)):
+            key = (task, eid)
+            self.keys[key] = (int(seq), float(ts))
+            self.stored[key] = _Pending(*(tensors[f"pending.{name}"][j].to(device) for name in PENDING_FIELDS))
+
+
 @numba.njit(cache=True)
 def _count(
     tasks: np.ndarray,
@@ -210,8 +254,7 @@ class Engine:
         self.task_index: dict[str, int] = {}
         self.t = self._task_tables(0)
         self.kb_version = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
-        self.pending_keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
-        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.pending = PendingLabels()
         # (task, id) of labelled events learned within the pending window (TTL and count): a second delivery
         # of one is a duplicate, not learned again
         self.learned_keys = _Window()
@@ -484,9 +527,7 @@ class Engine:
             self.counters["tasks_dropped"] += len(gone)
         holes = sorted(self.task_index[k] for k in names if k in self.task_index)
         self.counters["tasks_dropped"] += len(holes)
-        for key in [k for k in self.pending_keys if k[0] in names]:
-            del self.pending_keys[key]
-            self.pending.pop(key, None)
+        self.pending.drop_tasks(names)
         if not holes:
             return
         n, m = self.n_tasks, len(holes)
@@ -590,13 +631,13 @@ class Engine:
         n = stop - start
         evs = events[start:stop]
         index, learned, now = self.task_index, self.learned_keys, self.now_ts
-        if not self.pending_keys:
+        if not self.pending.keys:
             plain = self._plain(evs)
             if plain is not None:
                 return plain
         ref, outcome, tasks = [-1] * n, [0] * n, [0] * n
         ttl, cap = self.labels.pending_ttl_s, self.labels.pending_max
-        pending = self.pending_keys
+        pending = self.pending.keys
         seg0 = result.seq0 + start
         for j, e in enumerate(evs):
             if e.ts is not None and e.ts > now:
@@ -634,7 +675,7 @@ class Engine:
                 key = (e.task, e.id or "")
                 if pending.pop(key, None) is not None:
                     self.counters["pending_replaced"] += 1
-                self.pending.pop(key, None)
+                self.pending.stored.pop(key, None)
                 pending[key] = (seg0 + j, e.ts if e.ts is not None else now)
                 while len(pending) > cap:
                     self._drop_pending(next(iter(pending)))
@@ -687,8 +728,7 @@ class Engine:
         return outcome, np.array(tasks, np.int64), np.full(len(evs), -1, np.int64)
 
     def _drop_pending(self, key: tuple[str, str]) -> None:
-        del self.pending_keys[key]
-        self.pending.pop(key, None)
+        self.pending.drop(key)
         self.counters["label_expired"] += 1
 
     def _segment(self, events: list[Event], start: int, stop: int, result: BatchResult) -> None:
@@ -717,7 +757,7 @@ class Engine:
         x_np[same] = x_np[plan.ref[same]]
         x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
         stored_rows = np.flatnonzero(joined & (plan.ref < 0))
-        stored = [self.pending.pop((events[start + j].task, events[start + j].id or "")) for j in stored_rows]
+        stored = [self.pending.stored.pop((events[start + j].task, events[start + j].id or "")) for j in stored_rows]
         if stored:
             x[torch.as_tensor(stored_rows, device=dev)] = torch.stack([en.x for en in stored])
         y = torch.as_tensor(y_np, dtype=self.dtype if self.cfg.task == "regression" else torch.long, device=dev)
@@ -888,9 +928,9 @@ class Engine:
         for j in np.flatnonzero(outcome == PREDICTED).tolist():
             e = events[start + j]
             key = (e.task, e.id or "")
-            if key in self.pending_keys:
+            if key in self.pending.keys:
                 i = start + j
-                self.pending[key] = _Pending(
+                self.pending.stored[key] = _Pending(
                     x[j].clone(),
                     kb_x[j].to(self.dtype),
                     torch.as_tensor(np.stack([result.p_local[i], result.p_kb[i]]), device=dev),
@@ -1293,11 +1333,8 @@ class Engine:
             tensors.update({f"population.{k}": v for k, v in self.population.state().items()})
             if self.learners.prior_mu is not None:
                 tensors["population.prior_mu"] = self.learners.prior_mu.cpu()
-        keys = list(self.pending_keys)
-        if keys:
-            entries = [self.pending[k] for k in keys]
-            for name in ("x", "kb_experts", "top", "pred", "versions"):
-                tensors[f"pending.{name}"] = torch.stack([getattr(en, name) for en in entries]).cpu()
+        pending, pending_keys = self.pending.state()
+        tensors.update(pending)
         for i, st in enumerate(self.staged):
             for k, v in self.learners.store_state(st.store).items():
                 tensors[f"staged.{i}.{k}"] = v
@@ -1310,7 +1347,7 @@ class Engine:
             "counters": self.counters,
             "kb": self.kb.meta(),
             # up to labels.pending_max entries each: one JSON string, not a list of lists (pickled object by object)
-            "pending": json.dumps([[k[0], k[1], *self.pending_keys[k]] for k in keys]),
+            "pending": pending_keys,
             "learned_keys": json.dumps([[k[0], k[1], ts] for k, ts in self.learned_keys.items()]),
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
@@ -1363,14 +1400,7 @@ class Engine:
             self.population_n = int(meta.get("population_n", 0))
             if "population.prior_mu" in tensors:
                 self.learners.prior_mu = tensors["population.prior_mu"].to(dev)
-        self.pending_keys = OrderedDict()
-        self.pending = {}
-        for j, (task, eid, seq, ts) in enumerate(_listed(meta["pending"])):
-            pkey = (task, eid)
-            self.pending_keys[pkey] = (int(seq), float(ts))
-            self.pending[pkey] = _Pending(
-                *(tensors[f"pending.{name}"][j].to(dev) for name in ("x", "kb_experts", "top", "pred", "versions"))
-            )
+        self.pending.load_state(tensors, meta["pending"], dev)
         self.staged = []
         for i, (task, name, learned, seq) in enumerate(meta["staged"]):
             prefix = f"staged.{i}."
@@ -1426,9 +1456,7 @@ class Engine:
         restarts from this basis's prior. The tasks' pending predictions (not in records) are dropped.
         """
         self._admit(list(records))
-        for key in [k for k in self.pending_keys if k[0] in records]:
-            del self.pending_keys[key]
-            self.pending.pop(key, None)
+        self.pending.drop_tasks(records)
         ours = torch.tensor(self.kb.updated, device=self.device)
         for name, record in records.items():
             self._load_task(self.task_index[name], record, ours)

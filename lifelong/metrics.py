@@ -269,9 +269,7 @@ def _engine_families(
     moves.add_metric(["evicted"], c["tasks_evicted"])
     moves.add_metric(["loaded"], c["tasks_loaded"])
     yield moves
-    yield GaugeMetricFamily(
-        "lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.pending_keys)
-    )
+    yield GaugeMetricFamily("lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.pending))
 
 
 def _daemon_families(d: Daemon) -> Iterable[Metric]:

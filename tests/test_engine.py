@@ -134,7 +134,7 @@ def test_delayed_labels_join_expire_and_are_counted(engine_factory):
     ]
     assert engine.counters["learned"] == 1
     assert engine.counters["label_expired"] == 3  # p2 by count, p3 and p4 by TTL
-    assert not engine.pending_keys
+    assert not engine.pending
     assert r.errors[2, 0] in (0.0, 1.0) and np.isnan(r.errors[0, 0])
 
 

@@ -133,7 +133,7 @@ def test_dropped_tasks_leave_memory_and_store_and_the_others_keep_their_state(en
     totals = {k: v for k, v in engine.report()["tasks"].items() if k not in dropped}
     engine.drop_tasks(dropped)
     assert engine.n_known == 7 and engine.store.get(sorted(dropped)) == [None] * 3
-    assert not any(k[0] in dropped for k in engine.pending_keys)
+    assert not any(k[0] in dropped for k in engine.pending.keys)
     assert engine.digest(kept) == before
     report = engine.report()
     assert report["tasks"] == totals
