@@ -505,7 +505,10 @@ class Engine:
         """Rows freed by ``_evict`` that take new tasks: as ``_init_tasks`` sets up new rows."""
         at = torch.as_tensor(rows, device=self.device)
         for table in self.t.values():
-            table[at] = 0
+            if table.device.type == "cpu":  # numpy's fancy assignment: several times cheaper on small batches
+                table.numpy()[rows] = 0
+            else:
+                table[at] = 0
         self._start(self.t, at)
         self.learners.reset(at)
         self.kb.mu[at], self.kb.S[at] = self.kb.prior_mu, self.kb.prior_S
