@@ -402,8 +402,8 @@ class Engine:
                 t[k][idx] = torch.as_tensor(a[k], device=dev)
 
     def _carry_codes(self, rows: np.ndarray) -> None:
-        """Tasks ``rows``' basis codes, learned in an earlier basis, carried into the current one (``carry``):
-        a basis refresh never sweeps over every task either."""
+        """Tasks ``rows``' basis codes, learned in an earlier basis, carried into the current one
+        (``KnowledgeBase.carried``): a basis refresh never sweeps over every task either."""
         at = self.t["code_at"][torch.as_tensor(rows, device=self.device)].cpu().numpy()
         stale = at != self.kb.basis_at
         if stale.any():

@@ -33,7 +33,7 @@ JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positi
 # related 0.191 vs 0.197, short 0.274 vs 0.277, unrelated 0.2557 vs 0.2516; a fixed 0.1 took digits to 0.0169.
 PRIOR_MEMBERS = 8
 PRIOR_SHRINK = 0.1
-# bases kept to carry a returning task's code into the current one (``KnowledgeBase.carry``); a task away for
+# bases kept to carry a returning task's code into the current one (``KnowledgeBase.carried``); a task away for
 # longer restarts its code from the prior
 BASES_KEPT = 64
 
