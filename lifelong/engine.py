@@ -187,6 +187,12 @@ class _Window(dict[tuple[str, str], float]):
         while self.order and self[self.order[0]] < limit:
             del self[self.order.popleft()]
 
+    def forget(self, tasks: set[str] | dict[str, Any]) -> None:
+        """Forget the keys of ``tasks`` (their state was replaced: replayed events are not duplicates)."""
+        for key in [k for k in self if k[0] in tasks]:
+            del self[key]
+        self.order = deque(k for k in self.order if k in self)
+
 
 @dataclass
 class _Plan:
@@ -531,6 +537,7 @@ class Engine:
         holes = sorted(self.task_index[k] for k in names if k in self.task_index)
         self.counters["tasks_dropped"] += len(holes)
         self.pending.drop_tasks(names)
+        self.learned_keys.forget(names)
         if not holes:
             return
         n, m = self.n_tasks, len(holes)
@@ -1455,11 +1462,15 @@ class Engine:
         """Set tasks from decoded changelog records, or back to untrained (None); new names become tasks.
 
         A record was written against the writer's KB. A slot that holds another member here (or none) is
-        another expert for that task: it enters now, as a late expert does. A code learned in another basis
-        restarts from this basis's prior. The tasks' pending predictions (not in records) are dropped.
+        another expert for that task: it enters now, as a late expert does. A code learned in another basis is
+        carried into this one when kept, else restarts from the prior. The tasks' pending predictions (not in
+        records) and their keys in the duplicate window are dropped.
         """
         self._admit(list(records))
         self.pending.drop_tasks(records)
+        # the events after a record's state are replayed: learned again, not duplicates of the ones this engine
+        # learned before (a partition back where it was, after a commit that failed)
+        self.learned_keys.forget(records)
         ours = torch.tensor(self.kb.updated, device=self.device)
         for name, record in records.items():
             self._load_task(self.task_index[name], record, ours)

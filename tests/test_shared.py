@@ -149,3 +149,17 @@ def test_a_river_engine_never_reads_records_from_other_replicas(engine_factory):
     with pytest.raises(wire.Refused) as info:
         river.decode_task(eng.export_task("t0", {}), MAX)
     assert info.value.reason == "backend"
+
+
+def test_a_task_restored_from_an_older_record_learns_the_replayed_events_again(engine_factory):
+    """A partition back on the replica that learned it, after a commit that failed: the task is restored from
+    the committed record and the events after it are replayed. They are learned again, not taken for
+    duplicates of what this replica learned before the restore (exactly once)."""
+    events = [e for e in make_stream(n_tasks=3, per_task=20, ends=False) if e.task == "t0"]
+    committed, replica = engine_factory(), engine_factory()
+    committed.process(events[:12])
+    replica.process(events)  # learned past the commit
+    replica.load_tasks({"t0": replica.decode_task(committed.export_task("t0", {}), MAX)})
+    replica.process(events[12:])  # the replay
+    assert replica.counters["duplicates"] == 0
+    assert replica.n_labelled[replica.task_index["t0"]] == len(events)
