@@ -540,14 +540,14 @@ class Engine:
         self.learned_keys.forget(names)
         if not holes:
             return
-        n, m = self.n_tasks, len(holes)
-        tail = [r for r in range(n - m, n) if r not in set(holes)]
+        n, m, hole = self.n_tasks, len(holes), set(holes)
+        tail = [r for r in range(n - m, n) if r not in hole]
         dst = [h for h in holes if h < n - m]
         if tail:
             src_t, dst_t = (torch.as_tensor(r, device=self.device) for r in (tail, dst))
-            for col in self._columns().values():
+            for col in self._columns().values():  # labelled counts included
                 col[dst_t.to(col.device)] = col[src_t.to(col.device)]
-            for a in (self._counts, self._used, self._stored, self._dirty):
+            for a in (self._used, self._stored, self._dirty):
                 a[dst] = a[tail]
         for h in holes:
             del self.task_index[self.task_names[h]]
