@@ -17,7 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from rocksdict import BlockBasedOptions, Checkpoint, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Checkpoint,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
 
 from . import wire
 from .errors import StateError
@@ -153,7 +162,7 @@ class TaskStore:
     def restore(cls, snapshot: str | Path, path: str | Path, layout: wire.Spec) -> TaskStore:
         """A live store at ``path`` holding what ``snapshot`` holds (whatever ``path`` held before is gone)."""
         shutil.rmtree(path, ignore_errors=True)
-        src = Rdict(str(snapshot), Options(raw_mode=True))
+        src = Rdict(str(snapshot), Options(raw_mode=True), access_type=AccessType.read_only())  # left as it is
         try:
             Checkpoint(src).create_checkpoint(str(path))
         finally:
