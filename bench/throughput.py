@@ -70,10 +70,13 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--repeat", type=int, default=3, help="passes per method; the best is kept")
     ap.add_argument("--memory-tasks", type=int, default=10_000)
+    ap.add_argument(
+        "--max-resident-tasks", type=int, default=EngineConfig.max_resident_tasks, help="engine.max_resident_tasks"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = EngineConfig(dim=20)
+    cfg = EngineConfig(dim=20, max_resident_tasks=args.max_resident_tasks)
     schema = Schema(dim=20)
     # first, while the process is small: ru_maxrss is the peak of the whole process so far
     n_tasks = args.memory_tasks

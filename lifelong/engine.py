@@ -611,12 +611,9 @@ class Engine:
     def _plan(self, events: list[Event], start: int, stop: int, result: BatchResult) -> _Plan:
         """Arrival-order bookkeeping: each event's task and outcome, pending labels and their TTL, the
         duplicate window (``_sort_out``), then each task's labelled counts and the snapshot triggers."""
-        self._admit([e.task for e in events[start:stop]])
-        first_new = self.n_tasks
+        self._admit([e.task for e in events[start:stop]])  # every task of the segment has a row from here on
         outcome, tasks, ref = self._sort_out(events, start, stop, result)
         self.learned_keys.expire(self.now_ts - self.labels.pending_ttl_s)
-        if self.n_tasks > first_new:
-            self._init_tasks(first_new)
         labelled = (outcome == LEARNED) | (outcome == LABEL_JOINED)
         uniq, inv = np.unique(tasks, return_inverse=True)
         self._used[uniq], self._dirty[uniq] = self._batch, True
@@ -657,10 +654,7 @@ class Engine:
                 if ts >= now - ttl:
                     break
                 self._drop_pending(key)
-            ti = index.get(e.task)
-            if ti is None:
-                ti = self._new_task(e.task)
-            tasks[j] = ti
+            tasks[j] = index[e.task]
             if e.control is not None:
                 outcome[j] = CONTROL
                 self.counters["controls"] += 1
@@ -719,8 +713,6 @@ class Engine:
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
         index = self.task_index
-        for name in dict.fromkeys(k[0] for k in keys if k[0] not in index):  # new tasks, in order of arrival
-            self._new_task(name)
         tasks = [index[k[0]] for k in keys]
         ts = [e.ts for e in evs]
         if None in ts:
