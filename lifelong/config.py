@@ -23,6 +23,9 @@ class KafkaConfig:
     """``kafka``: brokers, topics, the consumer group, security and client limits."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    # kafka-python | confluent (librdkafka, the optional extra lifelong[confluent]: several times the events/s of
+    # one replica; README "Choosing a Kafka client")
+    client: str = "kafka-python"
     events_topic: str = "lifelong-events"
     predictions_topic: str = "lifelong-predictions"
     dead_letter_topic: str = "lifelong-dlq"
@@ -166,6 +169,7 @@ CHOICES = {
     "engine.device": {"auto", "cpu", "cuda"},
     "engine.dtype": {"float32", "float64"},
     "logging.level": {"DEBUG", "INFO", "WARNING", "ERROR"},
+    "kafka.client": {"kafka-python", "confluent"},
     "kafka.security_protocol": {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"},
 }
 POSITIVE = {

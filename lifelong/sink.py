@@ -8,10 +8,10 @@ source offset and counted (``dead_letter_failures``), not retried.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
@@ -32,45 +32,48 @@ class FlushTimeout(SinkError):
     """Deliveries still pending (the broker is slow or unreachable): nothing failed, try again later."""
 
 
-class KafkaSink:
-    """An idempotent-where-possible producer; ``flush`` raises if any send since the last flush failed."""
+class Sink:
+    """What the daemon sends: predictions, KB members, changelog records and dead letters. A client implements
+    ``_send``, ``flush`` and ``close`` (``KafkaSink``; ``confluent.ConfluentSink``)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.producer = KafkaProducer(
-            acks="all",
-            linger_ms=5,
-            retries=5,
-            max_in_flight_requests_per_connection=1,
-            max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
-            client_id="lifelong",
-            **client_options(cfg),
-        )
-        self.futures: list[Any] = []
-        self.dead_letters: list[tuple[Any, str]] = []  # (future, where it came from)
         self.dead_letter_failures = 0
         self.sent = 0
 
+    def _send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        where: str | None = None,
+    ) -> None:
+        """Send one record; a dead letter (``where`` names its source) that fails is logged, never raised."""
+        raise NotImplementedError
+
+    def flush(self, timeout: float) -> int:
+        """Wait for every pending send; raise ``SinkError`` naming the first failure (``FlushTimeout`` when
+        some are still pending: they stay pending). Returns the records delivered."""
+        raise NotImplementedError
+
+    def close(self, timeout: float) -> None:
+        """Close the producer, waiting at most ``timeout`` seconds for what is still pending."""
+        raise NotImplementedError
+
     def prediction(self, task: str, record: dict[str, Any]) -> None:
-        """Send one prediction record (strict JSON), keyed by task."""
-        value = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()  # strict JSON, always
-        self.futures.append(self.producer.send(self.cfg.kafka.predictions_topic, key=task.encode(), value=value))
+        """Send one prediction record (JSON: orjson writes a non-finite number as null), keyed by task."""
+        self._send(self.cfg.kafka.predictions_topic, orjson.dumps(record), task.encode())
 
     def knowledge(self, member: str, value: bytes) -> None:
         """A KB member record (``wire`` format), keyed by its source task: compaction keeps its newest one."""
-        self.futures.append(self.producer.send(self.cfg.kafka.knowledge_topic, key=member.encode(), value=value))
+        self._send(self.cfg.kafka.knowledge_topic, value, member.encode())
 
     def changelog(self, task: str, partition: int, value: bytes, position: int) -> None:
         """A task's state when its events partition was at ``position``, in the matching changelog partition."""
-        self.futures.append(
-            self.producer.send(
-                self.cfg.kafka.changelog_topic,
-                key=task.encode(),
-                value=value,
-                partition=partition,
-                headers=[("position", str(position).encode())],
-            )
-        )
+        headers = [("position", str(position).encode())]
+        self._send(self.cfg.kafka.changelog_topic, value, task.encode(), partition=partition, headers=headers)
 
     def dead_letter(
         self, raw: bytes | None, key: bytes | None, error: str, topic: str, partition: int, offset: int
@@ -87,22 +90,51 @@ class KafkaSink:
         if len(raw) + MAX_KEY + 4096 > limit:  # would not fit in one record next to its key and headers
             headers += [("truncated", b"1"), ("original_bytes", str(len(raw)).encode())]
             raw = raw[: min(DEAD_LETTER_PREFIX, limit // 2)]
-        where = f"{topic}-{partition}@{offset}"
-        try:
-            future = self.producer.send(
-                self.cfg.kafka.dead_letter_topic,
-                value=raw,
-                headers=headers,
-                key=key if key is None or len(key) <= MAX_KEY else None,
-            )
-        except KafkaError as exc:
-            self._dead_letter_failed(where, exc)
-            return
-        self.dead_letters.append((future, where))
+        key = key if key is None or len(key) <= MAX_KEY else None
+        self._send(self.cfg.kafka.dead_letter_topic, raw, key, headers=headers, where=f"{topic}-{partition}@{offset}")
 
-    def _dead_letter_failed(self, where: str, exc: BaseException) -> None:
+    def _dead_letter_failed(self, where: str, exc: object) -> None:
         self.dead_letter_failures += 1
         log.error("dead letter for %s not delivered (the event is skipped): %r", where, exc, extra={"source": where})
+
+
+class KafkaSink(Sink):
+    """The kafka-python producer (``kafka.client: kafka-python``): a future per record, checked at ``flush``."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.producer = KafkaProducer(
+            acks="all",
+            linger_ms=5,
+            retries=5,
+            max_in_flight_requests_per_connection=1,
+            max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
+            client_id="lifelong",
+            **client_options(cfg),
+        )
+        self.futures: list[Any] = []
+        self.dead_letters: list[tuple[Any, str]] = []  # (future, where it came from)
+
+    def _send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        where: str | None = None,
+    ) -> None:
+        try:
+            future = self.producer.send(topic, key=key, value=value, partition=partition, headers=headers)
+        except KafkaError as exc:
+            if where is None:
+                raise
+            self._dead_letter_failed(where, exc)
+            return
+        if where is None:
+            self.futures.append(future)
+        else:
+            self.dead_letters.append((future, where))
 
     def flush(self, timeout: float) -> int:
         """Wait for every pending send; raise ``SinkError`` naming the first failure (``FlushTimeout`` when
@@ -127,3 +159,12 @@ class KafkaSink:
     def close(self, timeout: float) -> None:
         """Close the producer, waiting at most ``timeout`` seconds for what is still pending."""
         self.producer.close(timeout=timeout)
+
+
+def open_sink(cfg: Config) -> Sink:
+    """The producer of ``kafka.client``."""
+    if cfg.kafka.client == "confluent":
+        from .confluent import ConfluentSink
+
+        return ConfluentSink(cfg)
+    return KafkaSink(cfg)

@@ -1,13 +1,14 @@
 """Kafka source: a consumer polled in its own thread, handing record batches over a bounded queue.
 
 The poll loop never waits on learning: when the queue is full it pauses its partitions and keeps polling
-(so the group never sees a missed ``max_poll_interval_ms``) and resumes them when there is room. The
-kafka-python consumer is not thread-safe, so commits and seeks happen in this thread too: the daemon asks
-for a commit and waits for the answer.
+(so the group never sees a missed ``max_poll_interval_ms``) and resumes them when there is room. Consumers
+are not thread-safe, so commits and seeks happen in this thread too: the daemon asks for a commit and waits
+for the answer.
 
-Rebalance callbacks run on kafka-python's IO thread, where nothing may block. Gained partitions are paused
-there, and taken over in this thread right after ``poll`` returns: the daemon restores their state (it
-may read the changelog and the committed offsets), then they are sought and resumed.
+With kafka-python (``KafkaSource``) rebalance callbacks run on the client's IO thread, where nothing may block.
+Gained partitions are paused there, and taken over in this thread right after ``poll`` returns: the daemon
+restores their state (it may read the changelog and the committed offsets), then they are sought and
+resumed. With confluent-kafka see ``confluent.ConfluentSource``.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def client_options(cfg: Config) -> dict[str, Any]:
     return opts
 
 
-class KafkaSource:
-    """Consumes ``kafka.events_topic`` in a consumer group; see the module docstring."""
+class Source:
+    """The client-independent part of a source: the poll thread, the bounded queue and back-pressure, commits
+    asked for by the daemon, take-over of gained partitions and broker health. A client implements the
+    ``_open`` ... ``_close`` steps below (see ``KafkaSource``; ``confluent.ConfluentSource``)."""
 
     def __init__(
         self,
@@ -88,9 +91,49 @@ class KafkaSource:
         self.heartbeat_age = 0.0
         self.paused = False
         self.error: BaseException | None = None
+        # a full queue waits this long for room before the partitions are paused (a client whose pause drops
+        # what it fetched ahead); polls keep coming at least this often
+        self.room_wait_s = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lifelong-poll", daemon=True)
-        self.consumer: KafkaConsumer | None = None
+
+    # --- what a client implements (all called in the poll thread) ---
+
+    def _open(self) -> None:
+        """Create the consumer and subscribe to ``kafka.events_topic`` with this source's rebalance callbacks."""
+        raise NotImplementedError
+
+    def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
+        """Records with ``topic partition offset key value timestamp`` (ms) attributes; may run callbacks."""
+        raise NotImplementedError
+
+    def _assignment(self) -> list[TopicPartition]:
+        raise NotImplementedError
+
+    def _pause(self, parts: list[TopicPartition]) -> None:
+        raise NotImplementedError
+
+    def _resume(self, parts: list[TopicPartition]) -> None:
+        raise NotImplementedError
+
+    def _seek(self, positions: dict[TopicPartition, int]) -> None:
+        raise NotImplementedError
+
+    def _commit(self, offsets: dict[TopicPartition, int], wait: bool) -> None:
+        raise NotImplementedError
+
+    def _committed(self, tp: TopicPartition) -> int | None:
+        raise NotImplementedError
+
+    def _observe(self) -> None:
+        """Update ``highwater`` and ``heartbeat_age``."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    # --- the daemon's side ---
 
     def start(self) -> None:
         """Start the poll thread."""
@@ -104,36 +147,30 @@ class KafkaSource:
     def get(self, timeout: float) -> Batch | None:
         """The next polled batch, or None after ``timeout`` seconds."""
         try:
-            return self.batches.get(timeout=timeout)
+            batch = self.batches.get(timeout=timeout)
         except queue.Empty:
             return None
+        self._wake.set()
+        return batch
 
     def commit(self, offsets: dict[TopicPartition, int], timeout: float) -> None:
         """Commit ``offsets`` (the next offset to read per partition) from the poll thread; raises on failure."""
         done: Future[None] = Future()
         self.commands.put((offsets, done))
+        self._wake.set()
         done.result(timeout)
 
     def commit_async(self, offsets: dict[TopicPartition, int]) -> None:
-        """Send a commit without waiting (rebalance callbacks, which run where nothing may block)."""
-        consumer = self.client
-        mine = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in consumer.assignment()}
+        """Send a commit without waiting (rebalance callbacks, which run in the poll thread)."""
+        mine = {tp: o for tp, o in offsets.items() if tp in self._assignment()}
         if mine:
-            consumer.commit_async(mine)
+            self._commit(mine, wait=False)
 
     def committed_offset(self, tp: TopicPartition) -> int | None:
         """The group's committed offset of ``tp`` (in the poll thread: taking over gained partitions)."""
         if threading.current_thread() is not self._thread:
             raise LifelongError("the consumer is used outside the poll thread")
-        got = self.client.committed(tp)
-        return None if got is None else int(got)
-
-    @property
-    def client(self) -> KafkaConsumer:
-        """The consumer, which the poll thread creates when it starts (using it earlier is a bug)."""
-        if self.consumer is None:
-            raise LifelongError("used before the Kafka clients were started")
-        return self.consumer
+        return self._committed(tp)
 
     @property
     def broker_reachable(self) -> bool:
@@ -141,46 +178,37 @@ class KafkaSource:
         limit = 2 * self.cfg.kafka.session_timeout_ms / 3000 + 1
         return self.heartbeat_age < limit and time.monotonic() - self.last_poll < limit
 
-    def _consumer(self) -> KafkaConsumer:
-        k = self.cfg.kafka
-        return KafkaConsumer(
-            group_id=k.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=k.session_timeout_ms,
-            heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
-            max_poll_interval_ms=k.max_poll_interval_ms,
-            max_poll_records=self.cfg.batching.max_events,
-            fetch_max_bytes=max(50 * 1024 * 1024, k.max_message_bytes),
-            max_partition_fetch_bytes=max(1024 * 1024, k.max_message_bytes),
-            client_id="lifelong",
-            **client_options(self.cfg),
-        )
+    def drain(self) -> None:
+        """Drop batches fetched before a rebalance: they will be fetched again after the seek."""
+        while True:
+            try:
+                self.batches.get_nowait()
+            except queue.Empty:
+                return
+
+    # --- the poll thread ---
 
     def _run(self) -> None:
         try:
-            self.consumer = self._consumer()
-            self.consumer.subscribe([self.cfg.kafka.events_topic], listener=_Listener(self))
+            self._open()
             while not self._stop.is_set():
                 self._serve_commands()
                 self._backpressure()
-                records = self.consumer.poll(timeout_ms=100, max_records=self.cfg.batching.max_events)
+                records = self._poll(0.1, self.cfg.batching.max_events)
                 now = time.monotonic()
                 self.poll_gaps.append(now - self.last_poll)
                 self.last_poll = now
                 if self.gained:
                     self._take_over()
                 self._observe()
-                flat = [r for rs in records.values() for r in rs]
-                if flat:
-                    self.batches.put(Batch(flat, self.generation))
+                if records:
+                    self.batches.put(Batch(records, self.generation))
         except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which stops
             log.exception("poll loop failed")
             self.error = exc
         finally:
             self._serve_commands()
-            if self.consumer is not None:
-                self.consumer.close(autocommit=False)
+            self._close()
 
     def _serve_commands(self) -> None:
         while True:
@@ -189,40 +217,125 @@ class KafkaSource:
             except queue.Empty:
                 return
             try:
-                consumer = self.client
-                mine = {tp: o for tp, o in offsets.items() if tp in consumer.assignment()}
+                mine = {tp: o for tp, o in offsets.items() if tp in self._assignment()}
                 if mine:
-                    consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in mine.items()})
+                    self._commit(mine, wait=True)
                     self.committed.update(mine)
                 done.set_result(None)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting daemon thread
                 done.set_exception(exc)
 
     def _take_over(self) -> None:
-        consumer = self.client
         gained, self.gained = self.gained, []
         positions = self.on_assign(gained)
-        for tp in gained:
-            if tp in positions:
-                consumer.seek(tp, positions[tp])
-        consumer.resume(*gained)
+        self._seek({tp: o for tp, o in positions.items() if tp in gained})
+        self._resume(gained)
         self.assigned = self.assigned + gained
         log.info(
             "partitions taken over: %s (positions %s)",
-            sorted(f"{tp.topic}-{tp.partition}" for tp in gained),
+            partition_names(gained),
             {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()},
         )
 
     def _backpressure(self) -> None:
-        consumer = self.client
+        deadline = time.monotonic() + self.room_wait_s
+        while self.batches.full() and (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+            self._wake.clear()  # set by the daemon taking a batch or asking for a commit
+            if self.batches.full() and self.commands.empty():
+                self._wake.wait(min(left, 0.1))
+            self._serve_commands()
         full = self.batches.full()
-        parts = list(consumer.assignment())
+        parts = self._assignment()
         if full and not self.paused and parts:
-            consumer.pause(*parts)
+            self._pause(parts)
             self.paused = True
         elif not full and self.paused:
-            consumer.resume(*consumer.paused())
+            self._resume([tp for tp in parts if tp not in self.gained])
             self.paused = False
+
+    def _leave(self, parts: list[TopicPartition], handler: Callable[[list[TopicPartition]], None], how: str) -> None:
+        """Partitions revoked or lost (a rebalance callback): batches in the queue are dropped."""
+        self.generation += 1
+        self.drain()
+        handler(list(parts))
+        self.assigned = [tp for tp in self.assigned if tp not in parts]
+        self.gained = [tp for tp in self.gained if tp not in parts]
+        log.info("partitions %s: %s", how, partition_names(parts))
+
+    def _gain(self, assigned: list[TopicPartition]) -> None:
+        """Partitions assigned (a rebalance callback): paused until taken over after the poll returns."""
+        self.generation += 1
+        self.drain()
+        if assigned:
+            self._pause(assigned)
+        self.gained = list(assigned)
+        self.paused = False
+        log.info("partitions assigned: %s", partition_names(assigned))
+
+
+def partition_names(parts: list[TopicPartition]) -> list[str]:
+    """``topic-partition`` names for the log."""
+    return sorted(f"{tp.topic}-{tp.partition}" for tp in parts)
+
+
+class KafkaSource(Source):
+    """The kafka-python consumer (``kafka.client: kafka-python``). It is not thread-safe: everything runs in
+    the poll thread, and its rebalance callbacks run on its IO thread, where nothing may block."""
+
+    consumer: KafkaConsumer | None = None
+
+    @property
+    def client(self) -> KafkaConsumer:
+        """The consumer, which the poll thread creates when it starts (using it earlier is a bug)."""
+        if self.consumer is None:
+            raise LifelongError("used before the Kafka clients were started")
+        return self.consumer
+
+    def _open(self) -> None:
+        k = self.cfg.kafka
+        self.consumer = KafkaConsumer(
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            max_poll_records=self.cfg.batching.max_events,
+            fetch_max_wait_ms=self.cfg.batching.max_ms,  # a broker holding fetches adds to every latency
+            fetch_max_bytes=max(50 * 1024 * 1024, k.max_message_bytes),
+            max_partition_fetch_bytes=max(1024 * 1024, k.max_message_bytes),
+            client_id="lifelong",
+            **client_options(self.cfg),
+        )
+        self.consumer.subscribe([k.events_topic], listener=_Listener(self))
+
+    def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
+        records = self.client.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        return [r for rs in records.values() for r in rs]
+
+    def _assignment(self) -> list[TopicPartition]:
+        return list(self.client.assignment())
+
+    def _pause(self, parts: list[TopicPartition]) -> None:
+        self.client.pause(*parts)
+
+    def _resume(self, parts: list[TopicPartition]) -> None:
+        self.client.resume(*parts)
+
+    def _seek(self, positions: dict[TopicPartition, int]) -> None:
+        for tp, offset in positions.items():
+            self.client.seek(tp, offset)
+
+    def _commit(self, offsets: dict[TopicPartition, int], wait: bool) -> None:
+        meta = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+        if wait:
+            self.client.commit(meta)
+        else:
+            self.client.commit_async(meta)
+
+    def _committed(self, tp: TopicPartition) -> int | None:
+        got = self.client.committed(tp)
+        return None if got is None else int(got)
 
     def _observe(self) -> None:
         consumer = self.client
@@ -234,13 +347,23 @@ class KafkaSource:
         age = metrics.get("last-heartbeat-seconds-ago", 0.0)
         self.heartbeat_age = 0.0 if age == float("inf") else float(age)
 
-    def drain(self) -> None:
-        """Drop batches fetched before a rebalance: they will be fetched again after the seek."""
-        while True:
-            try:
-                self.batches.get_nowait()
-            except queue.Empty:
-                return
+    def _close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+
+
+def open_source(
+    cfg: Config,
+    on_assign: Callable[[list[TopicPartition]], dict[TopicPartition, int]],
+    on_revoke: Callable[[list[TopicPartition]], None],
+    on_lost: Callable[[list[TopicPartition]], None],
+) -> Source:
+    """The consumer of ``kafka.client``, not started."""
+    if cfg.kafka.client == "confluent":
+        from .confluent import ConfluentSource
+
+        return ConfluentSource(cfg, on_assign, on_revoke, on_lost)
+    return KafkaSource(cfg, on_assign, on_revoke, on_lost)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python has no type hints
@@ -248,26 +371,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-pytho
         self.source = source
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._leave(revoked, self.source.on_revoke, "revoked")
+        self.source._leave(revoked, self.source.on_revoke, "revoked")
 
     def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
-        self._leave(lost, self.source.on_lost, "lost (evicted from the group)")
-
-    def _leave(self, parts: list[TopicPartition], handler: Callable[[list[TopicPartition]], None], how: str) -> None:
-        src = self.source
-        src.generation += 1
-        src.drain()
-        handler(list(parts))
-        src.assigned = [tp for tp in src.assigned if tp not in parts]
-        src.gained = [tp for tp in src.gained if tp not in parts]
-        log.info("partitions %s: %s", how, sorted(f"{tp.topic}-{tp.partition}" for tp in parts))
+        self.source._leave(lost, self.source.on_lost, "lost (evicted from the group)")
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        src = self.source
-        src.generation += 1
-        src.drain()
-        if assigned:
-            src.client.pause(*assigned)
-        src.gained = list(assigned)
-        src.paused = False
-        log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+        self.source._gain(assigned)

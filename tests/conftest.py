@@ -71,6 +71,13 @@ def engine_factory():
     return make
 
 
+@pytest.fixture(params=["kafka-python", "confluent"])
+def client(request):
+    """``kafka.client``: the real-broker tests of the commit protocol, crashes, outages, bad input and scale-out
+    run against both transports."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """A real Kafka-compatible broker (tansu) on a free loopback port, one per test module."""

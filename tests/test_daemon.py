@@ -20,7 +20,7 @@ from lifelong.broker import EmbeddedBroker
 from lifelong.engine import Engine
 from lifelong.errors import InvalidEvent
 from lifelong.events import Schema, decode, to_dict
-from lifelong.sink import FlushTimeout, KafkaSink
+from lifelong.sink import FlushTimeout, open_sink
 
 from conftest import make_stream
 from kafka_helpers import (
@@ -72,8 +72,8 @@ def assert_same_state(a: Engine, b: Engine) -> None:
         torch.testing.assert_close(p[rows], b.learners.params[name][: b.n_tasks], rtol=1e-4, atol=1e-5)
 
 
-def test_end_to_end_predictions_dead_letters_and_metrics(broker, tmp_path):
-    values = settings(broker.bootstrap, tmp_path, **{"kafka.max_message_bytes": 10_000})
+def test_end_to_end_predictions_dead_letters_and_metrics(broker, tmp_path, client):
+    values = settings(broker.bootstrap, tmp_path, **{"kafka.max_message_bytes": 10_000, "kafka.client": client})
     cfg = config(values)
     good = stream_payloads(delayed=0.2)
     bad = [
@@ -138,12 +138,17 @@ def topic_exists(broker, topic):
         c.close()
 
 
-def test_kill_9_at_any_point_then_restart_equals_an_uninterrupted_run(broker, tmp_path):
+def test_kill_9_at_any_point_then_restart_equals_an_uninterrupted_run(broker, tmp_path, client):
     """With most tasks in the task store at any moment (3 of 8 resident): incremental checkpoints."""
     values = settings(
         broker.bootstrap,
         tmp_path,
-        **{"batching.max_events": 40, "checkpoint.interval_s": 0.2, "engine.max_resident_tasks": 3},
+        **{
+            "batching.max_events": 40,
+            "checkpoint.interval_s": 0.2,
+            "engine.max_resident_tasks": 3,
+            "kafka.client": client,
+        },
     )
     cfg = config(values)
     path = write_config(values, tmp_path / "config.yaml")
@@ -182,8 +187,9 @@ def test_kill_9_at_any_point_then_restart_equals_an_uninterrupted_run(broker, tm
     assert kills == 3
 
 
-def test_sigterm_checkpoints_commits_and_exits_0_within_grace(broker, tmp_path):
-    values = settings(broker.bootstrap, tmp_path, **{"checkpoint.interval_s": 60.0, "shutdown_grace_s": 8.0})
+def test_sigterm_checkpoints_commits_and_exits_0_within_grace(broker, tmp_path, client):
+    overrides = {"checkpoint.interval_s": 60.0, "shutdown_grace_s": 8.0, "kafka.client": client}
+    values = settings(broker.bootstrap, tmp_path, **overrides)
     cfg = config(values)
     proc = start_process(write_config(values, tmp_path / "c.yaml"), tmp_path / "daemon.log")
     wait_until(lambda: topic_exists(broker, cfg.kafka.events_topic), 30, what="topics")
@@ -211,9 +217,9 @@ def test_sigterm_checkpoints_commits_and_exits_0_within_grace(broker, tmp_path):
     assert {tp.partition: o.offset for tp, o in committed[cfg.kafka.group_id].items()} == {0: len(payloads)}
 
 
-def test_broker_outage_not_ready_then_recovers_without_loss(tmp_path):
+def test_broker_outage_not_ready_then_recovers_without_loss(tmp_path, client):
     with EmbeddedBroker(log=tmp_path / "tansu.log") as own:
-        values = settings(own.bootstrap, tmp_path, **{"batching.max_events": 20})
+        values = settings(own.bootstrap, tmp_path, **{"batching.max_events": 20, "kafka.client": client})
         cfg = config(values)
         payloads = stream_payloads(n_tasks=6, per_task=100, seed=2)
         half = len(payloads) // 2
@@ -257,8 +263,8 @@ def random_payload(rng: random.Random, valid: list[bytes]) -> bytes:
     return rng.choice(valid)
 
 
-def test_fuzzed_payloads_go_to_the_dlq_and_the_daemon_keeps_serving(broker, tmp_path):
-    values = settings(broker.bootstrap, tmp_path)
+def test_fuzzed_payloads_go_to_the_dlq_and_the_daemon_keeps_serving(broker, tmp_path, client):
+    values = settings(broker.bootstrap, tmp_path, **{"kafka.client": client})
     cfg = config(values)
     rng = random.Random(7)
     valid = stream_payloads(n_tasks=4, per_task=30)
@@ -368,10 +374,10 @@ def test_demo_runs_and_prints_a_summary(broker):
     )
 
 
-def test_a_flush_during_an_outage_is_postponed_not_fatal(tmp_path):
+def test_a_flush_during_an_outage_is_postponed_not_fatal(tmp_path, client):
     with EmbeddedBroker(log=tmp_path / "tansu.log") as own:
-        cfg = config(settings(own.bootstrap, tmp_path))
-        sink = KafkaSink(cfg)
+        cfg = config(settings(own.bootstrap, tmp_path, **{"kafka.client": client}))
+        sink = open_sink(cfg)
         sink.prediction("t", {"task": "t", "id": "warm-up"})
         assert sink.flush(timeout=20) == 1
         sink.prediction("t", {"task": "t", "id": "during"})

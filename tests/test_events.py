@@ -1,49 +1,84 @@
 import json
+import random
 
 import pytest
 
 from lifelong.errors import InvalidEvent
-from lifelong.events import Schema, decode, hash_index
+from lifelong.events import Event, Schema, decode, decode_many, hash_index
 
 SCHEMA = Schema(dim=3, tasks=frozenset())
 
 
-@pytest.mark.parametrize(
-    ("payload", "field"),
-    [
-        (b"{not json", "payload"),
-        (b"\xff\xfe", "payload"),
-        (b"[1, 2]", "event"),
-        (b'{"x": [1, 2, 3], "y": 1}', "task"),
-        (b'{"task": "", "x": [1, 2, 3], "y": 1}', "task"),
-        (b'{"task": 5, "x": [1, 2, 3], "y": 1}', "task"),
-        (json.dumps({"task": "a" * 300, "x": [1, 2, 3], "y": 1}).encode(), "task"),
-        (b'{"task": "a", "x": [1, 2], "y": 1}', "x"),
-        (b'{"task": "a", "x": [1, 2, "3"], "y": 1}', "x"),
-        (b'{"task": "a", "x": [1, true, 3], "y": 1}', "x"),
-        (b'{"task": "a", "x": "1,2,3", "y": 1}', "x"),
-        (b'{"task": "a", "x": [1, NaN, 3], "y": 1}', "payload"),
-        (b'{"task": "a", "x": [1, 1e999, 3], "y": 1}', "x"),
-        (b'{"task": "a", "x": {"f": "high"}, "y": 1}', "x.f"),
-        (b'{"task": "a", "x": [1, 2, 3], "y": 2}', "y"),
-        (b'{"task": "a", "x": [1, 2, 3], "y": "yes"}', "y"),
-        (b'{"task": "a", "x": [1, 2, 3]}', "id"),
-        (b'{"task": "a", "y": 1}', "id"),
-        (b'{"task": "a", "id": "e"}', "y"),
-        (b'{"task": "a", "control": "pause"}', "control"),
-        (b'{"task": "a", "id": 7, "x": [1, 2, 3], "y": 1}', "id"),
-        (b'{"task": "a", "x": [1, 2, 3], "y": 1, "ts": "now"}', "ts"),
-        (b'{"task": "a", "x": [1, 2, 3], "y": true}', "y"),  # as true is not a feature, it is not a label
-        (b'{"task": "a", "x": [1, 2, 3], "y": 1, "ts": 1' + b"0" * 400 + b"}", "ts"),
-        (b'{"task": "a", "x": [1, 1' + b"0" * 400 + b', 3], "y": 1}', "x"),
-        (b'{"task": "a", "x": {"f": 1e308, "g": 1e308, "h": 1e308, "i": 1e308}, "y": 1}', "x"),
-    ],
-)
+INVALID = [
+    (b"{not json", "payload"),
+    (b"\xff\xfe", "payload"),
+    (b"[1, 2]", "event"),
+    (b'{"x": [1, 2, 3], "y": 1}', "task"),
+    (b'{"task": "", "x": [1, 2, 3], "y": 1}', "task"),
+    (b'{"task": 5, "x": [1, 2, 3], "y": 1}', "task"),
+    (json.dumps({"task": "a" * 300, "x": [1, 2, 3], "y": 1}).encode(), "task"),
+    (b'{"task": "a", "x": [1, 2], "y": 1}', "x"),
+    (b'{"task": "a", "x": [1, 2, "3"], "y": 1}', "x"),
+    (b'{"task": "a", "x": [1, true, 3], "y": 1}', "x"),
+    (b'{"task": "a", "x": "1,2,3", "y": 1}', "x"),
+    (b'{"task": "a", "x": [1, NaN, 3], "y": 1}', "payload"),
+    (b'{"task": "a", "x": [1, 1e999, 3], "y": 1}', "x"),
+    (b'{"task": "a", "x": {"f": "high"}, "y": 1}', "x.f"),
+    (b'{"task": "a", "x": [1, 2, 3], "y": 2}', "y"),
+    (b'{"task": "a", "x": [1, 2, 3], "y": "yes"}', "y"),
+    (b'{"task": "a", "x": [1, 2, 3]}', "id"),
+    (b'{"task": "a", "y": 1}', "id"),
+    (b'{"task": "a", "id": "e"}', "y"),
+    (b'{"task": "a", "control": "pause"}', "control"),
+    (b'{"task": "a", "id": 7, "x": [1, 2, 3], "y": 1}', "id"),
+    (b'{"task": "a", "x": [1, 2, 3], "y": 1, "ts": "now"}', "ts"),
+    (b'{"task": "a", "x": [1, 2, 3], "y": true}', "y"),  # as true is not a feature, it is not a label
+    (b'{"task": "a", "x": [1, 2, 3], "y": 1, "ts": 1' + b"0" * 400 + b"}", "ts"),
+    (b'{"task": "a", "x": [1, 1' + b"0" * 400 + b', 3], "y": 1}', "x"),
+    (b'{"task": "a", "x": {"f": 1e308, "g": 1e308, "h": 1e308, "i": 1e308}, "y": 1}', "x"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), INVALID)
 def test_invalid_events_name_the_field(payload, field):
     with pytest.raises(InvalidEvent) as info:
         decode(payload, SCHEMA)
     assert info.value.field == field
     assert info.value.problem
+
+
+VALID = [
+    b'{"task": "a", "id": "1", "x": [1, 2, 3], "y": 1, "ts": 5}',
+    b'{"task": "b", "id": "2", "x": [0.5, -2, 1e300]}',
+    b'{"task": "a", "id": "1", "x": {"amount": 2.0, "age": 1.0}}',
+    b'{"task": "a", "id": "1", "y": 0}',
+    b'{"task": "a", "control": "end"}',
+    b'{"task": "c", "x": [1, 1' + b"0" * 30 + b', 3], "y": 1}',  # beyond 64 bits, still a float64
+]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_batch_decodes_as_its_payloads_one_by_one(seed):
+    """Whatever the mix, each payload of a batch gives the event, or the reason, that decode gives it alone:
+    one bad x (a bool, a string, NaN, infinity) refuses its own event, never its neighbours."""
+    rng = random.Random(seed)
+    payloads = [rng.choice([p for p, _ in INVALID] + VALID * 4) for _ in range(60)]
+    for got, payload in zip(decode_many(payloads, SCHEMA), payloads, strict=True):
+        try:
+            want: Event | InvalidEvent = decode(payload, SCHEMA)
+        except InvalidEvent as exc:
+            want = exc
+        assert type(got) is type(want)
+        if isinstance(want, InvalidEvent):
+            assert str(got) == str(want)
+        else:
+            assert (got.task, got.id, got.y, got.ts, got.control) == (want.task, want.id, want.y, want.ts, want.control)
+            assert (got.x is None and want.x is None) or got.x.tolist() == want.x.tolist()
+
+
+def test_a_null_record_is_refused_not_fatal():
+    (got,) = decode_many([None], SCHEMA)
+    assert isinstance(got, InvalidEvent) and got.field == "payload"
 
 
 def test_oversized_and_unknown_task_are_refused():

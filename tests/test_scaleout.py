@@ -96,12 +96,13 @@ def produce_slowly(
     return thread
 
 
-def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(broker, tmp_path):
+def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(broker, tmp_path, client):
     values = settings(
         broker.bootstrap,
         tmp_path,
         shared=True,
         **{
+            "kafka.client": client,
             "kafka.partitions": PARTITIONS,
             "checkpoint.interval_s": 1.0,
             "batching.max_events": 100,

@@ -1,0 +1,66 @@
+"""The ingest step, without a broker: polled records in, events to learn and rejections out.
+
+Per record, in order: below its partition's position (seen again after a seek) -> skipped, already learned;
+not a valid event, or a new task past ``engine.max_tasks`` -> rejected (the daemon dead-letters it with the
+reason); below its task's floor (already in the task's state restored from the changelog) -> skipped; else an
+event, stamped with the record's timestamp when it carries none. The payloads are decoded as one batch
+(``events.decode_many``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import TopicPartition
+
+from .errors import InvalidEvent
+from .events import Event, Schema, decode_many
+
+
+@dataclass
+class Ingested:
+    """What ``ingest`` made of a batch of records."""
+
+    events: list[Event] = field(default_factory=list)
+    sources: list[Any] = field(default_factory=list)  # the record of each event
+    rejected: list[tuple[Any, InvalidEvent]] = field(default_factory=list)
+
+
+def ingest(
+    records: Sequence[Any],
+    schema: Schema,
+    positions: dict[TopicPartition, int],
+    floor: dict[str, int],
+    known: Container[str],
+    n_known: int,
+    max_tasks: int,
+) -> Ingested:
+    """Sort ``records`` (``topic partition offset value timestamp`` attributes) out, advancing ``positions`` (the
+    next offset to read per partition) past each one; ``known`` tasks and ``n_known`` of them are the engine's."""
+    fresh = []
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        if r.offset < positions.get(tp, -1):
+            continue
+        positions[tp] = r.offset + 1
+        fresh.append(r)
+    out = Ingested()
+    new: set[str] = set()
+    for r, e in zip(fresh, decode_many([r.value for r in fresh], schema), strict=True):
+        if isinstance(e, Event) and e.task not in known and e.task not in new:
+            if n_known + len(new) >= max_tasks:
+                e = InvalidEvent("task", f"engine.max_tasks ({max_tasks}) reached")
+            else:
+                new.add(e.task)
+        if isinstance(e, InvalidEvent):
+            out.rejected.append((r, e))
+            continue
+        if r.offset < floor.get(e.task, -1):
+            continue
+        if e.ts is None:
+            e.ts = r.timestamp / 1000.0
+        out.events.append(e)
+        out.sources.append(r)
+    return out

@@ -1,0 +1,215 @@
+"""The ingest step and the source's poll loop with in-memory fakes: no broker, a few seconds in all."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from kafka import TopicPartition
+
+from lifelong.config import load_config
+from lifelong.events import Schema
+from lifelong.ingest import ingest
+from lifelong.source import Source
+
+SCHEMA = Schema(dim=2)
+TP0, TP1 = TopicPartition("ev", 0), TopicPartition("ev", 1)
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    timestamp: int = 1_700_000_000_000
+
+
+def rec(partition: int, offset: int, task: str = "a", **fields: Any) -> Rec:
+    event = {"task": task, "id": f"{task}-{partition}-{offset}", "x": [1.0, 2.0], "y": 1, **fields}
+    return Rec("ev", partition, offset, json.dumps(event).encode())
+
+
+def run(records, positions=None, floor=None, known=(), max_tasks=100):
+    positions = {} if positions is None else positions
+    return ingest(records, SCHEMA, positions, floor or {}, set(known), len(known), max_tasks), positions
+
+
+def test_records_below_the_position_are_skipped_and_positions_advance_per_partition():
+    got, positions = run([rec(0, 5), rec(1, 0), rec(0, 6), rec(0, 7)], positions={TP0: 6})
+    assert [e.id for e in got.events] == ["a-1-0", "a-0-6", "a-0-7"]  # offset 5 was learned before the seek
+    assert positions == {TP0: 8, TP1: 1}
+    again, _ = run([rec(0, 6), rec(0, 7)], positions=positions)
+    assert again.events == [] and again.rejected == []
+
+
+def test_invalid_payloads_are_rejected_with_the_reason_and_their_neighbours_go_on():
+    a_bool = b'{"task": "a", "id": "z", "x": [1, true], "y": 1}'
+    bad = [Rec("ev", 0, 1, b"not json"), Rec("ev", 0, 2, None), Rec("ev", 0, 3, a_bool)]
+    got, positions = run([rec(0, 0), *bad, rec(0, 4)])
+    assert [e.id for e in got.events] == ["a-0-0", "a-0-4"]
+    assert [(r.offset, exc.field) for r, exc in got.rejected] == [(1, "payload"), (2, "payload"), (3, "x")]
+    assert positions[TP0] == 5  # a rejected record is behind us too: never read again
+
+
+def test_new_tasks_past_max_tasks_are_rejected_known_ones_go_on():
+    records = [rec(0, 0, "old"), rec(0, 1, "new1"), rec(0, 2, "new2"), rec(0, 3, "new1"), rec(0, 4, "old")]
+    got, _ = run(records, known=("old",), max_tasks=2)
+    assert [e.task for e in got.events] == ["old", "new1", "new1", "old"]
+    ((r, exc),) = got.rejected
+    assert r.offset == 2 and exc.field == "task" and "max_tasks" in str(exc)
+
+
+def test_events_below_their_task_floor_are_skipped_and_timestamps_come_from_the_record():
+    got, positions = run([rec(0, 3, "a"), rec(0, 4, "b"), rec(0, 5, "a"), rec(0, 6, "a", ts=12.5)], floor={"a": 5})
+    assert [e.id for e in got.events] == ["a-0-4".replace("a", "b", 1), "a-0-5", "a-0-6"]
+    assert [e.ts for e in got.events] == [1_700_000_000.0, 1_700_000_000.0, 12.5]
+    assert positions[TP0] == 7
+
+
+class FakeSource(Source):
+    """A source over an in-memory log: what a Kafka client would do, minus the network."""
+
+    def __init__(self, cfg, log: dict[TopicPartition, list[Rec]], **callbacks):
+        super().__init__(cfg, **callbacks)
+        self.log = log
+        self.position: dict[TopicPartition, int] = {}
+        self.assignment: list[TopicPartition] = []
+        self.paused_parts: set[TopicPartition] = set()
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.group_committed: dict[TopicPartition, int] = {}
+        self.rebalance: list[TopicPartition] | None = None  # the next poll assigns these (after revoking all)
+        self.polls = 0
+
+    def _open(self) -> None:
+        pass
+
+    def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
+        self.polls += 1
+        if self.rebalance is not None:
+            new, self.rebalance = self.rebalance, None
+            if self.assignment:
+                self._leave(self.assignment, self.on_revoke, "revoked")
+            self.assignment = list(new)
+            for tp in new:
+                self.position[tp] = self.group_committed.get(tp, 0)
+            self._gain(new)
+        out = []
+        for tp in self.assignment:
+            if tp in self.paused_parts:
+                continue
+            at = self.position[tp]
+            out += self.log[tp][at : at + max_records - len(out)]
+            self.position[tp] = at + len(out)
+        if not out:
+            time.sleep(timeout_s / 10)
+        return out
+
+    def _assignment(self):
+        return list(self.assignment)
+
+    def _pause(self, parts):
+        self.paused_parts |= set(parts)
+
+    def _resume(self, parts):
+        self.paused_parts -= set(parts)
+
+    def _seek(self, positions):
+        self.position.update(positions)
+
+    def _commit(self, offsets, wait):
+        self.commits.append(dict(offsets))
+        self.group_committed.update(offsets)
+
+    def _committed(self, tp):
+        return self.group_committed.get(tp)
+
+    def _observe(self):
+        self.highwater = {tp: len(self.log[tp]) for tp in self.assignment}
+
+    def _close(self):
+        pass
+
+
+@pytest.fixture
+def cfg():
+    return load_config(env={}, overrides={"batching.queue_batches": 2, "batching.max_events": 3})
+
+
+def wait(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_gained_partition_is_taken_over_at_the_daemons_position_then_read(cfg):
+    log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(10)]}
+    calls = []
+
+    def on_assign(parts):
+        calls.append((threading.current_thread().name, list(parts)))
+        return {TP0: 4}  # the daemon's restored state stands for offsets below 4
+
+    src = FakeSource(cfg, log, on_assign=on_assign, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.rebalance = [TP0]
+    src.start()
+    try:
+        offsets = []
+        while len(offsets) < 6:
+            batch = src.get(2.0)
+            assert batch is not None
+            offsets += [r.offset for r in batch.records]
+    finally:
+        src.stop(2.0)
+    assert offsets == [4, 5, 6, 7, 8, 9]
+    assert calls == [("lifelong-poll", [TP0])]  # in the poll thread, which may block on the changelog
+    assert src.assigned == [TP0]
+
+
+def test_a_full_queue_pauses_the_partitions_and_resumes_them_with_room_without_loss(cfg):
+    log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(60)]}
+    src = FakeSource(cfg, log, on_assign=lambda p: {}, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.rebalance = [TP0]
+    src.start()
+    try:
+        wait(lambda: src.paused)  # nobody reads: two batches queued, the partition paused
+        assert src.paused_parts == {TP0} and src.batches.full()
+        polls = src.polls
+        wait(lambda: src.polls > polls + 3)  # still polling while paused (the group keeps us)
+        seen = []
+        while len(seen) < 60:
+            batch = src.get(1.0)
+            assert batch is not None
+            seen += [r.offset for r in batch.records]
+        assert seen == list(range(60))  # in order, none lost or read twice
+        wait(lambda: not src.paused)
+    finally:
+        src.stop(2.0)
+
+
+def test_commits_run_in_the_poll_thread_and_queued_batches_of_a_revoked_assignment_are_dropped(cfg):
+    log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(6)], TP1: [Rec("ev", 1, i, b"{}") for i in range(6)]}
+    revoked = []
+    src = FakeSource(cfg, log, on_assign=lambda p: {}, on_revoke=revoked.extend, on_lost=lambda p: None)
+    src.rebalance = [TP0]
+    src.start()
+    try:
+        wait(lambda: src.batches.full())
+        src.commit({TP0: 3, TP1: 9}, timeout=2.0)  # TP1 is not ours: left out
+        assert src.commits == [{TP0: 3}] and src.committed == {TP0: 3}
+        generation = src.generation
+        src.rebalance = [TP1]
+        src.get(0.01)  # room for the poll that rebalances
+        wait(lambda: src.generation > generation + 1)
+        assert revoked == [TP0]
+        batch = src.get(1.0)
+        assert batch is not None and batch.generation == src.generation
+        assert {r.partition for r in batch.records} == {1}  # what TP0 had queued was dropped
+    finally:
+        src.stop(2.0)
