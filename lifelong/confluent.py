@@ -132,8 +132,10 @@ class ConfluentSource(Source):
             self.healthy_at = time.monotonic()
 
     def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
+        # wait for the first record only, then take what is there: waiting for a full batch adds to latency
+        first = self.consumer.consume(1, timeout_s)
         out = []
-        for m in self.consumer.consume(max_records, timeout_s):
+        for m in first + (self.consumer.consume(max_records - 1, 0) if first else []):
             if m.error() is None:
                 out.append(Record(m))
             elif m.error().code() != ck.KafkaError._PARTITION_EOF:

@@ -613,13 +613,15 @@ class Daemon:
             sink.flush(timeout=max(1.0, timeout * 0.4))
             owned = {tp.partition: self.positions.get(tp, 0) for tp in self.assigned}
             if self.shared:
-                for task in sorted(self.changed):
-                    p = self.task_partition[task]
-                    if p in owned:  # the record holds the task's events below this position
-                        position = max(owned[p], self.floor.get(task, 0))
-                        value = self.engine.export_task(task, {"partition": p, "position": position})
-                        sink.changelog(task, p, value, position)
-                        self.metrics.changelog_bytes.inc(len(value))
+                tasks = [t for t in sorted(self.changed) if self.task_partition[t] in owned]
+                # a record holds its task's events below this position
+                extras: list[dict[str, Any]] = [
+                    {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))}
+                    for t in tasks
+                ]
+                for task, at, value in zip(tasks, extras, self.engine.export_tasks(tasks, extras), strict=True):
+                    sink.changelog(task, at["partition"], value, at["position"])
+                    self.metrics.changelog_bytes.inc(len(value))
                 self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
                 sink.flush(timeout=max(1.0, timeout * 0.3))
                 self.changed = set()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 
 import numba
 import numpy as np
+import orjson
 import torch
 
 from . import scaling, wire
@@ -130,7 +130,7 @@ class PendingLabels:
             entries = [self.stored[k] for k in keys]
             for name in PENDING_FIELDS:
                 tensors[f"pending.{name}"] = torch.stack([getattr(en, name) for en in entries]).cpu()
-        return tensors, json.dumps([[k[0], k[1], *self.keys[k]] for k in keys])
+        return tensors, _json([(*k, *self.keys[k]) for k in keys])
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: str | list[Any], device: torch.device) -> None:
         """Restore what ``state`` returned."""
@@ -1350,7 +1350,7 @@ class Engine:
             "kb": self.kb.meta(),
             # up to labels.pending_max entries each: one JSON string, not a list of lists (pickled object by object)
             "pending": pending_keys,
-            "learned_keys": json.dumps([[k[0], k[1], ts] for k, ts in self.learned_keys.items()]),
+            "learned_keys": _json([(task, eid, ts) for (task, eid), ts in self.learned_keys.items()]),
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
             # without tasks, every task is in the store when this state is loaded
@@ -1418,16 +1418,33 @@ class Engine:
 
     def export_task(self, name: str, extra: dict[str, Any]) -> bytes:
         """Task ``name``'s whole state (learner, basis code, mixture tables) as a changelog record."""
-        self._admit([name], create=False)
-        i = self.task_index[name]
-        self._sync_kb(np.array([i]))
-        self._carry_codes(np.array([i]))
-        arrays = {f"learner.{k}": v for k, v in self.learners.task_state(i).items()}
-        arrays["code.mu"], arrays["code.S"] = self.kb.mu[i].cpu(), self.kb.S[i].cpu()
-        arrays.update({f"t.{k}": v[i].cpu() for k, v in self.t.items() if k not in LOCAL})
-        arrays["kb.updated"] = torch.tensor(self.kb.updated, dtype=torch.long)
-        meta = {"task": name, "n_labelled": int(self.n_labelled[i]), "basis_at": self.kb.basis_at, **extra}
-        return wire.pack("task", meta, arrays)
+        return self.export_tasks([name], [extra])[0]
+
+    def export_tasks(self, names: list[str], extras: list[dict[str, Any]]) -> list[bytes]:
+        """``export_task`` of each of ``names``: rows gathered a chunk at a time (one read per table), records
+        packed from them. Stored tasks come back into memory for it, a chunk at a time."""
+        out: list[bytes] = []
+        step = max(1, min(FLUSH_ROWS, self.cfg.max_resident_tasks // 2))
+        updated = torch.tensor(self.kb.updated, dtype=torch.long)
+        for a in range(0, len(names), step):
+            chunk = names[a : a + step]
+            self._batch += 1  # a tick of its own: only this chunk's tasks are kept from eviction
+            self._admit(chunk, create=False)
+            rows = np.array([self.task_index[name] for name in chunk], np.int64)
+            self._sync_kb(rows)
+            self._carry_codes(rows)
+            at = torch.as_tensor(rows, device=self.device)
+            tables = {f"learner.{k}": v for k, v in self.learners.columns().items()}
+            tables["code.mu"], tables["code.S"] = self.kb.mu, self.kb.S
+            tables.update({f"t.{k}": v for k, v in self.t.items() if k not in LOCAL})
+            got: dict[str, torch.Tensor] = {k: v[at].cpu() for k, v in tables.items()}
+            got["kb.updated"] = updated.expand(len(chunk), -1)
+            metas = [
+                {"task": name, "n_labelled": int(self.n_labelled[i]), "basis_at": self.kb.basis_at, **extras[a + j]}
+                for j, (name, i) in enumerate(zip(chunk, rows.tolist(), strict=True))
+            ]
+            out += wire.pack_many("task", metas, got)
+        return out
 
     def decode_task(self, data: bytes | None, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """A changelog record checked against this engine's shapes; ``wire.Refused`` says why it is unusable."""
@@ -1533,9 +1550,14 @@ class Engine:
         return rows
 
 
+def _json(rows: list[tuple[Any, ...]]) -> str:
+    """Rows as one JSON string (numpy numbers as numbers): a checkpoint's long lists, written fast."""
+    return orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
 def _listed(value: str | list[Any]) -> list[Any]:
     """A list saved as one JSON string (or, in checkpoints from before, as a list)."""
-    return json.loads(value) if isinstance(value, str) else value
+    return orjson.loads(value) if isinstance(value, str) else value
 
 
 def warm_up(cfg: EngineConfig, labels: LabelsConfig | None = None) -> float:

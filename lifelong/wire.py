@@ -45,14 +45,25 @@ def spec_of(arrays: dict[str, torch.Tensor]) -> Spec:
 
 def pack(kind: str, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> bytes:
     """A record of ``kind`` holding ``meta`` (JSON) and ``arrays`` (raw little-endian)."""
-    names, blobs = [], []
+    return pack_many(kind, [meta], {name: v.unsqueeze(0) for name, v in arrays.items()})[0]
+
+
+def pack_many(kind: str, metas: list[dict[str, Any]], arrays: dict[str, torch.Tensor]) -> list[bytes]:
+    """One record per entry of ``metas``: record j holds ``metas[j]`` and row j of each of ``arrays``. The
+    array list of the header and each array's conversion are done once for all records."""
+    names, tables = [], []
     for name, value in arrays.items():
         a = value.detach().cpu().numpy()
         dtype = str(a.dtype)
-        names.append([name, dtype, list(a.shape)])
-        blobs.append(np.ascontiguousarray(a, dtype=DTYPES[dtype]).tobytes())
-    header = json.dumps({"kind": kind, "meta": meta, "arrays": names}, separators=(",", ":")).encode()
-    return MAGIC + struct.pack(">I", len(header)) + header + b"".join(blobs)
+        names.append([name, dtype, list(a.shape[1:])])
+        tables.append(np.ascontiguousarray(a, dtype=DTYPES[dtype]))
+    listed = json.dumps(names, separators=(",", ":"))
+    out = []
+    for j, meta in enumerate(metas):
+        header = f'{{"kind":{json.dumps(kind)},"meta":{json.dumps(meta, separators=(",", ":"))},"arrays":{listed}}}'
+        head = header.encode()
+        out.append(MAGIC + struct.pack(">I", len(head)) + head + b"".join(t[j].tobytes() for t in tables))
+    return out
 
 
 def unpack(data: bytes | None, kind: str, spec: Spec, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -60,6 +60,20 @@ def test_a_moved_task_is_read_from_the_store_for_export(engine_factory):
         torch.testing.assert_close(v, rb[1][k], rtol=0, atol=1e-12)
 
 
+def test_tasks_exported_together_are_the_records_of_each_alone_resident_or_stored(engine_factory):
+    """The changelog of a checkpoint: every changed task's record, read a chunk at a time (more tasks than the
+    resident limit), equals the record exported on its own by an engine with every task in memory."""
+    events = make_stream(n_tasks=12, per_task=24, ends=False)
+    tiered, memory = engine_factory(max_resident_tasks=4), engine_factory()
+    run(tiered, events, 8)
+    run(memory, events, 8)
+    names = sorted(memory.task_names)
+    extras = [{"partition": i % 3, "position": 100 + i} for i in range(len(names))]
+    together = tiered.export_tasks(names, extras)
+    assert together == [memory.export_task(n, x) for n, x in zip(names, extras, strict=True)]
+    assert tiered.n_tasks <= 4  # read back two at a time (half the limit), never all at once
+
+
 def test_flush_writes_only_changed_tasks_and_the_store_refuses_another_engine_shape(engine_factory, tmp_path):
     engine = engine_factory(max_resident_tasks=1000)
     engine.store_dir = tmp_path / "tasks"
