@@ -34,6 +34,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 
 from . import checkpoint
+from .commit import Checkpointer
 from .config import Config
 from .engine import Engine, warm_up
 from .errors import ConfigError, InvalidEvent, LifelongError, StateError
@@ -41,7 +42,7 @@ from .events import Schema
 from .ingest import ingest
 from .metrics import EngineCollector, HealthServer, Metrics
 from .shared import KnowledgeLog, read_changelog
-from .sink import FlushTimeout, Sink, open_sink
+from .sink import Sink, open_sink
 from .source import Source, client_options, open_source
 from .wire import Refused
 
@@ -52,7 +53,6 @@ KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
 # The main loop refreshes the engine values that /metrics serves every second, or less often where a refresh
 # (which reads every task) would take more than STATUS_SHARE of the loop's time: hundreds of thousands of tasks.
 STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
-RETRY_S = (1.0, 30.0)  # a failed checkpoint is retried after 1 s, doubling up to 30 s
 
 
 class DaemonError(LifelongError):
@@ -182,12 +182,8 @@ class Daemon:
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
         self.knowledge: KnowledgeLog | None = None
         self.knowledge_read = 0.0
-        self.checkpointed = dict(self.positions)
-        self.last_checkpoint = time.monotonic()
+        self.checkpointer = Checkpointer(cfg, self.engine, self.metrics, self.positions)
         self.dirty = False
-        self.storage_error: str | None = None  # the last checkpoint failed: processing waits for a retry
-        self.retry_at = 0.0
-        self.retry_s = RETRY_S[0]
         self.status_at = 0.0
         self.status_every = STATUS_EVERY_S
         self.dead_lettered = 0
@@ -254,7 +250,12 @@ class Daemon:
 
     def checkpoint_age(self) -> float:
         """Seconds since the last checkpoint."""
-        return time.monotonic() - self.last_checkpoint
+        return self.checkpointer.age()
+
+    @property
+    def storage_error(self) -> str | None:
+        """Why the last checkpoint could not be written (processing waits for a retry), or None."""
+        return self.checkpointer.error
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         """Liveness (/healthz): both loops made progress recently, with the idle times."""
@@ -304,7 +305,7 @@ class Daemon:
         self.changed -= set(gone)
         for tp in [tp for tp in self.positions if tp.partition not in owned]:
             self.positions.pop(tp)
-            self.checkpointed.pop(tp, None)
+            self.checkpointer.checkpointed.pop(tp, None)
         log.info("dropped %d tasks of partitions owned elsewhere now", len(gone))
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
@@ -366,9 +367,9 @@ class Daemon:
         self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
         if offset is None:
             self.positions.pop(tp, None)
-            self.checkpointed.pop(tp, None)
+            self.checkpointer.checkpointed.pop(tp, None)
         else:
-            self.positions[tp] = self.checkpointed[tp] = offset
+            self.positions[tp] = self.checkpointer.checkpointed[tp] = offset
         seconds = time.monotonic() - t0
         self.metrics.restore_seconds.observe(seconds)
         self.metrics.tasks_restored.inc(len(restored))
@@ -426,7 +427,7 @@ class Daemon:
                 if self.last_progress - self.status_at >= self.status_every:
                     self._refresh_status()
                 if self.storage_error is not None:  # no new work (nor predictions) until state is saved again
-                    if self.last_progress >= self.retry_at:
+                    if self.checkpointer.due_retry():
                         self._checkpoint(timeout=30.0)
                     else:
                         self.stopping.wait(0.1)
@@ -580,84 +581,49 @@ class Daemon:
         self.dead_lettered += 1
 
     def _checkpoint(self, timeout: float, wait_commit: bool = True) -> Path | None:
-        """Flush and verify deliveries (and write changed tasks to the changelog), then persist state with its
-        offsets, then commit the offsets. None: postponed, deliveries still pending (a broker outage), or the
-        checkpoint could not be written (``storage_error``: retried with backoff while processing waits)."""
-        try:
-            path = self._checkpoint_now(timeout, wait_commit)
-        except FlushTimeout as exc:
-            log.warning("checkpoint postponed: %s", exc)
-            return None
-        except OSError as exc:
-            self.metrics.checkpoints.labels("failed").inc()
-            log.error(
-                "cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
-                self.cfg.checkpoint.dir,
-                exc,
-                self.retry_s,
-            )
-            self.storage_error = f"{type(exc).__name__}: {exc.strerror or exc}"
-            self.retry_at = time.monotonic() + self.retry_s
-            self.retry_s = min(RETRY_S[1], 2 * self.retry_s)
-            return None
-        if self.storage_error is not None:
-            log.info("checkpoint written again after a storage fault (%s): processing resumes", self.storage_error)
-            self.storage_error, self.retry_s = None, RETRY_S[0]
-        return path
-
-    def _checkpoint_now(self, timeout: float, wait_commit: bool) -> Path:
-        sink = _started(self.sink)
+        """The commit protocol (``commit.Checkpointer``) under the processing lock; ``wait_commit`` False sends
+        the commit without waiting (rebalance callbacks). None: postponed, or not written (``storage_error``)."""
         source = _started(self.source)
-        start = time.monotonic()
-        with self.lock:
-            sink.flush(timeout=max(1.0, timeout * 0.4))
-            owned = {tp.partition: self.positions.get(tp, 0) for tp in self.assigned}
-            if self.shared:
-                tasks = [t for t in sorted(self.changed) if self.task_partition[t] in owned]
-                # a record holds its task's events below this position
-                extras: list[dict[str, Any]] = [
-                    {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))}
-                    for t in tasks
-                ]
-                for task, at, value in zip(tasks, extras, self.engine.export_tasks(tasks, extras), strict=True):
-                    sink.changelog(task, at["partition"], value, at["position"])
-                    self.metrics.changelog_bytes.inc(len(value))
-                self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
-                sink.flush(timeout=max(1.0, timeout * 0.3))
-                self.changed = set()
-            offsets = dict(self.positions)
-            for tp, off in offsets.items():
-                if off < self.checkpointed.get(tp, -1):
-                    raise StateError(
-                        f"offset of {tp.topic}-{tp.partition} went back from {self.checkpointed[tp]} to {off}"
-                    )
-            extra = {
-                "offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
-                "task_partition": self.task_partition,
-                "floor": self.floor,
-                "knowledge_offset": self.knowledge_offset,
-                "ended": sorted(self.ended),
-            }
-            path = checkpoint.save_engine(
-                self.engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep, extra=extra
-            )
-            self.checkpointed = offsets
-            self.last_checkpoint = time.monotonic()
-            self.dirty = False
-            self.metrics.checkpoints.labels("ok").inc()
-            self.metrics.checkpoint_seconds.observe(self.last_checkpoint - start)
-            written = self.engine.flushed * (self.engine.store.width if self.engine.store else 0)
-            self.metrics.checkpoint_bytes.inc(path.stat().st_size + written)
-            self.metrics.checkpoint_tasks.inc(self.engine.flushed)
-            if not wait_commit:
+
+        def commit(offsets: dict[TopicPartition, int], timeout: float) -> None:
+            if wait_commit:
+                source.commit(offsets, timeout)
+            else:
                 source.commit_async(offsets)
-                return path
-            try:
-                source.commit(offsets, timeout=max(0.5, timeout - (time.monotonic() - start)))
-            except Exception as exc:  # noqa: BLE001 - the checkpoint, not the commit, is what restores state
-                log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
-        log.debug("checkpoint %s offsets %s", path, {tp.partition: o for tp, o in offsets.items()})
-        return path
+
+        with self.lock:
+            path = self.checkpointer.run(
+                _started(self.sink), self._state, commit, timeout, self._changelog if self.shared else None
+            )
+            if path is not None:
+                self.dirty = False
+            return path
+
+    def _changelog(self) -> None:
+        """Scale-out: every task changed since the last checkpoint to the changelog, each record tagged with its
+        partition's position (it holds the task's events below it)."""
+        sink = _started(self.sink)
+        owned = {tp.partition: self.positions.get(tp, 0) for tp in self.assigned}
+        tasks = [t for t in sorted(self.changed) if self.task_partition[t] in owned]
+        extras: list[dict[str, Any]] = [
+            {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))} for t in tasks
+        ]
+        for task, at, value in zip(tasks, extras, self.engine.export_tasks(tasks, extras), strict=True):
+            sink.changelog(task, at["partition"], value, at["position"])
+            self.metrics.changelog_bytes.inc(len(value))
+        self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
+        self.changed = set()
+
+    def _state(self) -> tuple[dict[TopicPartition, int], dict[str, Any]]:
+        """The offsets a checkpoint stands for and the daemon's state that goes with them."""
+        offsets = dict(self.positions)
+        return offsets, {
+            "offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
+            "task_partition": self.task_partition,
+            "floor": self.floor,
+            "knowledge_offset": self.knowledge_offset,
+            "ended": sorted(self.ended),
+        }
 
     def _shutdown(self) -> None:
         """Finish: the batch in hand is done; checkpoint and commit within the grace period."""

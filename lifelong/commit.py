@@ -1,0 +1,121 @@
+"""The commit protocol (exactly-once state, at-least-once output), in the order DESIGN §6 fixes:
+
+1. flush the sink and check every delivery (predictions, dead letters, KB members);
+2. scale-out only: write the tasks changed since the last checkpoint to the changelog, and flush again;
+3. write the engine's state with the next offset of each partition, atomically (``checkpoint.save_engine``);
+4. commit those offsets to the group (a failed commit is only a warning: the checkpoint holds them).
+
+Deliveries still pending (a slow or frozen broker) postpone the checkpoint; a state that cannot be written
+(disk full, read-only volume) sets ``error`` until a retry succeeds, retried after 1 s doubling to 30 s, and
+the daemon takes no new work meanwhile. Nothing here knows Kafka: the sink, the changelog step, the state
+and the commit are passed in (unit-tested with fakes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kafka import TopicPartition
+
+from . import checkpoint
+from .config import Config
+from .engine import Engine
+from .errors import StateError
+from .metrics import Metrics
+from .sink import FlushTimeout, Sink
+
+log = logging.getLogger(__name__)
+RETRY_S = (1.0, 30.0)  # a failed checkpoint is retried after 1 s, doubling up to 30 s
+Offsets = dict[TopicPartition, int]
+
+
+class Checkpointer:
+    """Runs the commit protocol for one engine; see the module docstring."""
+
+    def __init__(self, cfg: Config, engine: Engine, metrics: Metrics, offsets: Offsets):
+        self.cfg = cfg
+        self.engine = engine
+        self.metrics = metrics
+        self.checkpointed = dict(offsets)  # the offsets of the last checkpoint written
+        self.last = time.monotonic()
+        self.error: str | None = None  # the last checkpoint could not be written: processing waits for a retry
+        self.retry_at = 0.0
+        self.retry_s = RETRY_S[0]
+
+    def age(self) -> float:
+        """Seconds since the last checkpoint."""
+        return time.monotonic() - self.last
+
+    def due_retry(self) -> bool:
+        """A failed checkpoint's retry is due."""
+        return time.monotonic() >= self.retry_at
+
+    def run(
+        self,
+        sink: Sink,
+        state: Callable[[], tuple[Offsets, dict[str, Any]]],
+        commit: Callable[[Offsets, float], None],
+        timeout: float,
+        changelog: Callable[[], None] | None = None,
+    ) -> Path | None:
+        """One checkpoint: ``changelog`` sends the changed tasks (scale-out), ``state`` gives the offsets and the
+        daemon's metadata once it has, ``commit`` commits offsets within a timeout. None: postponed (deliveries
+        pending) or not written (``error``)."""
+        try:
+            path = self._run(sink, state, commit, timeout, changelog)
+        except FlushTimeout as exc:
+            log.warning("checkpoint postponed: %s", exc)
+            return None
+        except OSError as exc:
+            self.metrics.checkpoints.labels("failed").inc()
+            log.error(
+                "cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
+                self.cfg.checkpoint.dir,
+                exc,
+                self.retry_s,
+            )
+            self.error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            self.retry_at = time.monotonic() + self.retry_s
+            self.retry_s = min(RETRY_S[1], 2 * self.retry_s)
+            return None
+        if self.error is not None:
+            log.info("checkpoint written again after a storage fault (%s): processing resumes", self.error)
+            self.error, self.retry_s = None, RETRY_S[0]
+        return path
+
+    def _run(
+        self,
+        sink: Sink,
+        state: Callable[[], tuple[Offsets, dict[str, Any]]],
+        commit: Callable[[Offsets, float], None],
+        timeout: float,
+        changelog: Callable[[], None] | None,
+    ) -> Path:
+        start = time.monotonic()
+        sink.flush(timeout=max(1.0, timeout * 0.4))
+        if changelog is not None:
+            changelog()
+            sink.flush(timeout=max(1.0, timeout * 0.3))
+        offsets, extra = state()
+        for tp, off in offsets.items():
+            if off < self.checkpointed.get(tp, -1):
+                raise StateError(f"offset of {tp.topic}-{tp.partition} went back from {self.checkpointed[tp]} to {off}")
+        engine = self.engine
+        path = checkpoint.save_engine(engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep, extra=extra)
+        self.checkpointed = dict(offsets)
+        self.last = time.monotonic()
+        self.metrics.checkpoints.labels("ok").inc()
+        self.metrics.checkpoint_seconds.observe(self.last - start)
+        rows = engine.flushed * (engine.store.width if engine.store else 0)  # task rows written to the store
+        self.metrics.checkpoint_bytes.inc(path.stat().st_size + rows)
+        self.metrics.checkpoint_tasks.inc(engine.flushed)
+        try:
+            commit(offsets, max(0.5, timeout - (time.monotonic() - start)))
+        except Exception as exc:  # noqa: BLE001 - the checkpoint, not the commit, is what restores state
+            log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
+        log.debug("checkpoint %s offsets %s", path, {tp.partition: o for tp, o in offsets.items()})
+        return path

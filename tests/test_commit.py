@@ -1,0 +1,104 @@
+"""The commit protocol (``commit.Checkpointer``) with an in-memory sink and commit: no broker."""
+
+from __future__ import annotations
+
+import pytest
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from lifelong import checkpoint
+from lifelong.commit import Checkpointer
+from lifelong.config import load_config
+from lifelong.engine import Engine
+from lifelong.errors import StateError
+from lifelong.metrics import Metrics
+from lifelong.sink import FlushTimeout, Sink
+
+from conftest import make_stream
+
+TP = TopicPartition("ev", 0)
+
+
+class FakeSink(Sink):
+    """Records what happens, in order; ``pending`` flushes time out (a frozen broker)."""
+
+    def __init__(self, cfg, steps: list[str]):
+        super().__init__(cfg)
+        self.steps = steps
+        self.pending = False
+
+    def _send(self, topic, value, key, partition=None, headers=None, where=None):
+        self.steps.append(f"send {topic}")
+
+    def flush(self, timeout):
+        if self.pending:
+            raise FlushTimeout("deliveries still pending")
+        self.steps.append("flush")
+        return 0
+
+    def close(self, timeout):
+        pass
+
+
+@pytest.fixture
+def parts(tmp_path):
+    cfg = load_config(env={}, overrides={"engine.dim": 3, "checkpoint.dir": str(tmp_path / "state")})
+    engine = Engine(cfg.engine, cfg.labels)
+    engine.process(make_stream(n_tasks=3, per_task=10, dim=3, ends=False))
+    steps: list[str] = []
+    return cfg, engine, Checkpointer(cfg, engine, Metrics(CollectorRegistry()), {}), FakeSink(cfg, steps), steps
+
+
+def test_flush_then_changelog_then_state_then_commit_of_the_offsets_in_the_file(parts):
+    cfg, engine, ckpt, sink, steps = parts
+    commits = []
+
+    def state():
+        steps.append("state")
+        return {TP: 30}, {"offsets": [["ev", 0, 30]]}
+
+    def changelog():
+        sink.changelog("t0", 0, b"record", 30)
+
+    path = ckpt.run(sink, state, lambda offsets, t: (steps.append("commit"), commits.append(offsets)), 5.0, changelog)
+    assert steps == ["flush", "send lifelong-changelog", "flush", "state", "commit"]
+    assert commits == [{TP: 30}] and ckpt.checkpointed == {TP: 30}
+    _, _, meta = checkpoint.latest(cfg.checkpoint.dir)
+    assert path is not None and meta["extra"]["offsets"] == [["ev", 0, 30]]  # what was committed is in the file
+    assert checkpoint.load_engine(cfg.checkpoint.dir, cfg).counters["learned"] == engine.counters["learned"]
+
+
+def test_pending_deliveries_postpone_the_checkpoint_nothing_written_or_committed(parts):
+    cfg, _, ckpt, sink, steps = parts
+    sink.pending = True
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), lambda o, t: steps.append("commit"), 5.0) is None
+    assert steps == [] and checkpoint.latest(cfg.checkpoint.dir) is None and ckpt.error is None
+
+
+def test_a_state_that_cannot_be_written_is_retried_with_backoff_and_never_committed(parts, monkeypatch):
+    cfg, _, ckpt, sink, steps = parts
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_engine", full)
+    commit = lambda o, t: steps.append("commit")  # noqa: E731
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), commit, 5.0) is None
+    assert "No space left" in ckpt.error and ckpt.retry_s == 2.0 and not ckpt.due_retry()
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), commit, 5.0) is None
+    assert ckpt.retry_s == 4.0 and "commit" not in steps
+    monkeypatch.undo()
+    assert ckpt.run(sink, lambda: ({TP: 31}, {}), commit, 5.0) is not None
+    assert ckpt.error is None and ckpt.retry_s == 1.0 and steps[-1] == "commit"
+
+
+def test_offsets_going_back_are_refused_and_a_failed_commit_keeps_the_checkpoint(parts):
+    cfg, _, ckpt, sink, _ = parts
+
+    def refused(offsets, timeout):
+        raise RuntimeError("the group is rebalancing")
+
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), refused, 5.0) is not None  # the file holds the offsets
+    assert ckpt.checkpointed == {TP: 30}
+    with pytest.raises(StateError, match="went back"):
+        ckpt.run(sink, lambda: ({TP: 29}, {}), lambda o, t: None, 5.0)
