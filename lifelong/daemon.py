@@ -44,11 +44,11 @@ from .metrics import EngineCollector, HealthServer, Metrics
 from .shared import KnowledgeLog, read_changelog
 from .sink import Sink, open_sink
 from .source import Source, client_options, open_source
+from .status import Status
 from .wire import Refused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-STALL_S = 60.0  # /healthz fails when the processing or the poll loop made no progress for this long
 KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
 # The main loop refreshes the engine values that /metrics serves every second, or less often where a refresh
 # (which reads every task) would take more than STATUS_SHARE of the loop's time: hundreds of thousands of tasks.
@@ -257,26 +257,34 @@ class Daemon:
         """Why the last checkpoint could not be written (processing waits for a retry), or None."""
         return self.checkpointer.error
 
+    def status(self) -> Status:
+        """The health reading ``/healthz``, ``/readyz`` and ``/metrics`` show (no lock: each value copied)."""
+        now, source = time.monotonic(), self.source
+        positions = dict(self.positions)
+        highwater, committed = (dict(source.highwater), dict(source.committed)) if source else ({}, {})
+        return Status(
+            processing_idle_s=now - self.last_progress,
+            poll_idle_s=now - source.last_poll if source else 0.0,
+            poll_failed=bool(source and source.error),
+            assigned=len(self.assigned),
+            broker_reachable=bool(source and source.broker_reachable),
+            stopping=self.stopping.is_set(),
+            checkpoint_error=self.storage_error,
+            checkpoint_age_s=self.checkpoint_age(),
+            lag={tp.partition: max(0, hw - positions.get(tp, 0)) for tp, hw in highwater.items()},
+            committed={tp.partition: off for tp, off in committed.items()},
+            dead_letter_failures=self.sink.dead_letter_failures if self.sink else 0,
+        )
+
     def live(self) -> tuple[bool, dict[str, Any]]:
         """Liveness (/healthz): both loops made progress recently, with the idle times."""
-        now = time.monotonic()
-        idle = now - self.last_progress
-        poll_idle = now - self.source.last_poll if self.source else 0.0
-        ok = idle < STALL_S and poll_idle < STALL_S and not (self.source and self.source.error)
-        return ok, {"processing_idle_s": round(idle, 3), "poll_idle_s": round(poll_idle, 3)}
+        s = self.status()
+        return s.live, s.liveness()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness (/readyz): assigned, restored, checkpoints succeed, broker reachable, not stopping."""
-        reachable = bool(self.source and self.source.broker_reachable)
-        storage = self.storage_error
-        ok = bool(self.assigned) and reachable and not self.stopping.is_set() and storage is None
-        return ok, {
-            "assigned": len(self.assigned),
-            "restored": True,
-            "broker_reachable": reachable,
-            "stopping": self.stopping.is_set(),
-            "checkpoint_error": storage,
-        }
+        s = self.status()
+        return s.ready, s.readiness()
 
     # --- rebalance callbacks (poll thread) ---
 

@@ -69,9 +69,7 @@ def _snapshot(d: Daemon) -> dict[str, float]:
             "kb": e.kb.size,
             "tasks": n,
             "dead": d.dead_lettered,
-            "lag": sum(
-                max(0, hw - d.positions.get(tp, 0)) for tp, hw in (d.source.highwater.items() if d.source else [])
-            ),
+            "lag": sum(d.status().lag.values()),
         }
 
 

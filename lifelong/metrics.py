@@ -273,18 +273,18 @@ def _engine_families(
 
 
 def _daemon_families(d: Daemon) -> Iterable[Metric]:
-    """Values read without the daemon's lock (copies of dicts other threads update)."""
+    """The daemon's values, from one ``Daemon.status`` reading (taken without its lock)."""
+    s = d.status()
     lag = _gauge("lifelong_consumer_lag", "High watermark minus the next offset to process", ["partition"])
     committed = _gauge("lifelong_committed_offset", "Last committed offset", ["partition"])
-    positions = dict(d.positions)
-    for tp, hw in dict(d.source.highwater).items() if d.source else ():
-        lag.add_metric([str(tp.partition)], max(0, hw - positions.get(tp, 0)))
-    for tp, off in dict(d.source.committed).items() if d.source else ():
-        committed.add_metric([str(tp.partition)], off)
+    for p, n in s.lag.items():
+        lag.add_metric([str(p)], n)
+    for p, off in s.committed.items():
+        committed.add_metric([str(p)], off)
     yield lag
     yield committed
     yield GaugeMetricFamily(
-        "lifelong_checkpoint_age_seconds", "Seconds since the last checkpoint", value=d.checkpoint_age()
+        "lifelong_checkpoint_age_seconds", "Seconds since the last checkpoint", value=s.checkpoint_age_s
     )
     yield GaugeMetricFamily(
         "lifelong_checkpoint_interval_seconds", "Configured checkpoint.interval_s", value=d.cfg.checkpoint.interval_s
@@ -292,17 +292,17 @@ def _daemon_families(d: Daemon) -> Iterable[Metric]:
     yield GaugeMetricFamily(
         "lifelong_ready",
         "1 when assigned, restored, checkpoints succeed and the broker is reachable",
-        value=float(d.ready()[0]),
+        value=float(s.ready),
     )
     yield GaugeMetricFamily(
         "lifelong_checkpoint_failing",
         "1 while the last checkpoint failed (processing waits and retries)",
-        value=float(d.storage_error is not None),
+        value=float(s.checkpoint_error is not None),
     )
     yield CounterMetricFamily(
         "lifelong_dead_letter_failures",
         "Dead letters that could not be delivered (logged with their source offset; the event is skipped)",
-        value=d.sink.dead_letter_failures if d.sink else 0,
+        value=s.dead_letter_failures,
     )
 
 

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from lifelong.config import load_config
 from lifelong.metrics import EngineCollector, Metrics
+from lifelong.status import Status
 
 from conftest import make_stream
 
@@ -24,10 +25,7 @@ def scrape(engine, archived=frozenset(), cap=3, foreign=frozenset()):
         positions={},
         archived_tasks=lambda: set(archived),
         foreign_tasks=lambda: set(foreign),
-        checkpoint_age=lambda: 1.5,
-        ready=lambda: (True, {}),
-        storage_error=None,
-        sink=None,
+        status=lambda: Status(0.1, 0.1, False, 1, True, False, None, 1.5, {0: 7}, {0: 3}, 0),
     )
     registry = CollectorRegistry()
     Metrics(registry)
@@ -60,6 +58,8 @@ def test_engine_values_are_exported(engine_factory):
     assert reg.get_sample_value("lifelong_kb_capacity") == engine.kb.capacity
     assert reg.get_sample_value("lifelong_checkpoint_age_seconds") == 1.5
     assert reg.get_sample_value("lifelong_ready") == 1.0
+    assert reg.get_sample_value("lifelong_consumer_lag", {"partition": "0"}) == 7
+    assert reg.get_sample_value("lifelong_committed_offset", {"partition": "0"}) == 3
 
 
 def test_per_task_series_are_capped_and_archived_tasks_drop_out(engine_factory):
@@ -117,3 +117,13 @@ def test_a_scrape_never_waits_for_the_processing_lock(engine_factory):
     release.set()
     holder.join()
     assert body and b'lifelong_events_total{outcome="learned"} 60.0' in body[0]
+
+
+def test_readiness_and_liveness_come_from_one_status_reading():
+    ok = Status(0.1, 0.2, False, 2, True, False, None, 1.0, {}, {}, 0)
+    assert ok.ready and ok.live and ok.readiness()["assigned"] == 2 and ok.liveness()["poll_idle_s"] == 0.2
+    for change in ({"assigned": 0}, {"broker_reachable": False}, {"stopping": True}, {"checkpoint_error": "ENOSPC"}):
+        assert not dataclasses.replace(ok, **change).ready, change  # each alone makes /readyz 503
+    for change in ({"processing_idle_s": 61.0}, {"poll_idle_s": 61.0}, {"poll_failed": True}):
+        assert not dataclasses.replace(ok, **change).live, change
+    assert dataclasses.replace(ok, checkpoint_error="ENOSPC").readiness()["checkpoint_error"] == "ENOSPC"
