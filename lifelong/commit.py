@@ -65,8 +65,18 @@ class Checkpointer:
         """One checkpoint: ``changelog`` sends the changed tasks (scale-out), ``state`` gives the offsets and the
         daemon's metadata once it has, ``commit`` commits offsets within a timeout. None: postponed (deliveries
         pending) or not written (``error``)."""
+        start = time.monotonic()
         try:
-            path = self._run(sink, state, commit, timeout, changelog)
+            sink.flush(timeout=max(1.0, timeout * 0.4))
+            if changelog is not None:
+                changelog()
+                sink.flush(timeout=max(1.0, timeout * 0.3))
+            offsets, extra = state()
+            for tp, off in offsets.items():
+                if off < self.checkpointed.get(tp, -1):
+                    went = f"went back from {self.checkpointed[tp]} to {off}"
+                    raise StateError(f"offset of {tp.topic}-{tp.partition} {went}")
+            path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, extra, keep=self.cfg.checkpoint.keep)
         except FlushTimeout as exc:
             log.warning("checkpoint postponed: %s", exc)
             return None
@@ -85,27 +95,7 @@ class Checkpointer:
         if self.error is not None:
             log.info("checkpoint written again after a storage fault (%s): processing resumes", self.error)
             self.error, self.retry_s = None, RETRY_S[0]
-        return path
-
-    def _run(
-        self,
-        sink: Sink,
-        state: Callable[[], tuple[Offsets, dict[str, Any]]],
-        commit: Callable[[Offsets, float], None],
-        timeout: float,
-        changelog: Callable[[], None] | None,
-    ) -> Path:
-        start = time.monotonic()
-        sink.flush(timeout=max(1.0, timeout * 0.4))
-        if changelog is not None:
-            changelog()
-            sink.flush(timeout=max(1.0, timeout * 0.3))
-        offsets, extra = state()
-        for tp, off in offsets.items():
-            if off < self.checkpointed.get(tp, -1):
-                raise StateError(f"offset of {tp.topic}-{tp.partition} went back from {self.checkpointed[tp]} to {off}")
         engine = self.engine
-        path = checkpoint.save_engine(engine, self.cfg.checkpoint.dir, keep=self.cfg.checkpoint.keep, extra=extra)
         self.checkpointed = dict(offsets)
         self.last = time.monotonic()
         self.metrics.checkpoints.labels("ok").inc()

@@ -19,7 +19,7 @@ from kafka import TopicPartition
 from .config import Config
 from .errors import ConfigError
 from .sink import FlushTimeout, Sink, SinkError
-from .source import Source, partition_names
+from .source import Source
 
 try:
     import confluent_kafka as ck
@@ -103,27 +103,9 @@ class ConfluentSource(Source):
         )
         self.consumer.subscribe(
             [k.events_topic],
-            on_assign=self._assigned,
+            on_assign=lambda _, parts: self._gain(_tps(parts), now=True),
             on_revoke=lambda _, parts: self._leave(_tps(parts), self.on_revoke, "revoked"),
             on_lost=lambda _, parts: self._leave(_tps(parts), self.on_lost, "lost (evicted from the group)"),
-        )
-
-    def _assigned(self, consumer: Any, parts: list[Any]) -> None:
-        """Take the partitions over here (the daemon restores their state), then assign them at its positions."""
-        self.generation += 1
-        self.drain()
-        self.paused = False
-        gained = _tps(parts)
-        log.info("partitions assigned: %s", partition_names(gained))
-        positions = self.on_assign(gained)
-        at = [ck.TopicPartition(tp.topic, tp.partition, positions.get(tp, ck.OFFSET_STORED)) for tp in gained]
-        consumer.assign(at)
-        consumer.resume(at)  # librdkafka keeps a partition's pause (back-pressure) across assignments
-        self.assigned = self.assigned + gained
-        log.info(
-            "partitions taken over: %s (positions %s)",
-            partition_names(gained),
-            {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()},
         )
 
     def _stats(self, raw: str) -> None:
@@ -152,9 +134,13 @@ class ConfluentSource(Source):
         if parts:
             self.consumer.resume(_ctps(parts))
 
-    def _seek(self, positions: dict[TopicPartition, int]) -> None:
-        for tp, offset in positions.items():  # pragma: no cover - gained partitions are assigned at their positions
-            self.consumer.seek(ck.TopicPartition(tp.topic, tp.partition, offset))
+    def _place(self, positions: dict[TopicPartition, int | None]) -> None:
+        at = [
+            ck.TopicPartition(tp.topic, tp.partition, ck.OFFSET_STORED if o is None else o)
+            for tp, o in positions.items()
+        ]
+        self.consumer.assign(at)
+        self.consumer.resume(at)  # librdkafka keeps a partition's pause (back-pressure) across assignments
 
     def _commit(self, offsets: dict[TopicPartition, int], wait: bool) -> None:
         parts = [ck.TopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()]

@@ -209,7 +209,8 @@ def decode_many(raws: list[bytes | None], schema: Schema) -> list[Event | Invali
                 out.append(decode(raw, schema))
                 continue
             out.append(from_dict(d, schema, dense))
-            places.extend([len(out) - 1] * (len(dense) - len(places)))
+            if len(dense) > len(places):  # its x is checked below, with the others
+                places.append(len(out) - 1)
         except InvalidEvent as exc:
             out.append(exc)
     flat = list(chain.from_iterable(x for _, x in dense))

@@ -117,7 +117,8 @@ class Source:
     def _resume(self, parts: list[TopicPartition]) -> None:
         raise NotImplementedError
 
-    def _seek(self, positions: dict[TopicPartition, int]) -> None:
+    def _place(self, positions: dict[TopicPartition, int | None]) -> None:
+        """Fetch the gained partitions from these offsets (None: the group's committed one), unpaused."""
         raise NotImplementedError
 
     def _commit(self, offsets: dict[TopicPartition, int], wait: bool) -> None:
@@ -199,7 +200,8 @@ class Source:
                 self.poll_gaps.append(now - self.last_poll)
                 self.last_poll = now
                 if self.gained:
-                    self._take_over()
+                    gained, self.gained = self.gained, []
+                    self._take_over(gained)
                 self._observe()
                 if records:
                     self.batches.put(Batch(records, self.generation))
@@ -225,15 +227,15 @@ class Source:
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting daemon thread
                 done.set_exception(exc)
 
-    def _take_over(self) -> None:
-        gained, self.gained = self.gained, []
+    def _take_over(self, gained: list[TopicPartition]) -> None:
+        """The daemon restores the partitions' state (it may read the changelog and the committed offsets); they
+        are then fetched from the positions that state stands for."""
         positions = self.on_assign(gained)
-        self._seek({tp: o for tp, o in positions.items() if tp in gained})
-        self._resume(gained)
+        self._place({tp: positions.get(tp) for tp in gained})
         self.assigned = self.assigned + gained
         log.info(
             "partitions taken over: %s (positions %s)",
-            partition_names(gained),
+            _names(gained),
             {f"{tp.topic}-{tp.partition}": o for tp, o in positions.items()},
         )
 
@@ -260,21 +262,24 @@ class Source:
         handler(list(parts))
         self.assigned = [tp for tp in self.assigned if tp not in parts]
         self.gained = [tp for tp in self.gained if tp not in parts]
-        log.info("partitions %s: %s", how, partition_names(parts))
+        log.info("partitions %s: %s", how, _names(parts))
 
-    def _gain(self, assigned: list[TopicPartition]) -> None:
-        """Partitions assigned (a rebalance callback): paused until taken over after the poll returns."""
+    def _gain(self, assigned: list[TopicPartition], now: bool = False) -> None:
+        """Partitions assigned (a rebalance callback): taken over ``now`` where the callback may block, else
+        paused until taken over after the poll returns."""
         self.generation += 1
         self.drain()
+        self.paused = False
+        log.info("partitions assigned: %s", _names(assigned))
+        if now:
+            self._take_over(list(assigned))
+            return
         if assigned:
             self._pause(assigned)
         self.gained = list(assigned)
-        self.paused = False
-        log.info("partitions assigned: %s", partition_names(assigned))
 
 
-def partition_names(parts: list[TopicPartition]) -> list[str]:
-    """``topic-partition`` names for the log."""
+def _names(parts: list[TopicPartition]) -> list[str]:
     return sorted(f"{tp.topic}-{tp.partition}" for tp in parts)
 
 
@@ -322,9 +327,11 @@ class KafkaSource(Source):
     def _resume(self, parts: list[TopicPartition]) -> None:
         self.client.resume(*parts)
 
-    def _seek(self, positions: dict[TopicPartition, int]) -> None:
+    def _place(self, positions: dict[TopicPartition, int | None]) -> None:
         for tp, offset in positions.items():
-            self.client.seek(tp, offset)
+            if offset is not None:
+                self.client.seek(tp, offset)
+        self.client.resume(*positions)
 
     def _commit(self, offsets: dict[TopicPartition, int], wait: bool) -> None:
         meta = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}

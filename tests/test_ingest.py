@@ -119,8 +119,10 @@ class FakeSource(Source):
     def _resume(self, parts):
         self.paused_parts -= set(parts)
 
-    def _seek(self, positions):
-        self.position.update(positions)
+    def _place(self, positions):
+        for tp, offset in positions.items():
+            self.position[tp] = self.group_committed.get(tp, 0) if offset is None else offset
+        self.paused_parts -= set(positions)
 
     def _commit(self, offsets, wait):
         self.commits.append(dict(offsets))
