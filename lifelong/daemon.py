@@ -328,7 +328,7 @@ class Daemon:
                 and self.storage_error is None
             ):
                 try:  # hand the partitions over at a checkpoint: the next owner starts there once it is committed
-                    self._checkpoint(timeout=min(10.0, self.cfg.kafka.session_timeout_ms / 2000), wait_commit=False)
+                    self._checkpoint(timeout=min(10.0, self.cfg.kafka.session_timeout_ms / 2000), commit_by="send")
                 except LifelongError as exc:
                     log.warning("no checkpoint before giving partitions up (%s): the next owner replays", exc)
             self._drop(partitions)
@@ -446,7 +446,7 @@ class Daemon:
                 if self.knowledge is not None and time.monotonic() - self.knowledge_read >= KNOWLEDGE_EVERY_S:
                     self._read_knowledge()
                 if self.dirty and self.checkpoint_age() >= self.cfg.checkpoint.interval_s:
-                    self._checkpoint(timeout=30.0)
+                    self._checkpoint(timeout=30.0, commit_by="queue")
             self._shutdown()
         except LifelongError as exc:
             log.error("stopping without a checkpoint: %s", exc)
@@ -588,16 +588,18 @@ class Daemon:
         self.metrics.dead_letters.labels(exc.kind).inc()
         self.dead_lettered += 1
 
-    def _checkpoint(self, timeout: float, wait_commit: bool = True) -> Path | None:
-        """The commit protocol (``commit.Checkpointer``) under the processing lock; ``wait_commit`` False sends
-        the commit without waiting (rebalance callbacks). None: postponed, or not written (``storage_error``)."""
+    def _checkpoint(self, timeout: float, commit_by: str = "wait") -> Path | None:
+        """The commit protocol (``commit.Checkpointer``) under the processing lock. The offsets' commit: "wait"
+        for the group's answer (shutdown), "queue" it for the poll thread without waiting (periodic checkpoints:
+        the file holds the offsets), or "send" it at once (rebalance callbacks, which run in the poll thread).
+        None: postponed, or not written (``storage_error``)."""
         source = _started(self.source)
 
         def commit(offsets: dict[TopicPartition, int], timeout: float) -> None:
-            if wait_commit:
-                source.commit(offsets, timeout)
-            else:
+            if commit_by == "send":
                 source.commit_async(offsets)
+            else:
+                source.commit(offsets, timeout if commit_by == "wait" else None)
 
         with self.lock:
             path = self.checkpointer.run(

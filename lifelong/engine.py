@@ -1350,7 +1350,7 @@ class Engine:
             "kb": self.kb.meta(),
             # up to labels.pending_max entries each: one JSON string, not a list of lists (pickled object by object)
             "pending": pending_keys,
-            "learned_keys": _json([(task, eid, ts) for (task, eid), ts in self.learned_keys.items()]),
+            "learned_keys": _json(list(self.learned_keys.items())),  # [[task, id], time] rows: no Python loop
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
             # without tasks, every task is in the store when this state is loaded
@@ -1412,7 +1412,10 @@ class Engine:
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
         self.counters = {**dict.fromkeys(COUNTERS, 0), **meta["counters"]}
-        self.learned_keys = _Window(((task, eid), float(ts)) for task, eid, ts in _listed(meta.get("learned_keys", [])))
+        self.learned_keys = _Window(
+            ((r[0][0], r[0][1]), float(r[1])) if len(r) == 2 else ((r[0], r[1]), float(r[2]))  # or [task, id, time]
+            for r in _listed(meta.get("learned_keys", []))
+        )
 
     # --- moving tasks between replicas (the changelog) ---
 

@@ -80,7 +80,8 @@ class Source:
         self.on_revoke = on_revoke
         self.on_lost = on_lost
         self.batches: queue.Queue[Batch] = queue.Queue(maxsize=cfg.batching.queue_batches)
-        self.commands: queue.Queue[tuple[dict[TopicPartition, int], Future[None]]] = queue.Queue()
+        # commits for the poll thread: offsets, the daemon's waiter (None: nobody waits), the generation
+        self.commands: queue.Queue[tuple[dict[TopicPartition, int], Future[None] | None, int]] = queue.Queue()
         self.generation = 0
         self.assigned: list[TopicPartition] = []
         self.gained: list[TopicPartition] = []  # assigned, paused, not taken over yet
@@ -154,12 +155,15 @@ class Source:
         self._wake.set()
         return batch
 
-    def commit(self, offsets: dict[TopicPartition, int], timeout: float) -> None:
-        """Commit ``offsets`` (the next offset to read per partition) from the poll thread; raises on failure."""
-        done: Future[None] = Future()
-        self.commands.put((offsets, done))
+    def commit(self, offsets: dict[TopicPartition, int], timeout: float | None = None) -> None:
+        """Commit ``offsets`` (the next offset to read per partition) from the poll thread. With ``timeout``,
+        wait for the answer (raises on failure); without, return at once: the poll thread logs a failure, and
+        leaves the commit out if a rebalance comes first (the partitions may be another owner's by then)."""
+        done: Future[None] | None = None if timeout is None else Future()
+        self.commands.put((offsets, done, self.generation))
         self._wake.set()
-        done.result(timeout)
+        if done is not None:
+            done.result(timeout)
 
     def commit_async(self, offsets: dict[TopicPartition, int]) -> None:
         """Send a commit without waiting (rebalance callbacks, which run in the poll thread)."""
@@ -195,6 +199,7 @@ class Source:
             while not self._stop.is_set():
                 self._serve_commands()
                 self._backpressure()
+                generation = self.generation
                 records = self._poll(0.1, self.cfg.batching.max_events)
                 now = time.monotonic()
                 self.poll_gaps.append(now - self.last_poll)
@@ -202,6 +207,11 @@ class Source:
                 if self.gained:
                     gained, self.gained = self.gained, []
                     self._take_over(gained)
+                if records and self.generation != generation:
+                    # a rebalance ran inside this poll (librdkafka's callbacks do): what it fetched before is
+                    # of the old assignment, and a partition given up is its new owner's to learn
+                    owned = set(self.assigned)
+                    records = [r for r in records if TopicPartition(r.topic, r.partition) in owned]
                 self._observe()
                 if records:
                     self.batches.put(Batch(records, self.generation))
@@ -215,17 +225,23 @@ class Source:
     def _serve_commands(self) -> None:
         while True:
             try:
-                offsets, done = self.commands.get_nowait()
+                offsets, done, generation = self.commands.get_nowait()
             except queue.Empty:
                 return
+            if done is None and generation != self.generation:
+                continue
             try:
                 mine = {tp: o for tp, o in offsets.items() if tp in self._assignment()}
                 if mine:
                     self._commit(mine, wait=True)
                     self.committed.update(mine)
-                done.set_result(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting daemon thread
-                done.set_exception(exc)
+                if done is not None:
+                    done.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting daemon thread, or logged
+                if done is None:
+                    log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
+                else:
+                    done.set_exception(exc)
 
     def _take_over(self, gained: list[TopicPartition]) -> None:
         """The daemon restores the partitions' state (it may read the changelog and the committed offsets); they

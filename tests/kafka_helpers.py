@@ -110,7 +110,10 @@ def read_topic(
                 records.extend(rs)
     finally:
         consumer.close()
-    assert len(records) >= at_least, f"{topic}: {len(records)} records, expected at least {at_least}"
+    lost = sorted(ids - {json.loads(r.value).get("id") for r in records}) if ids is not None else []
+    assert len(records) >= at_least and not lost, (
+        f"{topic}: {len(records)} records, expected at least {at_least}; {len(lost)} ids missing: {lost[:20]}"
+    )
     return records
 
 

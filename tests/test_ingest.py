@@ -84,6 +84,9 @@ class FakeSource(Source):
         self.commits: list[dict[TopicPartition, int]] = []
         self.group_committed: dict[TopicPartition, int] = {}
         self.rebalance: list[TopicPartition] | None = None  # the next poll assigns these (after revoking all)
+        # librdkafka's way: the rebalance runs inside the poll after some records were fetched, and gained
+        # partitions are taken over right there
+        self.rebalance_late = False
         self.polls = 0
 
     def _open(self) -> None:
@@ -91,24 +94,32 @@ class FakeSource(Source):
 
     def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
         self.polls += 1
-        if self.rebalance is not None:
-            new, self.rebalance = self.rebalance, None
-            if self.assignment:
-                self._leave(self.assignment, self.on_revoke, "revoked")
-            self.assignment = list(new)
-            for tp in new:
-                self.position[tp] = self.group_committed.get(tp, 0)
-            self._gain(new)
+        if not self.rebalance_late:
+            self._rebalance()
         out = []
         for tp in self.assignment:
             if tp in self.paused_parts:
                 continue
             at = self.position[tp]
-            out += self.log[tp][at : at + max_records - len(out)]
-            self.position[tp] = at + len(out)
+            got = self.log[tp][at : at + max_records - len(out)]
+            out += got
+            self.position[tp] = at + len(got)
+        if self.rebalance_late:
+            self._rebalance()
         if not out:
             time.sleep(timeout_s / 10)
         return out
+
+    def _rebalance(self) -> None:
+        if self.rebalance is None:
+            return
+        new, self.rebalance = self.rebalance, None
+        if self.assignment:
+            self._leave(self.assignment, self.on_revoke, "revoked")
+        self.assignment = list(new)
+        for tp in new:
+            self.position[tp] = self.group_committed.get(tp, 0)
+        self._gain(new, now=self.rebalance_late)
 
     def _assignment(self):
         return list(self.assignment)
@@ -213,5 +224,45 @@ def test_commits_run_in_the_poll_thread_and_queued_batches_of_a_revoked_assignme
         batch = src.get(1.0)
         assert batch is not None and batch.generation == src.generation
         assert {r.partition for r in batch.records} == {1}  # what TP0 had queued was dropped
+    finally:
+        src.stop(2.0)
+
+
+def test_records_fetched_before_a_rebalance_inside_the_same_poll_never_reach_the_daemon_for_partitions_given_up(cfg):
+    # librdkafka runs rebalance callbacks inside consume(): what the same poll fetched before one is of the old
+    # assignment; a record of a partition now owned elsewhere must not be learned here (its owner learns it)
+    log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(6)], TP1: [Rec("ev", 1, i, b"{}") for i in range(6)]}
+    src = FakeSource(cfg, log, on_assign=lambda p: {}, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.assignment = [TP0, TP1]
+    src.position = {TP0: 0, TP1: 0}
+    src.assigned = [TP0, TP1]
+    src.rebalance, src.rebalance_late = [TP1], True
+    src.start()
+    try:
+        seen = []
+        while len(seen) < 6:
+            batch = src.get(1.0)
+            assert batch is not None and batch.generation == src.generation
+            seen += [(r.partition, r.offset) for r in batch.records]
+    finally:
+        src.stop(2.0)
+    assert all(p == 1 for p, _ in seen), seen
+    assert sorted(set(seen)) == [(1, i) for i in range(6)]
+
+
+def test_a_queued_commit_is_sent_by_the_poll_thread_unless_a_rebalance_comes_first(cfg):
+    log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(3)], TP1: [Rec("ev", 1, i, b"{}") for i in range(3)]}
+    src = FakeSource(cfg, log, on_assign=lambda p: {}, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.rebalance = [TP0]
+    src.start()
+    try:
+        wait(lambda: src.assigned == [TP0])
+        src.commit({TP0: 2})  # returns at once; the poll thread commits
+        wait(lambda: src.committed == {TP0: 2})
+        generation = src.generation
+        src.commands.put(({TP0: 1}, None, generation - 1))  # queued under an earlier assignment: left out
+        src.commit({TP0: 3})
+        wait(lambda: src.committed == {TP0: 3})
+        assert src.commits == [{TP0: 2}, {TP0: 3}]
     finally:
         src.stop(2.0)

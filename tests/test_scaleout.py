@@ -152,6 +152,10 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
         for r in live:
             r.proc.send_signal(signal.SIGTERM)
         assert [r.proc.wait(40) for r in live] == [0, 0, 0, 0]
+    except BaseException:
+        for r in replicas:  # what each replica did, for the failure's report
+            print(f"--- {r.name} ({r.log})", *r.messages()[-60:], sep="\n")
+        raise
     finally:
         for r in replicas:
             if r.proc.poll() is None:
