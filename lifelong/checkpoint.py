@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,17 @@ def _files(directory: Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if NAME.match(p.name)), reverse=True)
 
 
-def write(directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write one checkpoint atomically; keep the newest ``keep`` files."""
+def write(
+    directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], keep: int = 2, seq: int | None = None
+) -> Path:
+    """Write one checkpoint atomically (number ``seq``, by default the next); keep the newest ``keep`` files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    seq = _next_seq(directory)
+    seq = seq or _next_seq(directory)
     buf = io.BytesIO()
     torch.save({"tensors": tensors, "meta": meta}, buf)
     payload = buf.getvalue()
-    path = directory / f"checkpoint-{seq:012d}.ckpt"
+    path = directory / file_name(seq)
     tmp = directory / f".{path.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -72,6 +75,11 @@ def write(directory: str | Path, tensors: dict[str, Any], meta: dict[str, Any], 
     for old in _files(directory)[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def file_name(seq: int) -> str:
+    """The name of checkpoint number ``seq``."""
+    return f"checkpoint-{seq:012d}.ckpt"
 
 
 def _next_seq(directory: Path) -> int:
@@ -139,24 +147,47 @@ def latest(directory: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]
     return None
 
 
-def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Checkpoint ``engine`` (and the daemon's ``extra`` metadata, e.g. offsets): incrementally when its task
-    store lives in ``directory`` (module docstring), else every task in the file."""
+@dataclass
+class Taken:
+    """A checkpoint's state, taken (``take``) and not yet written (``Taken.write``)."""
+
+    directory: Path
+    seq: int
+    tensors: dict[str, Any]
+    meta: dict[str, Any]
+
+    def write(self, keep: int = 2) -> Path:
+        """The checkpoint file (then snapshots no kept checkpoint names are removed)."""
+        path = write(self.directory, self.tensors, self.meta, keep, self.seq)
+        _prune_snapshots(self.directory)
+        return path
+
+
+def take(engine: Engine, directory: str | Path, extra: dict[str, Any] | None = None, detach: bool = False) -> Taken:
+    """The state a checkpoint of ``engine`` (and the daemon's ``extra`` metadata, e.g. offsets) holds:
+    incremental when its task store lives in ``directory`` (module docstring: the changed tasks go to the store
+    and it is snapshotted now), else every task. ``detach``: nothing in it is shared with the engine, so that it
+    can be written while the engine goes on (the daemon writes it off its processing thread)."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    seq = _next_seq(directory)
     store = engine.store
     if store is not None and store.path.parent == directory:
         engine.flush_tasks()
-        snapshot = directory / f"store-{_next_seq(directory):012d}"
+        snapshot = directory / f"store-{seq:012d}"
         shutil.rmtree(snapshot, ignore_errors=True)  # left by a checkpoint that failed after its snapshot
         store.snapshot(snapshot)
-        tensors, meta = engine.state(tasks=False)
+        tensors, meta = engine.state(tasks=False, detach=detach)
         meta["store"] = snapshot.name
     else:
-        tensors, meta = engine.state()
+        tensors, meta = engine.state(detach=detach)
     meta["extra"] = extra or {}
-    path = write(directory, tensors, meta, keep)
-    _prune_snapshots(directory)
-    return path
+    return Taken(directory, seq, tensors, meta)
+
+
+def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Checkpoint ``engine`` (``take``, then write it)."""
+    return take(engine, directory, extra).write(keep)
 
 
 def restore_engine(engine: Engine, directory: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:

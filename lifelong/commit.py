@@ -2,7 +2,8 @@
 
 1. flush the sink and check every delivery (predictions, dead letters, KB members);
 2. scale-out only: write the tasks changed since the last checkpoint to the changelog, and flush again;
-3. write the engine's state with the next offset of each partition, atomically (``checkpoint.save_engine``);
+3. take the engine's state (``checkpoint.take``) and write it with the next offset of each partition,
+   atomically (``Taken.write``): periodic checkpoints write in a writer thread while the loop goes on;
 4. commit those offsets to the group (a failed commit is only a warning: the checkpoint holds them).
 
 Deliveries still pending (a slow or frozen broker) postpone the checkpoint; a state that cannot be written
@@ -14,6 +15,7 @@ and the commit are passed in (unit-tested with fakes).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,7 @@ class Checkpointer:
         self.error: str | None = None  # the last checkpoint could not be written: processing waits for a retry
         self.retry_at = 0.0
         self.retry_s = RETRY_S[0]
+        self.writer: threading.Thread | None = None  # writing a checkpoint (``run`` with ``detach``)
 
     def age(self) -> float:
         """Seconds since the last checkpoint."""
@@ -61,10 +64,14 @@ class Checkpointer:
         commit: Callable[[Offsets, float], None],
         timeout: float,
         changelog: Callable[[], None] | None = None,
+        detach: bool = False,
     ) -> Path | None:
         """One checkpoint: ``changelog`` sends the changed tasks (scale-out), ``state`` gives the offsets and the
         daemon's metadata once it has, ``commit`` commits offsets within a timeout. None: postponed (deliveries
-        pending) or not written (``error``)."""
+        pending) or not written (``error``). ``detach``: steps 1-2 and taking the state run here, writing the
+        file and the commit in a writer thread (the caller goes on processing; ``join`` waits for it, as the
+        next checkpoint does); a file that cannot be written then sets ``error`` from there."""
+        self.join()
         start = time.monotonic()
         try:
             sink.flush(timeout=max(1.0, timeout * 0.4))
@@ -76,36 +83,68 @@ class Checkpointer:
                 if off < self.checkpointed.get(tp, -1):
                     went = f"went back from {self.checkpointed[tp]} to {off}"
                     raise StateError(f"offset of {tp.topic}-{tp.partition} {went}")
-            path = checkpoint.save_engine(self.engine, self.cfg.checkpoint.dir, extra, keep=self.cfg.checkpoint.keep)
+            taken = checkpoint.take(self.engine, self.cfg.checkpoint.dir, extra, detach=detach)
         except FlushTimeout as exc:
             log.warning("checkpoint postponed: %s", exc)
             return None
         except OSError as exc:
-            self.metrics.checkpoints.labels("failed").inc()
-            log.error(
-                "cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
-                self.cfg.checkpoint.dir,
-                exc,
-                self.retry_s,
-            )
-            self.error = f"{type(exc).__name__}: {exc.strerror or exc}"
-            self.retry_at = time.monotonic() + self.retry_s
-            self.retry_s = min(RETRY_S[1], 2 * self.retry_s)
+            self._failed(exc)
             return None
+        self.checkpointed = dict(offsets)
+        rows = self.engine.flushed * (self.engine.store.width if self.engine.store else 0)  # task rows written
+        path = taken.directory / checkpoint.file_name(taken.seq)
+        args = (taken, offsets, commit, start, timeout, rows, self.engine.flushed)
+        if not detach:
+            return path if self._write(*args) else None
+        self.writer = threading.Thread(target=self._write, args=args, name="checkpoint-writer", daemon=True)
+        self.writer.start()
+        return path
+
+    def join(self) -> None:
+        """Wait for a checkpoint being written (``run`` with ``detach``)."""
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+
+    def _write(
+        self,
+        taken: checkpoint.Taken,
+        offsets: Offsets,
+        commit: Callable[[Offsets, float], None],
+        start: float,
+        timeout: float,
+        rows: int,
+        tasks: int,
+    ) -> bool:
+        """Steps 3 and 4 for a state taken; False: the file could not be written (``error``)."""
+        try:
+            path = taken.write(keep=self.cfg.checkpoint.keep)
+        except OSError as exc:
+            self._failed(exc)
+            return False
         if self.error is not None:
             log.info("checkpoint written again after a storage fault (%s): processing resumes", self.error)
             self.error, self.retry_s = None, RETRY_S[0]
-        engine = self.engine
-        self.checkpointed = dict(offsets)
         self.last = time.monotonic()
         self.metrics.checkpoints.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(self.last - start)
-        rows = engine.flushed * (engine.store.width if engine.store else 0)  # task rows written to the store
         self.metrics.checkpoint_bytes.inc(path.stat().st_size + rows)
-        self.metrics.checkpoint_tasks.inc(engine.flushed)
+        self.metrics.checkpoint_tasks.inc(tasks)
         try:
             commit(offsets, max(0.5, timeout - (time.monotonic() - start)))
         except Exception as exc:  # noqa: BLE001 - the checkpoint, not the commit, is what restores state
             log.warning("offset commit failed (the checkpoint holds the offsets): %r", exc)
         log.debug("checkpoint %s offsets %s", path, {tp.partition: o for tp, o in offsets.items()})
-        return path
+        return True
+
+    def _failed(self, exc: OSError) -> None:
+        self.metrics.checkpoints.labels("failed").inc()
+        log.error(
+            "cannot write a checkpoint in %s (%s): processing paused, retrying in %.0f s",
+            self.cfg.checkpoint.dir,
+            exc,
+            self.retry_s,
+        )
+        self.error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        self.retry_at = time.monotonic() + self.retry_s
+        self.retry_s = min(RETRY_S[1], 2 * self.retry_s)

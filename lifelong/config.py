@@ -97,7 +97,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """``batching``: micro-batch size and wait, and the poll loop's queue of batches."""
+    """``batching``: the largest micro-batch (a batch takes what has arrived, up to ``max_events``: large under
+    load, small when the stream is slow), the longest the broker holds a fetch, and the poll loop's queue."""
 
     max_events: int = 1024
     max_ms: int = 50

@@ -485,12 +485,10 @@ class Daemon:
         first = source.get(timeout=0.1)
         if first is None:
             return []
+        # then what is already waiting, without waiting for more: a batch is as large as the time the last
+        # one took lets it be (large under load, small and quick when the stream is slow)
         batches, n = [first], len(first.records)
-        deadline = time.monotonic() + self.cfg.batching.max_ms / 1000
-        while n < self.cfg.batching.max_events and (left := deadline - time.monotonic()) > 0:
-            more = source.get(timeout=left)
-            if more is None:
-                break
+        while n < self.cfg.batching.max_events and (more := source.get(timeout=0)) is not None:
             batches.append(more)
             n += len(more.records)
         return batches
@@ -590,20 +588,27 @@ class Daemon:
 
     def _checkpoint(self, timeout: float, commit_by: str = "wait") -> Path | None:
         """The commit protocol (``commit.Checkpointer``) under the processing lock. The offsets' commit: "wait"
-        for the group's answer (shutdown), "queue" it for the poll thread without waiting (periodic checkpoints:
-        the file holds the offsets), or "send" it at once (rebalance callbacks, which run in the poll thread).
-        None: postponed, or not written (``storage_error``)."""
+        for the group's answer (shutdown), "send" it at once (rebalance callbacks, which run in the poll thread),
+        or "queue" it for the poll thread (periodic checkpoints: the file holds the offsets; the file and the
+        commit are then written by the checkpointer's writer thread while the loop goes on). None: postponed,
+        or not written (``storage_error``)."""
         source = _started(self.source)
+        generation = source.generation  # a queued commit is left out if a rebalance comes after this
 
         def commit(offsets: dict[TopicPartition, int], timeout: float) -> None:
             if commit_by == "send":
                 source.commit_async(offsets)
             else:
-                source.commit(offsets, timeout if commit_by == "wait" else None)
+                source.commit(offsets, timeout if commit_by == "wait" else None, generation)
 
         with self.lock:
             path = self.checkpointer.run(
-                _started(self.sink), self._state, commit, timeout, self._changelog if self.shared else None
+                _started(self.sink),
+                self._state,
+                commit,
+                timeout,
+                self._changelog if self.shared else None,
+                detach=commit_by == "queue",
             )
             if path is not None:
                 self.dirty = False
@@ -627,10 +632,10 @@ class Daemon:
     def _state(self) -> tuple[dict[TopicPartition, int], dict[str, Any]]:
         """The offsets a checkpoint stands for and the daemon's state that goes with them."""
         offsets = dict(self.positions)
-        return offsets, {
+        return offsets, {  # copies: the file may be written while the loop goes on (``_checkpoint``)
             "offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
-            "task_partition": self.task_partition,
-            "floor": self.floor,
+            "task_partition": dict(self.task_partition),
+            "floor": dict(self.floor),
             "knowledge_offset": self.knowledge_offset,
             "ended": sorted(self.ended),
         }
@@ -639,7 +644,8 @@ class Daemon:
         """Finish: the batch in hand is done; checkpoint and commit within the grace period."""
         if self.knowledge is not None:
             self._read_knowledge(until_end=True)
-        if self.dirty and self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
+        self.checkpointer.join()  # a periodic checkpoint being written: one that failed is written again here
+        if (self.dirty or self.storage_error) and self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
             raise DaemonError(f"no checkpoint at shutdown: {self.storage_error or 'deliveries still pending'}")
         log.info(
             "stopped cleanly at offsets %s",
@@ -648,6 +654,7 @@ class Daemon:
 
     def _close(self) -> None:
         grace = self.cfg.shutdown_grace_s
+        self.checkpointer.join()
         if self.source is not None:
             self.source.stop(timeout=grace * 0.2)
         if self.sink is not None:

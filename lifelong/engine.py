@@ -16,6 +16,7 @@ charged exactly the mixture's loss and the bounds hold against each expert from 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -25,7 +26,7 @@ import time
 import typing
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, KeysView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,32 +167,104 @@ def _count(
                 trigger[j] = trigger[j] or c == a
 
 
-class _Window(dict[tuple[str, str], float]):
+class _Window:
     """(task, id) of the labelled events learned within the pending window, with the event time each was
-    learned at, oldest first: a second delivery of one is a duplicate. A plain dict (a key learned again keeps
-    its place) and a queue of its keys in that order: the oldest leave first, cheaply."""
+    learned at, oldest first: a second delivery of one is a duplicate. A key learned again keeps its place;
+    the oldest leave first. Kept so that a checkpoint copies it without a loop over its keys (``encoded``):
+    each key learned gets the next entry number (``at``), its time is in an array by entry number (NaN once
+    it has left), and the keys are JSON-encoded a chunk at a time as they come."""
+
+    CHUNK = 1024  # keys encoded together
 
     def __init__(self, items: Iterable[tuple[tuple[str, str], float]] = ()):
-        super().__init__(items)
-        self.order = deque(self)
+        self.at: dict[tuple[str, str], int] = {}  # key -> entry number
+        self.order: deque[tuple[str, str]] = deque()  # the keys here, oldest first
+        self.base, self.n = 0, 0  # entry number of ``times[0]``; of the next key
+        self.times = np.empty(self.CHUNK, np.float64)
+        self.chunks: deque[tuple[int, bytes]] = deque()  # (first entry number, its keys as JSON)
+        self.fresh: list[tuple[str, str]] = []  # keys not encoded yet, from entry number ``n - len(fresh)``
+        pairs = list(items)
+        self.add([k for k, _ in pairs], [t for _, t in pairs], len(pairs), new=True)
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.at
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.order)
+
+    def __getitem__(self, key: tuple[str, str]) -> float:
+        return float(self.times[self.at[key] - self.base])
+
+    def keys(self) -> KeysView[tuple[str, str]]:
+        return self.at.keys()
+
+    def items(self) -> Iterator[tuple[tuple[str, str], float]]:
+        return ((k, self[k]) for k in self.order)
 
     def add(self, keys: list[tuple[str, str]], times: list[float], cap: int, new: bool = False) -> None:
         """Learn ``keys`` at ``times``; ``new``: none of them is here yet (nor twice in ``keys``)."""
-        self.order.extend(keys if new else [k for k in dict.fromkeys(keys) if k not in self])
-        self.update(zip(keys, times, strict=True))
-        while len(self) > cap:
-            del self[self.order.popleft()]
+        fresh = keys if new else [k for k in dict.fromkeys(keys) if k not in self.at]
+        n0, end = self.n, self.n + len(fresh)
+        if end - self.base > len(self.times):
+            self._room(end)
+        self.n = end
+        self.at.update(zip(fresh, range(n0, end), strict=True))
+        self.order.extend(fresh)
+        self.fresh.extend(fresh)
+        if len(self.fresh) >= self.CHUNK:
+            self.chunks.append((end - len(self.fresh), orjson.dumps(self.fresh)))
+            self.fresh = []
+        if new:
+            self.times[n0 - self.base : end - self.base] = times
+        else:  # the last time of a key wins
+            learned = dict(zip(keys, times, strict=True))
+            self.times[[self.at[k] - self.base for k in learned]] = list(learned.values())
+        while len(self.at) > cap:
+            self._pop()
+
+    def _pop(self) -> None:
+        self.times[self.at.pop(self.order.popleft()) - self.base] = np.nan
+
+    def _first(self) -> int:
+        """Entry number of the first key still encoded: chunks whose keys have all left are dropped first."""
+        head = self.at[self.order[0]] if self.order else self.n
+        while len(self.chunks) > 1 and self.chunks[1][0] <= head:
+            self.chunks.popleft()
+        return self.chunks[0][0] if self.chunks else self.n - len(self.fresh)
+
+    def _room(self, end: int) -> None:
+        """Room in ``times`` for entries up to ``end``: it starts again at the first entry still encoded."""
+        first = self._first()
+        old = self.times[first - self.base : self.n - self.base]
+        self.times = np.empty(max(self.CHUNK, 2 * (end - first)), np.float64)
+        self.times[: len(old)] = old
+        self.base = first
 
     def expire(self, limit: float) -> None:
         """Forget the keys learned before ``limit``."""
-        while self.order and self[self.order[0]] < limit:
-            del self[self.order.popleft()]
+        while self.order and self.times[self.at[self.order[0]] - self.base] < limit:
+            self._pop()
 
     def forget(self, tasks: set[str] | dict[str, Any]) -> None:
         """Forget the keys of ``tasks`` (their state was replaced: replayed events are not duplicates)."""
-        for key in [k for k in self if k[0] in tasks]:
-            del self[key]
-        self.order = deque(k for k in self.order if k in self)
+        for key in [k for k in self.at if k[0] in tasks]:
+            self.times[self.at.pop(key) - self.base] = np.nan
+        self.order = deque(k for k in self.order if k in self.at)
+
+    def encoded(self) -> tuple[str, np.ndarray]:
+        """Copies of the keys of the entries from the first chunk not wholly gone on, as one JSON array of
+        chunks of keys, and of their times (NaN: gone): what ``decoded`` turns back into the window."""
+        first = self._first()
+        parts = [c for _, c in self.chunks] + ([orjson.dumps(self.fresh)] if self.fresh else [])
+        return (b"[" + b",".join(parts) + b"]").decode(), self.times[first - self.base : self.n - self.base].copy()
+
+    @classmethod
+    def decoded(cls, chunks: str, times: np.ndarray) -> _Window:
+        keys = [k for chunk in orjson.loads(chunks) for k in chunk]
+        return cls(((k[0], k[1]), float(t)) for k, t in zip(keys, times.tolist(), strict=True) if t == t)
 
 
 @dataclass
@@ -1318,10 +1391,12 @@ class Engine:
 
     # --- state ---
 
-    def state(self, tasks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def state(self, tasks: bool = True, detach: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """All state as tensors plus JSON metadata; ``load_state`` of the pair restores it exactly. Every task
         is in it (stored tasks are read back into memory first); without ``tasks``, none: the global state
-        that goes with a snapshot of the task store (``flush_tasks``, ``TaskStore.snapshot``)."""
+        that goes with a snapshot of the task store (``flush_tasks``, ``TaskStore.snapshot``). ``detach``: none
+        of it is shared with the engine (tensors copied): the caller may go on processing while another thread
+        writes the pair."""
         if tasks:
             self.recall()
         n = self.n_tasks if tasks else 0
@@ -1337,6 +1412,8 @@ class Engine:
                 tensors["population.prior_mu"] = self.learners.prior_mu.cpu()
         pending, pending_keys = self.pending.state()
         tensors.update(pending)
+        window, tensors["window.times"] = self.learned_keys.encoded()  # (copies, encoded as it was learned)
+        tensors["window.times"] = torch.from_numpy(tensors["window.times"])
         for i, st in enumerate(self.staged):
             for k, v in self.learners.store_state(st.store).items():
                 tensors[f"staged.{i}.{k}"] = v
@@ -1346,11 +1423,11 @@ class Engine:
             "task_names": self.task_names[:n],
             "events_seen": self.events_seen,
             "now_ts": self.now_ts,
-            "counters": self.counters,
-            "kb": self.kb.meta(),
+            "counters": dict(self.counters),
+            "kb": copy.deepcopy(self.kb.meta()),
             # up to labels.pending_max entries each: one JSON string, not a list of lists (pickled object by object)
             "pending": pending_keys,
-            "learned_keys": _json(list(self.learned_keys.items())),  # [[task, id], time] rows: no Python loop
+            "window": window,  # the duplicate window's keys (``_Window.encoded``)
             "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
             "population_n": self.population_n,
             # without tasks, every task is in the store when this state is loaded
@@ -1359,7 +1436,7 @@ class Engine:
         # a view of a larger tensor (rows in use of a table with spare capacity) is saved as its own copy: a
         # saved view holds its whole storage
         for k, v in tensors.items():
-            if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.numel() * v.element_size():
+            if isinstance(v, torch.Tensor) and (detach or v.untyped_storage().nbytes() > v.numel() * v.element_size()):
                 tensors[k] = v.clone()
         return tensors, meta
 
@@ -1412,10 +1489,13 @@ class Engine:
         self.events_seen = int(meta["events_seen"])
         self.now_ts = float(meta["now_ts"])
         self.counters = {**dict.fromkeys(COUNTERS, 0), **meta["counters"]}
-        self.learned_keys = _Window(
-            ((r[0][0], r[0][1]), float(r[1])) if len(r) == 2 else ((r[0], r[1]), float(r[2]))  # or [task, id, time]
-            for r in _listed(meta.get("learned_keys", []))
-        )
+        if "window" in meta:
+            self.learned_keys = _Window.decoded(meta["window"], tensors["window.times"].numpy())
+        else:  # an earlier version's checkpoint: rows [[task, id], time] or [task, id, time]
+            self.learned_keys = _Window(
+                ((r[0][0], r[0][1]), float(r[1])) if len(r) == 2 else ((r[0], r[1]), float(r[2]))
+                for r in _listed(meta.get("learned_keys", []))
+            )
 
     # --- moving tasks between replicas (the changelog) ---
 

@@ -155,12 +155,15 @@ class Source:
         self._wake.set()
         return batch
 
-    def commit(self, offsets: dict[TopicPartition, int], timeout: float | None = None) -> None:
+    def commit(
+        self, offsets: dict[TopicPartition, int], timeout: float | None = None, generation: int | None = None
+    ) -> None:
         """Commit ``offsets`` (the next offset to read per partition) from the poll thread. With ``timeout``,
         wait for the answer (raises on failure); without, return at once: the poll thread logs a failure, and
-        leaves the commit out if a rebalance comes first (the partitions may be another owner's by then)."""
+        leaves the commit out if a rebalance comes after ``generation`` (by default now): the partitions may be
+        another owner's by then."""
         done: Future[None] | None = None if timeout is None else Future()
-        self.commands.put((offsets, done, self.generation))
+        self.commands.put((offsets, done, self.generation if generation is None else generation))
         self._wake.set()
         if done is not None:
             done.result(timeout)

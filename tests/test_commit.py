@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -81,7 +84,7 @@ def test_a_state_that_cannot_be_written_is_retried_with_backoff_and_never_commit
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_engine", full)
+    monkeypatch.setattr(checkpoint, "write", full)
     commit = lambda o, t: steps.append("commit")  # noqa: E731
     assert ckpt.run(sink, lambda: ({TP: 30}, {}), commit, 5.0) is None
     assert "No space left" in ckpt.error and ckpt.retry_s == 2.0 and not ckpt.due_retry()
@@ -102,3 +105,38 @@ def test_offsets_going_back_are_refused_and_a_failed_commit_keeps_the_checkpoint
     assert ckpt.checkpointed == {TP: 30}
     with pytest.raises(StateError, match="went back"):
         ckpt.run(sink, lambda: ({TP: 29}, {}), lambda o, t: None, 5.0)
+
+
+def test_a_detached_checkpoint_holds_the_state_it_took_while_the_engine_goes_on(parts, monkeypatch):
+    """Periodic checkpoints are written by a thread while the loop processes more events: the file holds
+    the state (and window of learned keys) as taken, and the commit comes after the file."""
+    cfg, engine, ckpt, sink, steps = parts
+    taken = Engine(cfg.engine, cfg.labels)
+    taken.load_state(*engine.state())
+    went_on, real_write = threading.Event(), checkpoint.write
+    monkeypatch.setattr(checkpoint, "write", lambda *a, **kw: went_on.wait(10) and real_write(*a, **kw))
+    commits = []
+    path = ckpt.run(sink, lambda: ({TP: 30}, {}), lambda o, t: commits.append(o), 5.0, detach=True)
+    assert not commits and checkpoint.latest(cfg.checkpoint.dir) is None  # not written yet
+    engine.process(make_stream(n_tasks=4, per_task=10, dim=3, seed=1, ends=False))  # the loop goes on
+    went_on.set()
+    ckpt.join()
+    assert commits == [{TP: 30}] and path == checkpoint.latest(cfg.checkpoint.dir)[0]
+    back = checkpoint.load_engine(cfg.checkpoint.dir, cfg)
+    assert back.counters == taken.counters != engine.counters
+    assert dict(back.learned_keys) == dict(taken.learned_keys) != dict(engine.learned_keys)
+    assert back.task_names == taken.task_names
+    for name, v in taken.state()[0].items():
+        assert torch.equal(back.state()[0][name], v), name
+
+
+def test_a_detached_checkpoint_that_cannot_be_written_sets_the_error_and_commits_nothing(parts, monkeypatch):
+    cfg, _, ckpt, sink, steps = parts
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write", full)
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), lambda o, t: steps.append("commit"), 5.0, detach=True)
+    ckpt.join()
+    assert "No space left" in ckpt.error and "commit" not in steps and checkpoint.latest(cfg.checkpoint.dir) is None

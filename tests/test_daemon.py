@@ -434,14 +434,14 @@ def test_disk_full_pauses_processing_then_resumes_exactly(broker, tmp_path, monk
     cfg = config(values)
     payloads = stream_payloads(n_tasks=6, per_task=60, seed=3)
     full = {"on": False}
-    real_save = checkpoint.save_engine
+    real_write = checkpoint.write  # the file: written off the loop by periodic checkpoints, in it by retries
 
-    def save(*args, **kwargs):
+    def write(*args, **kwargs):
         if full["on"]:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(*args, **kwargs)
+        return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_engine", save)
+    monkeypatch.setattr(checkpoint, "write", write)
     with ThreadDaemon(cfg) as daemon:
         wait_until(lambda: daemon.ready()[0], 30, what="ready")
         produce(broker.bootstrap, cfg.kafka.events_topic, payloads[:100])

@@ -448,6 +448,53 @@ def test_duplicate_window_keeps_the_newest_keys_in_learning_order():
     assert list(_Window(window.items()).order) == [("b", "2")]
 
 
+class _Reference(dict):
+    """The duplicate window's rules, plainly: a dict in learning order (a key learned again keeps its place)."""
+
+    def add(self, keys, times, cap):
+        self.update(zip(keys, times, strict=True))
+        while len(self) > cap:
+            del self[next(iter(self))]
+
+    def expire(self, limit):
+        while self and self[next(iter(self))] < limit:
+            del self[next(iter(self))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_duplicate_window_follows_its_rules_and_comes_back_from_its_encoding(monkeypatch, seed):
+    """Random learning (new and repeated keys), expiry, forgotten tasks and caps across many small chunks:
+    the window equals the plain rules, and what a checkpoint holds (``encoded``) decodes to the same window."""
+    monkeypatch.setattr(_Window, "CHUNK", 3)
+    rng = np.random.default_rng(seed)
+    window, ref, now = _Window(), _Reference(), 0.0
+    for _ in range(400):
+        kind = rng.choice(["add", "add_new", "expire", "forget", "check"], p=[0.4, 0.3, 0.1, 0.05, 0.15])
+        if kind in ("add", "add_new"):
+            now += 1.0
+            keys = [(f"t{rng.integers(4)}", str(rng.integers(60))) for _ in range(rng.integers(1, 6))]
+            if kind == "add_new":
+                keys = [k for k in dict.fromkeys(keys) if k not in ref]
+            times = [now + i / 10 for i in range(len(keys))]
+            cap = int(rng.integers(5, 40))
+            window.add(keys, times, cap, new=kind == "add_new")
+            ref.add(keys, times, cap)
+        elif kind == "expire":
+            limit = now - float(rng.integers(0, 30))
+            window.expire(limit)
+            ref.expire(limit)
+        elif kind == "forget":
+            task = f"t{rng.integers(4)}"
+            window.forget({task})
+            for k in [k for k in ref if k[0] == task]:
+                del ref[k]
+        else:
+            back = _Window.decoded(*window.encoded())
+            assert list(back.items()) == list(ref.items())
+        assert list(window.items()) == list(ref.items()) and len(window) == len(ref)
+        assert all(k in window for k in ref) and set(window.keys()) == set(ref)
+
+
 @pytest.mark.parametrize("labels", [LabelsConfig(), LabelsConfig(pending_max=20, pending_ttl_s=3.0)])
 def test_plain_segments_take_the_short_road_to_the_same_state(engine_factory, monkeypatch, labels):
     """Segments of labelled events and controls (the common case) skip the per-event loop; with it forced,
