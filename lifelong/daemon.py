@@ -6,14 +6,9 @@ next offset of each partition) atomically -> commit those offsets. On start the 
 restored and each partition is sought to its offset, so a crash replays exactly the events the state has
 not seen: none is learned twice or skipped, and their predictions are sent again with the same ids.
 
-Scale-out (``kafka.knowledge_topic`` and ``kafka.changelog_topic`` set; README "Scaling out"): replicas share
-one consumer group. Published KB members go to the knowledge topic and join the KB only when read back
-from it, in log order, on every replica. Each checkpoint also writes the state of every task changed since
-the last one to the changelog (before the local checkpoint; each record tagged with its partition's
-position), then commits. A replica that gains a partition keeps its own state of it only when that state
-is at the committed offset; otherwise it restores the partition's tasks from the changelog (per task, the
-newest record at or below the committed offset, see ``shared.read_changelog``), before it fetches an event
-of it or reports ready.
+Scale-out (``kafka.knowledge_topic`` and ``kafka.changelog_topic`` set) and standalone replicas differ in what
+they do for their partitions' tasks beyond learning them: ``replicas.ScaleOut`` and ``replicas.Standalone``,
+one interface, chosen once here.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from kafka import KafkaAdminClient, TopicPartition
@@ -37,19 +32,16 @@ from . import checkpoint
 from .commit import Checkpointer
 from .config import Config
 from .engine import Engine, warm_up
-from .errors import ConfigError, InvalidEvent, LifelongError, StateError
+from .errors import ConfigError, InvalidEvent, LifelongError, started
 from .events import Schema
 from .ingest import ingest
 from .metrics import EngineCollector, HealthServer, Metrics
-from .shared import KnowledgeLog, read_changelog
+from .replicas import ScaleOut, Standalone
 from .sink import Sink, open_sink
 from .source import Source, client_options, open_source
 from .status import Status
-from .wire import Refused
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
 # The main loop refreshes the engine values that /metrics serves every second, or less often where a refresh
 # (which reads every task) would take more than STATUS_SHARE of the loop's time: hundreds of thousands of tasks.
 STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
@@ -57,13 +49,6 @@ STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
 
 class DaemonError(LifelongError):
     """The daemon cannot go on (a failed delivery, a dead poll loop): it stops without checkpointing."""
-
-
-def _started(client: T | None) -> T:
-    """A Kafka client ``run`` has opened (using one earlier is a bug, said plainly, not an ``assert``)."""
-    if client is None:
-        raise DaemonError("used before the Kafka clients were started")
-    return client
 
 
 def _admin(cfg: Config) -> KafkaAdminClient:
@@ -171,17 +156,11 @@ class Daemon:
             frozenset(cfg.engine.tasks),
             cfg.kafka.max_message_bytes,
         )
-        self.shared = bool(cfg.kafka.knowledge_topic)
-        self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
-        self.knowledge_offset = 0  # the knowledge log has been applied up to here
-        self.floor: dict[str, int] = {}  # task -> its events below this offset are in its restored state
+        self.replica = ScaleOut(self) if cfg.kafka.knowledge_topic else Standalone(self)
         self.restored = False
         self.ended: set[str] = set()  # tasks whose last event was ``control: end`` (no per-task series)
         self.engine, self.positions = self._restore()
-        self.engine.share = self.shared
-        self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
-        self.knowledge: KnowledgeLog | None = None
-        self.knowledge_read = 0.0
+        self.engine.share = self.replica.shared
         self.checkpointer = Checkpointer(cfg, self.engine, self.metrics, self.positions)
         self.dirty = False
         self.status_at = 0.0
@@ -222,9 +201,7 @@ class Daemon:
         self.restored = True
         extra = meta.get("extra", {})
         offsets = {TopicPartition(t, p): o for t, p, o in extra.get("offsets", []) if t == self.cfg.kafka.events_topic}
-        self.task_partition = dict(extra.get("task_partition", {}))
-        self.knowledge_offset = int(extra.get("knowledge_offset", 0))
-        self.floor = dict(extra.get("floor", {}))
+        self.replica.restore(extra)
         self.ended = set(extra.get("ended", []))
         log.info(
             "restored %s: %d tasks, KB %d members, offsets %s",
@@ -242,11 +219,7 @@ class Daemon:
 
     def foreign_tasks(self) -> set[int]:
         """Tasks of partitions this replica does not own now (held from an earlier ownership)."""
-        if not self.shared:
-            return set()
-        owned = {tp.partition for tp in self.assigned}
-        index = self.engine.task_index
-        return {index[t] for t, p in self.task_partition.items() if p not in owned and t in index}
+        return self.replica.foreign_tasks()
 
     def checkpoint_age(self) -> float:
         """Seconds since the last checkpoint."""
@@ -290,47 +263,13 @@ class Daemon:
 
     def _on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         with self.lock:  # waits for the batch in flight: positions are then exact
-            if self.shared:
-                for tp in partitions:
-                    self._take_over(tp)
             self.assigned = self.assigned + list(partitions)
-            if self.shared:
-                self._forget_unowned()
+            self.replica.gained(partitions)
             return {tp: self.positions[tp] for tp in partitions if tp in self.positions}
-
-    def _forget_unowned(self) -> None:
-        """Tasks of partitions this replica does not own after a rebalance leave its memory and task store:
-        their owner holds them, and the changelog; one that comes back is restored from there (take-over)."""
-        owned = {tp.partition for tp in self.assigned if tp.topic == self.cfg.kafka.events_topic}
-        gone = [t for t, p in self.task_partition.items() if p not in owned]
-        if not gone:
-            return
-        self.engine.drop_tasks(gone)
-        for t in gone:
-            del self.task_partition[t]
-            self.floor.pop(t, None)
-            self.ended.discard(t)
-        self.changed -= set(gone)
-        for tp in [tp for tp in self.positions if tp.partition not in owned]:
-            self.positions.pop(tp)
-            self.checkpointer.checkpointed.pop(tp, None)
-        log.info("dropped %d tasks of partitions owned elsewhere now", len(gone))
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         with self.lock:
-            if (
-                self.shared
-                and self.dirty
-                and self.sink is not None
-                and self.source is not None
-                and self.source.broker_reachable
-                and not self.stopping.is_set()
-                and self.storage_error is None
-            ):
-                try:  # hand the partitions over at a checkpoint: the next owner starts there once it is committed
-                    self._checkpoint(timeout=min(10.0, self.cfg.kafka.session_timeout_ms / 2000), commit_by="send")
-                except LifelongError as exc:
-                    log.warning("no checkpoint before giving partitions up (%s): the next owner replays", exc)
+            self.replica.revoking(partitions)
             self._drop(partitions)
 
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
@@ -339,67 +278,7 @@ class Daemon:
 
     def _drop(self, partitions: list[TopicPartition]) -> None:
         self.assigned = [tp for tp in self.assigned if tp not in partitions]
-        if self.shared:
-            gone = {tp.partition for tp in partitions if tp.topic == self.cfg.kafka.events_topic}
-            self.changed = {t for t in self.changed if self.task_partition.get(t) not in gone}
-
-    def _take_over(self, tp: TopicPartition) -> None:
-        """Make this replica's state of ``tp``'s tasks the committed one (poll thread, under the lock)."""
-        source = _started(self.source)
-        t0 = time.monotonic()
-        offset = source.committed_offset(tp)
-        p = tp.partition
-        mine = [t for t, q in self.task_partition.items() if q == p]
-        if offset is not None and offset == self.positions.get(tp):
-            log.info(
-                "partition %s-%d: local state is at the committed offset %d (%d tasks)", tp.topic, p, offset, len(mine)
-            )
-            return
-        limit = max(30.0, self.cfg.kafka.max_poll_interval_ms / 2000)
-        records, seen = read_changelog(self.cfg, p, offset, timeout_s=limit)
-        decoded: dict[str, Any] = {}
-        for task, (value, _) in records.items():
-            try:
-                decoded[task] = self.engine.decode_task(value, self.cfg.kafka.max_message_bytes)
-            except Refused as exc:
-                log.error("changelog record of task %r refused: %s", task, exc)
-        restored = list(decoded)
-        # tasks held for this partition without a record: learned after the committed offset, so untrained
-        # again and replayed from it
-        decoded.update({task: None for task in mine if task not in decoded})
-        self.engine.load_tasks(decoded)
-        self.task_partition.update({task: p for task in restored})
-        newer = {t for t in restored if offset is None or records[t][1] > offset}
-        self.floor = {t: f for t, f in self.floor.items() if self.task_partition.get(t) != p}
-        self.floor.update({t: records[t][1] for t in newer})  # replay skips what these records already hold
-        self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
-        if offset is None:
-            self.positions.pop(tp, None)
-            self.checkpointer.checkpointed.pop(tp, None)
-        else:
-            self.positions[tp] = self.checkpointer.checkpointed[tp] = offset
-        seconds = time.monotonic() - t0
-        self.metrics.restore_seconds.observe(seconds)
-        self.metrics.tasks_restored.inc(len(restored))
-        at_commit = [t for t in restored if t not in newer]
-        labels = sum(self.engine.n_labelled[self.engine.task_index[t]] for t in at_commit)
-        log.info(
-            "partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
-            "committed offset %s, and %d from newer records (their events below those are skipped) in "
-            "%.2fs; %d records read, %d refused",
-            tp.topic,
-            p,
-            len(at_commit),
-            labels,
-            self.engine.digest(at_commit),
-            offset,
-            len(newer),
-            seconds,
-            seen,
-            len(records) - len(restored),
-        )
-
-    # --- main loop ---
+        self.replica.dropped(partitions)
 
     def stop(self) -> None:
         """Ask the main loop to finish the batch in hand, checkpoint and exit (what SIGTERM does)."""
@@ -416,11 +295,9 @@ class Daemon:
         code = 0
         try:
             ensure_topics(self.cfg)
-            self._check_state()
+            self.replica.check_state()
             self.sink = open_sink(self.cfg)
-            if self.shared:
-                self.knowledge = KnowledgeLog(self.cfg, self.knowledge_offset)
-                self._read_knowledge(until_end=True)
+            self.replica.start()
             if self.engine.compiled:  # before joining the group: compiling holds the interpreter for seconds
                 log.info("engine kernels ready in %.1f s", warm_up(self.cfg.engine, self.cfg.labels))
             self.source = open_source(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
@@ -436,17 +313,16 @@ class Daemon:
                     self._refresh_status()
                 if self.storage_error is not None:  # no new work (nor predictions) until state is saved again
                     if self.checkpointer.due_retry():
-                        self._checkpoint(timeout=30.0)
+                        self.checkpoint(timeout=30.0)
                     else:
                         self.stopping.wait(0.1)
                     continue
                 batches = self._collect()
                 if batches:
                     self._process(batches)
-                if self.knowledge is not None and time.monotonic() - self.knowledge_read >= KNOWLEDGE_EVERY_S:
-                    self._read_knowledge()
+                self.replica.tick()
                 if self.dirty and self.checkpoint_age() >= self.cfg.checkpoint.interval_s:
-                    self._checkpoint(timeout=30.0, commit_by="queue")
+                    self.checkpoint(timeout=30.0, commit_by="queue")
             self._shutdown()
         except LifelongError as exc:
             log.error("stopping without a checkpoint: %s", exc)
@@ -454,23 +330,6 @@ class Daemon:
         finally:
             self._close()
         return code
-
-    def _check_state(self) -> None:
-        """Never a silent fresh start: without a usable checkpoint, offsets the group committed stand for
-        state that is lost. Scale-out replicas restore their tasks from the changelog instead."""
-        if self.restored or self.shared:
-            return
-        committed = committed_offsets(self.cfg)
-        if committed and not self.reset_state:
-            k = self.cfg.kafka
-            raise StateError(
-                f"no usable checkpoint in {self.cfg.checkpoint.dir}, but group {k.group_id!r} committed "
-                f"offsets {committed} of {k.events_topic!r}: the state they stand for is lost. Restore "
-                f"the checkpoint directory, or run once with --reset-state to start with an empty "
-                f"engine from the committed offsets"
-            )
-        if committed:
-            log.warning("--reset-state: starting with an empty engine from the committed offsets %s", committed)
 
     def _refresh_status(self) -> None:
         """Engine values for /metrics, taken here (where the engine is consistent): a scrape never waits."""
@@ -481,7 +340,7 @@ class Daemon:
         self.status_every = max(STATUS_EVERY_S, (self.status_at - start) / STATUS_SHARE)
 
     def _collect(self) -> list[Any]:
-        source = _started(self.source)
+        source = started(self.source)
         first = source.get(timeout=0.1)
         if first is None:
             return []
@@ -494,8 +353,8 @@ class Daemon:
         return batches
 
     def _process(self, batches: list[Any]) -> None:
-        source = _started(self.source)
-        sink = _started(self.sink)
+        source = started(self.source)
+        sink = started(self.sink)
         t0 = time.perf_counter()
         with self.lock:
             # records fetched before a rebalance are left out: they are fetched again after its seek
@@ -504,7 +363,7 @@ class Daemon:
                 fresh,
                 self.schema,
                 self.positions,
-                self.floor,
+                self.replica.floor,
                 self.engine.task_index,
                 self.engine.n_known,
                 self.cfg.engine.max_tasks,
@@ -516,21 +375,7 @@ class Daemon:
                 self.dirty = self.dirty or bool(batches)
                 return
             result = self.engine.process(events)
-            if self.shared:
-                for e, r in zip(events, sources, strict=True):
-                    if self.task_partition.setdefault(e.task, r.partition) != r.partition:
-                        log.warning(
-                            "task %r arrived on partition %d, earlier on %d: key events by task, so that "
-                            "each task has one writer",
-                            e.task,
-                            r.partition,
-                            self.task_partition[e.task],
-                        )
-                        self.task_partition[e.task] = r.partition
-                    self.changed.add(e.task)
-                for snap in self.engine.outbox:
-                    sink.knowledge(snap.task_name, self.engine.kb.encode(snap))
-                self.engine.outbox.clear()
+            self.replica.learned(events, sources)
             for e in events:
                 if e.control == "end":
                     self.ended.add(e.task)
@@ -550,49 +395,19 @@ class Daemon:
         for gap in gaps:
             self.metrics.poll_interval.observe(gap)
 
-    def _read_knowledge(self, until_end: bool = False) -> None:
-        """Apply the knowledge log's new members in log order; refuse (and count) any record that is not one.
-
-        With ``until_end``, read up to the log's current end first (bounded in time): a replica starts with
-        the group's KB."""
-        knowledge = _started(self.knowledge)
-        self.knowledge_read = time.monotonic()
-        end = knowledge.end() if until_end else None
-        deadline = time.monotonic() + 60.0
-        while True:
-            records = knowledge.poll(timeout_s=0.1 if until_end else 0.0)
-            members = []
-            for r in records:
-                try:
-                    members.append(self.engine.kb.decode(r.value, self.cfg.kafka.max_message_bytes))
-                except Refused as exc:
-                    self.metrics.knowledge_refused.labels(exc.reason).inc()
-                    log.warning("knowledge record at offset %d refused: %s", r.offset, exc)
-            with self.lock:  # the KB and the offset it has read to change together (checkpoints read both)
-                if members:
-                    self.engine.apply(members)
-                    self.dirty = True
-                if records:
-                    self.knowledge_offset = records[-1].offset + 1
-            # past the end offset and nothing more (tansu may report the end one short)
-            if end is None or (not records and knowledge.offset >= end) or time.monotonic() > deadline:
-                break
-        if until_end:
-            log.info("knowledge base read to offset %d: %d members", knowledge.offset, self.engine.kb.size)
-
     def _dead_letter(self, r: Any, exc: InvalidEvent) -> None:
-        sink = _started(self.sink)
+        sink = started(self.sink)
         sink.dead_letter(r.value, r.key, str(exc), r.topic, r.partition, r.offset)
         self.metrics.dead_letters.labels(exc.kind).inc()
         self.dead_lettered += 1
 
-    def _checkpoint(self, timeout: float, commit_by: str = "wait") -> Path | None:
+    def checkpoint(self, timeout: float, commit_by: str = "wait") -> Path | None:
         """The commit protocol (``commit.Checkpointer``) under the processing lock. The offsets' commit: "wait"
         for the group's answer (shutdown), "send" it at once (rebalance callbacks, which run in the poll thread),
         or "queue" it for the poll thread (periodic checkpoints: the file holds the offsets; the file and the
         commit are then written by the checkpointer's writer thread while the loop goes on). None: postponed,
         or not written (``storage_error``)."""
-        source = _started(self.source)
+        source = started(self.source)
         generation = source.generation  # a queued commit is left out if a rebalance comes after this
 
         def commit(offsets: dict[TopicPartition, int], timeout: float) -> None:
@@ -603,49 +418,31 @@ class Daemon:
 
         with self.lock:
             path = self.checkpointer.run(
-                _started(self.sink),
+                started(self.sink),
                 self._state,
                 commit,
                 timeout,
-                self._changelog if self.shared else None,
+                self.replica.changelog,
                 detach=commit_by == "queue",
             )
             if path is not None:
                 self.dirty = False
             return path
 
-    def _changelog(self) -> None:
-        """Scale-out: every task changed since the last checkpoint to the changelog, each record tagged with its
-        partition's position (it holds the task's events below it)."""
-        sink = _started(self.sink)
-        owned = {tp.partition: self.positions.get(tp, 0) for tp in self.assigned}
-        tasks = [t for t in sorted(self.changed) if self.task_partition[t] in owned]
-        extras: list[dict[str, Any]] = [
-            {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))} for t in tasks
-        ]
-        for task, at, value in zip(tasks, extras, self.engine.export_tasks(tasks, extras), strict=True):
-            sink.changelog(task, at["partition"], value, at["position"])
-            self.metrics.changelog_bytes.inc(len(value))
-        self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
-        self.changed = set()
-
     def _state(self) -> tuple[dict[TopicPartition, int], dict[str, Any]]:
         """The offsets a checkpoint stands for and the daemon's state that goes with them."""
         offsets = dict(self.positions)
         return offsets, {  # copies: the file may be written while the loop goes on (``_checkpoint``)
             "offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
-            "task_partition": dict(self.task_partition),
-            "floor": dict(self.floor),
-            "knowledge_offset": self.knowledge_offset,
             "ended": sorted(self.ended),
+            **self.replica.extra(),
         }
 
     def _shutdown(self) -> None:
         """Finish: the batch in hand is done; checkpoint and commit within the grace period."""
-        if self.knowledge is not None:
-            self._read_knowledge(until_end=True)
+        self.replica.finish()
         self.checkpointer.join()  # a periodic checkpoint being written: one that failed is written again here
-        if (self.dirty or self.storage_error) and self._checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
+        if (self.dirty or self.storage_error) and self.checkpoint(timeout=self.cfg.shutdown_grace_s * 0.7) is None:
             raise DaemonError(f"no checkpoint at shutdown: {self.storage_error or 'deliveries still pending'}")
         log.info(
             "stopped cleanly at offsets %s",
@@ -662,8 +459,7 @@ class Daemon:
                 self.sink.close(timeout=grace * 0.1)
             except Exception as exc:  # noqa: BLE001 - closing is best effort; state is already saved
                 log.warning("closing the producer: %r", exc)
-        if self.knowledge is not None:
-            self.knowledge.close()
+        self.replica.close()
         if self.engine.store is not None:
             self.engine.store.close()
         self.http.stop()

@@ -2,6 +2,9 @@
 
 import importlib
 from types import ModuleType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class LifelongError(Exception):
@@ -42,3 +45,10 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
         raise MissingExtra(
             f"{feature} needs {module.split('.')[0]}, which is not installed: pip install 'lifelong[{extra}]'"
         ) from None
+
+
+def started(client: T | None) -> T:
+    """A Kafka client the daemon has opened (using one earlier is a bug, said plainly, not an ``assert``)."""
+    if client is None:
+        raise LifelongError("used before the Kafka clients were started")
+    return client

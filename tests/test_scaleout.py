@@ -237,14 +237,14 @@ def test_a_replica_forgets_the_tasks_of_partitions_it_no_longer_owns(broker, tmp
             [e.task.encode() for e in events],
         )
         wait_until(lambda: a.engine.counters["learned"] == len(events), 60, what="every event learned")
-        assert a.engine.n_known == 8 and len(set(a.task_partition.values())) == 2
+        assert a.engine.n_known == 8 and len(set(a.replica.task_partition.values())) == 2
         other = config({**values, "checkpoint.dir": str(tmp_path / "b"), "metrics.port": free_port()})
         with ThreadDaemon(other) as b:
             wait_until(lambda: len(a.assigned) == 1 and len(b.assigned) == 1, 90, what="one partition each")
             with a.lock, b.lock:
-                kept, moved = set(a.task_partition), set(b.task_partition)
+                kept, moved = set(a.replica.task_partition), set(b.replica.task_partition)
                 assert kept and moved and not kept & moved and len(kept | moved) == 8
-                assert {a.task_partition[t] for t in kept} == {a.assigned[0].partition}
+                assert {a.replica.task_partition[t] for t in kept} == {a.assigned[0].partition}
                 assert a.engine.n_known == len(kept) and b.engine.n_known == len(moved)
                 assert a.engine.store.get(sorted(moved)) == [None] * len(moved)
                 assert not moved & set(a.engine.task_index)
