@@ -567,13 +567,16 @@ class Engine:
             self.counters["tasks_loaded"] += len(back)
 
     def _evict(self, k: int) -> list[int]:
-        """Write the ``k`` least recently used tasks not used in this batch to the store; their rows, freed."""
+        """Write the ``k`` least recently used tasks not used in this batch to the store (those changed since
+        they were last written: the others are there as they are); their rows, freed."""
         n = self.n_tasks
         idle = np.flatnonzero(self._used[:n] < self._batch)
         if k <= 0 or not len(idle):
             return []
         rows = idle if len(idle) <= k else idle[np.argpartition(self._used[idle], k - 1)[:k]]
-        self._store_rows(rows)
+        changed = rows[self._dirty[rows]]
+        if len(changed):
+            self._store_rows(changed)
         self._away += self.t["stats"][torch.as_tensor(rows, device=self.device)].sum(0).cpu().numpy()
         for r in rows.tolist():
             del self.task_index[self.task_names[r]]

@@ -37,6 +37,24 @@ def test_tasks_beyond_the_resident_limit_give_the_same_results(engine_factory, c
     assert tiered.n_known == 30  # predict registers nothing
 
 
+def test_tasks_written_at_a_checkpoint_and_evicted_unchanged_are_not_written_again(engine_factory, monkeypatch):
+    """Between checkpoints (``flush_tasks`` after every batch here), an evicted task unchanged since it was
+    written stays as it is in the store: same results as with every task in memory, fewer rows written."""
+    events = make_stream(n_tasks=30, per_task=24, ends=False, delayed=0.2)
+    memory, tiered = engine_factory(), engine_factory(max_resident_tasks=5)
+    written = []
+    store_rows = type(tiered)._store_rows
+    monkeypatch.setattr(
+        type(tiered), "_store_rows", lambda self, rows: (written.append(len(rows)), store_rows(self, rows))
+    )
+    preds, flushed = [], 0
+    for i in range(0, len(events), 8):
+        preds.append(tiered.process(events[i : i + 8]).pred)
+        flushed += tiered.flush_tasks()
+    np.testing.assert_allclose(run(memory, events, 8), np.concatenate(preds), rtol=0, atol=1e-12)
+    assert tiered.counters["tasks_evicted"] > 0 and sum(written) == flushed  # evictions wrote nothing
+
+
 def test_an_engine_with_stored_tasks_saves_and_restores_all_of_them(engine_factory, tmp_path):
     events = make_stream(n_tasks=20, per_task=24, ends=False)
     half = len(events) // 2
