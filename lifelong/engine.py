@@ -263,6 +263,7 @@ class _Window:
 
     @classmethod
     def decoded(cls, chunks: str, times: np.ndarray) -> _Window:
+        """The window ``encoded`` described."""
         keys = [k for chunk in orjson.loads(chunks) for k in chunk]
         return cls(((k[0], k[1]), float(t)) for k, t in zip(keys, times.tolist(), strict=True) if t == t)
 
@@ -1415,8 +1416,8 @@ class Engine:
                 tensors["population.prior_mu"] = self.learners.prior_mu.cpu()
         pending, pending_keys = self.pending.state()
         tensors.update(pending)
-        window, tensors["window.times"] = self.learned_keys.encoded()  # (copies, encoded as it was learned)
-        tensors["window.times"] = torch.from_numpy(tensors["window.times"])
+        window, times = self.learned_keys.encoded()  # copies of what was encoded as it was learned
+        tensors["window.times"] = torch.from_numpy(times)
         for i, st in enumerate(self.staged):
             for k, v in self.learners.store_state(st.store).items():
                 tensors[f"staged.{i}.{k}"] = v
