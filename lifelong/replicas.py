@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kafka import TopicPartition
@@ -86,7 +87,7 @@ class Standalone:
     def learned(self, events: list[Any], sources: list[Any]) -> None:
         """A batch learned: its ``events`` and the records they came from."""
 
-    changelog: Any = None  # the commit protocol's changelog step (``Checkpointer.run``), if any
+    changelog: Callable[[], None] | None = None  # the commit protocol's changelog step, if any
 
     def foreign_tasks(self) -> set[int]:
         """Resident tasks (rows) of partitions this replica does not own now."""
