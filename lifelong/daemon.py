@@ -375,6 +375,7 @@ class Daemon:
                 self.dirty = self.dirty or bool(batches)
                 return
             result = self.engine.process(events)
+            self.engine.write_behind(len(events))  # spreads the next checkpoint's task-store writes
             self.replica.learned(events, sources)
             for e in events:
                 if e.control == "end":

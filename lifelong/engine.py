@@ -48,6 +48,7 @@ from .store import TaskStore, pack_rows, unpack_rows
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 FLUSH_ROWS = 8192  # task rows written to the store at a time by ``flush_tasks``
+IDLE_BATCHES = 2  # a changed task unused for this many batches may be written to the store (``write_behind``)
 LOCAL = ("kb_seen", "code_at")  # task columns that refer to this replica's KB log: never in a changelog record
 POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
 # Log prior weight of the KB's shared experts (the basis and the population member) over one member's 0: a task
@@ -355,7 +356,8 @@ class Engine:
         self.store: TaskStore | None = None
         self.tiered = isinstance(getattr(self.learners, "params", None), dict)  # River's models are not arrays
         self._away = np.zeros(len(STATS))  # the statistics of tasks in the store, summed (``stats_total``)
-        self.flushed = 0  # tasks the last ``flush_tasks`` wrote
+        self.flushed = 0  # tasks the last ``flush_tasks`` wrote, with those ``write_behind`` wrote before it
+        self._behind = 0  # tasks ``write_behind`` wrote since the last ``flush_tasks``
         self._high = 0  # rows ever used: those past ``n_tasks`` (after ``drop_tasks``) hold old values
         self.events_seen = 0
         self.now_ts = -math.inf
@@ -655,10 +657,25 @@ class Engine:
     def flush_tasks(self) -> int:
         """Write every resident task changed since it was last written to the store; returns how many."""
         dirty = np.flatnonzero(self._dirty[: self.n_tasks])
-        self.flushed = len(dirty)
+        self.flushed, self._behind = len(dirty) + self._behind, 0
         for rows in np.array_split(dirty, -(-len(dirty) // FLUSH_ROWS)) if len(dirty) else []:  # bounded memory
             self._store_rows(rows)
         return len(dirty)
+
+    def write_behind(self, limit: int) -> int:
+        """Write to the store up to ``limit`` changed tasks that no event of the last ``IDLE_BATCHES`` batches
+        used, least recently used first (the daemon calls it after each batch): the next ``flush_tasks`` (a
+        checkpoint) then finds few to write, and evicting them writes nothing. Returns how many."""
+        if self.store is None or limit <= 0:
+            return 0
+        n = self.n_tasks
+        rows = np.flatnonzero(self._dirty[:n] & (self._used[:n] <= self._batch - IDLE_BATCHES))
+        if len(rows) > limit:
+            rows = rows[np.argpartition(self._used[rows], limit - 1)[:limit]]
+        if len(rows):
+            self._store_rows(rows)
+            self._behind += len(rows)
+        return len(rows)
 
     def _store_rows(self, rows: np.ndarray) -> None:
         """Write resident tasks ``rows`` to the store, in one write."""

@@ -55,6 +55,26 @@ def test_tasks_written_at_a_checkpoint_and_evicted_unchanged_are_not_written_aga
     assert tiered.counters["tasks_evicted"] > 0 and sum(written) == flushed  # evictions wrote nothing
 
 
+def test_tasks_written_behind_give_the_same_results_and_a_checkpoint_writes_only_the_rest(engine_factory):
+    """The daemon writes changed tasks idle for two batches to the store after each batch: nothing in memory
+    changes, tasks later evicted or read back are what they were, and the next flush writes only the rest."""
+    events = make_stream(n_tasks=30, per_task=24, ends=False, delayed=0.2)
+    memory, tiered = engine_factory(), engine_factory(max_resident_tasks=12)
+    preds, behind = [], 0
+    for i in range(0, len(events), 8):
+        preds.append(tiered.process(events[i : i + 8]).pred)
+        behind += tiered.write_behind(3)
+    np.testing.assert_allclose(run(memory, events, 8), np.concatenate(preds), rtol=0, atol=1e-12)
+    assert behind > 0 and tiered.counters["tasks_evicted"] > 0 and tiered.counters["tasks_loaded"] > 0
+    dirty = int(tiered._dirty[: tiered.n_tasks].sum())
+    assert tiered.flush_tasks() == dirty < tiered.n_tasks and tiered.flushed == dirty + behind
+    tiered.recall()
+    memory_state, tiered_state = memory.state()[0], tiered.state()[0]
+    rows = [tiered.task_index[name] for name in memory.task_names]
+    for name in ("task.stats", "task.L_kb", "learner.param.S"):
+        np.testing.assert_allclose(memory_state[name].numpy(), tiered_state[name].numpy()[rows], rtol=0, atol=1e-12)
+
+
 def test_an_engine_with_stored_tasks_saves_and_restores_all_of_them(engine_factory, tmp_path):
     events = make_stream(n_tasks=20, per_task=24, ends=False)
     half = len(events) // 2
