@@ -156,6 +156,11 @@ class Taken:
     tensors: dict[str, Any]
     meta: dict[str, Any]
 
+    @property
+    def path(self) -> Path:
+        """The file it is written to."""
+        return self.directory / file_name(self.seq)
+
     def write(self, keep: int = 2) -> Path:
         """The checkpoint file (then snapshots no kept checkpoint names are removed)."""
         path = write(self.directory, self.tensors, self.meta, keep, self.seq)

@@ -92,13 +92,12 @@ class Checkpointer:
             return None
         self.checkpointed = dict(offsets)
         rows = self.engine.flushed * (self.engine.store.width if self.engine.store else 0)  # task rows written
-        path = taken.directory / checkpoint.file_name(taken.seq)
         args = (taken, offsets, commit, start, timeout, rows, self.engine.flushed)
         if not detach:
-            return path if self._write(*args) else None
+            return taken.path if self._write(*args) else None
         self.writer = threading.Thread(target=self._write, args=args, name="checkpoint-writer", daemon=True)
         self.writer.start()
-        return path
+        return taken.path
 
     def join(self) -> None:
         """Wait for a checkpoint being written (``run`` with ``detach``)."""

@@ -433,7 +433,7 @@ class Daemon:
     def _state(self) -> tuple[dict[TopicPartition, int], dict[str, Any]]:
         """The offsets a checkpoint stands for and the daemon's state that goes with them."""
         offsets = dict(self.positions)
-        return offsets, {  # copies: the file may be written while the loop goes on (``_checkpoint``)
+        return offsets, {  # copies: the file may be written while the loop goes on (``checkpoint``)
             "offsets": [[tp.topic, tp.partition, o] for tp, o in sorted(offsets.items())],
             "ended": sorted(self.ended),
             **self.replica.extra(),
