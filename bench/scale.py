@@ -34,7 +34,7 @@ import numpy as np
 
 from lifelong.broker import free_port
 from lifelong.config import EngineConfig
-from lifelong.engine import Engine, warm_up
+from lifelong.engine import Engine, use_threads, warm_up
 from lifelong.events import Event
 
 DIM = 20
@@ -75,6 +75,7 @@ def batches(kind: str, n_events: int, n_tasks: int, batch: int, seed: int) -> It
 
 def one(kind: str, args: argparse.Namespace) -> dict[str, float]:
     cfg = EngineConfig(dim=DIM)
+    use_threads(cfg)
     warm_up(cfg)
     engine = Engine(cfg)
     gen_s, t0 = 0.0, time.perf_counter()

@@ -90,8 +90,9 @@ class EngineConfig:
     # tasks held in the engine's tensors (about 3 KB each at dim 20); the least recently used others live in the
     # task store (RocksDB) on disk and are read back when their next event comes
     max_resident_tasks: int = 100_000
-    # torch CPU threads of a `lifelong run` process (0: torch's default, one per core). The engine's batched
-    # operations are small: more threads mostly spin, and replicas sharing a machine oversubscribe it.
+    # torch CPU threads of a `lifelong run` or `lifelong evaluate` process (0: torch's default, one per core). The
+    # engine's batched operations are small: more threads mostly spin (and wait on the task store's background
+    # threads), and replicas sharing a machine oversubscribe it.
     threads: int = 1
 
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -31,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from . import checkpoint
 from .commit import Checkpointer
 from .config import Config
-from .engine import Engine, warm_up
+from .engine import Engine, use_threads, warm_up
 from .errors import ConfigError, InvalidEvent, LifelongError, started
 from .events import Schema
 from .ingest import ingest
@@ -143,8 +142,7 @@ class Daemon:
         checkpoint.check_writable(cfg.checkpoint.dir)
         self.cfg = cfg
         self.reset_state = reset_state
-        if cfg.engine.threads > 0:
-            torch.set_num_threads(cfg.engine.threads)
+        use_threads(cfg.engine)
         self.lock = threading.RLock()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -214,7 +212,7 @@ class Daemon:
 
     def archived_tasks(self) -> set[int]:
         """Resident tasks (rows) that ended (``control: end``): their per-task series are dropped."""
-        index = self.engine.task_index
+        index = self.engine.tasks.index
         return {index[t] for t in self.ended if t in index}
 
     def foreign_tasks(self) -> set[int]:
@@ -364,7 +362,7 @@ class Daemon:
                 self.schema,
                 self.positions,
                 self.replica.floor,
-                self.engine.task_index,
+                self.engine.tasks.index,
                 self.engine.n_known,
                 self.cfg.engine.max_tasks,
             )

@@ -16,8 +16,9 @@ from kafka import KafkaProducer
 from .broker import EmbeddedBroker, free_port
 from .config import load_config
 from .daemon import Daemon
-from .engine import S, warm_up
+from .engine import warm_up
 from .generate import stream
+from .tasks import S
 
 BAD_PAYLOADS = [
     b"not json",

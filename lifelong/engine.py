@@ -45,6 +45,7 @@ from .knowledge import KnowledgeBase, Staged
 from .learners import make_learners, pick_device
 from .results import CONTROL, DUPLICATE, KB_TOP, LABEL_JOINED, LABEL_UNMATCHED, LEARNED, PREDICTED, BatchResult
 from .store import TaskStore, pack_rows, unpack_rows
+from .tasks import STATS, S, TaskTable
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 FLUSH_ROWS = 8192  # task rows written to the store at a time by ``flush_tasks``
@@ -55,19 +56,6 @@ POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
 # trusts what all tasks share from its first events, and its own evidence moves it to a member when one fits
 # better. The KB bound becomes ln(M) / η with M = members + e^5 per shared expert (``hedge.py``).
 SHARED_PRIOR = 5.0
-# Columns of the per-task statistics table.
-STATS = (
-    "loss",
-    "loss_local",
-    "loss_kb",
-    "errors",
-    "errors_local",
-    "errors_kb",
-    "early_errors",
-    "early_errors_local",
-    "early_n",
-)
-S = {name: i for i, name in enumerate(STATS)}
 
 COUNTERS = (
     "predicted",
@@ -331,9 +319,7 @@ class Engine:
         loss = "hedge" if cfg.mixing == "hedge" else "squared" if cfg.task == "regression" else "log"
         self.top_mix = Mixing(loss, cfg.target_range, hedge_m=2)
         self.kb_mix = Mixing(loss, cfg.target_range, hedge_m=self.n_experts)
-        self.task_names: list[str] = []
-        self.task_index: dict[str, int] = {}
-        self.t = self._task_tables(0)
+        self.tasks = TaskTable(self.n_experts, cfg.dim, self.device)
         self.kb_version = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self.pending = PendingLabels()
         # (task, id) of labelled events learned within the pending window (TTL and count): a second delivery
@@ -343,13 +329,6 @@ class Engine:
         self.share = False  # True: published snapshots go to ``outbox`` and join the KB via ``apply``
         self.outbox: list[Staged] = []
         self._task_spec: wire.Spec | None = None  # what a changelog record must hold (``decode_task``)
-        # per task row, host side: labelled events learned (drives the plan), the batch that last used it (the
-        # least recently used leave first), whether the store holds the task, whether it changed since written
-        self._counts = np.zeros(16, np.int64)
-        self._used = np.zeros(16, np.int64)
-        self._stored = np.zeros(16, np.bool_)
-        self._dirty = np.zeros(16, np.bool_)
-        self._batch = 0
         # tasks beyond ``max_resident_tasks`` live in an on-disk store (``store.py``): in ``store_dir`` (the
         # daemon's, kept across restarts) or, when first needed, in a temporary directory removed with the engine
         self.store_dir = store_dir
@@ -358,7 +337,6 @@ class Engine:
         self._away = np.zeros(len(STATS))  # the statistics of tasks in the store, summed (``stats_total``)
         self.flushed = 0  # tasks the last ``flush_tasks`` wrote, with those ``write_behind`` wrote before it
         self._behind = 0  # tasks ``write_behind`` wrote since the last ``flush_tasks``
-        self._high = 0  # rows ever used: those past ``n_tasks`` (after ``drop_tasks``) hold old values
         self.events_seen = 0
         self.now_ts = -math.inf
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -377,65 +355,15 @@ class Engine:
 
     # --- per-task tables ---
 
-    def _task_tables(self, n: int) -> dict[str, torch.Tensor]:
-        dev, k, f64 = self.device, self.n_experts, torch.float64
-        return {
-            "L_top": torch.zeros(n, 2, dtype=f64, device=dev),
-            "in_top": torch.zeros(n, 2, dtype=torch.bool, device=dev),
-            "n_top": torch.zeros(n, dtype=torch.long, device=dev),
-            "L_kb": torch.zeros(n, k, dtype=f64, device=dev),
-            "in_kb": torch.zeros(n, k, dtype=torch.bool, device=dev),
-            "n_kb": torch.zeros(n, dtype=torch.long, device=dev),
-            "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
-            "peak": torch.zeros(n, self.cfg.dim, dtype=f64, device=dev),  # feature scaling (``scaling.py``)
-            "kb_seen": torch.zeros(n, dtype=torch.long, device=dev),  # KB log position last met (``_sync_kb``)
-            "code_at": torch.zeros(n, dtype=torch.long, device=dev),  # the basis its code is in (``basis_at``)
-        }
-
-    def _task(self, name: str, row: int | None = None) -> int:
-        """Register a task in a new row (its tensors are set up for all new rows at once by ``_init_tasks``) or
-        in ``row``, freed by ``_evict``."""
-        if row is None:
-            row = len(self.task_names)
-            self.task_names.append(name)
-            if row == len(self._counts):
-                self._counts, self._used, self._stored, self._dirty = (
-                    np.concatenate([a, np.zeros_like(a)]) for a in (self._counts, self._used, self._stored, self._dirty)
-                )
-        else:
-            self.task_names[row] = name
-        self.task_index[name] = row
-        self._counts[row], self._used[row], self._stored[row], self._dirty[row] = 0, self._batch, False, True
-        return row
-
-    def _new_task(self, name: str, row: int | None = None) -> int:
-        if self.n_known >= self.cfg.max_tasks:
-            raise StateError(f"engine.max_tasks ({self.cfg.max_tasks}) reached; task {name!r} refused")
-        self.counters["tasks_created"] += 1
-        return self._task(name, row)
-
     def _init_tasks(self, first: int) -> None:
         """Learners, codes and mixture tables for tasks ``first ..`` (they meet the KB in ``_sync_kb``)."""
         n = self.n_tasks
-        cap = self.t["stats"].shape[0]
-        if n > cap:
-            grown = self._task_tables(max(n, 16, 2 * cap))
-            for key, old in self.t.items():
-                grown[key][:cap] = old
-            self.t = grown
         self.learners.ensure(n)
         self.kb.ensure(n)
-        self._start(self.t, slice(first, n))
-        if first < min(n, self._high):  # rows that held dropped tasks (``drop_tasks``)
-            self._reset(np.arange(first, min(n, self._high)))
-        self._high = max(self._high, n)
-
-    def _start(self, tables: dict[str, torch.Tensor], rows: slice | int | torch.Tensor) -> None:
-        """New tasks' rows (zeros): the local level alone in the top mixture, the code in the current basis;
-        KB experts join in ``_sync_kb``."""
-        tables["in_top"][rows, 0] = True
-        tables["n_top"][rows] = 1
-        tables["code_at"][rows] = self.kb.basis_at
+        self.tasks.start(self.tasks.cols, slice(first, n), self.kb.basis_at)
+        if first < min(n, self.tasks.high):  # rows that held dropped tasks (``drop_tasks``)
+            self._reset(np.arange(first, min(n, self.tasks.high)))
+        self.tasks.high = max(self.tasks.high, n)
 
     def _sync_kb(
         self,
@@ -450,7 +378,7 @@ class Engine:
         not moved since). ``since``: the log position each expert entered at, for a task moved from another KB;
         ``names``: the row of each task in ``tables`` other than the engine's own (own members stay out)."""
         kb, dev = self.kb, self.device
-        t = self.t if tables is None else tables
+        t = self.tasks.cols if tables is None else tables
         if not len(rows) or kb.applied == 0:
             return
         keys = ("kb_seen", "L_kb", "in_kb", "n_kb", "L_top", "in_top", "n_top", "stats")
@@ -458,7 +386,7 @@ class Engine:
         idx = torch.as_tensor(rows, device=dev)
         a = {k: t[k].numpy() if on_cpu else t[k][idx].cpu().numpy() for k in keys}
         own = np.full(1 + kb.capacity, -1, np.int64)  # each expert's own task here (its row in ``a``), or -1
-        lookup = self.task_index if tables is None else names
+        lookup = self.tasks.index if tables is None else names
         if lookup is not None:
             for s, src in enumerate(kb.source):
                 i = lookup.get(src, -1) if src is not None else -1
@@ -486,12 +414,12 @@ class Engine:
     def _carry_codes(self, rows: np.ndarray) -> None:
         """Tasks ``rows``' basis codes, learned in an earlier basis, carried into the current one
         (``KnowledgeBase.carried``): a basis refresh never sweeps over every task either."""
-        at = self.t["code_at"][torch.as_tensor(rows, device=self.device)].cpu().numpy()
+        at = self.tasks.cols["code_at"][torch.as_tensor(rows, device=self.device)].cpu().numpy()
         stale = at != self.kb.basis_at
         if stale.any():
             moved = torch.as_tensor(rows[stale], device=self.device)
             self.kb.mu[moved], self.kb.S[moved] = self.kb.carried(moved, at[stale])
-            self.t["code_at"][moved] = self.kb.basis_at
+            self.tasks.cols["code_at"][moved] = self.kb.basis_at
 
     def settle(self) -> None:
         """Every task's mixtures hold every KB expert now (reports read every task; events do it task by task)."""
@@ -500,12 +428,12 @@ class Engine:
     @property
     def n_labelled(self) -> np.ndarray:
         """Labelled events learned so far, per task (a view: the engine keeps counting in it)."""
-        return self._counts[: self.n_tasks]
+        return self.tasks.counts[: self.n_tasks]
 
     @property
     def n_tasks(self) -> int:
         """Task rows in the engine's tensors: the resident tasks."""
-        return len(self.task_names)
+        return len(self.tasks.names)
 
     @property
     def n_known(self) -> int:
@@ -516,10 +444,10 @@ class Engine:
 
     def _columns(self) -> dict[str, torch.Tensor]:
         """Every per-task column (row i: task i's values), in the order of a store's rows."""
-        cols = {f"t.{k}": v for k, v in self.t.items()}
+        cols = {f"t.{k}": v for k, v in self.tasks.cols.items()}
         cols.update({f"learner.{k}": v for k, v in self.learners.columns().items()})
         cols["code.mu"], cols["code.S"] = self.kb.mu, self.kb.S
-        cols["n_labelled"] = torch.from_numpy(self._counts)
+        cols["n_labelled"] = torch.from_numpy(self.tasks.counts)
         return cols
 
     def open_store(self) -> TaskStore:
@@ -542,7 +470,7 @@ class Engine:
         ``create``) registered, in arrival order. When that would pass ``max_resident_tasks`` (and ``evict``),
         the least recently used tasks (none of ``names``) go to the store first, and their rows take the tasks
         coming in."""
-        index = self.task_index
+        index = self.tasks.index
         wanted = dict.fromkeys(names)
         missing = [n for n in wanted if n not in index]
         if not missing or (not create and self.store is None):
@@ -550,14 +478,18 @@ class Engine:
         values = self.store.get(missing) if self.store is not None else [None] * len(missing)
         back = [(name, v) for name, v in zip(missing, values, strict=True) if v is not None]
         new = [name for name, v in zip(missing, values, strict=True) if v is None] if create else []
+        room = self.cfg.max_tasks - self.n_known
+        if len(new) > room:
+            raise StateError(f"engine.max_tasks ({self.cfg.max_tasks}) reached; task {new[max(0, room)]!r} refused")
         coming = len(back) + len(new)
         free: list[int] = []
         if evict and self.tiered and coming > self.cfg.max_resident_tasks - self.n_tasks:
-            self._used[[index[n] for n in wanted if n in index]] = self._batch
+            self.tasks.used[self.tasks.rows([n for n in wanted if n in index])] = self.tasks.batch
             free = self._evict(min(coming, coming - (self.cfg.max_resident_tasks - self.n_tasks)))
-        first = len(self.task_names)
-        rows_back = [self._task(name, free.pop() if free else None) for name, _ in back]
-        rows_new = [self._new_task(name, free.pop() if free else None) for name in new]
+        first = len(self.tasks)
+        rows = self.tasks.add([name for name, _ in back] + new, free)
+        self.counters["tasks_created"] += len(new)
+        rows_back, rows_new = rows[: len(back)], rows[len(back) :]
         self._init_tasks(first)
         reused = [r for r in rows_new if r < first]
         if reused:
@@ -565,36 +497,33 @@ class Engine:
         if back:
             at = torch.as_tensor(rows_back, device=self.device)
             unpack_rows(self._columns(), at, [v for _, v in back])
-            self._away -= self.t["stats"][at].sum(0).cpu().numpy()
-            self._stored[rows_back], self._dirty[rows_back] = True, False
+            self._away -= self.tasks.cols["stats"][at].sum(0).cpu().numpy()
+            self.tasks.stored[rows_back], self.tasks.dirty[rows_back] = True, False
             self.counters["tasks_loaded"] += len(back)
 
     def _evict(self, k: int) -> list[int]:
         """Write the ``k`` least recently used tasks not used in this batch to the store (those changed since
         they were last written: the others are there as they are); their rows, freed."""
-        n = self.n_tasks
-        idle = np.flatnonzero(self._used[:n] < self._batch)
-        if k <= 0 or not len(idle):
+        rows = self.tasks.least_used(k)
+        if not len(rows):
             return []
-        rows = idle if len(idle) <= k else idle[np.argpartition(self._used[idle], k - 1)[:k]]
-        changed = rows[self._dirty[rows]]
+        changed = rows[self.tasks.dirty[rows]]
         if len(changed):
             self._store_rows(changed)
-        self._away += self.t["stats"][torch.as_tensor(rows, device=self.device)].sum(0).cpu().numpy()
-        for r in rows.tolist():
-            del self.task_index[self.task_names[r]]
+        self._away += self.tasks.cols["stats"][torch.as_tensor(rows, device=self.device)].sum(0).cpu().numpy()
+        self.tasks.release(rows)
         self.counters["tasks_evicted"] += len(rows)
         return [int(r) for r in rows]
 
     def _reset(self, rows: np.ndarray) -> None:
         """Rows freed by ``_evict`` that take new tasks: as ``_init_tasks`` sets up new rows."""
         at = torch.as_tensor(rows, device=self.device)
-        for table in self.t.values():
+        for table in self.tasks.cols.values():
             if table.device.type == "cpu":  # numpy's fancy assignment: several times cheaper on small batches
                 table.numpy()[rows] = 0
             else:
                 table[at] = 0
-        self._start(self.t, at)
+        self.tasks.start(self.tasks.cols, at, self.kb.basis_at)
         self.learners.reset(at)
         self.kb.mu[at], self.kb.S[at] = self.kb.prior_mu, self.kb.prior_S
 
@@ -605,7 +534,7 @@ class Engine:
         store = self.store
         if store is not None:
             stored = [(k, v) for k, v in zip(sorted(names), store.get(sorted(names)), strict=True) if v is not None]
-            gone = [k for k, _ in stored if k not in self.task_index]
+            gone = [k for k, _ in stored if k not in self.tasks.index]
             if gone:  # their statistics leave the stored sum
                 stats = {"t.stats": torch.zeros(len(gone), len(STATS), dtype=torch.float64)}
                 values = dict(stored)
@@ -613,27 +542,18 @@ class Engine:
                 self._away -= stats["t.stats"].sum(0).numpy()
             store.delete([k for k, _ in stored])
             self.counters["tasks_dropped"] += len(gone)
-        holes = sorted(self.task_index[k] for k in names if k in self.task_index)
+        holes = sorted(self.tasks.index[k] for k in names if k in self.tasks.index)
         self.counters["tasks_dropped"] += len(holes)
         self.pending.drop_tasks(names)
         self.learned_keys.forget(names)
         if not holes:
             return
-        n, m, hole = self.n_tasks, len(holes), set(holes)
-        tail = [r for r in range(n - m, n) if r not in hole]
-        dst = [h for h in holes if h < n - m]
-        if tail:
-            src_t, dst_t = (torch.as_tensor(r, device=self.device) for r in (tail, dst))
-            for col in self._columns().values():  # labelled counts included
-                col[dst_t.to(col.device)] = col[src_t.to(col.device)]
-            for a in (self._used, self._stored, self._dirty):
-                a[dst] = a[tail]
-        for h in holes:
-            del self.task_index[self.task_names[h]]
-        for s_row, d_row in zip(tail, dst, strict=True):
-            self.task_names[d_row] = self.task_names[s_row]
-            self.task_index[self.task_names[d_row]] = d_row
-        del self.task_names[n - m :]
+        src, dst = self.tasks.remove(holes)
+        if src:
+            src_t, dst_t = (torch.as_tensor(r, device=self.device) for r in (src, dst))
+            for key, col in self._columns().items():
+                if key != "n_labelled":  # moved with the table's host values
+                    col[dst_t.to(col.device)] = col[src_t.to(col.device)]
 
     def recall(self) -> None:
         """Every stored task back in memory, whatever ``max_resident_tasks`` (a whole state in one object)."""
@@ -642,21 +562,21 @@ class Engine:
 
     def task_stats(self) -> np.ndarray:
         """Each resident task's statistics (columns ``STATS``)."""
-        return self.t["stats"][: self.n_tasks].cpu().numpy()
+        return self.tasks.cols["stats"][: self.n_tasks].cpu().numpy()
 
     def local_weights(self) -> np.ndarray:
         """Each resident task's top-level weight on its own learner (the rest is on the KB level)."""
-        n, t = self.n_tasks, self.t
+        n, t = self.n_tasks, self.tasks.cols
         rounds = torch.as_tensor(self.n_labelled, device=self.device) + 1
         return self.top_mix.weights(t["L_top"][:n], t["in_top"][:n], rounds)[:, 0].cpu().numpy()
 
     def stats_total(self) -> np.ndarray:
         """Every task's statistics (``STATS``), summed: resident and stored tasks."""
-        return self.t["stats"][: self.n_tasks].sum(0).cpu().numpy() + self._away
+        return self.tasks.cols["stats"][: self.n_tasks].sum(0).cpu().numpy() + self._away
 
     def flush_tasks(self) -> int:
         """Write every resident task changed since it was last written to the store; returns how many."""
-        dirty = np.flatnonzero(self._dirty[: self.n_tasks])
+        dirty = np.flatnonzero(self.tasks.dirty[: self.n_tasks])
         self.flushed, self._behind = len(dirty) + self._behind, 0
         for rows in np.array_split(dirty, -(-len(dirty) // FLUSH_ROWS)) if len(dirty) else []:  # bounded memory
             self._store_rows(rows)
@@ -669,9 +589,9 @@ class Engine:
         if self.store is None or limit <= 0:
             return 0
         n = self.n_tasks
-        rows = np.flatnonzero(self._dirty[:n] & (self._used[:n] <= self._batch - IDLE_BATCHES))
+        rows = np.flatnonzero(self.tasks.dirty[:n] & (self.tasks.used[:n] <= self.tasks.batch - IDLE_BATCHES))
         if len(rows) > limit:
-            rows = rows[np.argpartition(self._used[rows], limit - 1)[:limit]]
+            rows = rows[np.argpartition(self.tasks.used[rows], limit - 1)[:limit]]
         if len(rows):
             self._store_rows(rows)
             self._behind += len(rows)
@@ -680,9 +600,9 @@ class Engine:
     def _store_rows(self, rows: np.ndarray) -> None:
         """Write resident tasks ``rows`` to the store, in one write."""
         values = pack_rows(self._columns(), torch.as_tensor(rows, device=self.device))
-        names = [self.task_names[r] for r in rows.tolist()]
-        self.open_store().write(dict(zip(names, values, strict=True)), int((~self._stored[rows]).sum()))
-        self._stored[rows], self._dirty[rows] = True, False
+        names = [self.tasks.names[r] for r in rows.tolist()]
+        self.open_store().write(dict(zip(names, values, strict=True)), int((~self.tasks.stored[rows]).sum()))
+        self.tasks.stored[rows], self.tasks.dirty[rows] = True, False
 
     # --- processing ---
 
@@ -690,7 +610,7 @@ class Engine:
         """Predict, account and learn a batch of valid events in arrival order."""
         result = BatchResult.empty(events, self.n_pred)
         result.seq0 = self.events_seen
-        self._batch += 1
+        self.tasks.batch += 1
         start = 0
         while start < len(events):
             room = self.cfg.publish_every - self.events_seen % self.cfg.publish_every
@@ -710,12 +630,12 @@ class Engine:
         self.learned_keys.expire(self.now_ts - self.labels.pending_ttl_s)
         labelled = (outcome == LEARNED) | (outcome == LABEL_JOINED)
         uniq, inv = np.unique(tasks, return_inverse=True)
-        self._used[uniq], self._dirty[uniq] = self._batch, True
+        self.tasks.used[uniq], self.tasks.dirty[uniq] = self.tasks.batch, True
         self._sync_kb(uniq)
         self._carry_codes(uniq)
         n_before, trigger = np.empty(len(tasks), np.int64), np.empty(len(tasks), np.bool_)
         at = np.array(self.cfg.snapshot_at, np.int64)
-        _count(tasks, labelled, outcome == CONTROL, self._counts, self.cfg.snapshot_every, at, n_before, trigger)
+        _count(tasks, labelled, outcome == CONTROL, self.tasks.counts, self.cfg.snapshot_every, at, n_before, trigger)
         result.outcome[start:stop] = outcome
         result.task_index[start:stop] = tasks
         return _Plan(ref, n_before, inv, uniq, trigger)
@@ -731,7 +651,7 @@ class Engine:
         """
         n = stop - start
         evs = events[start:stop]
-        index, learned, now = self.task_index, self.learned_keys, self.now_ts
+        index, learned, now = self.tasks.index, self.learned_keys, self.now_ts
         if not self.pending.keys:
             plain = self._plain(evs)
             if plain is not None:
@@ -806,7 +726,7 @@ class Engine:
         window = self.learned_keys
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
-        index = self.task_index
+        index = self.tasks.index
         tasks = [index[k[0]] for k in keys]
         ts = [e.ts for e in evs]
         if None in ts:
@@ -885,9 +805,9 @@ class Engine:
         """Rows of ``x`` (float64, arrival order; row i of task ``tasks[rows[i]]``) bounded per task
         (``scaling.py``); their tasks' peaks advance."""
         u = torch.as_tensor(tasks, device=self.device)
-        peak = self.t["peak"][u].cpu().numpy()
+        peak = self.tasks.cols["peak"][u].cpu().numpy()
         scaling.scale(peak, rows, x)
-        self.t["peak"][u] = torch.as_tensor(peak, device=self.device)
+        self.tasks.cols["peak"][u] = torch.as_tensor(peak, device=self.device)
         return x
 
     def _guard(
@@ -1036,7 +956,7 @@ class Engine:
 
     def _mix_events(self, plan: _Plan, m: _Inputs, result: BatchResult, rows: slice) -> None:
         """``_mix_torch``, event by event in compiled code (CPU), written straight into ``result``."""
-        t = self.t
+        t = self.tasks.cols
         stored = np.full(len(m.src), -1, np.int64)
         stored[m.src < 0] = np.arange(int((m.src < 0).sum()))
         prior = self._kb_log_prior()
@@ -1080,7 +1000,7 @@ class Engine:
     def _mix_torch(self, plan: _Plan, m: _Inputs, result: BatchResult, rows: slice) -> None:
         """The mixtures of a whole segment in torch: the KB is fixed within a segment, so given the experts'
         predictions, the weights are per-task cumulative sums (what CUDA runs)."""
-        dev, t, n = self.device, self.t, len(m.src)
+        dev, t, n = self.device, self.tasks.cols, len(m.src)
         lab_np, src_np, y, idx, kb_x = m.lab, m.src, m.y, m.idx, m.kb_x
         lab = torch.as_tensor(lab_np, device=dev)
         n_before = torch.as_tensor(plan.n_before, device=dev)
@@ -1191,11 +1111,12 @@ class Engine:
         dev = self.device
         names = [events[j].task for j in rows.tolist()]
         self._admit(names, create=False)
-        t = self.t
+        t = self.tasks.cols
         new = {
-            name: self.n_tasks + k for k, name in enumerate(dict.fromkeys(n for n in names if n not in self.task_index))
+            name: self.n_tasks + k
+            for k, name in enumerate(dict.fromkeys(n for n in names if n not in self.tasks.index))
         }
-        index = np.array([self.task_index.get(name, new.get(name, -1)) for name in names], np.int64)
+        index = np.array([self.tasks.index.get(name, new.get(name, -1)) for name in names], np.int64)
         known = index < self.n_tasks
         kt = torch.as_tensor(index[known], device=dev)
         peak = np.zeros((len(rows), self.cfg.dim))
@@ -1216,8 +1137,8 @@ class Engine:
         )
         p_local = self.learners.safe(self.learners.finish(raw_local)).double()
         p_basis = self.learners.safe(self.kb.finish_basis(raw_basis))
-        fresh = self._task_tables(int((~known).sum()))
-        self._start(fresh, slice(None))
+        fresh = self.tasks.empty(int((~known).sum()))
+        self.tasks.start(fresh, slice(None), self.kb.basis_at)
         tables = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype, device=dev) for k, v in fresh.items()}
         for k, v in tables.items():
             v[kn], v[~kn] = t[k][kt], fresh[k]
@@ -1259,7 +1180,7 @@ class Engine:
         """Stage a snapshot (a one-slot member store) of ``task`` taken right after its trigger."""
         if learned == 0:
             return
-        self.staged.append(Staged(task, self.task_names[task], learned, seq, store))
+        self.staged.append(Staged(task, self.tasks.names[task], learned, seq, store))
         self.counters["snapshots"] += 1
 
     def _publish(self) -> None:
@@ -1316,7 +1237,7 @@ class Engine:
         """Per resident task: regret of the combined predictor vs the better level, of the KB vs its best
         expert, and the bound of each."""
         self.settle()
-        return self._regrets({k: v[: self.n_tasks] for k, v in self.t.items()}, self.n_labelled)
+        return self._regrets({k: v[: self.n_tasks] for k, v in self.tasks.cols.items()}, self.n_labelled)
 
     def _regrets(self, t: dict[str, torch.Tensor], counts: np.ndarray) -> dict[str, np.ndarray]:
         n = len(counts)
@@ -1340,13 +1261,13 @@ class Engine:
         """Every task's name, mixture tables (each task met the KB as it is now) and labelled count: the
         resident tasks, then the others from the store (for reports, not the event path)."""
         self.settle()
-        names, n = list(self.task_names), self.n_tasks
-        tables, counts = {k: v[:n] for k, v in self.t.items()}, self.n_labelled
+        names, n = list(self.tasks.names), self.n_tasks
+        tables, counts = {k: v[:n] for k, v in self.tasks.cols.items()}, self.n_labelled
         store = self.store
-        stored = [] if store is None else [(k, v) for k, v in store.items() if k not in self.task_index]
+        stored = [] if store is None else [(k, v) for k, v in store.items() if k not in self.tasks.index]
         if store is not None and stored:
             m, dev = len(stored), self.device
-            cols = {f"t.{k}": v.new_zeros((m, *v.shape[1:])) for k, v in self.t.items()}
+            cols = {f"t.{k}": v.new_zeros((m, *v.shape[1:])) for k, v in self.tasks.cols.items()}
             cols["n_labelled"] = torch.zeros(m, dtype=torch.long)
             unpack_rows(cols, torch.arange(m, device=dev), [v for _, v in stored], store.spec)
             tables_m = {k[2:]: v for k, v in cols.items() if k.startswith("t.")}
@@ -1421,7 +1342,7 @@ class Engine:
         if tasks:
             self.recall()
         n = self.n_tasks if tasks else 0
-        tensors: dict[str, Any] = {f"task.{k}": v[:n].cpu() for k, v in self.t.items()}
+        tensors: dict[str, Any] = {f"task.{k}": v[:n].cpu() for k, v in self.tasks.cols.items()}
         tensors["task.n_labelled"] = torch.from_numpy(self.n_labelled[:n].copy())
         tensors.update({f"learner.{k}": v if tasks else v[:0] for k, v in self.learners.state().items()})
         tensors.update(self.kb.state())
@@ -1441,7 +1362,7 @@ class Engine:
         meta = {
             "version": 1,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.cfg.__dict__.items()},
-            "task_names": self.task_names[:n],
+            "task_names": self.tasks.names[:n],
             "events_seen": self.events_seen,
             "now_ts": self.now_ts,
             "counters": dict(self.counters),
@@ -1472,22 +1393,16 @@ class Engine:
                     f"state was saved with engine.{key}={saved.get(key)!r}, config has {getattr(self.cfg, key)!r}"
                 )
         dev = self.device
-        self.task_names = list(meta["task_names"])
-        self.task_index = {name: i for i, name in enumerate(self.task_names)}
-        n = len(self.task_names)
-        self.t = self._task_tables(max(16, n))
-        for k in self.t:
-            if f"task.{k}" in tensors:  # a checkpoint from before a table was added: zeros
-                self.t[k][:n] = tensors[f"task.{k}"].to(dev)
+        n = len(meta["task_names"])
+        # a checkpoint from before a table was added: that column stays zeros
+        cols = {k: tensors[f"task.{k}"] for k in self.tasks.cols if f"task.{k}" in tensors}
+        self.tasks.load(meta["task_names"], cols, tensors["task.n_labelled"].numpy())
         missing = [k for k in ("kb_seen", "code_at") if f"task.{k}" not in tensors]
-        self._counts, self._used = np.zeros(max(16, n), np.int64), np.zeros(max(16, n), np.int64)
-        self._stored, self._dirty = np.zeros(max(16, n), np.bool_), np.ones(max(16, n), np.bool_)
-        self._counts[:n] = tensors["task.n_labelled"].numpy()
         self.learners.load_state({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
         self.kb.load_state(tensors, meta["kb"])
         self.learners.prior_S = self.kb.task_S
         for k in missing:  # saved before lazy entry: every task had met the KB and held its codes in its basis
-            self.t[k][:n] = self.kb.applied if k == "kb_seen" else self.kb.basis_at
+            self.tasks.cols[k][:n] = self.kb.applied if k == "kb_seen" else self.kb.basis_at
         self.kb_version = tensors["kb_version"].to(dev)
         if self.population is not None and "population.param.mu" in tensors:
             self.population.load_state(
@@ -1532,15 +1447,15 @@ class Engine:
         updated = torch.tensor(self.kb.updated, dtype=torch.long)
         for a in range(0, len(names), step):
             chunk = names[a : a + step]
-            self._batch += 1  # a tick of its own: only this chunk's tasks are kept from eviction
+            self.tasks.batch += 1  # a tick of its own: only this chunk's tasks are kept from eviction
             self._admit(chunk, create=False)
-            rows = np.array([self.task_index[name] for name in chunk], np.int64)
+            rows = np.array([self.tasks.index[name] for name in chunk], np.int64)
             self._sync_kb(rows)
             self._carry_codes(rows)
             at = torch.as_tensor(rows, device=self.device)
             tables = {f"learner.{k}": v for k, v in self.learners.columns().items()}
             tables["code.mu"], tables["code.S"] = self.kb.mu, self.kb.S
-            tables.update({f"t.{k}": v for k, v in self.t.items() if k not in LOCAL})
+            tables.update({f"t.{k}": v for k, v in self.tasks.cols.items() if k not in LOCAL})
             got: dict[str, torch.Tensor] = {k: v[at].cpu() for k, v in tables.items()}
             got["kb.updated"] = updated.expand(len(chunk), -1)
             metas = [
@@ -1555,7 +1470,7 @@ class Engine:
         wire.check_shareable(self.learners)
         if self._task_spec is None:  # one row of every per-task table, as ``export_task`` writes them
             tables = {f"learner.{k}": v for k, v in self.learners.state().items()}
-            tables.update({f"t.{k}": v for k, v in self.t.items() if k not in LOCAL})
+            tables.update({f"t.{k}": v for k, v in self.tasks.cols.items() if k not in LOCAL})
             tables.update({"code.mu": self.kb.mu, "code.S": self.kb.S})
             self._task_spec = wire.spec_of({k: v.new_empty(v.shape[1:]) for k, v in tables.items()})
             self._task_spec["kb.updated"] = ("int64", (self.kb.capacity,))
@@ -1586,18 +1501,18 @@ class Engine:
         self.learned_keys.forget(records)
         ours = torch.tensor(self.kb.updated, device=self.device)
         for name, record in records.items():
-            self._load_task(self.task_index[name], record, ours)
-            self._dirty[self.task_index[name]] = True
+            self._load_task(self.tasks.index[name], record, ours)
+            self.tasks.dirty[self.tasks.index[name]] = True
 
     def _load_task(
         self, i: int, record: tuple[dict[str, Any], dict[str, torch.Tensor]] | None, ours: torch.Tensor
     ) -> None:
-        dev, t = self.device, self.t
+        dev, t = self.device, self.tasks.cols
         if record is None:
             self.learners.load_task(i, None)
             for table in t.values():
                 table[i] = 0
-            self._start(t, i)
+            self.tasks.start(t, i, self.kb.basis_at)
             self.n_labelled[i] = 0
             self.kb.mu[i], self.kb.S[i] = self.kb.prior_mu, self.kb.prior_S
             return
@@ -1628,7 +1543,7 @@ class Engine:
         self._admit(names, create=False)
         h = hashlib.sha256()
         for name in sorted(names):
-            i = self.task_index[name]
+            i = self.tasks.index[name]
             h.update(f"{name}\0{self.n_labelled[i]}\0".encode())
             for _, v in sorted(self.learners.task_state(i).items()):
                 h.update(v.numpy().astype("<f4").tobytes())
@@ -1637,7 +1552,7 @@ class Engine:
     def kb_summary(self) -> list[dict[str, Any]]:
         """One row per KB member: slot, id, source task and its total weight over tasks."""
         self.settle()
-        n, t = self.n_tasks, self.t
+        n, t = self.n_tasks, self.tasks.cols
         if n:
             weights = self.kb_mix.weights(t["L_kb"][:n], t["in_kb"][:n], self._rounds(), self._kb_log_prior())
             weights = torch.nan_to_num(weights).sum(0)
@@ -1662,6 +1577,12 @@ def _json(rows: list[tuple[Any, ...]]) -> str:
 def _listed(value: str | list[Any]) -> list[Any]:
     """A list saved as one JSON string (or, in checkpoints from before, as a list)."""
     return orjson.loads(value) if isinstance(value, str) else value
+
+
+def use_threads(cfg: EngineConfig) -> None:
+    """Set this process's torch CPU threads to ``engine.threads`` (0 leaves torch's default)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
 
 
 def warm_up(cfg: EngineConfig, labels: LabelsConfig | None = None) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .engine import Engine
+from .engine import Engine, use_threads
 from .errors import InvalidEvent, LifelongError, require
 from .events import Event, Schema, decode
 
@@ -117,6 +117,7 @@ def evaluate(
     ``lifelong evaluate``. ``local`` is the engine's own task level (warm-started from the population)."""
     cfg, events, bad = read_events(path, cfg, infer)
     batch = cfg.batching.max_events
+    use_threads(cfg.engine)
     engine = Engine(cfg.engine, cfg.labels)
     seconds, errors = run_engine(engine, events, batch, "lifelong" if progress else None)
     report = engine.report()

@@ -21,7 +21,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .engine import STATS, S
+from .tasks import STATS, S
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -216,7 +216,7 @@ def _engine_families(
     t_weight = _gauge(
         "lifelong_expert_weight", "Top-level mixture weight of each level for one task", ["task", "expert"]
     )
-    groups = [(engine.task_names[i], np.array([i])) for i in top.tolist()]
+    groups = [(engine.tasks.names[i], np.array([i])) for i in top.tolist()]
     if len(others):
         groups.append((OTHER, others))
     for name, rows in groups:

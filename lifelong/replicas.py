@@ -219,7 +219,7 @@ class ScaleOut(Standalone):
     def foreign_tasks(self) -> set[int]:
         """Resident tasks (rows) of partitions this replica does not own now."""
         owned = {tp.partition for tp in self.daemon.assigned}
-        index = self.daemon.engine.task_index
+        index = self.daemon.engine.tasks.index
         return {index[t] for t, p in self.task_partition.items() if p not in owned and t in index}
 
     def _forget_unowned(self) -> None:
@@ -281,7 +281,7 @@ class ScaleOut(Standalone):
         d.metrics.restore_seconds.observe(seconds)
         d.metrics.tasks_restored.inc(len(restored))
         at_commit = [t for t in restored if t not in newer]
-        labels = sum(d.engine.n_labelled[d.engine.task_index[t]] for t in at_commit)
+        labels = sum(d.engine.n_labelled[d.engine.tasks.index[t]] for t in at_commit)
         log.info(
             "partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
             "committed offset %s, and %d from newer records (their events below those are skipped) in "

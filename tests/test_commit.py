@@ -125,7 +125,7 @@ def test_a_detached_checkpoint_holds_the_state_it_took_while_the_engine_goes_on(
     back = checkpoint.load_engine(cfg.checkpoint.dir, cfg)
     assert back.counters == taken.counters != engine.counters
     assert dict(back.learned_keys) == dict(taken.learned_keys) != dict(engine.learned_keys)
-    assert back.task_names == taken.task_names
+    assert back.tasks.names == taken.tasks.names
     for name, v in taken.state()[0].items():
         assert torch.equal(back.state()[0][name], v), name
 

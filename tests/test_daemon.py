@@ -61,13 +61,13 @@ def offline_engine(cfg, payloads: list[bytes]) -> Engine:
 def assert_same_state(a: Engine, b: Engine) -> None:
     for engine in (a, b):  # tasks beyond max_resident_tasks, or not met since a restart, are in the task store
         engine.recall(), engine.settle()
-    assert sorted(a.task_names) == sorted(b.task_names)
-    rows = [a.task_index[name] for name in b.task_names]
+    assert sorted(a.tasks.names) == sorted(b.tasks.names)
+    rows = [a.tasks.index[name] for name in b.tasks.names]
     assert a.n_labelled[rows].tolist() == b.n_labelled.tolist()  # every labelled event learned exactly once
     assert a.counters["learned"] == b.counters["learned"]
     assert a.kb.ids == b.kb.ids
-    for key in a.t:
-        torch.testing.assert_close(a.t[key][rows], b.t[key][: b.n_tasks], rtol=1e-5, atol=1e-5)
+    for key in a.tasks.cols:
+        torch.testing.assert_close(a.tasks.cols[key][rows], b.tasks.cols[key][: b.n_tasks], rtol=1e-5, atol=1e-5)
     for name, p in a.learners.params.items():
         torch.testing.assert_close(p[rows], b.learners.params[name][: b.n_tasks], rtol=1e-4, atol=1e-5)
 
@@ -282,7 +282,7 @@ def test_fuzzed_payloads_go_to_the_dlq_and_the_daemon_keeps_serving(broker, tmp_
         produce(broker.bootstrap, cfg.kafka.events_topic, fuzz)
         wait_until(lambda: daemon.dead_lettered == bad, 60, what="all bad payloads dead-lettered")
         produce(broker.bootstrap, cfg.kafka.events_topic, [b'{"task": "after", "id": "z", "x": [1, 2, 3], "y": 1}'])
-        wait_until(lambda: "after" in daemon.engine.task_index, 30, what="a valid event after the fuzz")
+        wait_until(lambda: "after" in daemon.engine.tasks.index, 30, what="a valid event after the fuzz")
         assert http_get(cfg.metrics.port, "/healthz")[0] == 200
         assert daemon.source.error is None
     read_topic(broker.bootstrap, cfg.kafka.dead_letter_topic, bad)

@@ -40,8 +40,10 @@ def test_batches_equal_event_by_event(engine_factory, cfg, stream):
     assert (o1 == o2).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
     one.settle(), batched.settle()  # tasks absent since the last publication meet the KB now
-    for key in one.t:
-        torch.testing.assert_close(one.t[key][: one.n_tasks], batched.t[key][: batched.n_tasks], atol=1e-7, rtol=1e-9)
+    for key in one.tasks.cols:
+        torch.testing.assert_close(
+            one.tasks.cols[key][: one.n_tasks], batched.tasks.cols[key][: batched.n_tasks], atol=1e-7, rtol=1e-9
+        )
     assert one.kb.ids == batched.kb.ids
     assert one.report()["methods"]["lifelong"]["cumulative_error"] == pytest.approx(
         batched.report()["methods"]["lifelong"]["cumulative_error"], rel=1e-12
@@ -60,9 +62,9 @@ def test_compiled_cpu_path_equals_torch_waves(engine_factory, cfg, stream):
     assert (o1 == o2).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
     compiled.settle(), waves.settle()
-    for key in compiled.t:
+    for key in compiled.tasks.cols:
         torch.testing.assert_close(
-            compiled.t[key][: compiled.n_tasks], waves.t[key][: waves.n_tasks], atol=1e-7, rtol=1e-9
+            compiled.tasks.cols[key][: compiled.n_tasks], waves.tasks.cols[key][: waves.n_tasks], atol=1e-7, rtol=1e-9
         )
     for name, p in compiled.learners.params.items():
         torch.testing.assert_close(p[: compiled.n_tasks], waves.learners.params[name][: waves.n_tasks])
@@ -80,8 +82,8 @@ def test_save_load_continue_equals_continue(engine_factory, tmp_path, cfg, strea
     p1, _ = run(straight, events[half:], 16)
     p2, _ = run(restored, events[half:], 16)
     np.testing.assert_array_equal(p1, p2)
-    for key in straight.t:
-        assert torch.equal(straight.t[key][: straight.n_tasks], restored.t[key][: restored.n_tasks])
+    for key in straight.tasks.cols:
+        assert torch.equal(straight.tasks.cols[key][: straight.n_tasks], restored.tasks.cols[key][: restored.n_tasks])
     assert straight.report() == restored.report()
 
 
@@ -228,9 +230,9 @@ def test_scaled_features_batch_and_path_exact(engine_factory, cfg, stream):
     assert np.isfinite(p1[[e.x is not None for e in events]]).all()
     np.testing.assert_allclose(p1, p2, atol=1e-9)
     np.testing.assert_allclose(p1, p3, atol=1e-7)
-    peaks = one.t["peak"][one.task_index["t1"]]
+    peaks = one.tasks.cols["peak"][one.tasks.index["t1"]]
     assert 1e12 < float(peaks.max()) < 1e13  # each task keeps its own scale
-    assert float(one.t["peak"][one.task_index["t3"]].max()) < 10
+    assert float(one.tasks.cols["peak"][one.tasks.index["t3"]].max()) < 10
 
 
 @pytest.mark.parametrize("v", [1e2, 3e5, 3e6, 1e12, 1e300])
@@ -276,9 +278,9 @@ def test_a_non_finite_learner_is_reset_and_its_neighbours_untouched(engine_facto
     clean, dirty = engine_factory(**ALONE), engine_factory(**ALONE)
     run(clean, events[:half], 50)
     run(dirty, events[:half], 50)
-    i = dirty.task_index["t4"]
+    i = dirty.tasks.index["t4"]
     dirty.learners.params["mu"][i, 0, 0] = float("nan")
-    dirty.kb.mu[dirty.task_index["t1"]] = float("inf")
+    dirty.kb.mu[dirty.tasks.index["t1"]] = float("inf")
     p_clean, _ = run(clean, events[half:], 50)
     p_dirty, _ = run(dirty, events[half:], 50)
     assert np.isfinite(p_dirty[[e.x is not None for e in events[half:]]]).all()
@@ -293,7 +295,7 @@ def test_a_non_finite_snapshot_never_enters_the_kb(engine_factory):
     rng = np.random.default_rng(0)
     first = [Event("a", f"a{i}", rng.normal(size=5), i % 2) for i in range(7)]
     engine.process(first)
-    engine.learners.params["mu"][engine.task_index["a"]] = float("nan")
+    engine.learners.params["mu"][engine.tasks.index["a"]] = float("nan")
     engine.process(
         [Event("a", "a7", rng.normal(size=5), 1)] + [Event("b", f"b{i}", rng.normal(size=5), i % 2) for i in range(20)]
     )
@@ -418,12 +420,12 @@ def test_a_task_never_mixes_its_own_member(engine_factory):
     engine = engine_factory()
     run(engine, events, 50)
     engine.settle()
-    owned = [(engine.task_index[src], s) for s, src in enumerate(engine.kb.source) if src in engine.task_index]
+    owned = [(engine.tasks.index[src], s) for s, src in enumerate(engine.kb.source) if src in engine.tasks.index]
     assert owned
     for task, slot in owned:
-        assert not bool(engine.t["in_kb"][task, 1 + slot])
+        assert not bool(engine.tasks.cols["in_kb"][task, 1 + slot])
     others = [i for i in range(engine.n_tasks) if i != owned[0][0]]
-    assert bool(engine.t["in_kb"][others, 1 + owned[0][1]].all())  # everyone else does
+    assert bool(engine.tasks.cols["in_kb"][others, 1 + owned[0][1]].all())  # everyone else does
 
 
 def test_snapshot_at_lets_short_tasks_into_the_kb(engine_factory):
@@ -510,7 +512,7 @@ def test_plain_segments_take_the_short_road_to_the_same_state(engine_factory, mo
     assert (o1 == o2).all() and short.counters == loop.counters and short.counters["duplicates"] >= 1
     np.testing.assert_array_equal(p1, p2)
     assert list(short.learned_keys.items()) == list(loop.learned_keys.items()) and short.now_ts == loop.now_ts
-    assert short.n_labelled.tolist() == loop.n_labelled.tolist() and short.task_names == loop.task_names
+    assert short.n_labelled.tolist() == loop.n_labelled.tolist() and short.tasks.names == loop.tasks.names
 
 
 def test_new_tasks_start_from_the_members_weight_distribution(engine_factory):
@@ -527,7 +529,7 @@ def test_new_tasks_start_from_the_members_weight_distribution(engine_factory):
     expected = (1 - shrink) * cov + shrink * warm.cfg.prior_var * torch.eye(w.shape[2], dtype=torch.float64)
     torch.testing.assert_close(warm.learners.prior_S[0].double(), expected)
     warm.process([Event("new", "n0", np.ones(5), None)])  # predicted, not learned yet: the learner as it starts
-    torch.testing.assert_close(warm.learners.params["S"][warm.task_index["new"], 0].double(), expected)
+    torch.testing.assert_close(warm.learners.params["S"][warm.tasks.index["new"], 0].double(), expected)
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "waves"])
@@ -541,7 +543,7 @@ def test_tasks_meet_the_kb_at_their_next_event_as_if_at_each_publication(engine_
     for engine in (lazy, eager):
         out = []
         for i in range(0, len(events), 16):  # one publication per batch
-            before = {k: v[: engine.n_tasks].clone() for k, v in engine.t.items()}
+            before = {k: v[: engine.n_tasks].clone() for k, v in engine.tasks.cols.items()}
             result = engine.process(events[i : i + 16])
             out.append(result.pred)
             if engine is eager:
@@ -549,18 +551,22 @@ def test_tasks_meet_the_kb_at_their_next_event_as_if_at_each_publication(engine_
                 continue
             away = np.setdiff1d(np.arange(len(before["stats"])), result.task_index)
             for k, v in before.items():  # tasks absent from the batch: untouched by its publication
-                assert torch.equal(engine.t[k][away], v[away])
+                assert torch.equal(engine.tasks.cols[k][away], v[away])
         preds[engine is lazy] = np.concatenate(out)
     np.testing.assert_allclose(preds[True], preds[False], atol=1e-12)
     lazy.settle()
-    for key in set(lazy.t) - {"n_kb"}:
-        torch.testing.assert_close(lazy.t[key][: lazy.n_tasks], eager.t[key][: eager.n_tasks], rtol=0, atol=1e-12)
+    for key in set(lazy.tasks.cols) - {"n_kb"}:
+        torch.testing.assert_close(
+            lazy.tasks.cols[key][: lazy.n_tasks], eager.tasks.cols[key][: eager.n_tasks], rtol=0, atol=1e-12
+        )
     # an expert evicted before the task came back never took part for it: the KB bound counts fewer experts
-    assert (lazy.t["n_kb"] <= eager.t["n_kb"]).all() and (lazy.t["n_kb"] < eager.t["n_kb"]).any()
+    assert (lazy.tasks.cols["n_kb"] <= eager.tasks.cols["n_kb"]).all() and (
+        lazy.tasks.cols["n_kb"] < eager.tasks.cols["n_kb"]
+    ).any()
     reg = lazy.regrets()
     assert (reg["kb"] <= reg["kb_bound"] + 1e-9).all()
-    owned = [(lazy.task_index[src], 1 + s) for s, src in enumerate(lazy.kb.source) if src in lazy.task_index]
-    assert owned and not any(bool(lazy.t["in_kb"][i, k]) for i, k in owned)
+    owned = [(lazy.tasks.index[src], 1 + s) for s, src in enumerate(lazy.kb.source) if src in lazy.tasks.index]
+    assert owned and not any(bool(lazy.tasks.cols["in_kb"][i, k]) for i, k in owned)
 
 
 @pytest.mark.parametrize(("cfg", "stream"), KINDS)

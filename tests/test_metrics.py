@@ -65,7 +65,7 @@ def test_engine_values_are_exported(engine_factory):
 def test_per_task_series_are_capped_and_archived_tasks_drop_out(engine_factory):
     engine = engine_factory()
     engine.process(make_stream(n_tasks=6, per_task=20))
-    archived = {engine.task_index["t0"]}
+    archived = {engine.tasks.index["t0"]}
     reg = scrape(engine, archived=archived, cap=3)
     tasks = {s.labels["task"] for m in reg.collect() if m.name == "lifelong_task_regret" for s in m.samples}
     assert len(tasks) == 4 and "_other" in tasks and "t0" not in tasks
@@ -78,7 +78,7 @@ def test_per_task_series_are_capped_and_archived_tasks_drop_out(engine_factory):
 def test_tasks_owned_by_another_replica_are_left_to_it(engine_factory):
     engine = engine_factory()
     engine.process(make_stream(n_tasks=6, per_task=20))
-    moved = {engine.task_index[t] for t in ("t1", "t2")}
+    moved = {engine.tasks.index[t] for t in ("t1", "t2")}
     alone, shared = scrape(engine, cap=10), scrape(engine, cap=10, foreign=moved)
     tasks = {s.labels["task"] for m in shared.collect() if m.name == "lifelong_task_regret" for s in m.samples}
     assert tasks == {"t0", "t3", "t4", "t5"}

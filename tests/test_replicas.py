@@ -70,7 +70,7 @@ def test_a_partition_given_up_is_not_written_by_this_replica_and_its_tasks_are_f
     assert r.changed == {names[0], names[2]}
     r.changelog()
     assert sorted(t for t, _, _ in daemon.sink.records) == [names[0], names[2]]
-    index = daemon.engine.task_index
+    index = daemon.engine.tasks.index
     assert r.foreign_tasks() == {index[names[1]], index[names[3]]}
     assert r.extra()["task_partition"] == {names[0]: 0, names[1]: 1, names[2]: 0, names[3]: 1}
 

@@ -57,9 +57,9 @@ def test_labels_task_feature_and_strings():
         model.learn_one({"task": "a", "colour": ["red", "green", "blue"][i % 3]}, ["r", "g", "b"][i % 3])
     proba = model.predict_proba_one({"task": "a", "colour": "green"})
     assert set(proba) == {"r", "g", "b"} and max(proba, key=proba.get) == "g"
-    assert set(model._engine.task_index) == {"a"}
+    assert set(model._engine.tasks.index) == {"a"}
     model.learn_one({"colour": "red"}, "r")  # no task feature: the default task
-    assert set(model._engine.task_index) == {"a", "default"}
+    assert set(model._engine.tasks.index) == {"a", "default"}
     with pytest.raises(ValueError, match="n_classes"):
         model.learn_one({"task": "a"}, "fourth")
     with pytest.raises(ValueError, match="True/False"):

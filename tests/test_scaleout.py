@@ -201,10 +201,10 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
                 names = [
                     t
                     for t, q in extra["task_partition"].items()
-                    if q == p and victim_engine.n_labelled[victim_engine.task_index[t]] > 0
+                    if q == p and victim_engine.n_labelled[victim_engine.tasks.index[t]] > 0
                 ]
                 assert len(names) == n
-                assert sum(victim_engine.n_labelled[victim_engine.task_index[t]] for t in names) == labels
+                assert sum(victim_engine.n_labelled[victim_engine.tasks.index[t]] for t in names) == labels
                 assert victim_engine.digest(names) == digest
                 matched += 1
     assert matched >= 1, "no take-over restored a partition from the killed replica's checkpoint"
@@ -247,7 +247,7 @@ def test_a_replica_forgets_the_tasks_of_partitions_it_no_longer_owns(broker, tmp
                 assert {a.replica.task_partition[t] for t in kept} == {a.assigned[0].partition}
                 assert a.engine.n_known == len(kept) and b.engine.n_known == len(moved)
                 assert a.engine.store.get(sorted(moved)) == [None] * len(moved)
-                assert not moved & set(a.engine.task_index)
+                assert not moved & set(a.engine.tasks.index)
 
 
 def test_malicious_knowledge_records_are_refused_and_counted(broker, tmp_path):
@@ -317,7 +317,7 @@ def run_then_take_over(broker, tmp_path, commit_first_half: bool):
         wait_until(lambda: sum(d2.positions.values()) == len(events), 60, what="replayed to the end")
         time.sleep(1.5)  # /metrics bodies are rendered at most once a second
         restored = metric(other.metrics.port, "lifelong_tasks_restored_total")
-        counts = {t: d2.engine.n_labelled[i] for t, i in d2.engine.task_index.items()}
+        counts = {t: d2.engine.n_labelled[i] for t, i in d2.engine.tasks.index.items()}
         learned = d2.engine.counters["learned"]
     return events[half:], counts, restored, learned, Counter(e.task for e in events)
 

@@ -61,7 +61,7 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity
     record = b.decode_task(a.export_task(moved, {"partition": 0}), MAX)
     assert record[0]["partition"] == 0
     b.load_tasks({moved: record})
-    i_a, i_b = a.task_index[moved], b.task_index[moved]
+    i_a, i_b = a.tasks.index[moved], b.tasks.index[moved]
     assert b.n_labelled[i_b] == a.n_labelled[i_a] == 30
     ra, rb = a.process(rest), b.process(rest)  # the same events, now on the replica the task moved to
     np.testing.assert_allclose(ra.pred, rb.pred, atol=1e-9)
@@ -74,8 +74,8 @@ def test_a_moved_task_meets_another_kb_with_late_expert_entry(engine_factory):
     a.process(events)
     record = b.decode_task(a.export_task("t0", {}), MAX)
     b.load_tasks({"t0": record})  # b's KB is empty: every expert a's task had is absent here
-    i = b.task_index["t0"]
-    assert not bool(b.t["in_kb"][i].any()) and b.n_labelled[i] == a.n_labelled[a.task_index["t0"]]
+    i = b.tasks.index["t0"]
+    assert not bool(b.tasks.cols["in_kb"][i].any()) and b.n_labelled[i] == a.n_labelled[a.tasks.index["t0"]]
     out = b.process([e for e in make_stream(n_tasks=6, per_task=50, ends=False, seed=1) if e.task == "t0"][:5])
     assert np.isfinite(out.pred).all()
     b.load_tasks({"t0": None})
@@ -162,4 +162,4 @@ def test_a_task_restored_from_an_older_record_learns_the_replayed_events_again(e
     replica.load_tasks({"t0": replica.decode_task(committed.export_task("t0", {}), MAX)})
     replica.process(events[12:])  # the replay
     assert replica.counters["duplicates"] == 0
-    assert replica.n_labelled[replica.task_index["t0"]] == len(events)
+    assert replica.n_labelled[replica.tasks.index["t0"]] == len(events)

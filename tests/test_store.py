@@ -66,11 +66,11 @@ def test_tasks_written_behind_give_the_same_results_and_a_checkpoint_writes_only
         behind += tiered.write_behind(3)
     np.testing.assert_allclose(run(memory, events, 8), np.concatenate(preds), rtol=0, atol=1e-12)
     assert behind > 0 and tiered.counters["tasks_evicted"] > 0 and tiered.counters["tasks_loaded"] > 0
-    dirty = int(tiered._dirty[: tiered.n_tasks].sum())
+    dirty = int(tiered.tasks.dirty[: tiered.n_tasks].sum())
     assert tiered.flush_tasks() == dirty < tiered.n_tasks and tiered.flushed == dirty + behind
     tiered.recall()
     memory_state, tiered_state = memory.state()[0], tiered.state()[0]
-    rows = [tiered.task_index[name] for name in memory.task_names]
+    rows = [tiered.tasks.index[name] for name in memory.tasks.names]
     for name in ("task.stats", "task.L_kb", "learner.param.S"):
         np.testing.assert_allclose(memory_state[name].numpy(), tiered_state[name].numpy()[rows], rtol=0, atol=1e-12)
 
@@ -91,7 +91,7 @@ def test_a_moved_task_is_read_from_the_store_for_export(engine_factory):
     a, b = engine_factory(max_resident_tasks=3), engine_factory()
     run(a, events, 8)
     run(b, events, 8)
-    stored = next(k for k, _ in a.store.items() if k not in a.task_index)
+    stored = next(k for k, _ in a.store.items() if k not in a.tasks.index)
     ra, rb = (e.decode_task(e.export_task(stored, {}), 1 << 20) for e in (a, b))
     assert ra[0] == rb[0] and ra[1].keys() == rb[1].keys()
     for k, v in ra[1].items():
@@ -105,7 +105,7 @@ def test_tasks_exported_together_are_the_records_of_each_alone_resident_or_store
     tiered, memory = engine_factory(max_resident_tasks=4), engine_factory()
     run(tiered, events, 8)
     run(memory, events, 8)
-    names = sorted(memory.task_names)
+    names = sorted(memory.tasks.names)
     extras = [{"partition": i % 3, "position": 100 + i} for i in range(len(names))]
     together = tiered.export_tasks(names, extras)
     assert together == [memory.export_task(n, x) for n, x in zip(names, extras, strict=True)]
@@ -185,7 +185,7 @@ def test_dropped_tasks_leave_memory_and_store_and_the_others_keep_their_state(en
     events = make_stream(n_tasks=10, per_task=24, ends=False, delayed=0.3)
     engine = engine_factory(max_resident_tasks=4)
     run(engine, events, 16)
-    resident = set(engine.task_index)
+    resident = set(engine.tasks.index)
     stored = {k for k, _ in engine.store.items()} - resident
     dropped = {sorted(resident)[0], sorted(stored)[0], sorted(stored)[1]}
     kept = sorted(set(resident | stored) - dropped)
@@ -202,3 +202,18 @@ def test_dropped_tasks_leave_memory_and_store_and_the_others_keep_their_state(en
     back = next(iter(dropped))
     engine.process([Event(back, "again", np.ones(5, np.float32), 1)])
     assert engine.report()["tasks"][back]["events"] == 1  # a dropped task that comes back starts afresh
+
+
+def test_a_task_new_after_a_restore_and_a_drop_starts_afresh_in_the_row_left_behind(engine_factory):
+    events = make_stream(n_tasks=6, per_task=20, ends=False)
+    engine = engine_factory()
+    run(engine, events, 16)
+    tensors, meta = engine.state()
+    dropped, kept = engine_factory(), engine_factory()
+    dropped.load_state(tensors, meta)
+    kept.load_state(tensors, meta)
+    dropped.drop_tasks({"t5"})  # the last row: a new task takes it
+    new = [Event("new", f"n{i}", np.full(5, 0.5, np.float32), i % 2) for i in range(3)]
+    dropped.process(new), kept.process(new)
+    assert dropped.report()["tasks"]["new"] == kept.report()["tasks"]["new"]
+    assert dropped.digest(["new"]) == kept.digest(["new"])
