@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import math
 import shutil
 import tempfile
@@ -211,8 +212,10 @@ class _Window:
         else:  # the last time of a key wins
             learned = dict(zip(keys, times, strict=True))
             self.times[[self.at[k] - self.base for k in learned]] = list(learned.values())
-        while len(self.at) > cap:
-            self._pop()
+        if len(self.at) > cap:  # the oldest leave, together
+            order = self.order
+            gone = [order.popleft() for _ in range(len(self.at) - cap)]
+            self.times[np.fromiter(map(self.at.pop, gone), np.int64, len(gone)) - self.base] = np.nan
 
     def _pop(self) -> None:
         self.times[self.at.pop(self.order.popleft()) - self.base] = np.nan
@@ -472,7 +475,7 @@ class Engine:
         coming in."""
         index = self.tasks.index
         wanted = dict.fromkeys(names)
-        missing = [n for n in wanted if n not in index]
+        missing = list(itertools.filterfalse(index.__contains__, wanted))
         if not missing or (not create and self.store is None):
             return
         values = self.store.get(missing) if self.store is not None else [None] * len(missing)
@@ -726,8 +729,7 @@ class Engine:
         window = self.learned_keys
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
-        index = self.tasks.index
-        tasks = [index[k[0]] for k in keys]
+        tasks = self.tasks.rows([k[0] for k in keys])
         ts = [e.ts for e in evs]
         if None in ts:
             ts = [-math.inf if v is None else v for v in ts]
@@ -741,7 +743,7 @@ class Engine:
             self.counters["controls"] += int(at.sum())
             window.add(learned, nows[~at].tolist(), self.labels.pending_max, new=True)
         self.now_ts = float(nows[-1])
-        return outcome, np.array(tasks, np.int64), np.full(len(evs), -1, np.int64)
+        return outcome, tasks, np.full(len(evs), -1, np.int64)
 
     def _drop_pending(self, key: tuple[str, str]) -> None:
         self.pending.drop(key)

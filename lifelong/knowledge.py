@@ -264,16 +264,22 @@ class KnowledgeBase:
         mu, S = self.mu[rows].clone(), self.S[rows].clone()
         kept = np.array(sorted(self.bases), np.int64)
         j = np.minimum(np.searchsorted(kept, at), len(kept) - 1)
-        has = torch.as_tensor(kept[j] == at if len(kept) else np.zeros(len(at), bool), device=self.device)
+        has_np = kept[j] == at if len(kept) else np.zeros(len(at), bool)
+        has = torch.as_tensor(has_np, device=self.device)
         mu[~has], S[~has] = self.prior_mu, self.prior_S
-        if has.any():
-            old = torch.stack([self.bases[int(b)] for b in kept])[torch.as_tensor(j, device=self.device)[has]]
-            rot = self.B.T @ old  # [m, r_new, r_old]
+        if has_np.any():
+            # per basis the codes were learned in (few: the last refreshes), then gathered per row
+            used, which = np.unique(j[has_np], return_inverse=True)
+            rot = self.B.T @ torch.stack([self.bases[int(b)] for b in kept[used]])  # [bases, r_new, r_old]
             eye = torch.eye(self.cfg.basis_rank, dtype=self.dtype, device=self.device)
             perp = eye - rot @ rot.transpose(1, 2)
-            mu[has] = mu[has] @ rot.transpose(1, 2) + self.prior_mu @ perp.transpose(1, 2)
-            rot, perp = rot.unsqueeze(1), perp.unsqueeze(1)
-            S[has] = rot @ S[has] @ rot.transpose(2, 3) + perp @ self.prior_S @ perp.transpose(2, 3)
+            prior_mu = self.prior_mu @ perp.transpose(1, 2)
+            prior_S = perp @ self.prior_S @ perp.transpose(1, 2)
+            at_row = torch.as_tensor(which, device=self.device)
+            rot = rot[at_row]
+            mu[has] = mu[has] @ rot.transpose(1, 2) + prior_mu[at_row]
+            rot = rot.unsqueeze(1)
+            S[has] = rot @ S[has] @ rot.transpose(2, 3) + prior_S[at_row].unsqueeze(1)
         return mu, S
 
     # --- state ---

@@ -77,8 +77,7 @@ class TaskTable:
 
     def rows(self, names: list[str]) -> np.ndarray:
         """The row of each of ``names`` (all resident)."""
-        index = self.index
-        return np.array([index[name] for name in names], np.int64)
+        return np.fromiter(map(self.index.__getitem__, names), np.int64, len(names))
 
     def add(self, names: list[str], free: list[int]) -> list[int]:
         """Rows for tasks ``names`` (none resident), in order: rows freed by ``release`` first, taken from the end
@@ -120,9 +119,8 @@ class TaskTable:
 
     def release(self, rows: np.ndarray) -> None:
         """Tasks ``rows`` are no longer resident: their rows wait for ``add`` to give them to tasks coming in."""
-        index, names = self.index, self.names
-        for row in rows.tolist():
-            del index[names[row]]
+        for name in map(self.names.__getitem__, rows.tolist()):
+            del self.index[name]
 
     def remove(self, rows: list[int]) -> tuple[list[int], list[int]]:
         """Tasks ``rows`` (increasing) are gone: the last resident tasks move into the rows they leave. Returns
