@@ -210,9 +210,11 @@ class ScaleOut(Standalone):
         extras: list[dict[str, Any]] = [
             {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))} for t in tasks
         ]
+        sent = 0
         for task, at, value in zip(tasks, extras, d.engine.export_tasks(tasks, extras), strict=True):
             sink.changelog(task, at["partition"], value, at["position"])
-            d.metrics.changelog_bytes.inc(len(value))
+            sent += len(value)
+        d.metrics.changelog_bytes.inc(sent)
         self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
         self.changed = set()
 

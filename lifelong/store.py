@@ -37,16 +37,12 @@ COUNT = b"\x00count"
 def pack_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> list[bytes]:
     """Rows ``rows`` of every column, one ``bytes`` per row (the layout's order: ``columns``' order)."""
     idx = rows.cpu().numpy()
-    parts = [
-        col.numpy()[idx] if col.device.type == "cpu" else col[rows.to(col.device)].cpu().numpy()
-        for col in columns.values()
-    ]
-    parts = [a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(len(a), -1).view(np.uint8) for a in parts]
-    flat = np.empty((len(rows), sum(p.shape[1] for p in parts)), np.uint8)
-    at = 0
-    for p in parts:
-        flat[:, at : at + p.shape[1]] = p
-        at += p.shape[1]
+    flat = wire.row_bytes(
+        [
+            col.numpy()[idx] if col.device.type == "cpu" else col[rows.to(col.device)].cpu().numpy()
+            for col in columns.values()
+        ]
+    )
     return [r.tobytes() for r in flat]
 
 

@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from .errors import LifelongError
@@ -50,20 +51,29 @@ def pack(kind: str, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> by
 
 def pack_many(kind: str, metas: list[dict[str, Any]], arrays: dict[str, torch.Tensor]) -> list[bytes]:
     """One record per entry of ``metas``: record j holds ``metas[j]`` and row j of each of ``arrays``. The
-    array list of the header and each array's conversion are done once for all records."""
-    names, tables = [], []
-    for name, value in arrays.items():
-        a = value.detach().cpu().numpy()
-        dtype = str(a.dtype)
-        names.append([name, dtype, list(a.shape[1:])])
-        tables.append(np.ascontiguousarray(a, dtype=DTYPES[dtype]))
-    listed = json.dumps(names, separators=(",", ":"))
+    array list of the header and the arrays' bytes are made once for all records."""
+    names = [[name, str(v.dtype).removeprefix("torch."), list(v.shape[1:])] for name, v in arrays.items()]
+    start, end = b'{"kind":' + orjson.dumps(kind) + b',"meta":', b',"arrays":' + orjson.dumps(names) + b"}"
+    rows = row_bytes([v.detach().cpu().numpy() for v in arrays.values()])
     out = []
-    for j, meta in enumerate(metas):
-        header = f'{{"kind":{json.dumps(kind)},"meta":{json.dumps(meta, separators=(",", ":"))},"arrays":{listed}}}'
-        head = header.encode()
-        out.append(MAGIC + struct.pack(">I", len(head)) + head + b"".join(t[j].tobytes() for t in tables))
+    for meta, row in zip(metas, rows, strict=True):
+        head = b"".join((start, orjson.dumps(meta), end))
+        out.append(b"".join((MAGIC, struct.pack(">I", len(head)), head, row.tobytes())))
     return out
+
+
+def row_bytes(tables: list[np.ndarray]) -> np.ndarray:
+    """Row j of every table (same first dimension), little-endian and C order, side by side: one row of bytes
+    per j (``[rows, bytes]``, uint8)."""
+    parts = [
+        np.ascontiguousarray(a, dtype=np.dtype(DTYPES[str(a.dtype)])).reshape(len(a), -1).view(np.uint8) for a in tables
+    ]
+    flat = np.empty((len(parts[0]) if parts else 0, sum(p.shape[1] for p in parts)), np.uint8)
+    at = 0
+    for p in parts:
+        flat[:, at : at + p.shape[1]] = p
+        at += p.shape[1]
+    return flat
 
 
 def unpack(data: bytes | None, kind: str, spec: Spec, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
