@@ -322,7 +322,7 @@ class Engine:
         loss = "hedge" if cfg.mixing == "hedge" else "squared" if cfg.task == "regression" else "log"
         self.top_mix = Mixing(loss, cfg.target_range, hedge_m=2)
         self.kb_mix = Mixing(loss, cfg.target_range, hedge_m=self.n_experts)
-        self.tasks = TaskTable(self.n_experts, cfg.dim, self.device)
+        self.tasks = TaskTable(self.n_experts, cfg.dim, self.device, cfg.max_resident_tasks)
         self.kb_version = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self.pending = PendingLabels()
         # (task, id) of labelled events learned within the pending window (TTL and count): a second delivery

@@ -26,6 +26,7 @@ from .config import EngineConfig
 from .errors import LifelongError
 from .events import RESERVED_TASK
 from .learners import Learners, ekf, rows_not_finite
+from .tasks import grown
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
 # The task-level prior (``task_prior``): from this many members on, shrunk at least this much towards the plain
@@ -94,7 +95,7 @@ class KnowledgeBase:
             return
         cap = self.mu.shape[0]
         if n_tasks > cap:
-            new_cap = max(n_tasks, 2 * cap, 16)
+            new_cap = grown(n_tasks, cap, self.cfg.max_resident_tasks)
             self.mu = torch.cat([self.mu, self.mu.new_zeros(new_cap - cap, *self.mu.shape[1:])])
             self.S = torch.cat([self.S, self.S.new_zeros(new_cap - cap, *self.S.shape[1:])])
         self.mu[self._n : n_tasks] = self.prior_mu

@@ -26,13 +26,19 @@ STATS = (
 S = {name: i for i, name in enumerate(STATS)}
 
 
+def grown(n: int, cap: int, limit: int) -> int:
+    """The rows a per-task table of ``cap`` rows grows to so as to hold ``n``: twice as many, but not past
+    ``limit`` (``engine.max_resident_tasks``) while ``n`` is within it: memory follows the configuration."""
+    return max(n, 16, 2 * cap if n > limit else min(2 * cap, limit))
+
+
 class TaskTable:
     """Resident tasks: ``names[row]``, ``index[name]``, the columns ``cols`` (``empty``) and per row, host side:
     ``counts`` (labelled events learned), ``used`` (the ``batch`` that last used it: the least recently used
     leave first), ``stored`` (the task store holds the task), ``dirty`` (changed since it was last written)."""
 
-    def __init__(self, n_experts: int, dim: int, device: torch.device):
-        self.n_experts, self.dim, self.device = n_experts, dim, device
+    def __init__(self, n_experts: int, dim: int, device: torch.device, limit: int):
+        self.n_experts, self.dim, self.device, self.limit = n_experts, dim, device, limit
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         self.cols = self.empty(0)
@@ -94,17 +100,17 @@ class TaskTable:
         self.index.update(zip(names, rows, strict=True))
         n = len(self.names)
         if n > len(self.counts):
-            grow = max(n, 2 * len(self.counts))
+            grow = grown(n, len(self.counts), self.limit)
             self.counts, self.used, self.stored, self.dirty = (
                 np.concatenate([a, np.zeros(grow - len(a), a.dtype)])
                 for a in (self.counts, self.used, self.stored, self.dirty)
             )
         cap = self.cols["stats"].shape[0]
         if n > cap:
-            grown = self.empty(max(n, 16, 2 * cap))
+            cols = self.empty(grown(n, cap, self.limit))
             for key, old in self.cols.items():
-                grown[key][:cap] = old
-            self.cols = grown
+                cols[key][:cap] = old
+            self.cols = cols
         at = np.array(rows, np.int64)
         self.counts[at], self.used[at], self.stored[at], self.dirty[at] = 0, self.batch, False, True
         return rows

@@ -9,6 +9,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import ConfigError
+from ..tasks import grown
 from . import Learners, ekf, rows_not_finite
 
 EKF_MAX_DIM = 256  # optimizer "auto" uses the EKF up to this many features (its state is quadratic in them)
@@ -66,12 +67,12 @@ class TorchLearners(Learners):
             return
         cap = self.params[next(iter(self.params))].shape[0]
         if n_tasks > cap:
-            new_cap = max(n_tasks, 2 * cap, 16)
+            new_cap = grown(n_tasks, cap, self.cfg.max_resident_tasks)
             for store in (self.params, self.accum):
                 for name, old in store.items():
-                    grown = torch.zeros((new_cap, *old.shape[1:]), dtype=self.dtype, device=self.device)
-                    grown[:cap] = old
-                    store[name] = grown
+                    bigger = torch.zeros((new_cap, *old.shape[1:]), dtype=self.dtype, device=self.device)
+                    bigger[:cap] = old
+                    store[name] = bigger
         new = slice(self._n, n_tasks)
         for name, p in self.params.items():
             p[new] = self._init(name, self._n, n_tasks - self._n)
