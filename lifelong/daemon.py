@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -380,14 +381,14 @@ class Daemon:
                     self.ended.add(e.task)
                 else:
                     self.ended.discard(e.task)
-            now = time.time()
+            sent = []
             for i, rec in result.records(self.cfg.engine.task):
                 r = sources[i]
                 rec["offset"] = r.offset
                 sink.prediction(rec["task"], rec)
-                self.metrics.end_to_end.observe(max(0.0, now - r.timestamp / 1000.0))
-            for delay in result.label_delay[result.label_delay == result.label_delay]:
-                self.metrics.label_delay.observe(float(delay))
+                sent.append(r.timestamp)
+            self.metrics.end_to_end.observe(np.maximum(0.0, time.time() - np.array(sent, np.float64) / 1000.0))
+            self.metrics.label_delay.observe(result.label_delay[result.label_delay == result.label_delay])
             self.dirty = True
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         gaps, source.poll_gaps = source.poll_gaps, []

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kafka import TopicPartition
 
 from .errors import LifelongError, StateError, started
+from .knowledge import Staged
 from .shared import KnowledgeLog, read_changelog
 from .wire import Refused
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
+SENT_KEPT = 10_000  # members sent and kept until read back from the knowledge log
 
 
 class Standalone:
@@ -112,6 +115,8 @@ class ScaleOut(Standalone):
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
         self.knowledge: KnowledgeLog | None = None
         self.knowledge_read = 0.0
+        # members this replica sent and has not read back yet, by record: read back, they are not decoded
+        self.sent: OrderedDict[bytes, Staged] = OrderedDict()
         self.changelog = self._changelog
 
     def restore(self, extra: dict[str, Any]) -> None:
@@ -164,6 +169,10 @@ class ScaleOut(Standalone):
             records = knowledge.poll(timeout_s=0.1 if until_end else 0.0)
             members = []
             for r in records:
+                own = self.sent.pop(r.value, None)
+                if own is not None:  # what decoding its record gives
+                    members.append(Staged(-1, own.task_name, own.learned, 0, own.store))
+                    continue
                 try:
                     members.append(d.engine.kb.decode(r.value, d.cfg.kafka.max_message_bytes))
                 except Refused as exc:
@@ -197,7 +206,11 @@ class ScaleOut(Standalone):
             self.changed.add(e.task)
         sink = started(d.sink)
         for snap in d.engine.outbox:
-            sink.knowledge(snap.task_name, d.engine.kb.encode(snap))
+            value = d.engine.kb.encode(snap)
+            sink.knowledge(snap.task_name, value)
+            self.sent[value] = snap
+            if len(self.sent) > SENT_KEPT:  # not read back (a lost delivery): decoded if it ever comes
+                self.sent.popitem(last=False)
         d.engine.outbox.clear()
 
     def _changelog(self) -> None:

@@ -4,10 +4,11 @@ import dataclasses
 import threading
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from lifelong.config import load_config
-from lifelong.metrics import EngineCollector, Metrics
+from lifelong.metrics import LATENCY_BUCKETS, BatchHistogram, EngineCollector, Metrics
 from lifelong.status import Status
 
 from conftest import make_stream
@@ -127,3 +128,19 @@ def test_readiness_and_liveness_come_from_one_status_reading():
     for change in ({"processing_idle_s": 61.0}, {"poll_idle_s": 61.0}, {"poll_failed": True}):
         assert not dataclasses.replace(ok, **change).live, change
     assert dataclasses.replace(ok, checkpoint_error="ENOSPC").readiness()["checkpoint_error"] == "ENOSPC"
+
+
+def test_a_histogram_observed_a_batch_at_a_time_exposes_what_one_observed_value_by_value_does():
+    values = np.array([0.0, 0.0005, 0.0007, 0.01, 0.3, 5.0, 99.0, 86400.0])
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batch = BatchHistogram("x_seconds", "doc", LATENCY_BUCKETS + (86400.0,), ours)
+    one = Histogram("x_seconds", "doc", buckets=LATENCY_BUCKETS + (86400.0,), registry=theirs)
+    batch.observe(values[:3])
+    batch.observe(values[3:])
+    for v in values:
+        one.observe(v)
+
+    def samples(registry):
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert samples(ours) == samples(theirs)

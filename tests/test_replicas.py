@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from types import SimpleNamespace
 
+import torch
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -78,3 +81,43 @@ def test_a_partition_given_up_is_not_written_by_this_replica_and_its_tasks_are_f
 def test_a_standalone_replica_has_no_changelog_step_and_no_foreign_tasks():
     r = Standalone(SimpleNamespace())  # type: ignore[arg-type]
     assert r.changelog is None and r.foreign_tasks() == set() and r.extra() == {} and not r.shared
+
+
+class Members(Sink):
+    """Keeps knowledge records' values."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.values: list[bytes] = []
+
+    def _send(self, topic, value, key, partition=None, headers=None, where=None):
+        if topic == self.cfg.kafka.knowledge_topic:
+            self.values.append(value)
+
+
+def test_members_read_back_from_the_knowledge_log_join_as_decoded_without_being_decoded(monkeypatch):
+    overrides = {"engine.dim": 3, "kafka.changelog_topic": "cl", "kafka.knowledge_topic": "kb"}
+    cfg = load_config(env={}, overrides={**overrides, "engine.publish_every": 8, "engine.snapshot_every": 4})
+    here, other, reader = (Engine(cfg.engine, cfg.labels) for _ in range(3))
+    for engine, seed in ((here, 0), (other, 1)):
+        engine.share = True
+        engine.process([dataclasses.replace(e, task=f"{seed}-{e.task}") for e in make_stream(4, 8, dim=3, seed=seed)])
+    theirs = [other.kb.encode(s) for s in other.outbox]
+    tp = TopicPartition(cfg.kafka.events_topic, 0)
+    daemon = SimpleNamespace(cfg=cfg, engine=here, sink=Members(cfg), positions={tp: 0}, assigned=[tp])
+    daemon.metrics, daemon.lock, daemon.dirty = Metrics(CollectorRegistry()), threading.RLock(), False
+    r = ScaleOut(daemon)  # type: ignore[arg-type]
+    r.learned([], [])  # sends this replica's members
+    ours = daemon.sink.values
+    assert len(ours) == len(r.sent) > 0 and theirs
+    log = [SimpleNamespace(value=v, offset=i) for i, v in enumerate(theirs[:2] + ours + theirs[2:])]
+    r.knowledge = SimpleNamespace(poll=lambda timeout_s=0.0: [log.pop(0) for _ in range(len(log))], offset=0)
+    decoded = []
+    decode = here.kb.decode
+    monkeypatch.setattr(here.kb, "decode", lambda data, limit: decoded.append(data) or decode(data, limit))
+    r.read_knowledge()
+    assert decoded == theirs and not r.sent  # only the other replica's members were decoded
+    reader.apply([reader.kb.decode(v, cfg.kafka.max_message_bytes) for v in theirs[:2] + ours + theirs[2:]])
+    assert here.kb.ids == reader.kb.ids and here.kb.source == reader.kb.source
+    for k, v in reader.kb.store.items():
+        assert torch.equal(here.kb.store[k], v)
