@@ -366,6 +366,7 @@ class Daemon:
                 self.engine.tasks.index,
                 self.engine.n_known,
                 self.cfg.engine.max_tasks,
+                self.engine.stored_tasks,
             )
             for r, exc in got.rejected:
                 self._dead_letter(r, exc)

@@ -558,6 +558,13 @@ class Engine:
                 if key != "n_labelled":  # moved with the table's host values
                     col[dst_t.to(col.device)] = col[src_t.to(col.device)]
 
+    def stored_tasks(self, names: list[str]) -> set[str]:
+        """Which of ``names`` the task store holds: every known task not resident (and resident ones written
+        to it before)."""
+        if self.store is None:
+            return set()
+        return {n for n, v in zip(names, self.store.get(names), strict=True) if v is not None}
+
     def recall(self) -> None:
         """Every stored task back in memory, whatever ``max_resident_tasks`` (a whole state in one object)."""
         if self.store is not None:

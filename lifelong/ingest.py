@@ -9,7 +9,7 @@ event, stamped with the record's timestamp when it carries none. The payloads ar
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +36,11 @@ def ingest(
     known: Container[str],
     n_known: int,
     max_tasks: int,
+    stored: Callable[[list[str]], set[str]] | None = None,
 ) -> Ingested:
     """Sort ``records`` (``topic partition offset value timestamp`` attributes) out, advancing ``positions`` (the
-    next offset to read per partition) past each one; ``known`` tasks and ``n_known`` of them are the engine's."""
+    next offset to read per partition) past each one; the engine knows ``n_known`` tasks: ``known`` (resident)
+    and those ``stored`` says its task store holds (asked only when a new task would reach ``max_tasks``)."""
     fresh = []
     for r in records:
         tp = TopicPartition(r.topic, r.partition)
@@ -47,10 +49,20 @@ def ingest(
         positions[tp] = r.offset + 1
         fresh.append(r)
     out = Ingested()
-    new: set[str] = set()
+    new: set[str] = set()  # tasks the batch creates
+    held: set[str] = set()  # and tasks of it found in the task store: known
+    asked: set[str] = set()
     for r, e in zip(fresh, decode_many([r.value for r in fresh], schema), strict=True):
-        if isinstance(e, Event) and e.task not in known and e.task not in new:
-            if n_known + len(new) >= max_tasks:
+        if isinstance(e, Event) and e.task not in known and e.task not in new and e.task not in held:
+            if n_known + len(new) >= max_tasks and stored is not None:  # only near the limit: a store lookup
+                ask = [t for t in new if t not in asked] + [e.task]
+                asked.update(ask)
+                found = stored(ask)
+                held |= found
+                new -= found
+            if e.task in held:
+                pass
+            elif n_known + len(new) >= max_tasks:
                 e = InvalidEvent("task", f"engine.max_tasks ({max_tasks}) reached")
             else:
                 new.add(e.task)

@@ -266,3 +266,21 @@ def test_a_queued_commit_is_sent_by_the_poll_thread_unless_a_rebalance_comes_fir
         assert src.commits == [{TP0: 2}, {TP0: 3}]
     finally:
         src.stop(2.0)
+
+
+def test_tasks_waiting_in_the_task_store_are_known_near_max_tasks_and_the_store_is_asked_only_there():
+    asked = []
+
+    def stored(names):
+        asked.append(list(names))
+        return {n for n in names if n == "back"}
+
+    records = [rec(0, 0, "old"), rec(0, 1, "back"), rec(0, 2, "new1"), rec(0, 3, "new2"), rec(0, 4, "back")]
+    # the engine knows 2 tasks: "old" resident, "back" in its store; room for one more
+    got = ingest(records, SCHEMA, {}, {}, {"old"}, 2, 3, stored)
+    assert [e.task for e in got.events] == ["old", "back", "new1", "back"]
+    ((r, exc),) = got.rejected
+    assert r.offset == 3 and "max_tasks" in str(exc)
+    assert asked == [["back", "new1"], ["new2"]]  # once the limit is near, each candidate once
+    roomy = ingest(records, SCHEMA, {}, {}, {"old"}, 2, 100, stored)
+    assert not roomy.rejected and len(asked) == 2  # far from the limit: no lookup
