@@ -71,6 +71,8 @@ class Standalone:
                 f"the checkpoint directory, or run once with --reset-state to start with an empty "
                 f"engine from the committed offsets"
             )
+        if committed:
+            log.warning("--reset-state: starting with an empty engine from the committed offsets %s", committed)
 
     def start(self) -> None:
         """Before joining the group (main thread)."""

@@ -6,12 +6,14 @@ import dataclasses
 import threading
 from types import SimpleNamespace
 
+import pytest
 import torch
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from lifelong.config import load_config
 from lifelong.engine import Engine
+from lifelong.errors import StateError
 from lifelong.metrics import Metrics
 from lifelong.replicas import ScaleOut, Standalone
 from lifelong.sink import Sink
@@ -121,3 +123,18 @@ def test_members_read_back_from_the_knowledge_log_join_as_decoded_without_being_
     assert here.kb.ids == reader.kb.ids and here.kb.source == reader.kb.source
     for k, v in reader.kb.store.items():
         assert torch.equal(here.kb.store[k], v)
+
+
+def test_a_standalone_replica_without_state_refuses_committed_offsets_unless_told_to_start_empty(monkeypatch, caplog):
+    cfg = load_config(env={}, overrides={"engine.dim": 3})
+    monkeypatch.setattr("lifelong.daemon.committed_offsets", lambda cfg: {0: 42})
+    daemon = SimpleNamespace(cfg=cfg, restored=False, reset_state=False)
+    with pytest.raises(StateError, match="--reset-state"):
+        Standalone(daemon).check_state()  # type: ignore[arg-type]
+    daemon.reset_state = True
+    Standalone(daemon).check_state()  # type: ignore[arg-type]
+    assert "starting with an empty engine from the committed offsets {0: 42}" in caplog.text
+    daemon.restored = True
+    caplog.clear()
+    Standalone(daemon).check_state()  # type: ignore[arg-type]
+    assert caplog.text == ""
