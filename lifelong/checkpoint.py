@@ -127,6 +127,13 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         obj = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure to parse means the file is unusable
         raise StateError(f"{path}: unreadable payload ({exc})") from None
+    if any(k.endswith("pickle") for k in obj["tensors"]):  # River models: unpickled by ``Engine.load_state``
+        st = path.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise StateError(
+                f"{path}: holds pickled River models but is not this user's own file (owner uid {st.st_uid}, "
+                f"mode {st.st_mode & 0o777:o}): refusing to unpickle it"
+            )
     return obj["tensors"], obj["meta"]
 
 

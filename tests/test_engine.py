@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from lifelong import checkpoint
 from lifelong.config import LabelsConfig
 from lifelong.engine import _Window, warm_up
+from lifelong.errors import StateError
 from lifelong.events import Event
 from lifelong.results import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
 
@@ -99,6 +100,19 @@ def test_river_backend_learns_and_round_trips(engine_factory, tmp_path):
     np.testing.assert_array_equal(p1, p2)
     assert engine.kb.size > 0
     assert engine.counters["learned"] == sum(1 for e in events if e.y is not None)
+
+
+def test_a_river_checkpoint_others_could_have_written_is_not_unpickled(engine_factory, tmp_path):
+    engine = engine_factory(backend="river", river_model="river.linear_model.LogisticRegression")
+    run(engine, make_stream(n_tasks=2, per_task=10), 8)
+    path = checkpoint.save_engine(engine, tmp_path)
+    path.chmod(0o664)  # writable by the group: its pickled models may be anybody's
+    with pytest.raises(StateError, match="refusing to unpickle"):
+        checkpoint.read(path)
+    with pytest.raises(StateError, match="no usable checkpoint"):
+        checkpoint.load_engine(tmp_path, engine.cfg, engine.labels)
+    path.chmod(0o600)
+    assert checkpoint.load_engine(tmp_path, engine.cfg, engine.labels).counters == engine.counters
 
 
 def test_kb_never_exceeds_capacity_and_evicts(engine_factory):
