@@ -1,6 +1,6 @@
 """End-to-end daemon throughput and latency through a real broker (embedded tansu on loopback).
 
-    python bench/daemon.py [--events 150000] [--clients kafka-python confluent] [--out bench/results]
+    python bench/daemon.py [--events 150000] [--clients kafka-python confluent] [--latency-rate R] [--out bench/results]
 
 For each Kafka client (``kafka.client``), in one run:
 1. Throughput on a backlog: the same pre-produced events are read by (a) a pass-through with that client
@@ -12,7 +12,7 @@ For each Kafka client (``kafka.client``), in one run:
 2. Latency at half that daemon's maximum rate: events produced at that pace; latency = prediction record
    timestamp - event record timestamp (same clock, ms resolution); p50 and p99, once with the scale-out topics
    (each checkpoint then also writes every task changed since the last to the changelog) and once standalone.
-   Target: p99 <= 100 ms.
+   Target: p99 <= 100 ms. ``--latency-rate``: at R events/s instead (to compare two trees at one rate).
 The broker shares this machine's cores with both clients: figures are for this 2-core machine.
 """
 
@@ -190,7 +190,9 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(60)
 
 
-def one_client(client: str, broker: EmbeddedBroker, payloads: list[bytes], work: Path, seconds: float) -> dict:
+def one_client(
+    client: str, broker: EmbeddedBroker, payloads: list[bytes], work: Path, seconds: float, rate: float | None
+) -> dict:
     n, tag = len(payloads), client.replace("-", "")
     produce(broker.bootstrap, f"ev-backlog-{tag}", payloads)
     base = pass_through(client, broker.bootstrap, f"ev-backlog-{tag}", f"pass-out-{tag}", n, CHECKPOINT_S)
@@ -200,7 +202,7 @@ def one_client(client: str, broker: EmbeddedBroker, payloads: list[bytes], work:
         daemon = rate_of(read_all(broker.bootstrap, f"pred-tput{tag}", n))
     finally:
         stop(proc)
-    target = 0.5 * daemon
+    target = rate or 0.5 * daemon
     row = {"client": client, "events": n, "pass_through_events_per_s": base, "daemon_events_per_s": daemon}
     row.update({"ratio": daemon / base, "latency_rate_events_per_s": target})
     for kind in KINDS:
@@ -233,15 +235,17 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=150000)
     ap.add_argument("--clients", nargs="+", default=["kafka-python", "confluent"])
     ap.add_argument("--latency-seconds", type=float, default=20.0)
+    ap.add_argument("--latency-rate", type=float, default=None, help="events/s (default: half the daemon's rate)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     tasks = max(1, args.events // 100)
     payloads = [json.dumps(e).encode() for e in stream("related", n_tasks=tasks, events=100) if "x" in e]
     work = Path(tempfile.mkdtemp(prefix="lifelong-bench-"))
     with EmbeddedBroker(log=work / "tansu.log") as broker:
-        results = [one_client(c, broker, payloads, work, args.latency_seconds) for c in args.clients]
+        results = [one_client(c, broker, payloads, work, args.latency_seconds, args.latency_rate) for c in args.clients]
     print(f"{len(payloads):,} events, dim 20, related tasks; events/s from output record timestamps")
-    print("latency p50/p99 ms at half the daemon's rate, with the scale-out topics (as the throughput run) and without")
+    at = f"{args.latency_rate:,.0f} events/s" if args.latency_rate else "half the daemon's rate"
+    print(f"latency p50/p99 ms at {at}, with the scale-out topics (as the throughput run) and without")
     head = f"{'client':<14}{'pass-through':>14}{'lifelong run':>14}{'ratio':>8}{'latency at':>14}"
     print(f"{head}{'scale-out':>12}{'standalone':>12}")
     for r in results:

@@ -99,21 +99,26 @@ class Sink:
 
 
 class KafkaSink(Sink):
-    """The kafka-python producer (``kafka.client: kafka-python``): a future per record, checked at ``flush``."""
+    """The kafka-python producer (``kafka.client: kafka-python``). Each record's future reports only a failure
+    (kept until ``flush``): futures held until a checkpoint would live long enough to reach the collector's
+    oldest generation, whose full passes (tens of ms each, about every second at 7,000 events/s) were the
+    largest part of the daemon's p99 latency."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.producer = KafkaProducer(
             acks="all",
             linger_ms=5,
+            # a loop batch's predictions (hundreds of records) go in one request, not one per 16 KB
+            batch_size=256 * 1024,
             retries=5,
             max_in_flight_requests_per_connection=1,
             max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
             client_id="lifelong",
             **client_options(cfg),
         )
-        self.futures: list[Any] = []
-        self.dead_letters: list[tuple[Any, str]] = []  # (future, where it came from)
+        self.produced = 0
+        self.failed: list[Any] = []  # errors of records other than dead letters since the last flush
 
     def _send(
         self,
@@ -132,29 +137,26 @@ class KafkaSink(Sink):
             self._dead_letter_failed(where, exc)
             return
         if where is None:
-            self.futures.append(future)
+            future.add_errback(self._failed)
         else:
-            self.dead_letters.append((future, where))
+            future.add_errback(self._dead_letter_failed, where)
+        self.produced += 1
+
+    def _failed(self, exc: Exception) -> None:
+        self.failed.append(exc)
 
     def flush(self, timeout: float) -> int:
         """Wait for every pending send; raise ``SinkError`` naming the first failure (``FlushTimeout`` when
-        some are still pending: they stay pending). Returns the records delivered."""
+        some are still pending: they stay pending). Returns the records sent since the last flush."""
         try:
             self.producer.flush(timeout=timeout)
         except KafkaTimeoutError:
             raise FlushTimeout(f"deliveries still pending after {timeout:.1f}s") from None
-        if any(not f.is_done for f in self.futures) or any(not f.is_done for f, _ in self.dead_letters):
-            raise FlushTimeout(f"deliveries still pending after {timeout:.1f}s")
-        futures, self.futures = self.futures, []
-        dead, self.dead_letters = self.dead_letters, []
-        for f, where in dead:
-            if f.failed():
-                self._dead_letter_failed(where, f.exception)
-        for f in futures:
-            if f.failed():
-                raise SinkError(f"a record was not delivered: {f.exception!r}")
-        self.sent += len(futures) + len(dead)
-        return len(futures) + len(dead)
+        (n, self.produced), (failed, self.failed) = (self.produced, 0), (self.failed, [])
+        if failed:
+            raise SinkError(f"a record was not delivered: {failed[0]!r}")
+        self.sent += n
+        return n
 
     def close(self, timeout: float) -> None:
         """Close the producer, waiting at most ``timeout`` seconds for what is still pending."""

@@ -1,0 +1,65 @@
+"""``KafkaSink`` without a broker: what a delivery failure reported by the client does at the next flush."""
+
+from __future__ import annotations
+
+import pytest
+from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
+from kafka.future import Future
+
+from lifelong.config import load_config
+from lifelong.sink import FlushTimeout, KafkaSink, SinkError
+
+
+class FakeProducer:
+    """Hands out futures and settles them at ``flush``: the first ``fail`` sends fail, ``stuck`` times out."""
+
+    def __init__(self):
+        self.futures: list[Future] = []
+        self.fail = 0
+        self.stuck = False
+
+    def send(self, topic, key=None, value=None, partition=None, headers=None):
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def flush(self, timeout=None):
+        if self.stuck:
+            raise KafkaTimeoutError("still pending")
+        for i, f in enumerate(self.futures):
+            f.failure(NotLeaderForPartitionError()) if i < self.fail else f.success(None)
+        self.futures = []
+
+
+@pytest.fixture
+def sink():
+    s = KafkaSink.__new__(KafkaSink)
+    KafkaSink.__bases__[0].__init__(s, load_config(env={}))
+    s.producer, s.produced, s.failed = FakeProducer(), 0, []
+    return s
+
+
+def test_a_prediction_that_was_not_delivered_fails_the_flush_and_the_next_flush_is_clean(sink):
+    for i in range(3):
+        sink.prediction("t", {"task": "t", "id": str(i)})
+    sink.producer.fail = 1
+    with pytest.raises(SinkError, match="not delivered.*NotLeaderForPartition"):
+        sink.flush(timeout=1)
+    sink.producer.fail = 0
+    sink.prediction("t", {"task": "t", "id": "3"})
+    assert sink.flush(timeout=1) == 1
+
+
+def test_a_dead_letter_that_was_not_delivered_is_counted_never_raised(sink):
+    sink.dead_letter(b"junk", b"k", "not JSON", "events", 0, 7)
+    sink.prediction("t", {"task": "t", "id": "1"})
+    sink.producer.fail = 1
+    assert sink.flush(timeout=1) == 2 and sink.dead_letter_failures == 1
+
+
+def test_pending_deliveries_time_out_and_are_kept_for_the_next_flush(sink):
+    sink.prediction("t", {"task": "t", "id": "1"})
+    sink.producer.stuck = True
+    with pytest.raises(FlushTimeout):
+        sink.flush(timeout=1)
+    sink.producer.stuck = False
+    assert sink.flush(timeout=1) == 1
