@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from kafka import TopicPartition
 
 from .config import Config
@@ -223,6 +224,19 @@ class ConfluentSink(Sink):
         self.produced += 1
         if self.produced % 1024 == 0:
             self.producer.poll(0)
+
+    def predictions(self, records: list[tuple[int, dict[str, Any]]]) -> None:
+        """Send a batch's prediction records straight to the producer (``_send`` when its queue is full)."""
+        produce, topic, n = self.producer.produce, self.cfg.kafka.predictions_topic, 0
+        for _, rec in records:
+            value, key = orjson.dumps(rec), rec["task"].encode()
+            try:
+                produce(topic, value, key)
+                n += 1
+            except (BufferError, ck.KafkaException):
+                self._send(topic, value, key)  # waits for room, or says why the record was not sent
+        self.produced += n
+        self.producer.poll(0)
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is None:

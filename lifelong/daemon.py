@@ -388,12 +388,9 @@ class Daemon:
                     self.ended.add(e.task)
                 else:
                     self.ended.discard(e.task)
-            sent = []
-            for i, rec in result.records(self.cfg.engine.task):
-                r = sources[i]
-                rec["offset"] = r.offset
-                sink.prediction(rec["task"], rec)
-                sent.append(r.timestamp)
+            records = result.records(self.cfg.engine.task, [r.offset for r in sources])
+            sink.predictions(records)
+            sent = [sources[i].timestamp for i, _ in records]
             self.metrics.end_to_end.observe(np.maximum(0.0, time.time() - np.array(sent, np.float64) / 1000.0))
             self.metrics.label_delay.observe(result.label_delay[result.label_delay == result.label_delay])
             self.dirty = True

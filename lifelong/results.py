@@ -60,8 +60,9 @@ class BatchResult:
             np.full(n, np.nan),
         )
 
-    def records(self, task_kind: str) -> list[tuple[int, dict[str, Any]]]:
-        """Prediction records (DESIGN §3) with their position in the batch, for every predicted event.
+    def records(self, task_kind: str, offsets: list[int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """Prediction records (DESIGN §3) with their position in the batch, for every predicted event; with
+        ``offsets`` (each event's source record offset), each record's ``offset``.
 
         Numbers are rounded and converted for the whole batch at once: this runs for every prediction.
         """
@@ -88,5 +89,7 @@ class BatchResult:
             rec["w_local"] = w_local[j]
             rec["kb_top"] = [[names[s], w] for s, w in zip(slots[j], weights[j], strict=True) if w > 0]
             rec["model_version"] = versions[j]
+            if offsets is not None:
+                rec["offset"] = offsets[i]
             out.append((i, rec))
         return out

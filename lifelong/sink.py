@@ -66,6 +66,12 @@ class Sink:
         """Send one prediction record (JSON: orjson writes a non-finite number as null), keyed by task."""
         self._send(self.cfg.kafka.predictions_topic, orjson.dumps(record), task.encode())
 
+    def predictions(self, records: list[tuple[int, dict[str, Any]]]) -> None:
+        """Send a batch's prediction records (``BatchResult.records``), each keyed by its task."""
+        send, topic, dumps = self._send, self.cfg.kafka.predictions_topic, orjson.dumps
+        for _, rec in records:
+            send(topic, dumps(rec), rec["task"].encode())
+
     def knowledge(self, member: str, value: bytes) -> None:
         """A KB member record (``wire`` format), keyed by its source task: compaction keeps its newest one."""
         self._send(self.cfg.kafka.knowledge_topic, value, member.encode())

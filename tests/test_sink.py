@@ -39,8 +39,7 @@ def sink():
 
 
 def test_a_prediction_that_was_not_delivered_fails_the_flush_and_the_next_flush_is_clean(sink):
-    for i in range(3):
-        sink.prediction("t", {"task": "t", "id": str(i)})
+    sink.predictions([(i, {"task": "t", "id": str(i)}) for i in range(3)])
     sink.producer.fail = 1
     with pytest.raises(SinkError, match="not delivered.*NotLeaderForPartition"):
         sink.flush(timeout=1)
