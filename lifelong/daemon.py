@@ -48,7 +48,7 @@ STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
 # The loop makes thousands of short-lived objects per batch (records, events, predictions): Python's default
 # (a young collection every 700 of them, a full one every 100 young ones at most) collected several times per
 # batch and every few tenths of a second in full, 10-15 ms each. Collecting every 50,000: +12% events/s and p99
-# 130 -> 103 ms with kafka.client confluent (bench/daemon.py's streams, runs alternated).
+# 130 -> 103 ms with kafka.client confluent (a temporary harness on bench/daemon.py's stream, runs alternated).
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
