@@ -1246,7 +1246,7 @@ class Engine:
         """Per resident task: regret of the combined predictor vs the better level, of the KB vs its best
         expert, and the bound of each."""
         self.settle()
-        return self._regrets({k: v[: self.n_tasks] for k, v in self.tasks.cols.items()}, self.n_labelled)
+        return self._regrets(self.tasks.view(), self.n_labelled)
 
     def _regrets(self, t: dict[str, torch.Tensor], counts: np.ndarray) -> dict[str, np.ndarray]:
         n = len(counts)
@@ -1270,8 +1270,8 @@ class Engine:
         """Every task's name, mixture tables (each task met the KB as it is now) and labelled count: the
         resident tasks, then the others from the store (for reports, not the event path)."""
         self.settle()
-        names, n = list(self.tasks.names), self.n_tasks
-        tables, counts = {k: v[:n] for k, v in self.tasks.cols.items()}, self.n_labelled
+        names = list(self.tasks.names)
+        tables, counts = self.tasks.view(), self.n_labelled
         store = self.store
         stored = [] if store is None else [(k, v) for k, v in store.items() if k not in self.tasks.index]
         if store is not None and stored:
@@ -1458,7 +1458,7 @@ class Engine:
             chunk = names[a : a + step]
             self.tasks.batch += 1  # a tick of its own: only this chunk's tasks are kept from eviction
             self._admit(chunk, create=False)
-            rows = np.array([self.tasks.index[name] for name in chunk], np.int64)
+            rows = self.tasks.rows(chunk)
             self._sync_kb(rows)
             self._carry_codes(rows)
             at = torch.as_tensor(rows, device=self.device)

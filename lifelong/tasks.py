@@ -147,13 +147,12 @@ class TaskTable:
     def load(self, names: list[str], cols: dict[str, torch.Tensor], counts: np.ndarray) -> None:
         """Tasks ``names`` in rows ``0 ..``, with the columns in ``cols`` (one missing stays zeros) and the labelled
         counts ``counts``; every row counts as changed."""
-        n = len(names)
+        n, size = len(names), max(16, len(names))
         self.names = list(names)
         self.index = {name: i for i, name in enumerate(self.names)}
-        self.cols = self.empty(max(16, n))
+        self.cols = self.empty(size)
         for k, v in cols.items():
             self.cols[k][:n] = v.to(self.device)
-        size = max(16, n)
         self.counts, self.used = np.zeros(size, np.int64), np.zeros(size, np.int64)
         self.stored, self.dirty = np.zeros(size, np.bool_), np.ones(size, np.bool_)
         self.counts[:n] = counts
