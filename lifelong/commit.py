@@ -53,6 +53,11 @@ class Checkpointer:
         """Seconds since the last checkpoint."""
         return time.monotonic() - self.last
 
+    def due(self, interval_s: float) -> bool:
+        """A periodic checkpoint is due: the last one was written ``interval_s`` ago, and none is being written
+        (its age counts from when it was written)."""
+        return (self.writer is None or not self.writer.is_alive()) and self.age() >= interval_s
+
     def due_retry(self) -> bool:
         """A failed checkpoint's retry is due."""
         return time.monotonic() >= self.retry_at

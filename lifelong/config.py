@@ -102,7 +102,7 @@ class BatchingConfig:
     load, small when the stream is slow), the longest the broker holds a fetch, and the poll loop's queue."""
 
     max_events: int = 1024
-    max_ms: int = 50
+    max_ms: int = 10
     queue_batches: int = 4
 
 

@@ -141,8 +141,8 @@ def from_dict(d: Any, schema: Schema, dense: list[tuple[Event, list[Any]]] | Non
             raise InvalidEvent("control", f"unknown control {d['control']!r} (known: {', '.join(CONTROLS)})")
         return Event(task=task, id=eid, ts=ts, control=d["control"])
     y = d.get("y")
-    if y is not None:
-        y = _label(y, schema)
+    if y is not None and not (type(y) is int and schema.task != "regression" and 0 <= y < schema.n_classes):
+        y = _label(y, schema)  # (a class label in range, the common case, needs no more checks)
     if "x" not in d:
         if y is None:
             raise InvalidEvent("y", "a label-only event (no x) needs y")
@@ -153,7 +153,7 @@ def from_dict(d: Any, schema: Schema, dense: list[tuple[Event, list[Any]]] | Non
         raise InvalidEvent("id", "required when y is missing, so that the label can come later")
     x = d["x"]
     if dense is not None and isinstance(x, list) and len(x) == schema.dim:  # checked with the batch's others
-        e = Event(task=task, id=eid, y=y, ts=ts)
+        e = Event(task, eid, None, y, ts)
         dense.append((e, x))
         return e
     return Event(task=task, id=eid, x=_features(x, schema.dim), y=y, ts=ts)

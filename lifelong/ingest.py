@@ -41,9 +41,10 @@ def ingest(
     """Sort ``records`` (``topic partition offset value timestamp`` attributes) out, advancing ``positions`` (the
     next offset to read per partition) past each one; the engine knows ``n_known`` tasks: ``known`` (resident)
     and those ``stored`` says its task store holds (asked only when a new task would reach ``max_tasks``)."""
-    fresh = []
+    fresh, tp = [], TopicPartition("", -1)
     for r in records:
-        tp = TopicPartition(r.topic, r.partition)
+        if r.partition != tp.partition or r.topic != tp.topic:  # a poll's records come partition by partition
+            tp = TopicPartition(r.topic, r.partition)
         if r.offset < positions.get(tp, -1):
             continue
         positions[tp] = r.offset + 1

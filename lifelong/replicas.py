@@ -195,17 +195,18 @@ class ScaleOut(Standalone):
     def learned(self, events: list[Any], sources: list[Any]) -> None:
         """Each event's task is on its partition and changed; members published are sent."""
         d = self.daemon
-        for e, r in zip(events, sources, strict=True):
-            if self.task_partition.setdefault(e.task, r.partition) != r.partition:
+        tasks = [e.task for e in events]
+        for task, partition in dict.fromkeys(zip(tasks, [r.partition for r in sources], strict=True)):
+            if self.task_partition.setdefault(task, partition) != partition:
                 log.warning(
                     "task %r arrived on partition %d, earlier on %d: key events by task, so that each task has "
                     "one writer",
-                    e.task,
-                    r.partition,
-                    self.task_partition[e.task],
+                    task,
+                    partition,
+                    self.task_partition[task],
                 )
-                self.task_partition[e.task] = r.partition
-            self.changed.add(e.task)
+                self.task_partition[task] = partition
+        self.changed.update(tasks)
         sink = started(d.sink)
         for snap in d.engine.outbox:
             value = d.engine.kb.encode(snap)

@@ -72,23 +72,29 @@ class BatchResult:
         regression = task_kind == "regression"
         cols = [0] if regression else slice(None)
         proba, local, kb = (np.round(a[rows][:, cols], 6).tolist() for a in (self.pred, self.p_local, self.p_kb))
-        y_pred = self.pred[rows, 0].tolist() if regression else self.pred[rows].argmax(1).tolist()
-        w_local = np.round(self.w_local[rows], 6).tolist()
-        versions = self.model_version[rows].tolist()
-        slots, weights = self.kb_slots[rows].tolist(), np.round(self.kb_weights[rows], 6).tolist()
-        segments = self.segment[rows].tolist()
-        out = []
-        for j, i in enumerate(rows.tolist()):
-            e = self.events[i]
-            names = self.kb_names[segments[j]]
-            rec: dict[str, Any] = {"task": e.task, "id": e.id, "y_pred": y_pred[j]}
-            if regression:
-                rec["p_local"], rec["p_kb"] = local[j][0], kb[j][0]
-            else:
-                rec["proba"], rec["p_local"], rec["p_kb"] = proba[j], local[j], kb[j]
-            rec["w_local"] = w_local[j]
-            rec["kb_top"] = [[names[s], w] for s, w in zip(slots[j], weights[j], strict=True) if w > 0]
-            rec["model_version"] = versions[j]
+        if regression:  # one number each; the prediction as it is
+            y_pred, local, kb = self.pred[rows, 0].tolist(), [p for (p,) in local], [p for (p,) in kb]
+        else:
+            y_pred = self.pred[rows].argmax(1).tolist()
+        # kb_top: [name, weight] of the heaviest experts with weight > 0, names looked up for all rows at once
+        names = np.array([n for seg in self.kb_names for n in seg], dtype=object)
+        first = np.cumsum([0] + [len(seg) for seg in self.kb_names])[self.segment[rows]]
+        weights = np.round(self.kb_weights[rows], 6)
+        top = np.empty((len(rows), KB_TOP, 2), dtype=object)
+        top[..., 0], top[..., 1] = names[first[:, None] + self.kb_slots[rows]], weights
+        tops = top.tolist()
+        for j in np.flatnonzero((weights <= 0).any(axis=1)).tolist():
+            tops[j] = [p for p in tops[j] if p[1] > 0]
+        columns = [rows.tolist(), y_pred, local, kb, np.round(self.w_local[rows], 6).tolist(), tops]
+        columns += [self.model_version[rows].tolist(), proba]
+        events, out = self.events, []
+        for i, y, p_local, p_kb, w_local, kb_top, version, p in zip(*columns, strict=True):
+            e = events[i]
+            rec: dict[str, Any] = {"task": e.task, "id": e.id, "y_pred": y}
+            if not regression:
+                rec["proba"] = p
+            rec["p_local"], rec["p_kb"], rec["w_local"], rec["kb_top"] = p_local, p_kb, w_local, kb_top
+            rec["model_version"] = version
             if offsets is not None:
                 rec["offset"] = offsets[i]
             out.append((i, rec))

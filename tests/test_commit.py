@@ -116,12 +116,16 @@ def test_a_detached_checkpoint_holds_the_state_it_took_while_the_engine_goes_on(
     went_on, real_write = threading.Event(), checkpoint.write
     monkeypatch.setattr(checkpoint, "write", lambda *a, **kw: went_on.wait(10) and real_write(*a, **kw))
     commits = []
+    ckpt.last -= 60.0
+    assert ckpt.due(10.0)
     path = ckpt.run(sink, lambda: ({TP: 30}, {}), lambda o, t: commits.append(o), 5.0, detach=True)
     assert not commits and checkpoint.latest(cfg.checkpoint.dir) is None  # not written yet
+    assert not ckpt.due(10.0)  # the next periodic checkpoint counts from this one, not the one before
     engine.process(make_stream(n_tasks=4, per_task=10, dim=3, seed=1, ends=False))  # the loop goes on
     went_on.set()
     ckpt.join()
     assert commits == [{TP: 30}] and path == checkpoint.latest(cfg.checkpoint.dir)[0]
+    assert not ckpt.due(10.0) and ckpt.due(0.0)
     back = checkpoint.load_engine(cfg.checkpoint.dir, cfg)
     assert back.counters == taken.counters != engine.counters
     assert dict(back.learned_keys) == dict(taken.learned_keys) != dict(engine.learned_keys)
