@@ -8,12 +8,14 @@ For each Kafka client (``kafka.client``), in one run:
    record per event and flushes and commits every 5 s (the daemon's checkpoint interval here), and (b)
    ``lifelong run`` (a subprocess, default configuration: scale-out topics on) with learning on. Each rate is
    taken from its own output records' timestamps (first to last), so group joins and start-up are excluded
-   from both. Target: ratio >= 0.8.
+   from both; each output is read once it is complete. Target: ratio >= 0.8.
 2. Latency at half that daemon's maximum rate: events produced at that pace; latency = prediction record
    timestamp - event record timestamp (same clock, ms resolution); p50 and p99, once with the scale-out topics
    (each checkpoint then also writes every task changed since the last to the changelog) and once standalone.
    Target: p99 <= 100 ms. ``--latency-rate``: at R events/s instead (to compare two trees at one rate).
-The broker shares this machine's cores with both clients: figures are for this 2-core machine.
+The broker shares this machine's cores with both clients: figures are for this 2-core machine. Events are
+produced with librdkafka for both clients (a kafka-python producer would itself take most of a core at
+30,000 events/s).
 """
 
 from __future__ import annotations
@@ -77,6 +79,23 @@ def read_all(bootstrap: str, topic: str, n: int, timeout: float = 300.0) -> list
     if len(out) < n:
         raise TimeoutError(f"{topic}: {len(out)} of {n} records after {timeout}s")
     return out
+
+
+def wait_for(bootstrap: str, topic: str, n: int, timeout: float = 300.0) -> None:
+    """Wait until ``topic`` holds ``n`` records, without reading them: a reader running alongside a replica
+    takes the CPU it needs (600,000 events with confluent: 47,000 events/s read as they come, 60,000 read
+    after). tansu reports end offsets a few records short: end offsets unchanged for 3 s also end the wait."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        total = sum(consumer.end_offsets(parts).values()) if parts else 0
+        if total >= n or (total == last > 0 and time.monotonic() - since > 3.0):
+            break
+        if total != last:
+            last, since = total, time.monotonic()
+        time.sleep(0.5)
+    consumer.close()
 
 
 def pass_through(client: str, bootstrap: str, source: str, sink: str, n: int, commit_every: float) -> float:
@@ -209,6 +228,7 @@ def one_client(
     produce(broker.bootstrap, f"ev-tput{tag}", payloads)
     proc = start_daemon(broker.bootstrap, f"tput{tag}", work, client=client)
     try:
+        wait_for(broker.bootstrap, f"pred-tput{tag}", n)
         daemon = rate_of(read_all(broker.bootstrap, f"pred-tput{tag}", n))
     finally:
         stop(proc)
