@@ -62,12 +62,9 @@ class Sink:
         """Close the producer, waiting at most ``timeout`` seconds for what is still pending."""
         raise NotImplementedError
 
-    def prediction(self, task: str, record: dict[str, Any]) -> None:
-        """Send one prediction record (JSON: orjson writes a non-finite number as null), keyed by task."""
-        self._send(self.cfg.kafka.predictions_topic, orjson.dumps(record), task.encode())
-
     def predictions(self, records: list[tuple[int, dict[str, Any]]]) -> None:
-        """Send a batch's prediction records (``BatchResult.records``), each keyed by its task."""
+        """Send a batch's prediction records (``BatchResult.records``; JSON: orjson writes a non-finite number
+        as null), each keyed by its task."""
         send, topic, dumps = self._send, self.cfg.kafka.predictions_topic, orjson.dumps
         for _, rec in records:
             send(topic, dumps(rec), rec["task"].encode())

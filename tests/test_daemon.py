@@ -378,9 +378,9 @@ def test_a_flush_during_an_outage_is_postponed_not_fatal(tmp_path, client):
     with EmbeddedBroker(log=tmp_path / "tansu.log") as own:
         cfg = config(settings(own.bootstrap, tmp_path, **{"kafka.client": client}))
         sink = open_sink(cfg)
-        sink.prediction("t", {"task": "t", "id": "warm-up"})
+        sink.predictions([(0, {"task": "t", "id": "warm-up"})])
         assert sink.flush(timeout=20) == 1
-        sink.prediction("t", {"task": "t", "id": "during"})
+        sink.predictions([(0, {"task": "t", "id": "during"})])
         os.kill(own.proc.pid, signal.SIGSTOP)
         try:
             with pytest.raises(FlushTimeout):

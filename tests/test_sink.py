@@ -44,19 +44,19 @@ def test_a_prediction_that_was_not_delivered_fails_the_flush_and_the_next_flush_
     with pytest.raises(SinkError, match="not delivered.*NotLeaderForPartition"):
         sink.flush(timeout=1)
     sink.producer.fail = 0
-    sink.prediction("t", {"task": "t", "id": "3"})
+    sink.predictions([(0, {"task": "t", "id": "3"})])
     assert sink.flush(timeout=1) == 1
 
 
 def test_a_dead_letter_that_was_not_delivered_is_counted_never_raised(sink):
     sink.dead_letter(b"junk", b"k", "not JSON", "events", 0, 7)
-    sink.prediction("t", {"task": "t", "id": "1"})
+    sink.predictions([(0, {"task": "t", "id": "1"})])
     sink.producer.fail = 1
     assert sink.flush(timeout=1) == 2 and sink.dead_letter_failures == 1
 
 
 def test_pending_deliveries_time_out_and_are_kept_for_the_next_flush(sink):
-    sink.prediction("t", {"task": "t", "id": "1"})
+    sink.predictions([(0, {"task": "t", "id": "1"})])
     sink.producer.stuck = True
     with pytest.raises(FlushTimeout):
         sink.flush(timeout=1)
