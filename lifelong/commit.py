@@ -1,10 +1,14 @@
 """The commit protocol (exactly-once state, at-least-once output), in the order DESIGN §6 fixes:
 
 1. flush the sink and check every delivery (predictions, dead letters, KB members);
-2. scale-out only: write the tasks changed since the last checkpoint to the changelog, and flush again;
-3. take the engine's state (``checkpoint.take``) and write it with the next offset of each partition,
-   atomically (``Taken.write``): periodic checkpoints write in a writer thread while the loop goes on;
+2. scale-out only: write the tasks changed since the last checkpoint to the changelog, and flush it;
+3. write the engine's state with the next offset of each partition, atomically (``Taken.write``);
 4. commit those offsets to the group (a failed commit is only a warning: the checkpoint holds them).
+
+The processing lock is held only to take copies (the changed tasks' records, ``checkpoint.take``) and for the
+flush of step 1, which comes after them (the deliveries it waits for go on meanwhile). Periodic checkpoints run
+steps 2-4 in a writer thread while the loop goes on: the changelog has a producer of its own, whose flush waits
+for its records only.
 
 Deliveries still pending (a slow or frozen broker) postpone the checkpoint; a state that cannot be written
 (disk full, read-only volume) sets ``error`` until a retry succeeds, retried after 1 s doubling to 30 s, and
@@ -28,11 +32,14 @@ from .config import Config
 from .engine import Engine
 from .errors import StateError
 from .metrics import Metrics
-from .sink import FlushTimeout, Sink
+from .sink import FlushTimeout, Sink, SinkError
 
 log = logging.getLogger(__name__)
 RETRY_S = (1.0, 30.0)  # a failed checkpoint is retried after 1 s, doubling up to 30 s
 Offsets = dict[TopicPartition, int]
+# the changelog step: takes the records (under the processing lock) and gives what sends them and waits for their
+# delivery, and what takes the step back
+Changelog = Callable[[], tuple[Callable[[float], None], Callable[[], None]]]
 
 
 class Checkpointer:
@@ -48,15 +55,17 @@ class Checkpointer:
         self.retry_at = 0.0
         self.retry_s = RETRY_S[0]
         self.writer: threading.Thread | None = None  # writing a checkpoint (``run`` with ``detach``)
+        self.failure: SinkError | None = None  # a changelog record the writer could not deliver
+        self.again = False  # the writer postponed its checkpoint (or failed): the next one is due at once
 
     def age(self) -> float:
         """Seconds since the last checkpoint."""
         return time.monotonic() - self.last
 
     def due(self, interval_s: float) -> bool:
-        """A periodic checkpoint is due: the last one was written ``interval_s`` ago, and none is being written
-        (its age counts from when it was written)."""
-        return (self.writer is None or not self.writer.is_alive()) and self.age() >= interval_s
+        """A periodic checkpoint is due: the last one was written ``interval_s`` ago (its age counts from when it
+        was written) or the writer could not write it, and none is being written."""
+        return (self.writer is None or not self.writer.is_alive()) and (self.again or self.age() >= interval_s)
 
     def due_retry(self) -> bool:
         """A failed checkpoint's retry is due."""
@@ -68,47 +77,61 @@ class Checkpointer:
         state: Callable[[], tuple[Offsets, dict[str, Any]]],
         commit: Callable[[Offsets, float], None],
         timeout: float,
-        changelog: Callable[[], None] | None = None,
+        changelog: Changelog | None = None,
         detach: bool = False,
     ) -> Path | None:
-        """One checkpoint: ``changelog`` sends the changed tasks (scale-out), ``state`` gives the offsets and the
-        daemon's metadata once it has, ``commit`` commits offsets within a timeout. None: postponed (deliveries
-        pending) or not written (``error``). ``detach``: steps 1-2 and taking the state run here, writing the
-        file and the commit in a writer thread (the caller goes on processing; ``join`` waits for it, as the
-        next checkpoint does); a file that cannot be written then sets ``error`` from there."""
+        """One checkpoint: ``changelog`` takes the changed tasks' records and gives what sends them and waits for
+        their delivery (scale-out), ``state`` gives the offsets and the daemon's metadata once it has, ``commit``
+        commits offsets within a timeout. None: postponed (deliveries pending) or not written (``error``).
+        ``detach``: the records and the state are taken and the sink flushed here, the rest runs in a writer
+        thread while the caller goes on processing (``join`` waits for it, as the next checkpoint does); a file
+        that cannot be written then sets ``error`` from there, and a record that was not delivered is raised by
+        the next ``join``."""
         self.join()
+        self.again = False
         start = time.monotonic()
+        send, undo = changelog() if changelog is not None else (None, None)
         try:
-            sink.flush(timeout=max(1.0, timeout * 0.4))
-            if changelog is not None:
-                changelog()
-                sink.flush(timeout=max(1.0, timeout * 0.3))
             offsets, extra = state()
             for tp, off in offsets.items():
                 if off < self.checkpointed.get(tp, -1):
                     went = f"went back from {self.checkpointed[tp]} to {off}"
                     raise StateError(f"offset of {tp.topic}-{tp.partition} {went}")
             taken = checkpoint.take(self.engine, self.cfg.checkpoint.dir, extra, detach=detach)
-        except FlushTimeout as exc:
-            log.warning("checkpoint postponed: %s", exc)
-            return None
-        except OSError as exc:
-            self._failed(exc)
+            # after the work above (their deliveries overlap it), before any changelog record is sent
+            sink.flush(timeout=max(1.0, timeout * 0.4))
+        except (FlushTimeout, OSError) as exc:
+            if undo is not None:
+                undo()
+            if isinstance(exc, FlushTimeout):
+                log.warning("checkpoint postponed: %s", exc)
+            else:
+                self._failed(exc)
             return None
         self.checkpointed = dict(offsets)
         rows = self.engine.flushed * (self.engine.store.width if self.engine.store else 0)  # task rows written
-        args = (taken, offsets, commit, start, timeout, rows, self.engine.flushed)
+        args = (taken, offsets, commit, start, timeout, rows, self.engine.flushed, send)
         if not detach:
             return taken.path if self._write(*args) else None
-        self.writer = threading.Thread(target=self._write, args=args, name="checkpoint-writer", daemon=True)
+        self.writer = threading.Thread(target=self._detached, args=args, name="checkpoint-writer", daemon=True)
         self.writer.start()
         return taken.path
 
     def join(self) -> None:
-        """Wait for a checkpoint being written (``run`` with ``detach``)."""
+        """Wait for a checkpoint being written (``run`` with ``detach``); raise the ``SinkError`` of a changelog
+        record it could not deliver."""
         if self.writer is not None:
             self.writer.join()
             self.writer = None
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
+    def _detached(self, *args: Any) -> None:
+        try:
+            self.again = not self._write(*args)
+        except SinkError as exc:
+            self.failure, self.again = exc, True
 
     def _write(
         self,
@@ -119,10 +142,17 @@ class Checkpointer:
         timeout: float,
         rows: int,
         tasks: int,
+        send: Callable[[float], None] | None,
     ) -> bool:
-        """Steps 3 and 4 for a state taken; False: the file could not be written (``error``)."""
+        """The changelog's records sent and delivered, then steps 3 and 4 for a state taken; False: postponed
+        (changelog deliveries pending: they stay pending) or the file could not be written (``error``)."""
         try:
+            if send is not None:
+                send(max(1.0, timeout * 0.3))
             path = taken.write(keep=self.cfg.checkpoint.keep)
+        except FlushTimeout as exc:
+            log.warning("checkpoint postponed: %s", exc)
+            return False
         except OSError as exc:
             self._failed(exc)
             return False

@@ -326,7 +326,7 @@ class Daemon:
                 if batches:
                     self._process(batches)
                 self.replica.tick()
-                if self.dirty and self.checkpointer.due(self.cfg.checkpoint.interval_s):
+                if (self.dirty or self.checkpointer.again) and self.checkpointer.due(self.cfg.checkpoint.interval_s):
                     self.checkpoint(timeout=30.0, commit_by="queue")
             self._shutdown()
         except LifelongError as exc:

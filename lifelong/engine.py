@@ -1449,9 +1449,14 @@ class Engine:
         return self.export_tasks([name], [extra])[0]
 
     def export_tasks(self, names: list[str], extras: list[dict[str, Any]]) -> list[bytes]:
-        """``export_task`` of each of ``names``: rows gathered a chunk at a time (one read per table), records
-        packed from them. Stored tasks come back into memory for it, a chunk at a time."""
-        out: list[bytes] = []
+        """``export_task`` of each of ``names``."""
+        return pack_tasks(self.take_tasks(names, extras))
+
+    def take_tasks(self, names: list[str], extras: list[dict[str, Any]]) -> list[tuple[list[Any], dict[str, Any]]]:
+        """What ``export_tasks`` packs, copied (``pack_tasks`` may pack it while the engine goes on): rows
+        gathered a chunk at a time (one read per table). Stored tasks come back into memory for it, a chunk at a
+        time."""
+        out: list[tuple[list[Any], dict[str, Any]]] = []
         step = max(1, min(FLUSH_ROWS, self.cfg.max_resident_tasks // 2))
         updated = torch.tensor(self.kb.updated, dtype=torch.long)
         for a in range(0, len(names), step):
@@ -1471,7 +1476,7 @@ class Engine:
                 {"task": name, "n_labelled": int(self.n_labelled[i]), "basis_at": self.kb.basis_at, **extras[a + j]}
                 for j, (name, i) in enumerate(zip(chunk, rows.tolist(), strict=True))
             ]
-            out += wire.pack_many("task", metas, got)
+            out.append((metas, got))
         return out
 
     def decode_task(self, data: bytes | None, max_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -1586,6 +1591,11 @@ def _json(rows: list[tuple[Any, ...]]) -> str:
 def _listed(value: str | list[Any]) -> list[Any]:
     """A list saved as one JSON string (or, in checkpoints from before, as a list)."""
     return orjson.loads(value) if isinstance(value, str) else value
+
+
+def pack_tasks(taken: list[tuple[list[Any], dict[str, Any]]]) -> list[bytes]:
+    """Changelog records of tasks taken by ``Engine.take_tasks``, in order."""
+    return [record for metas, got in taken for record in wire.pack_many("task", metas, got)]
 
 
 def use_threads(cfg: EngineConfig) -> None:

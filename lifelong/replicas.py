@@ -25,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from kafka import TopicPartition
 
+from .engine import pack_tasks
 from .errors import LifelongError, StateError, started
 from .knowledge import Staged
 from .shared import KnowledgeLog, read_changelog
+from .sink import Sink, open_sink
 from .wire import Refused
 
 if TYPE_CHECKING:
@@ -92,7 +94,8 @@ class Standalone:
     def learned(self, events: list[Any], sources: list[Any]) -> None:
         """A batch learned: its ``events`` and the records they came from."""
 
-    changelog: Callable[[], None] | None = None  # the commit protocol's changelog step, if any
+    changelog: Callable[[], tuple[Callable[[float], None], Callable[[], None]]] | None = None
+    """The commit protocol's changelog step, if any (``ScaleOut._changelog``)."""
 
     def foreign_tasks(self) -> set[int]:
         """Resident tasks (rows) of partitions this replica does not own now."""
@@ -120,6 +123,7 @@ class ScaleOut(Standalone):
         # members this replica sent and has not read back yet, by record: read back, they are not decoded
         self.sent: OrderedDict[bytes, Staged] = OrderedDict()
         self.changelog = self._changelog
+        self.changelog_sink: Sink | None = None  # the checkpoint's writer sends the changelog on its own producer
 
     def restore(self, extra: dict[str, Any]) -> None:
         """Tasks' partitions, their floors and the knowledge log's offset."""
@@ -142,6 +146,7 @@ class ScaleOut(Standalone):
         """Open the knowledge log and read it to its end: a replica starts with the group's KB."""
         self.knowledge = KnowledgeLog(self.daemon.cfg, self.knowledge_offset)
         self.read_knowledge(until_end=True)
+        self.changelog_sink = open_sink(self.daemon.cfg)
 
     def tick(self) -> None:
         """Read the knowledge log now and then."""
@@ -153,9 +158,14 @@ class ScaleOut(Standalone):
         self.read_knowledge(until_end=True)
 
     def close(self) -> None:
-        """Close the knowledge log."""
+        """Close the knowledge log and the changelog's producer."""
         if self.knowledge is not None:
             self.knowledge.close()
+        if self.changelog_sink is not None:
+            try:
+                self.changelog_sink.close(timeout=self.daemon.cfg.shutdown_grace_s * 0.1)
+            except Exception as exc:  # noqa: BLE001 - closing is best effort; state is already saved
+                log.warning("closing the changelog's producer: %r", exc)
 
     def read_knowledge(self, until_end: bool = False) -> None:
         """Apply the knowledge log's new members in log order; refuse (and count) any record that is not one.
@@ -216,23 +226,34 @@ class ScaleOut(Standalone):
                 self.sent.popitem(last=False)
         d.engine.outbox.clear()
 
-    def _changelog(self) -> None:
-        """Every task changed since the last checkpoint to the changelog, each record tagged with its
-        partition's position (it holds the task's events below it)."""
+    def _changelog(self) -> tuple[Callable[[float], None], Callable[[], None]]:
+        """Every task changed since the last checkpoint, its state taken now, and (1) what sends those records
+        to the changelog, each tagged with its partition's position (it holds the task's events below it), and
+        waits for their delivery: the checkpoint's writer runs it, on a producer of its own, while the loop goes
+        on; (2) what takes the step back when the checkpoint is postponed before sending (the tasks are changed
+        still)."""
         d = self.daemon
-        sink = started(d.sink)
         owned = {tp.partition: d.positions.get(tp, 0) for tp in d.assigned}
         tasks = [t for t in sorted(self.changed) if self.task_partition[t] in owned]
         extras: list[dict[str, Any]] = [
             {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))} for t in tasks
         ]
-        sent = 0
-        for task, at, value in zip(tasks, extras, d.engine.export_tasks(tasks, extras), strict=True):
-            sink.changelog(task, at["partition"], value, at["position"])
-            sent += len(value)
-        d.metrics.changelog_bytes.inc(sent)
+        taken = d.engine.take_tasks(tasks, extras)
         self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
-        self.changed = set()
+        changed, self.changed = self.changed, set()
+
+        def send(timeout: float) -> None:
+            sink, sent = started(self.changelog_sink), 0
+            for task, at, value in zip(tasks, extras, pack_tasks(taken), strict=True):
+                sink.changelog(task, at["partition"], value, at["position"])
+                sent += len(value)
+            sink.flush(timeout)  # and any sent before whose checkpoint was postponed
+            d.metrics.changelog_bytes.inc(sent)
+
+        def undo() -> None:
+            self.changed |= changed
+
+        return send, undo
 
     def foreign_tasks(self) -> set[int]:
         """Resident tasks (rows) of partitions this replica does not own now."""

@@ -81,6 +81,9 @@ class TaskStore:
         # Bloom filters in the tables and the memtable (most lookups are of new tasks: a miss reads nothing), a
         # hash index in each data block, an 8 MB block cache: reads take 0.65x the time of bloom filters alone
         opts.optimize_for_point_lookup(8)
+        # 8 MB memtables (not 64): a checkpoint's snapshot flushes the memtable under the processing lock, and
+        # write-behind fills it at tens of MB/s under load; fuller ones are flushed by RocksDB's own threads
+        opts.set_write_buffer_size(8 << 20)
         self.db = Rdict(str(self.path), opts)
         self.spec = layout
         self.layout = {k: [dtype, list(shape)] for k, (dtype, shape) in layout.items()}

@@ -15,7 +15,7 @@ from lifelong.config import load_config
 from lifelong.engine import Engine
 from lifelong.errors import StateError
 from lifelong.metrics import Metrics
-from lifelong.sink import FlushTimeout, Sink
+from lifelong.sink import FlushTimeout, Sink, SinkError
 
 from conftest import make_stream
 
@@ -52,6 +52,21 @@ def parts(tmp_path):
     return cfg, engine, Checkpointer(cfg, engine, Metrics(CollectorRegistry()), {}), FakeSink(cfg, steps), steps
 
 
+def changelog_step(sink, steps):
+    """A changelog step that records its parts in ``steps`` and sends one record on ``sink``."""
+
+    def changelog():
+        steps.append("take records")
+
+        def send(timeout):
+            sink.changelog("t0", 0, b"record", 30)
+            sink.flush(timeout)
+
+        return send, lambda: steps.append("undo")
+
+    return changelog
+
+
 def test_flush_then_changelog_then_state_then_commit_of_the_offsets_in_the_file(parts):
     cfg, engine, ckpt, sink, steps = parts
     commits = []
@@ -60,11 +75,10 @@ def test_flush_then_changelog_then_state_then_commit_of_the_offsets_in_the_file(
         steps.append("state")
         return {TP: 30}, {"offsets": [["ev", 0, 30]]}
 
-    def changelog():
-        sink.changelog("t0", 0, b"record", 30)
-
+    changelog = changelog_step(sink, steps)
     path = ckpt.run(sink, state, lambda offsets, t: (steps.append("commit"), commits.append(offsets)), 5.0, changelog)
-    assert steps == ["flush", "send lifelong-changelog", "flush", "state", "commit"]
+    # copies taken, then deliveries so far checked before any changelog record is sent, the file after them
+    assert steps == ["take records", "state", "flush", "send lifelong-changelog", "flush", "commit"]
     assert commits == [{TP: 30}] and ckpt.checkpointed == {TP: 30}
     _, _, meta = checkpoint.latest(cfg.checkpoint.dir)
     assert path is not None and meta["extra"]["offsets"] == [["ev", 0, 30]]  # what was committed is in the file
@@ -74,8 +88,43 @@ def test_flush_then_changelog_then_state_then_commit_of_the_offsets_in_the_file(
 def test_pending_deliveries_postpone_the_checkpoint_nothing_written_or_committed(parts):
     cfg, _, ckpt, sink, steps = parts
     sink.pending = True
-    assert ckpt.run(sink, lambda: ({TP: 30}, {}), lambda o, t: steps.append("commit"), 5.0) is None
-    assert steps == [] and checkpoint.latest(cfg.checkpoint.dir) is None and ckpt.error is None
+    changelog = changelog_step(sink, steps)
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), lambda o, t: steps.append("commit"), 5.0, changelog) is None
+    # the changelog step is taken back: its tasks count as changed for the next checkpoint
+    assert steps == ["take records", "undo"]
+    assert checkpoint.latest(cfg.checkpoint.dir) is None and ckpt.error is None
+
+
+class ChangelogSink(FakeSink):
+    """The changelog's own producer: its flush times out while ``pending``, or fails with ``failed``."""
+
+    failed = None
+
+    def flush(self, timeout):
+        if self.failed is not None:
+            raise self.failed
+        return super().flush(timeout)
+
+
+@pytest.mark.parametrize("fault", ["pending", "failed"])
+def test_a_writer_whose_changelog_is_not_delivered_writes_no_file_and_says_so_at_once(parts, fault):
+    """Pending changelog deliveries: the next checkpoint is due at once (they stay pending, flushed before its
+    file); a failed one is raised by the next checkpoint, which stops the daemon."""
+    cfg, _, ckpt, sink, steps = parts
+    own = ChangelogSink(cfg, steps)
+    own.pending, own.failed = fault == "pending", SinkError("a record was not delivered") if fault == "failed" else None
+    commit = lambda o, t: steps.append("commit")  # noqa: E731
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), commit, 5.0, changelog_step(own, steps), detach=True)
+    ckpt.writer.join()
+    assert "commit" not in steps and checkpoint.latest(cfg.checkpoint.dir) is None and ckpt.error is None
+    assert ckpt.due(3600.0)  # not waiting for the interval
+    if fault == "failed":
+        with pytest.raises(SinkError, match="not delivered"):
+            ckpt.run(sink, lambda: ({TP: 31}, {}), commit, 5.0)
+        return
+    own.pending = False
+    assert ckpt.run(sink, lambda: ({TP: 31}, {}), commit, 5.0, changelog_step(own, steps)) is not None
+    assert steps[-1] == "commit" and not ckpt.due(3600.0)
 
 
 def test_a_state_that_cannot_be_written_is_retried_with_backoff_and_never_committed(parts, monkeypatch):

@@ -32,6 +32,9 @@ class Changelog(Sink):
         if topic == self.cfg.kafka.changelog_topic:
             self.records.append((key.decode(), partition, int(dict(headers)["position"])))
 
+    def flush(self, timeout):
+        return 0
+
 
 def replica():
     cfg = load_config(env={}, overrides={"engine.dim": 3, "kafka.changelog_topic": "cl", "kafka.knowledge_topic": "kb"})
@@ -48,6 +51,7 @@ def replica():
         metrics=Metrics(CollectorRegistry()),
     )
     r = ScaleOut(daemon)  # type: ignore[arg-type]
+    r.changelog_sink = daemon.sink
     names = sorted({e.task for e in events})
     sources = [SimpleNamespace(partition=names.index(e.task) % 2) for e in events]  # tasks 0, 2 on 0; 1, 3 on 1
     r.learned(events, sources)
@@ -57,14 +61,37 @@ def replica():
 def test_the_changelog_step_sends_each_changed_task_once_at_its_partitions_position():
     r, daemon, names = replica()
     r.floor = {names[1]: 9}  # restored from a record newer than partition 1's position
-    r.changelog()
+    send, _ = r.changelog()
+    daemon.engine.process(make_stream(n_tasks=4, per_task=5, dim=3, seed=1, ends=False))  # the loop goes on
+    assert daemon.sink.records == []  # sent by the checkpoint's writer
+    send(1.0)
     assert sorted(daemon.sink.records) == sorted(
         [(names[0], 0, 40), (names[2], 0, 40), (names[1], 1, 9), (names[3], 1, 7)]
     )
     assert r.changed == set() and r.floor == {names[1]: 9}  # still above its partition's position
     daemon.sink.records.clear()
-    r.changelog()
+    r.changelog()[0](1.0)
     assert daemon.sink.records == []  # nothing changed since
+
+
+def test_the_changelog_step_sends_the_tasks_as_they_were_when_taken():
+    r, daemon, names = replica()
+    expected = daemon.engine.export_tasks(names, [{"partition": i % 2, "position": (40, 7)[i % 2]} for i in range(4)])
+    sent = []
+    daemon.sink._send = lambda topic, value, key, **kw: sent.append((key.decode(), value))
+    send, _ = r.changelog()
+    learned = [dataclasses.replace(e, id=f"more-{e.id}") for e in make_stream(n_tasks=4, per_task=5, dim=3, seed=1)]
+    daemon.engine.process(learned)  # the same tasks learn more before the writer sends
+    send(1.0)
+    assert sorted(sent) == sorted(zip(names, expected, strict=True))
+
+
+def test_a_changelog_step_taken_back_leaves_its_tasks_changed():
+    r, _, names = replica()
+    _, undo = r.changelog()
+    r.changed.add("later")
+    undo()
+    assert r.changed == {*names, "later"}
 
 
 def test_a_partition_given_up_is_not_written_by_this_replica_and_its_tasks_are_foreign():
@@ -73,7 +100,7 @@ def test_a_partition_given_up_is_not_written_by_this_replica_and_its_tasks_are_f
     daemon.assigned = daemon.assigned[:1]
     r.dropped(lost)
     assert r.changed == {names[0], names[2]}
-    r.changelog()
+    r.changelog()[0](1.0)
     assert sorted(t for t, _, _ in daemon.sink.records) == [names[0], names[2]]
     index = daemon.engine.tasks.index
     assert r.foreign_tasks() == {index[names[1]], index[names[3]]}
@@ -109,6 +136,7 @@ def test_members_read_back_from_the_knowledge_log_join_as_decoded_without_being_
     daemon = SimpleNamespace(cfg=cfg, engine=here, sink=Members(cfg), positions={tp: 0}, assigned=[tp])
     daemon.metrics, daemon.lock, daemon.dirty = Metrics(CollectorRegistry()), threading.RLock(), False
     r = ScaleOut(daemon)  # type: ignore[arg-type]
+    r.changelog_sink = daemon.sink
     r.learned([], [])  # sends this replica's members
     ours = daemon.sink.values
     assert len(ours) == len(r.sent) > 0 and theirs
