@@ -455,7 +455,10 @@ class Daemon:
 
     def _close(self) -> None:
         grace = self.cfg.shutdown_grace_s
-        self.checkpointer.join()
+        try:
+            self.checkpointer.join()
+        except LifelongError as exc:  # stopping already: the last checkpoint written is the one restored
+            log.error("checkpoint not written: %s", exc)
         if self.source is not None:
             self.source.stop(timeout=grace * 0.2)
         if self.sink is not None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kafka import TopicPartition
 
+from .commit import Changelog
 from .engine import pack_tasks
 from .errors import LifelongError, StateError, started
 from .knowledge import Staged
@@ -94,8 +95,7 @@ class Standalone:
     def learned(self, events: list[Any], sources: list[Any]) -> None:
         """A batch learned: its ``events`` and the records they came from."""
 
-    changelog: Callable[[], tuple[Callable[[float], None], Callable[[], None]]] | None = None
-    """The commit protocol's changelog step, if any (``ScaleOut._changelog``)."""
+    changelog: Changelog | None = None  # the commit protocol's changelog step, if any (``ScaleOut._changelog``)
 
     def foreign_tasks(self) -> set[int]:
         """Resident tasks (rows) of partitions this replica does not own now."""
