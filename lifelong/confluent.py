@@ -29,9 +29,6 @@ except ImportError:  # pragma: no cover - the optional extra
 
 log = logging.getLogger(__name__)
 STATS_MS = 1000  # librdkafka statistics (group state, for broker health) every second
-# librdkafka fetches ahead by itself, and pausing a partition drops what it fetched: a full queue waits this long
-# for room before pausing (learning slower than that still never misses max.poll.interval.ms)
-ROOM_WAIT_S = 1.0
 BUFFER_WAIT_S = 30.0  # a full producer queue (the broker is down) waits this long, then the daemon stops
 
 
@@ -83,7 +80,6 @@ class ConfluentSource(Source):
     def _open(self) -> None:
         k = self.cfg.kafka
         self.healthy_at = time.monotonic()
-        self.room_wait_s = ROOM_WAIT_S
         self.consumer = _module().Consumer(
             {
                 **options(self.cfg),

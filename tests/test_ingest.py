@@ -188,6 +188,7 @@ def test_a_gained_partition_is_taken_over_at_the_daemons_position_then_read(cfg)
 def test_a_full_queue_pauses_the_partitions_and_resumes_them_with_room_without_loss(cfg):
     log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(60)]}
     src = FakeSource(cfg, log, on_assign=lambda p: {}, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.room_wait_s = 0.05
     src.rebalance = [TP0]
     src.start()
     try:
@@ -202,6 +203,27 @@ def test_a_full_queue_pauses_the_partitions_and_resumes_them_with_room_without_l
             seen += [r.offset for r in batch.records]
         assert seen == list(range(60))  # in order, none lost or read twice
         wait(lambda: not src.paused)
+    finally:
+        src.stop(2.0)
+
+
+def test_a_queue_full_for_less_than_the_room_wait_is_not_paused(cfg):
+    """A pause costs the clients their next fetches (kafka-python sleeps 100 ms, librdkafka drops what it fetched
+    ahead): a loop that takes a batch within ``ROOM_WAIT_S`` (1 s) keeps the partitions fetching."""
+    log = {TP0: [Rec("ev", 0, i, b"{}") for i in range(60)]}
+    src = FakeSource(cfg, log, on_assign=lambda p: {}, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.rebalance = [TP0]
+    src.start()
+    try:
+        seen: list[int] = []
+        for _ in range(5):
+            wait(src.batches.full)
+            time.sleep(0.2)  # a slow batch in the loop
+            seen += [r.offset for r in src.get(1.0).records]
+            assert not src.paused and not src.paused_parts
+        while len(seen) < 60:
+            seen += [r.offset for r in src.get(1.0).records]
+        assert seen == list(range(60))
     finally:
         src.stop(2.0)
 
