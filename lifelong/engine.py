@@ -1472,9 +1472,10 @@ class Engine:
             tables.update({f"t.{k}": v for k, v in self.tasks.cols.items() if k not in LOCAL})
             got: dict[str, torch.Tensor] = {k: v[at].cpu() for k, v in tables.items()}
             got["kb.updated"] = updated.expand(len(chunk), -1)
+            basis_at = self.kb.basis_at
             metas = [
-                {"task": name, "n_labelled": int(self.n_labelled[i]), "basis_at": self.kb.basis_at, **extras[a + j]}
-                for j, (name, i) in enumerate(zip(chunk, rows.tolist(), strict=True))
+                {"task": name, "n_labelled": n, "basis_at": basis_at, **extra}
+                for name, n, extra in zip(chunk, self.tasks.counts[rows].tolist(), extras[a : a + step], strict=True)
             ]
             out.append((metas, got))
         return out
