@@ -8,7 +8,11 @@
 The processing lock is held only to take copies (the changed tasks' records, ``checkpoint.take``) and for the
 flush of step 1, which comes after them (the deliveries it waits for go on meanwhile). Periodic checkpoints run
 steps 2-4 in a writer thread while the loop goes on: the changelog has a producer of its own, whose flush waits
-for its records only.
+for its records only. That writer packs and sends the changelog a chunk at a time and rests between chunks
+(``rest``: ``WRITER_REST`` times as long as the chunk took, in all at most ``REST_SHARE`` of the checkpoint
+interval, none once anything waits for it: ``join``): the interpreter it holds to pack and send
+thousands of records is then taken from the loop a little at a time, which a loop near its limit absorbs,
+instead of at once, which it paid as a latency spike.
 
 Deliveries still pending (a slow or frozen broker) postpone the checkpoint; a state that cannot be written
 (disk full, read-only volume) sets ``error`` until a retry succeeds, retried after 1 s doubling to 30 s, and
@@ -36,10 +40,12 @@ from .sink import FlushTimeout, Sink, SinkError
 
 log = logging.getLogger(__name__)
 RETRY_S = (1.0, 30.0)  # a failed checkpoint is retried after 1 s, doubling up to 30 s
+WRITER_REST, REST_SHARE = 8.0, 0.25  # the writer's rests (module docstring)
 Offsets = dict[TopicPartition, int]
-# the changelog step: takes the records (under the processing lock) and gives what sends them and waits for their
-# delivery, and what takes the step back
-Changelog = Callable[[], tuple[Callable[[float], None], Callable[[], None]]]
+Rest = Callable[[float], None]  # a writer's pause after working that many seconds
+# the changelog step: takes the records (under the processing lock) and gives what sends them (resting between
+# chunks) and waits for their delivery, and what takes the step back
+Changelog = Callable[[], tuple[Callable[[float, Rest], None], Callable[[], None]]]
 
 
 class Checkpointer:
@@ -56,6 +62,8 @@ class Checkpointer:
         self.retry_s = RETRY_S[0]
         self.writer: threading.Thread | None = None  # writing a checkpoint (``run`` with ``detach``)
         self.failure: SinkError | None = None  # a changelog record the writer could not deliver
+        self.hurry = threading.Event()  # the writer rests no more (``join``)
+        self.rest_left = 0.0  # seconds of rest left to the writer
         self.again = False  # the writer postponed its checkpoint (or failed): the next one is due at once
 
     def age(self) -> float:
@@ -88,6 +96,7 @@ class Checkpointer:
         that cannot be written then sets ``error`` from there, and a record that was not delivered is raised by
         the next ``join``."""
         self.join()
+        self.rest_left = REST_SHARE * self.cfg.checkpoint.interval_s if detach else 0.0
         self.again = False
         start = time.monotonic()
         send, undo = changelog() if changelog is not None else (None, None)
@@ -121,11 +130,19 @@ class Checkpointer:
         """Wait for a checkpoint being written (``run`` with ``detach``); raise the ``SinkError`` of a changelog
         record it could not deliver."""
         if self.writer is not None:
+            self.hurry.set()  # it rests no more: somebody waits for it
             self.writer.join()
             self.writer = None
+            self.hurry.clear()
         failure, self.failure = self.failure, None
         if failure is not None:
             raise failure
+
+    def rest(self, took: float) -> None:
+        """The writer's pause after ``took`` seconds of work (module docstring)."""
+        pause = min(WRITER_REST * took, self.rest_left)
+        self.rest_left -= pause
+        self.hurry.wait(pause)
 
     def _detached(self, *args: Any) -> None:
         try:
@@ -142,13 +159,13 @@ class Checkpointer:
         timeout: float,
         rows: int,
         tasks: int,
-        send: Callable[[float], None] | None,
+        send: Callable[[float, Rest], None] | None,
     ) -> bool:
         """The changelog's records sent and delivered, then steps 3 and 4 for a state taken; False: postponed
         (changelog deliveries pending: they stay pending) or the file could not be written (``error``)."""
         try:
             if send is not None:
-                send(max(1.0, timeout * 0.3))
+                send(max(1.0, timeout * 0.3), self.rest)
             path = taken.write(keep=self.cfg.checkpoint.keep)
         except FlushTimeout as exc:
             log.warning("checkpoint postponed: %s", exc)

@@ -1450,7 +1450,7 @@ class Engine:
 
     def export_tasks(self, names: list[str], extras: list[dict[str, Any]]) -> list[bytes]:
         """``export_task`` of each of ``names``."""
-        return pack_tasks(self.take_tasks(names, extras))
+        return [record for records in pack_tasks(self.take_tasks(names, extras)) for record in records]
 
     def take_tasks(self, names: list[str], extras: list[dict[str, Any]]) -> list[tuple[list[Any], dict[str, Any]]]:
         """What ``export_tasks`` packs, copied (``pack_tasks`` may pack it while the engine goes on): rows
@@ -1594,9 +1594,11 @@ def _listed(value: str | list[Any]) -> list[Any]:
     return orjson.loads(value) if isinstance(value, str) else value
 
 
-def pack_tasks(taken: list[tuple[list[Any], dict[str, Any]]]) -> list[bytes]:
-    """Changelog records of tasks taken by ``Engine.take_tasks``, in order."""
-    return [record for metas, got in taken for record in wire.pack_many("task", metas, got)]
+def pack_tasks(taken: list[tuple[list[Any], dict[str, Any]]], chunk: int = FLUSH_ROWS) -> Iterator[list[bytes]]:
+    """Changelog records of tasks taken by ``Engine.take_tasks``, in order, at most ``chunk`` at a time."""
+    for metas, got in taken:
+        for a in range(0, len(metas), chunk):
+            yield wire.pack_many("task", metas[a : a + chunk], {k: v[a : a + chunk] for k, v in got.items()})
 
 
 def use_threads(cfg: EngineConfig) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kafka import TopicPartition
 
-from .commit import Changelog
+from .commit import Changelog, Rest
 from .engine import pack_tasks
 from .errors import LifelongError, StateError, started
 from .knowledge import Staged
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 KNOWLEDGE_EVERY_S = 0.2  # how often the main loop reads the knowledge log
 SENT_KEPT = 10_000  # members sent and kept until read back from the knowledge log
+CHANGELOG_CHUNK = 256  # changelog records packed and sent between two of the checkpoint writer's rests
 
 
 class Standalone:
@@ -226,7 +227,7 @@ class ScaleOut(Standalone):
                 self.sent.popitem(last=False)
         d.engine.outbox.clear()
 
-    def _changelog(self) -> tuple[Callable[[float], None], Callable[[], None]]:
+    def _changelog(self) -> tuple[Callable[[float, Rest], None], Callable[[], None]]:
         """Every task changed since the last checkpoint, its state taken now, and (1) what sends those records
         to the changelog, each tagged with its partition's position (it holds the task's events below it), and
         waits for their delivery: the checkpoint's writer runs it, on a producer of its own, while the loop goes
@@ -242,11 +243,16 @@ class ScaleOut(Standalone):
         self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
         changed, self.changed = self.changed, set()
 
-        def send(timeout: float) -> None:
-            sink, sent = started(self.changelog_sink), 0
-            for task, at, value in zip(tasks, extras, pack_tasks(taken), strict=True):
-                sink.changelog(task, at["partition"], value, at["position"])
-                sent += len(value)
+        def send(timeout: float, rest: Rest) -> None:
+            sink, sent, i = started(self.changelog_sink), 0, 0
+            busy = time.perf_counter()
+            for records in pack_tasks(taken, CHANGELOG_CHUNK):
+                for value in records:
+                    at = extras[i]
+                    sink.changelog(tasks[i], at["partition"], value, at["position"])
+                    sent, i = sent + len(value), i + 1
+                rest(time.perf_counter() - busy)
+                busy = time.perf_counter()
             sink.flush(timeout)  # and any sent before whose checkpoint was postponed
             d.metrics.changelog_bytes.inc(sent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def changelog_step(sink, steps):
     def changelog():
         steps.append("take records")
 
-        def send(timeout):
+        def send(timeout, rest):
             sink.changelog("t0", 0, b"record", 30)
             sink.flush(timeout)
 
@@ -125,6 +126,33 @@ def test_a_writer_whose_changelog_is_not_delivered_writes_no_file_and_says_so_at
     own.pending = False
     assert ckpt.run(sink, lambda: ({TP: 31}, {}), commit, 5.0, changelog_step(own, steps)) is not None
     assert steps[-1] == "commit" and not ckpt.due(3600.0)
+
+
+def test_the_writer_rests_between_changelog_chunks_but_not_once_a_checkpoint_waits_for_it(parts):
+    """Detached, the writer rests 8 times as long as each chunk took (at most a quarter of the interval in all);
+    the next checkpoint (or the shutdown's) cuts the rest short; a checkpoint in the caller's thread never rests."""
+    cfg, _, ckpt, sink, steps = parts
+    rested: list[float] = []
+
+    def step():  # a changelog of 3 chunks, each taking 0.02 s
+        def send(timeout, rest):
+            for _ in range(3):
+                start = time.monotonic()
+                rest(0.02)
+                rested.append(time.monotonic() - start)
+
+        return send, lambda: None
+
+    commit = lambda o, t: steps.append("commit")  # noqa: E731
+    assert ckpt.run(sink, lambda: ({TP: 30}, {}), commit, 5.0, step, detach=True)
+    ckpt.writer.join()  # the thread alone: ``Checkpointer.join`` would cut its rests short
+    assert len(rested) == 3 and all(0.15 < r < 0.5 for r in rested)
+    assert ckpt.run(sink, lambda: ({TP: 31}, {}), commit, 5.0, step, detach=True)
+    time.sleep(0.05)
+    start = time.monotonic()
+    assert ckpt.run(sink, lambda: ({TP: 32}, {}), commit, 5.0, step)  # waits for the writer: it stops resting
+    assert time.monotonic() - start < 0.1 and len(rested) == 9 and max(rested[4:]) < 0.02
+    assert steps.count("commit") == 3
 
 
 def test_a_state_that_cannot_be_written_is_retried_with_backoff_and_never_committed(parts, monkeypatch):

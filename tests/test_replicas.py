@@ -20,6 +20,8 @@ from lifelong.sink import Sink
 
 from conftest import make_stream
 
+NO_REST = lambda took: None  # noqa: E731 - the checkpoint writer's rest, when a test has none
+
 
 class Changelog(Sink):
     """Keeps changelog records as (task, partition, position)."""
@@ -64,13 +66,13 @@ def test_the_changelog_step_sends_each_changed_task_once_at_its_partitions_posit
     send, _ = r.changelog()
     daemon.engine.process(make_stream(n_tasks=4, per_task=5, dim=3, seed=1, ends=False))  # the loop goes on
     assert daemon.sink.records == []  # sent by the checkpoint's writer
-    send(1.0)
+    send(1.0, NO_REST)
     assert sorted(daemon.sink.records) == sorted(
         [(names[0], 0, 40), (names[2], 0, 40), (names[1], 1, 9), (names[3], 1, 7)]
     )
     assert r.changed == set() and r.floor == {names[1]: 9}  # still above its partition's position
     daemon.sink.records.clear()
-    r.changelog()[0](1.0)
+    r.changelog()[0](1.0, NO_REST)
     assert daemon.sink.records == []  # nothing changed since
 
 
@@ -82,8 +84,18 @@ def test_the_changelog_step_sends_the_tasks_as_they_were_when_taken():
     send, _ = r.changelog()
     learned = [dataclasses.replace(e, id=f"more-{e.id}") for e in make_stream(n_tasks=4, per_task=5, dim=3, seed=1)]
     daemon.engine.process(learned)  # the same tasks learn more before the writer sends
-    send(1.0)
+    send(1.0, NO_REST)
     assert sorted(sent) == sorted(zip(names, expected, strict=True))
+
+
+def test_the_changelog_is_sent_a_chunk_at_a_time_with_a_rest_after_each(monkeypatch):
+    monkeypatch.setattr("lifelong.replicas.CHANGELOG_CHUNK", 3)
+    r, daemon, names = replica()
+    rests: list[tuple[int, float]] = []
+    send, _ = r.changelog()
+    send(1.0, lambda took: rests.append((len(daemon.sink.records), took)))
+    assert [n for n, _ in rests] == [3, 4]  # 4 tasks: a rest after 3 were sent, then after the fourth
+    assert all(0 < took < 1 for _, took in rests)  # the work each rest follows, not the rests before it
 
 
 def test_a_changelog_step_taken_back_leaves_its_tasks_changed():
@@ -100,7 +112,7 @@ def test_a_partition_given_up_is_not_written_by_this_replica_and_its_tasks_are_f
     daemon.assigned = daemon.assigned[:1]
     r.dropped(lost)
     assert r.changed == {names[0], names[2]}
-    r.changelog()[0](1.0)
+    r.changelog()[0](1.0, NO_REST)
     assert sorted(t for t, _, _ in daemon.sink.records) == [names[0], names[2]]
     index = daemon.engine.tasks.index
     assert r.foreign_tasks() == {index[names[1]], index[names[3]]}
