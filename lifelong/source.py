@@ -338,7 +338,11 @@ class KafkaSource(Source):
         self.consumer.subscribe([k.events_topic], listener=_Listener(self))
 
     def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
-        records = self.client.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        # at most the broker's fetch wait: a poll that finds no fetch in flight (now and then under load, between
+        # one fetch's completion and the next one's send) sleeps for its timeout, up to retry_backoff_ms (100
+        # ms), while events wait at the broker
+        timeout_ms = max(1, min(int(timeout_s * 1000), self.cfg.batching.max_ms))
+        records = self.client.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [r for rs in records.values() for r in rs]
 
     def _assignment(self) -> list[TopicPartition]:

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from kafka import TopicPartition
 from lifelong.config import load_config
 from lifelong.events import Schema
 from lifelong.ingest import ingest
-from lifelong.source import Source
+from lifelong.source import KafkaSource, Source
 
 SCHEMA = Schema(dim=2)
 TP0, TP1 = TopicPartition("ev", 0), TopicPartition("ev", 1)
@@ -226,6 +227,16 @@ def test_a_queue_full_for_less_than_the_room_wait_is_not_paused(cfg):
         assert seen == list(range(60))
     finally:
         src.stop(2.0)
+
+
+def test_kafka_pythons_poll_waits_at_most_the_brokers_fetch_wait(cfg):
+    """kafka-python's poll sleeps for its whole timeout (up to 100 ms) when it finds no fetch in flight, which
+    happens now and then under load: events waited that long at the broker. It is given ``batching.max_ms``."""
+    timeouts: list[int] = []
+    src = KafkaSource(cfg, on_assign=lambda p: {}, on_revoke=lambda p: None, on_lost=lambda p: None)
+    src.consumer = SimpleNamespace(poll=lambda timeout_ms, max_records: timeouts.append(timeout_ms) or {})
+    assert src._poll(0.1, 3) == [] and src._poll(0.0, 3) == []
+    assert timeouts == [cfg.batching.max_ms, 1]
 
 
 def test_commits_run_in_the_poll_thread_and_queued_batches_of_a_revoked_assignment_are_dropped(cfg):
