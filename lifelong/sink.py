@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.partitioner.default import DefaultPartitioner, murmur2
 
 from .config import Config
 from .errors import LifelongError
@@ -101,6 +102,30 @@ class Sink:
         log.error("dead letter for %s not delivered (the event is skipped): %r", where, exc, extra={"source": where})
 
 
+HASHES_KEPT = 1 << 16  # task keys whose partition hash a kafka-python producer remembers
+
+
+class KeyHashes(DefaultPartitioner):  # type: ignore[misc]  # kafka-python has no types
+    """kafka-python's default partitioner (murmur2 of the key, as every Kafka client) with the hash of each
+    recent key remembered: its pure-Python murmur2 was a twentieth of a replica's busy time, and a task's
+    predictions and changelog records repeat the same few keys."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[bytes, int] = {}
+
+    def partition(self, topic, key, serialized_key, value, serialized_value, cluster):  # type: ignore[no-untyped-def]
+        """The partition of ``serialized_key``'s murmur2 hash among ``topic``'s; any one for no key."""
+        parts = cluster.partitions_for_topic(topic)
+        if serialized_key is None or not parts:
+            return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+        h = self.hashes.get(serialized_key)
+        if h is None:
+            if len(self.hashes) >= HASHES_KEPT:
+                self.hashes.clear()
+            h = self.hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
+        return sorted(parts)[h % len(parts)]
+
+
 class KafkaSink(Sink):
     """The kafka-python producer (``kafka.client: kafka-python``). Each record's future reports only a failure
     (kept until ``flush``): futures held until a checkpoint would live long enough to reach the collector's
@@ -116,6 +141,7 @@ class KafkaSink(Sink):
             batch_size=256 * 1024,
             retries=5,
             max_in_flight_requests_per_connection=1,
+            partitioner=KeyHashes(),
             max_request_size=max(1024 * 1024, cfg.kafka.max_message_bytes + 4096),
             client_id="lifelong",
             **client_options(cfg),

@@ -1,13 +1,16 @@
-"""``KafkaSink`` without a broker: what a delivery failure reported by the client does at the next flush."""
+"""``KafkaSink`` without a broker: what a delivery failure reported by the client does at the next flush, and
+which partition a keyed record goes to."""
 
 from __future__ import annotations
 
 import pytest
 from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from kafka.future import Future
+from kafka.partitioner.default import DefaultPartitioner
 
+from lifelong import sink as sink_module
 from lifelong.config import load_config
-from lifelong.sink import FlushTimeout, KafkaSink, Sink, SinkError
+from lifelong.sink import FlushTimeout, KafkaSink, KeyHashes, Sink, SinkError
 
 
 class FakeProducer:
@@ -62,3 +65,33 @@ def test_pending_deliveries_time_out_and_are_kept_for_the_next_flush(sink):
         sink.flush(timeout=1)
     sink.producer.stuck = False
     assert sink.flush(timeout=1) == 1
+
+
+class Cluster:
+    """The metadata a partitioner reads: ``parts`` partitions of topic ``t``."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def topics(self):
+        return {"t"}
+
+    def partitions_for_topic(self, topic):
+        return set(range(self.parts)) if topic == "t" else None
+
+    def available_partitions_for_topic(self, topic):
+        return self.partitions_for_topic(topic)
+
+
+def test_keyed_records_go_where_every_kafka_client_sends_them_and_the_remembered_hashes_stay_bounded(monkeypatch):
+    monkeypatch.setattr(sink_module, "HASHES_KEPT", 50)
+    mine, default = KeyHashes(), DefaultPartitioner()
+    keys = [f"user-{i}".encode() for i in range(120)] + [b"", b"a", b"ab", b"abc", "é-ü".encode()]
+    for parts in (1, 3, 8):
+        cluster = Cluster(parts)
+        for k in keys * 2:  # the second round partly from the remembered hashes
+            assert mine.partition("t", k, k, b"v", b"v", cluster) == default.partition("t", k, k, b"v", b"v", cluster)
+            assert len(mine.hashes) <= 50
+    assert mine.partition("t", None, None, b"v", b"v", Cluster(3)) in {0, 1, 2}  # no key: any partition
+    with pytest.raises(ValueError, match="not found"):
+        mine.partition("gone", b"k", b"k", b"v", b"v", Cluster(3))
