@@ -107,8 +107,8 @@ HASHES_KEPT = 1 << 16  # task keys whose partition hash a kafka-python producer 
 
 class KeyHashes(DefaultPartitioner):  # type: ignore[misc]  # kafka-python has no types
     """kafka-python's default partitioner (murmur2 of the key, as every Kafka client) with the hash of each
-    recent key remembered: its pure-Python murmur2 was a twentieth of a replica's busy time, and a task's
-    predictions and changelog records repeat the same few keys."""
+    recent key remembered: its pure-Python murmur2 took 4-5% of a replica's busy time (py-spy, 9,500 events/s),
+    and the prediction records of a task all carry its name as the key."""
 
     def __init__(self) -> None:
         self.hashes: dict[bytes, int] = {}
