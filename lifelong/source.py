@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # fetch after the resume comes that much later. Pausing as soon as the queue filled made kafka-python's replica
 # swing into 100 ms-old batches at half its rate (p99 205-241 ms; 30-99 ms with this wait, bench/daemon.py's rate).
 ROOM_WAIT_S = 1.0
+# How long kafka-python polls while the replica has no partitions (``KafkaSource._poll``): the group's join ends
+# mid-poll (brokers hold a new group's first join 3 s: 7.5 polls), so the poll awaiting it takes its answer
+JOIN_POLL_MS = 400
 
 
 @dataclass
@@ -342,6 +345,11 @@ class KafkaSource(Source):
         # one fetch's completion and the next one's send) sleeps for its timeout, up to retry_backoff_ms (100
         # ms), while events wait at the broker
         timeout_ms = max(1, min(int(timeout_s * 1000), self.cfg.batching.max_ms))
+        if not self.assigned and not self.gained:
+            # joining the group: kafka-python 3 sends the join again when it completes while no poll awaits it
+            # (``join_group_async`` replaces a finished join task), another rebalance and 3 s more; between
+            # 10 ms polls that happened in 13 of 40 restarts
+            timeout_ms = JOIN_POLL_MS
         records = self.client.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [r for rs in records.values() for r in rs]
 
