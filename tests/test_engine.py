@@ -583,6 +583,38 @@ def test_tasks_meet_the_kb_at_their_next_event_as_if_at_each_publication(engine_
     assert owned and not any(bool(lazy.tasks.cols["in_kb"][i, k]) for i, k in owned)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_code_carried_into_the_current_basis_is_turned_into_it_and_takes_the_prior_where_it_knew_nothing(
+    engine_factory, dtype
+):
+    """A task's basis code, learned in an older basis, is carried when the task comes back: turned by
+    B_new' B_old, with the current prior on the directions the old basis lacked (``perp = I - rot rot'``); from
+    a basis no longer kept, the prior."""
+    engine = engine_factory(dtype=dtype)
+    events = make_stream(n_tasks=8, per_task=60, ends=False)
+    for i in range(0, len(events), 16):
+        engine.process(events[i : i + 16])
+    kb = engine.kb
+    kept = sorted(kb.bases)
+    assert len(kept) >= 3 and kb.basis_at == kept[-1]
+    rows = torch.arange(4)
+    at = np.array([kept[0], kept[-2], kept[-1], kept[0] - 1], np.int64)  # the last: a basis never kept
+    mu, S = kb.carried(rows, at)
+    eye = torch.eye(kb.B.shape[1], dtype=kb.B.dtype)
+    for i, a in enumerate(at.tolist()):
+        if a not in kb.bases:
+            want_mu, want_S = kb.prior_mu.expand_as(mu[i]), kb.prior_S.expand_as(S[i])
+        else:
+            rot = kb.B.T @ kb.bases[a]
+            perp = eye - rot @ rot.T
+            want_mu = kb.mu[i] @ rot.T + kb.prior_mu @ perp.T
+            want_S = rot @ kb.S[i] @ rot.T + perp @ kb.prior_S @ perp.T
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        torch.testing.assert_close(mu[i], want_mu, rtol=tol, atol=tol)
+        torch.testing.assert_close(S[i], want_S, rtol=tol, atol=tol)
+    assert not torch.equal(mu[0], kb.mu[0])  # carrying changed the code
+
+
 @pytest.mark.parametrize(("cfg", "stream"), KINDS)
 def test_warm_up_runs_every_path_of_every_kind_and_changes_nothing(engine_factory, cfg, stream):
     """The daemon compiles the kernels before it joins its group: a throwaway engine, whatever the kind."""
