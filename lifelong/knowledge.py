@@ -345,10 +345,14 @@ class KnowledgeBase:
 
     # --- the knowledge log (shared by replicas) ---
 
-    def encode(self, snap: Staged) -> bytes:
-        """A member record for the knowledge topic: the snapshot's arrays and JSON metadata (never pickle)."""
-        meta = {"id": f"{snap.task_name}@{snap.learned}", "source": snap.task_name, "learned": snap.learned}
-        return wire.pack("member", meta, self.learners.store_state(snap.store))
+    def encode(self, snaps: list[Staged]) -> list[bytes]:
+        """A member record for the knowledge topic per snapshot: its arrays and JSON metadata (never pickle),
+        the arrays of all of them laid out at once (one snapshot at a time took 8% of a replica's loop)."""
+        if not snaps:
+            return []
+        metas = [{"id": f"{s.task_name}@{s.learned}", "source": s.task_name, "learned": s.learned} for s in snaps]
+        states = [self.learners.store_state(s.store) for s in snaps]
+        return wire.pack_many("member", metas, {k: torch.stack([st[k] for st in states]) for k in states[0]})
 
     def decode(self, data: bytes | None, max_bytes: int) -> Staged:
         """A member record from the knowledge topic, checked against this KB's member shapes (``wire.Refused``)."""

@@ -219,8 +219,7 @@ class ScaleOut(Standalone):
                 self.task_partition[task] = partition
         self.changed.update(tasks)
         sink = started(d.sink)
-        for snap in d.engine.outbox:
-            value = d.engine.kb.encode(snap)
+        for snap, value in zip(d.engine.outbox, d.engine.kb.encode(d.engine.outbox), strict=True):
             sink.knowledge(snap.task_name, value)
             self.sent[value] = snap
             if len(self.sent) > SENT_KEPT:  # not read back (a lost delivery): decoded if it ever comes

@@ -143,7 +143,7 @@ def test_members_read_back_from_the_knowledge_log_join_as_decoded_without_being_
     for engine, seed in ((here, 0), (other, 1)):
         engine.share = True
         engine.process([dataclasses.replace(e, task=f"{seed}-{e.task}") for e in make_stream(4, 8, dim=3, seed=seed)])
-    theirs = [other.kb.encode(s) for s in other.outbox]
+    theirs = other.kb.encode(other.outbox)
     tp = TopicPartition(cfg.kafka.events_topic, 0)
     daemon = SimpleNamespace(cfg=cfg, engine=here, sink=Members(cfg), positions={tp: 0}, assigned=[tp])
     daemon.metrics, daemon.lock, daemon.dirty = Metrics(CollectorRegistry()), threading.RLock(), False

@@ -20,7 +20,7 @@ DT = torch.float64
 
 def drain(engine, log):
     """Send the engine's published snapshots to the shared log (as bytes, like the knowledge topic)."""
-    log.extend(engine.kb.encode(m) for m in engine.outbox)
+    log.extend(engine.kb.encode(engine.outbox))
     engine.outbox.clear()
 
 
@@ -68,6 +68,22 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity
     assert b.n_labelled[i_b] == a.n_labelled[i_a] == 48
 
 
+def test_members_encoded_together_are_the_records_each_gives_alone(engine_factory):
+    eng = engine_factory()
+    eng.share = True
+    eng.process(make_stream(n_tasks=5, per_task=40, ends=False))
+    snaps = eng.outbox
+    assert len(snaps) >= 3
+    together = eng.kb.encode(snaps)
+    assert together == [eng.kb.encode([s])[0] for s in snaps]  # what other replicas read does not depend on it
+    for snap, record in zip(snaps, together, strict=True):
+        back = eng.kb.decode(record, MAX)
+        assert (back.task_name, back.learned) == (snap.task_name, snap.learned)
+        for k, v in snap.store.items():
+            torch.testing.assert_close(back.store[k], v, rtol=0, atol=0)
+    assert eng.kb.encode([]) == []
+
+
 def test_a_moved_task_meets_another_kb_with_late_expert_entry(engine_factory):
     events = make_stream(n_tasks=6, per_task=40, ends=False)
     a, b = engine_factory(), engine_factory()
@@ -90,7 +106,7 @@ class _Boom:
 def _member(engine_factory):
     eng = engine_factory()
     eng.process(make_stream(n_tasks=2, per_task=16, ends=False))
-    snap = eng.kb.encode(eng.staged[0] if eng.staged else _staged(eng))
+    snap = eng.kb.encode([eng.staged[0] if eng.staged else _staged(eng)])[0]
     return eng, snap
 
 
