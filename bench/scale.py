@@ -1,6 +1,6 @@
 """Task state at scale: events/s, peak memory and checkpoints on streams of very many tasks (issue 11).
 
-    python bench/scale.py [--events 1000000] [--many 350000] [--few 1000] [--batch 1024] [--seed 0]
+    python bench/scale.py [--events 1000000] [--many 350000] [--few 1000] [--batch 1024] [--seed 0] [--resident N]
     python bench/scale.py --daemon [--events 400000] [--many 200000] [--restarts 1]
 
 Two streams of the same length and generator, each run in its own process (so that each peak RSS is its own):
@@ -9,7 +9,8 @@ Two streams of the same length and generator, each run in its own process (so th
 distinct tasks appear, most of them once or twice and a few very often. Tasks are related logistic tasks (a
 common weight vector plus a per-task offset), dim 20, every event labelled. Events are generated batch by batch
 (no event list held), and the engine runs the default configuration. Prints events/s, peak RSS and the ratio
-many/few.
+many/few. ``--resident N``: ``engine.max_resident_tasks`` N instead of the default (400,000: every task of
+``many`` in memory, what the task store costs).
 
 With ``--daemon``: ``lifelong run`` (a subprocess, standalone, default configuration, checkpoint.interval_s 10)
 through the embedded broker on the same two shapes of stream, backlog pre-produced: events/s from the
@@ -75,7 +76,7 @@ def batches(kind: str, n_events: int, n_tasks: int, batch: int, seed: int) -> It
 
 
 def one(kind: str, args: argparse.Namespace) -> dict[str, float]:
-    cfg = EngineConfig(dim=DIM)
+    cfg = EngineConfig(dim=DIM, **({"max_resident_tasks": args.resident} if args.resident else {}))
     use_threads(cfg)
     warm_up(cfg)
     engine = Engine(cfg)
@@ -213,6 +214,7 @@ def main() -> int:
     ap.add_argument("--few", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resident", type=int, help="engine.max_resident_tasks (engine runs; default: the default)")
     ap.add_argument("--daemon", action="store_true", help="lifelong run through the embedded broker")
     ap.add_argument("--restarts", type=int, default=1, help="with --daemon: restarts timed after each run")
     ap.add_argument("--one", choices=("few", "many"), help=argparse.SUPPRESS)
@@ -231,7 +233,8 @@ def main() -> int:
             print(out.stderr, file=sys.stderr)
             return 1
         rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"engine, {args.events:,} events, default configuration")
+    setting = f"engine.max_resident_tasks {args.resident:,}" if args.resident else "default configuration"
+    print(f"engine, {args.events:,} events, {setting}")
     print(f"{'stream':<8}{'tasks':>10}{'events/s':>12}{'peak RSS MiB':>14}")
     for kind, r in rows.items():
         print(f"{kind:<8}{r['tasks']:>10,}{r['events_per_s']:>12,.0f}{r['peak_rss_mib']:>14,.0f}")
