@@ -76,7 +76,7 @@ def batches(kind: str, n_events: int, n_tasks: int, batch: int, seed: int) -> It
 
 
 def one(kind: str, args: argparse.Namespace) -> dict[str, float]:
-    cfg = EngineConfig(dim=DIM, **({"max_resident_tasks": args.resident} if args.resident else {}))
+    cfg = EngineConfig(dim=DIM, max_resident_tasks=args.resident)
     use_threads(cfg)
     warm_up(cfg)
     engine = Engine(cfg)
@@ -214,7 +214,7 @@ def main() -> int:
     ap.add_argument("--few", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--resident", type=int, help="engine.max_resident_tasks (engine runs; default: the default)")
+    ap.add_argument("--resident", type=int, default=EngineConfig.max_resident_tasks, help="engine.max_resident_tasks")
     ap.add_argument("--daemon", action="store_true", help="lifelong run through the embedded broker")
     ap.add_argument("--restarts", type=int, default=1, help="with --daemon: restarts timed after each run")
     ap.add_argument("--one", choices=("few", "many"), help=argparse.SUPPRESS)
@@ -233,7 +233,8 @@ def main() -> int:
             print(out.stderr, file=sys.stderr)
             return 1
         rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    setting = f"engine.max_resident_tasks {args.resident:,}" if args.resident else "default configuration"
+    default = args.resident == EngineConfig.max_resident_tasks
+    setting = "default configuration" if default else f"engine.max_resident_tasks {args.resident:,}"
     print(f"engine, {args.events:,} events, {setting}")
     print(f"{'stream':<8}{'tasks':>10}{'events/s':>12}{'peak RSS MiB':>14}")
     for kind, r in rows.items():
