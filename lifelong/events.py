@@ -6,10 +6,12 @@ import contextlib
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -185,39 +187,95 @@ def decode(raw: bytes | str, schema: Schema) -> Event:
     return from_dict(d, schema)
 
 
-def decode_many(raws: list[bytes | None], schema: Schema) -> list[Event | InvalidEvent]:
+class _Common(msgspec.Struct):
+    """The shape of nearly every event, type-checked by msgspec as it parses (``_common``). A field of another
+    type (a bool among numbers, x as a string, a number beyond float64...) fails the parse: the general path
+    (``from_dict``) then decodes that payload and names the reason. Unknown fields are ignored, as there."""
+
+    task: str
+    x: list[float] | dict[str, float] | msgspec.UnsetType = msgspec.UNSET
+    y: int | float | None = None
+    id: str | None = None
+    ts: float | None = None
+    control: Any = msgspec.UNSET
+
+
+_parse_common = msgspec.json.Decoder(_Common).decode
+
+
+def _common(raw: bytes | str, schema: Schema, dense: list[tuple[Event, list[Any]]]) -> Event | None:
+    """The event of a payload of the common shape (a label in range or none, no control; a dense x is left to
+    the batch: ``dense``); None for any other payload (``from_dict`` decides)."""
+    try:
+        w = _parse_common(raw)
+    except msgspec.MsgspecError:
+        return None
+    task, x, y, eid, ts = w.task, w.x, w.y, w.id, w.ts
+    if not 0 < len(task) <= MAX_TASK_LEN or task == RESERVED_TASK or (schema.tasks and task not in schema.tasks):
+        return None
+    if w.control is not msgspec.UNSET or (eid is not None and len(eid) > MAX_ID_LEN):
+        return None
+    if y is not None:
+        if schema.task == "regression":
+            if not schema.target_range[0] <= y <= schema.target_range[1]:
+                return None
+            y = float(y)
+        elif not (type(y) is int and 0 <= y < schema.n_classes):
+            return None
+    elif eid is None:
+        return None
+    if x is msgspec.UNSET:  # a label for an earlier prediction
+        return Event(task, eid, None, y, ts) if y is not None and eid is not None else None
+    if type(x) is dict:  # sparse: hashed now, refused (``_features``) as from_dict would refuse it
+        return Event(task, eid, _features(x, schema.dim), y, ts)
+    if type(x) is not list or len(x) != schema.dim:
+        return None
+    e = Event(task, eid, None, y, ts)
+    dense.append((e, x))
+    return e
+
+
+def decode_many(raws: Sequence[bytes | None], schema: Schema) -> list[Event | InvalidEvent]:
     """Decode a batch of payloads: each an ``Event``, or the ``InvalidEvent`` saying why it is not one (what
-    ``decode`` would raise for it). Parsed by orjson; the dense ``x`` lists of the whole batch are checked and
-    converted as one array.
+    ``decode`` would raise for it). A payload of the common shape is parsed and type-checked by msgspec
+    (``_common``), any other by orjson and ``from_dict``; the dense ``x`` lists of the whole batch are checked
+    and converted as one array.
 
     >>> [type(r).__name__ for r in decode_many([b'{"task": "t", "x": [1, 2], "y": 0}', b'{"x": 1}', None],
     ...                                         Schema(dim=2))]
     ['Event', 'InvalidEvent', 'InvalidEvent']
     """
     out: list[Event | InvalidEvent] = []
-    dense: list[tuple[Event, list[Any]]] = []
+    dense: list[tuple[Event, list[Any]]] = []  # msgspec's: lists of floats
     places: list[int] = []  # where in ``out`` each of ``dense`` is
+    unchecked: list[int] = []  # which of ``dense`` came from orjson: their types are checked below
     for raw in raws:
         try:
             if raw is None:
                 raise InvalidEvent("payload", "empty (null) record")
             if len(raw) > schema.max_bytes:
                 raise InvalidEvent("payload", f"{len(raw)} bytes is more than the limit of {schema.max_bytes}")
-            try:
-                d = orjson.loads(raw)
-            except orjson.JSONDecodeError:  # the exact reason (not UTF-8, NaN, a number beyond 64 bits...)
-                out.append(decode(raw, schema))
-                continue
-            out.append(from_dict(d, schema, dense))
-            if len(dense) > len(places):  # its x is checked below, with the others
+            n = len(dense)
+            e = _common(raw, schema, dense)
+            if e is None:
+                try:
+                    d = orjson.loads(raw)
+                except orjson.JSONDecodeError:  # the exact reason (not UTF-8, NaN, a number beyond 64 bits...)
+                    out.append(decode(raw, schema))
+                    continue
+                e = from_dict(d, schema, dense)
+                if len(dense) > n:
+                    unchecked.append(n)
+            out.append(e)
+            if len(dense) > n:  # its x is checked below, with the others
                 places.append(len(out) - 1)
         except InvalidEvent as exc:
             out.append(exc)
-    flat = list(chain.from_iterable(x for _, x in dense))
     arr = None
-    if set(map(type, flat)) <= _NUMBERS:  # bools and strings are not features; numpy would take them as numbers
+    # bools and strings are not features; numpy would take them as numbers
+    if set(map(type, chain.from_iterable(dense[k][1] for k in unchecked))) <= _NUMBERS:
         with contextlib.suppress(OverflowError):
-            arr = np.array(flat, dtype=np.float64).reshape(len(dense), schema.dim)
+            arr = np.array([x for _, x in dense], dtype=np.float64).reshape(len(dense), schema.dim)
     finite = np.zeros(len(dense), bool)
     if arr is not None:
         finite[:] = np.isfinite(arr).all(axis=1)
