@@ -246,7 +246,7 @@ def decode_many(raws: Sequence[bytes | None], schema: Schema) -> list[Event | In
     ['Event', 'InvalidEvent', 'InvalidEvent']
     """
     out: list[Event | InvalidEvent] = []
-    dense: list[tuple[Event, list[Any]]] = []  # msgspec's: lists of floats
+    dense: list[tuple[Event, list[Any]]] = []  # each dense x with its event: converted together below
     places: list[int] = []  # where in ``out`` each of ``dense`` is
     unchecked: list[int] = []  # which of ``dense`` came from orjson: their types are checked below
     for raw in raws:
