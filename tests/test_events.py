@@ -108,7 +108,7 @@ COMMON = st.fixed_dictionaries(  # valid events of every schema below, mostly
         "x": st.one_of(
             st.lists(NUMBER, min_size=3, max_size=3), st.dictionaries(st.text(max_size=3), NUMBER, max_size=3)
         ),
-        "y": st.sampled_from([0, 1, 2, 0.0, 1.0, 0.5, 1.5]),
+        "y": st.sampled_from([0, 1, 2, 0.0, 1.0, 0.5, 1.5, 2.5, -2]),
         "ts": NUMBER,
     },
 )
