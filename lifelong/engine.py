@@ -1138,13 +1138,7 @@ class Engine:
         raw_local = _by_rows(
             known, lambda: self.learners.forward(kt, x1[kn]), lambda: self.learners.forward_new(index[~known], x1[~kn])
         )
-        # as the tasks' next event would carry them (``_carry_codes``): only codes learned in an earlier basis
-        at = t["code_at"][kt].cpu().numpy()
-        codes = self.kb.mu[kt], self.kb.S[kt]
-        stale = at != self.kb.basis_at
-        if stale.any():
-            moved = torch.as_tensor(stale, device=dev)
-            codes[0][moved], codes[1][moved] = self.kb.carried(kt[moved], at[stale])
+        codes = self.kb.carried(kt, t["code_at"][kt].cpu().numpy())  # as the tasks' next event would carry them
         raw_basis = _by_rows(
             known,
             lambda: self.kb.forward_basis(torch.arange(len(kt), device=dev), z[kn], codes=codes),

@@ -259,15 +259,17 @@ class KnowledgeBase:
 
     def carried(self, rows: torch.Tensor, at: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), carried into the
-        current basis (directions it lacked get the prior); from a basis no longer kept (or none), the prior.
-        A task's code is carried when it next meets the KB (``Engine._carry_codes``), never for every task at a
-        refresh."""
+        current basis (directions it lacked get the prior); from a basis no longer kept (or none), the prior;
+        codes learned in the current basis as they are. A task's code is carried when it next meets the KB
+        (``Engine._carry_codes``), never for every task at a refresh."""
         mu, S = self.mu[rows].clone(), self.S[rows].clone()
+        stale = at != self.basis_at
         kept = np.array(sorted(self.bases), np.int64)
         j = np.minimum(np.searchsorted(kept, at), len(kept) - 1)
-        has_np = kept[j] == at if len(kept) else np.zeros(len(at), bool)
+        has_np = (kept[j] == at) & stale if len(kept) else np.zeros(len(at), bool)
         has = torch.as_tensor(has_np, device=self.device)
-        mu[~has], S[~has] = self.prior_mu, self.prior_S
+        lost = torch.as_tensor(stale & ~has_np, device=self.device)
+        mu[lost], S[lost] = self.prior_mu, self.prior_S
         if has_np.any():
             # per basis the codes were learned in (few: the last refreshes), then gathered per row
             used, which = np.unique(j[has_np], return_inverse=True)
