@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +140,24 @@ class Daemon:
     """``lifelong run``. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT) and returns the exit code.
 
     With no usable checkpoint, a standalone daemon whose group has committed offsets refuses to start (the
-    state those offsets stand for is lost) unless ``reset_state``: then it starts empty from them.
+    state those offsets stand for is lost) unless ``reset_state``: then it starts empty from them. ``source``
+    and ``sink`` open its events consumer and its producer (``kafka.client``'s; in-memory ones in tests).
     """
 
-    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None, reset_state: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        registry: CollectorRegistry | None = None,
+        reset_state: bool = False,
+        source: Callable[..., Source] = open_source,
+        sink: Callable[[Config], Sink] = open_sink,
+    ):
         if cfg.engine.dim <= 0:
             raise ConfigError("engine.dim: must be set (the number of features) for lifelong run")
         checkpoint.check_writable(cfg.checkpoint.dir)
         self.cfg = cfg
         self.reset_state = reset_state
+        self.open_source, self.open_sink = source, sink
         use_threads(cfg.engine)
         self.lock = threading.RLock()
         self.registry = registry or CollectorRegistry()
@@ -300,11 +310,11 @@ class Daemon:
         try:
             ensure_topics(self.cfg)
             self.replica.check_state()
-            self.sink = open_sink(self.cfg)
+            self.sink = self.open_sink(self.cfg)
             self.replica.start()
             if self.engine.compiled:  # before joining the group: compiling holds the interpreter for seconds
                 log.info("engine kernels ready in %.1f s", warm_up(self.cfg.engine, self.cfg.labels))
-            self.source = open_source(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
+            self.source = self.open_source(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
             self.source.start()
             # what start-up loaded (torch, numba, the clients: millions of objects) is never garbage: left out
             # of the collector's full passes, which otherwise cost a third of the loop's time at 20,000 events/s

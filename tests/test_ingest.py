@@ -1,7 +1,9 @@
-"""The ingest step and the source's poll loop with in-memory fakes: no broker, a few seconds in all."""
+"""The ingest step, the source's poll loop, and a whole daemon on them, with in-memory fakes: no broker, a few
+seconds in all."""
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -12,10 +14,14 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
+from lifelong.broker import free_port
 from lifelong.config import load_config
 from lifelong.events import Schema
 from lifelong.ingest import ingest
+from lifelong.sink import Sink
 from lifelong.source import JOIN_POLL_MS, KafkaSource, Source
+
+from kafka_helpers import ThreadDaemon
 
 SCHEMA = Schema(dim=2)
 TP0, TP1 = TopicPartition("ev", 0), TopicPartition("ev", 1)
@@ -331,3 +337,58 @@ def test_tasks_waiting_in_the_task_store_are_known_near_max_tasks_and_the_store_
     assert asked == [["back", "new1"], ["new2"]]  # once the limit is near, each candidate once
     roomy = ingest(records, SCHEMA, {}, {}, {"old"}, 2, 100, stored)
     assert not roomy.rejected and len(asked) == 2  # far from the limit: no lookup
+
+
+class MemorySink(Sink):
+    """Keeps what a daemon sends: (value, headers) by topic."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.topics: dict[str, list[tuple[bytes, dict]]] = collections.defaultdict(list)
+
+    def _send(self, topic, value, key, partition=None, headers=None, where=None):
+        self.topics[topic].append((value, dict(headers or [])))
+
+    def flush(self, timeout):
+        return 0
+
+    def close(self, timeout):
+        pass
+
+
+def test_a_daemon_on_an_in_memory_log_predicts_each_event_once_across_a_restart(tmp_path, monkeypatch):
+    """The whole loop with the source and sink passed in: every valid event predicted once, in order, the bad
+    one dead-lettered with its reason; at SIGTERM a checkpoint and the group commit; a new daemon on that
+    checkpoint goes on from the committed offset with the state it left."""
+    monkeypatch.setattr("lifelong.daemon.ensure_topics", lambda cfg: None)  # no broker to create topics on
+    monkeypatch.setattr("lifelong.daemon.committed_offsets", lambda cfg: {})
+    overrides = {"engine.dim": 2, "kafka.events_topic": "ev", "kafka.knowledge_topic": "", "kafka.changelog_topic": ""}
+    cfg = load_config(env={}, overrides={**overrides, "checkpoint.dir": str(tmp_path), "metrics.port": free_port()})
+    log = {TP0: [rec(0, i, f"t{i % 3}") for i in range(40)]}
+    log[TP0][7] = Rec("ev", 0, 7, b"not json")
+    group: dict[TopicPartition, int] = {}  # the group's committed offsets
+
+    def serve(n: int) -> tuple[MemorySink, Any]:
+        sink = MemorySink(cfg)
+
+        def source(cfg, on_assign, on_revoke, on_lost):
+            src = FakeSource(cfg, log, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+            src.group_committed, src.rebalance = group, [TP0]
+            return src
+
+        with ThreadDaemon(cfg, source=source, sink=lambda cfg: sink) as daemon:
+            wait(lambda: len(sink.topics[cfg.kafka.predictions_topic]) >= n, timeout=60)
+        return sink, daemon
+
+    def ids(sink):
+        return [json.loads(v)["id"] for v, _ in sink.topics[cfg.kafka.predictions_topic]]
+
+    sink, first = serve(39)
+    assert ids(sink) == [f"t{i % 3}-0-{i}" for i in range(40) if i != 7]
+    ((payload, headers),) = sink.topics[cfg.kafka.dead_letter_topic]
+    assert payload == b"not json" and b"not JSON" in headers["error"] and headers["source_offset"] == b"7"
+    assert group == {TP0: 40} and list(tmp_path.glob("checkpoint-*.ckpt"))
+    log[TP0] += [rec(0, i, f"t{i % 3}") for i in range(40, 60)]
+    sink, second = serve(20)
+    assert ids(sink) == [f"t{i % 3}-0-{i}" for i in range(40, 60)]  # nothing before the commit again
+    assert second.engine.events_seen == first.engine.events_seen + 20 == 59 and group == {TP0: 60}
