@@ -21,6 +21,7 @@ MAX_TASK_LEN = 256
 MAX_ID_LEN = 256
 RESERVED_TASK = "_population"  # the source name of the KB's population member
 CONTROLS = ("end",)
+ABSENT = msgspec.UNSET  # a field the payload leaves out
 
 
 @dataclass(slots=True)
@@ -110,6 +111,49 @@ def _label(y: Any, schema: Schema) -> int | float:
     return y
 
 
+def _names(task: Any, eid: Any, schema: Schema) -> None:
+    """The checks of an event's task name and id (``from_dict`` and ``_common``)."""
+    if not isinstance(task, str) or not task:
+        raise InvalidEvent("task", "required non-empty string")
+    if len(task) > MAX_TASK_LEN:
+        raise InvalidEvent("task", f"longer than {MAX_TASK_LEN} characters")
+    if task == RESERVED_TASK:
+        raise InvalidEvent("task", f"{task!r} is reserved (the KB's population member)")
+    if schema.tasks and task not in schema.tasks:
+        raise InvalidEvent("task", f"unknown task {task!r} (engine.tasks refuses unknown tasks)")
+    if eid is not None and (not isinstance(eid, str) or len(eid) > MAX_ID_LEN):
+        raise InvalidEvent("id", f"expected a string of at most {MAX_ID_LEN} characters")
+
+
+def _learnable(
+    task: str,
+    eid: str | None,
+    ts: float | None,
+    y: Any,
+    x: Any,
+    schema: Schema,
+    dense: list[tuple[Event, list[Any]]] | None,
+) -> Event:
+    """The event of checked names and time with label ``y`` and features ``x`` (``ABSENT``: a label only), both
+    checked here; with ``dense``, a dense x of ``dim`` values is left to the batch, which checks and converts
+    them together (``decode_many``)."""
+    if y is not None and not (type(y) is int and schema.task != "regression" and 0 <= y < schema.n_classes):
+        y = _label(y, schema)  # (a class label in range, the common case, needs no more checks)
+    if x is ABSENT:
+        if y is None:
+            raise InvalidEvent("y", "a label-only event (no x) needs y")
+        if eid is None:
+            raise InvalidEvent("id", "a label-only event needs the id of the prediction it labels")
+        return Event(task=task, id=eid, y=y, ts=ts)
+    if y is None and eid is None:
+        raise InvalidEvent("id", "required when y is missing, so that the label can come later")
+    if dense is not None and isinstance(x, list) and len(x) == schema.dim:
+        e = Event(task, eid, None, y, ts)
+        dense.append((e, x))
+        return e
+    return Event(task=task, id=eid, x=_features(x, schema.dim), y=y, ts=ts)
+
+
 def from_dict(d: Any, schema: Schema, dense: list[tuple[Event, list[Any]]] | None = None) -> Event:
     """Validate a parsed JSON object.
 
@@ -123,18 +167,9 @@ def from_dict(d: Any, schema: Schema, dense: list[tuple[Event, list[Any]]] | Non
     """
     if not isinstance(d, dict):
         raise InvalidEvent("event", f"expected a JSON object, got {type(d).__name__}")
-    task = d.get("task")
-    if not isinstance(task, str) or not task:
-        raise InvalidEvent("task", "required non-empty string")
-    if len(task) > MAX_TASK_LEN:
-        raise InvalidEvent("task", f"longer than {MAX_TASK_LEN} characters")
-    if task == RESERVED_TASK:
-        raise InvalidEvent("task", f"{task!r} is reserved (the KB's population member)")
-    if schema.tasks and task not in schema.tasks:
-        raise InvalidEvent("task", f"unknown task {task!r} (engine.tasks refuses unknown tasks)")
+    task: Any = d.get("task")
     eid = d.get("id")
-    if eid is not None and (not isinstance(eid, str) or len(eid) > MAX_ID_LEN):
-        raise InvalidEvent("id", f"expected a string of at most {MAX_ID_LEN} characters")
+    _names(task, eid, schema)
     ts = d.get("ts")
     if ts is not None:
         ts = _number("ts", ts)
@@ -142,23 +177,7 @@ def from_dict(d: Any, schema: Schema, dense: list[tuple[Event, list[Any]]] | Non
         if d["control"] not in CONTROLS:
             raise InvalidEvent("control", f"unknown control {d['control']!r} (known: {', '.join(CONTROLS)})")
         return Event(task=task, id=eid, ts=ts, control=d["control"])
-    y = d.get("y")
-    if y is not None and not (type(y) is int and schema.task != "regression" and 0 <= y < schema.n_classes):
-        y = _label(y, schema)  # (a class label in range, the common case, needs no more checks)
-    if "x" not in d:
-        if y is None:
-            raise InvalidEvent("y", "a label-only event (no x) needs y")
-        if eid is None:
-            raise InvalidEvent("id", "a label-only event needs the id of the prediction it labels")
-        return Event(task=task, id=eid, y=y, ts=ts)
-    if y is None and eid is None:
-        raise InvalidEvent("id", "required when y is missing, so that the label can come later")
-    x = d["x"]
-    if dense is not None and isinstance(x, list) and len(x) == schema.dim:  # checked with the batch's others
-        e = Event(task, eid, None, y, ts)
-        dense.append((e, x))
-        return e
-    return Event(task=task, id=eid, x=_features(x, schema.dim), y=y, ts=ts)
+    return _learnable(task, eid, ts, d.get("y"), d.get("x", ABSENT), schema, dense)
 
 
 def decode(raw: bytes | str, schema: Schema) -> Event:
@@ -193,46 +212,30 @@ class _Common(msgspec.Struct):
     (``from_dict``) then decodes that payload and names the reason. Unknown fields are ignored, as there."""
 
     task: str
-    x: list[float] | dict[str, float] | msgspec.UnsetType = msgspec.UNSET
+    x: list[float] | dict[str, float] | msgspec.UnsetType = ABSENT
     y: int | float | None = None
     id: str | None = None
     ts: float | None = None
-    control: Any = msgspec.UNSET
+    control: Any = ABSENT
 
 
 _parse_common = msgspec.json.Decoder(_Common).decode
 
 
 def _common(raw: bytes | str, schema: Schema, dense: list[tuple[Event, list[Any]]]) -> Event | None:
-    """The event of a payload of the common shape (a label in range or none, no control; a dense x is left to
-    the batch: ``dense``); None for any other payload (``from_dict`` decides)."""
+    """The event of a payload of the common shape (no control; a dense x is left to the batch: ``dense``); None
+    for any other payload, or an invalid one (``from_dict`` then names the reason)."""
     try:
         w = _parse_common(raw)
     except msgspec.MsgspecError:
         return None
-    task, x, y, eid, ts = w.task, w.x, w.y, w.id, w.ts
-    if not 0 < len(task) <= MAX_TASK_LEN or task == RESERVED_TASK or (schema.tasks and task not in schema.tasks):
+    if w.control is not ABSENT:
         return None
-    if w.control is not msgspec.UNSET or (eid is not None and len(eid) > MAX_ID_LEN):
+    try:
+        _names(w.task, w.id, schema)
+        return _learnable(w.task, w.id, w.ts, w.y, w.x, schema, dense)
+    except InvalidEvent:
         return None
-    if y is not None:
-        if schema.task == "regression":
-            if not schema.target_range[0] <= y <= schema.target_range[1]:
-                return None
-            y = float(y)
-        elif not (type(y) is int and 0 <= y < schema.n_classes):
-            return None
-    elif eid is None:
-        return None
-    if x is msgspec.UNSET:  # a label for an earlier prediction
-        return Event(task, eid, None, y, ts) if y is not None and eid is not None else None
-    if type(x) is dict:  # sparse: hashed now, refused (``_features``) as from_dict would refuse it
-        return Event(task, eid, _features(x, schema.dim), y, ts)
-    if type(x) is not list or len(x) != schema.dim:
-        return None
-    e = Event(task, eid, None, y, ts)
-    dense.append((e, x))
-    return e
 
 
 def decode_many(raws: Sequence[bytes | None], schema: Schema) -> list[Event | InvalidEvent]:
