@@ -23,8 +23,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lifelong.config import load_config  # noqa: E402
-from lifelong.evaluate import evaluate, read_events  # noqa: E402
-from lifelong.generate import stream, write_jsonl  # noqa: E402
+from lifelong.tools.evaluate import evaluate, read_events  # noqa: E402
+from lifelong.tools.generate import stream, write_jsonl  # noqa: E402
 
 from peers import bayes_personal, early_error, lifelong_in_river, river_per_task, vw_multitask  # noqa: E402
 

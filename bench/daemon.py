@@ -32,8 +32,8 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from lifelong.broker import EmbeddedBroker, free_port
-from lifelong.generate import stream
+from lifelong.tools.broker import EmbeddedBroker, free_port
+from lifelong.tools.generate import stream
 
 PREDICTION_SIZE = 330  # bytes of a typical binary prediction record
 KINDS = ("scale-out", "standalone")  # latency runs: with the scale-out topics, and without
@@ -211,7 +211,7 @@ def start_daemon(
     path = work / f"{tag}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     log = open(work / f"{tag}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen([sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)], stderr=log)
+    return subprocess.Popen([sys.executable, "-m", "lifelong", "run", "--config", str(path)], stderr=log)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from daemon import produce, rate_of, read_all, start_daemon  # noqa: E402
 
 from lifelong import checkpoint  # noqa: E402
-from lifelong.broker import EmbeddedBroker, free_port  # noqa: E402
-from lifelong.generate import stream  # noqa: E402
+from lifelong.tools.broker import EmbeddedBroker, free_port  # noqa: E402
+from lifelong.tools.generate import stream  # noqa: E402
 
 
 def get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:

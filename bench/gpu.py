@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from lifelong.config import EngineConfig
-from lifelong.engine import Engine
-from lifelong.events import Event
+from lifelong.core.engine import Engine
+from lifelong.core.events import Event
 
 
 def well_mixed(n_tasks: int, n_events: int, dim: int, seed: int = 0) -> list[Event]:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from lifelong.events import Event
+from lifelong.core.events import Event
 
 
 def _score(p1: float, y: int) -> tuple[float, float]:
@@ -62,7 +62,7 @@ def lifelong_in_river(events: list[Event]) -> tuple[float, float]:
     share a bucket of the default ``dim``); its error and the seconds the pass took."""
     from river import evaluate, metrics
 
-    from lifelong.river import LifelongClassifier
+    from lifelong.estimators import LifelongClassifier
 
     rows = [
         ({"task": e.task, **{f"x{j}": v for j, v in enumerate(e.x.tolist())}}, bool(e.y))
@@ -81,8 +81,8 @@ def bayes_personal(events: list[Event], seed: int) -> np.ndarray:
     labelled event."""
     import torch
 
-    from lifelong.generate import personal_prior
-    from lifelong.learners import ekf
+    from lifelong.core.learners import ekf
+    from lifelong.tools.generate import personal_prior
 
     labelled = [e for e in events if e.x is not None and e.y is not None]
     users = {name: i for i, name in enumerate(dict.fromkeys(e.task for e in labelled))}

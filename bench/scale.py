@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from lifelong.broker import free_port
 from lifelong.config import EngineConfig
-from lifelong.engine import Engine, use_threads, warm_up
-from lifelong.events import Event
+from lifelong.core.engine import Engine, use_threads, warm_up
+from lifelong.core.events import Event
+from lifelong.tools.broker import free_port
 
 DIM = 20
 
@@ -177,7 +177,7 @@ def event_line(e: Event) -> bytes:
 
 
 def daemon_main(args: argparse.Namespace) -> int:
-    from lifelong.broker import EmbeddedBroker
+    from lifelong.tools.broker import EmbeddedBroker
 
     sys.path.insert(0, str(Path(__file__).parent))
     work = Path(tempfile.mkdtemp(prefix="lifelong-scale-"))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from lifelong.broker import EmbeddedBroker, free_port
-from lifelong.generate import stream
+from lifelong.tools.broker import EmbeddedBroker, free_port
+from lifelong.tools.generate import stream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon import kafka_section, rate_of, read_all  # noqa: E402
@@ -58,7 +58,7 @@ def start(bootstrap: str, tag: str, work: Path, name: str, partitions: int) -> t
     path.write_text(json.dumps(cfg))  # JSON is YAML
     log = work / f"{tag}-{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lifelong.cli", "run", "--config", str(path)],
+        [sys.executable, "-m", "lifelong", "run", "--config", str(path)],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

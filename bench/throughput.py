@@ -27,9 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lifelong.config import EngineConfig  # noqa: E402
-from lifelong.engine import Engine  # noqa: E402
-from lifelong.events import Schema, from_dict  # noqa: E402
-from lifelong.generate import stream, synthetic  # noqa: E402
+from lifelong.core.engine import Engine  # noqa: E402
+from lifelong.core.events import Schema, from_dict  # noqa: E402
+from lifelong.tools.generate import stream, synthetic  # noqa: E402
 
 from peers import river_per_task  # noqa: E402
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from lifelong.errors import ConfigError
 
 ENV_PREFIX = "LIFELONG_"
 SECRET_KEYS = {"sasl_plain_password", "ssl_password"}

@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lifelong.broker import EmbeddedBroker
 from lifelong.config import EngineConfig, LabelsConfig
-from lifelong.engine import Engine
-from lifelong.events import Event
+from lifelong.core.engine import Engine
+from lifelong.core.events import Event
+from lifelong.tools.broker import EmbeddedBroker
 
 T0 = 1_760_000_000.0
 

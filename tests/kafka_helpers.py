@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from lifelong.broker import free_port
 from lifelong.config import Config, load_config
-from lifelong.daemon import Daemon
+from lifelong.service.daemon import Daemon
+from lifelong.tools.broker import free_port
 
 ROOT = Path(__file__).parent.parent
 
@@ -158,7 +158,7 @@ def metric(port: int, name: str, labels: str = "") -> float | None:
 def start_process(config_path: Path, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "lifelong.cli", "run", "--config", str(config_path)],
+        [sys.executable, "-m", "lifelong", "run", "--config", str(config_path)],
         cwd=ROOT,
         env=env,
         stdout=open(log_path, "ab"),

@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from lifelong import checkpoint
 from lifelong.errors import StateError
+from lifelong.service import checkpoint
 
 from conftest import make_stream
 

@@ -1,11 +1,11 @@
 import dataclasses
 import json
 
-from lifelong import checkpoint
-from lifelong.cli import main
 from lifelong.config import load_config
-from lifelong.engine import Engine
-from lifelong.evaluate import read_events
+from lifelong.core.engine import Engine
+from lifelong.service import checkpoint
+from lifelong.tools.cli import main
+from lifelong.tools.evaluate import read_events
 
 
 def test_generate_then_evaluate_reports_every_field(tmp_path, capsys):
@@ -85,9 +85,7 @@ def run_cli(args, timeout=60):
     import subprocess
     import sys
 
-    return subprocess.run(
-        [sys.executable, "-m", "lifelong.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "lifelong", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_start_up_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path):
@@ -179,7 +177,7 @@ def test_features_of_an_extra_name_it_when_it_is_missing(tmp_path, capsys, monke
 def test_benign_client_messages_are_debug_real_problems_still_show(capsys):
     import logging
 
-    from lifelong.cli import setup_logging
+    from lifelong.tools.cli import setup_logging
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging.getLogger("kafka").level

@@ -10,13 +10,13 @@ import torch
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from lifelong import checkpoint
-from lifelong.commit import Checkpointer
 from lifelong.config import load_config
-from lifelong.engine import Engine
+from lifelong.core.engine import Engine
 from lifelong.errors import StateError
-from lifelong.metrics import Metrics
-from lifelong.sink import FlushTimeout, Sink, SinkError
+from lifelong.kafka.sink import FlushTimeout, Sink, SinkError
+from lifelong.service import checkpoint
+from lifelong.service.commit import Checkpointer
+from lifelong.service.metrics import Metrics
 
 from conftest import make_stream
 

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong import checkpoint
-from lifelong.broker import EmbeddedBroker
-from lifelong.engine import Engine
+from lifelong.core.engine import Engine
+from lifelong.core.events import Schema, decode, to_dict
 from lifelong.errors import InvalidEvent
-from lifelong.events import Schema, decode, to_dict
-from lifelong.sink import FlushTimeout, open_sink
+from lifelong.kafka.factory import open_sink
+from lifelong.kafka.sink import FlushTimeout
+from lifelong.service import checkpoint
+from lifelong.tools.broker import EmbeddedBroker
 
 from conftest import make_stream
 from kafka_helpers import (
@@ -361,7 +362,7 @@ def test_missing_topics_with_creation_off_is_a_clear_error(broker, tmp_path, cap
 
 
 def test_demo_runs_and_prints_a_summary(broker):
-    from lifelong.demo import run_demo
+    from lifelong.tools.demo import run_demo
 
     out = io.StringIO()
     assert run_demo(tasks=20, events_per_task=30, rate=20000, out=out, timeout=90) == 0

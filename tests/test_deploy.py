@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lifelong.broker import EmbeddedBroker, free_port
 from lifelong.config import load_config
-from lifelong.generate import stream
+from lifelong.tools.broker import EmbeddedBroker, free_port
+from lifelong.tools.generate import stream
 
 from kafka_helpers import ThreadDaemon, config, http_get, produce, settings, wait_until
 

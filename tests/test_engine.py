@@ -6,12 +6,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifelong import checkpoint
 from lifelong.config import LabelsConfig
-from lifelong.engine import _Window, warm_up
+from lifelong.core.engine import _Window, warm_up
+from lifelong.core.events import Event
+from lifelong.core.results import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
 from lifelong.errors import StateError
-from lifelong.events import Event
-from lifelong.results import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
+from lifelong.service import checkpoint
 
 from conftest import make_stream
 
@@ -207,8 +207,8 @@ def test_engine_regret_within_bounds_on_every_task(engine_factory, mixing, strea
 
 
 def test_related_tasks_beat_independent_learners(engine_factory):
-    from lifelong.events import Schema, from_dict
-    from lifelong.generate import stream
+    from lifelong.core.events import Schema, from_dict
+    from lifelong.tools.generate import stream
 
     schema = Schema(dim=10)
     events = [from_dict(e, schema) for e in stream("related", n_tasks=60, events=60, dim=10, seed=3)]
@@ -253,7 +253,7 @@ def test_scaled_features_batch_and_path_exact(engine_factory, cfg, stream):
 def test_unscaled_amounts_are_learned(v):
     """One task, x = [amount, 1], amount uniform on (0, v), label amount > v/2, default configuration."""
     from lifelong.config import EngineConfig
-    from lifelong.engine import Engine
+    from lifelong.core.engine import Engine
 
     for seed in range(3):
         rng = np.random.default_rng(seed)
@@ -319,7 +319,7 @@ def test_a_non_finite_snapshot_never_enters_the_kb(engine_factory):
 
 
 def test_earlier_sums_stay_inside_their_group():
-    from lifelong.engine import _EarlierSum
+    from lifelong.core.engine import _EarlierSum
 
     group = torch.tensor([0, 1, 0, 1, 2, 0])
     values = torch.tensor([[1.0], [2.0], [float("nan")], [3.0], [4.0], [5.0]], dtype=torch.float64)
@@ -365,8 +365,8 @@ def test_fuzzed_numbers_are_refused_or_learned_finite(engine_factory, values, sp
     """Any payload is either an event the engine learns with finite results, or an ``InvalidEvent``."""
     import json
 
+    from lifelong.core.events import Schema, decode
     from lifelong.errors import InvalidEvent
-    from lifelong.events import Schema, decode
 
     schema = Schema(dim=3)
     engine = engine_factory(dim=3, dtype="float32")
@@ -413,8 +413,8 @@ def test_predict_is_what_process_predicts_next_and_changes_nothing(engine_factor
 def test_knowledge_flows_from_every_task_even_one_event_long(engine_factory):
     """Users of 1-6 events around one concept, never ended: the population member and the warm start carry
     what every task taught, so even a user's first prediction is informed."""
-    from lifelong.events import Schema, from_dict
-    from lifelong.generate import stream
+    from lifelong.core.events import Schema, from_dict
+    from lifelong.tools.generate import stream
 
     events = [from_dict(e, Schema(dim=5)) for e in stream("personal", n_tasks=2000, dim=5, seed=1)]
     lifelong, cold = engine_factory(publish_every=256), engine_factory(publish_every=256, basis=False, **ALONE)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.events import Event, Schema, decode, decode_many, hash_index
 from lifelong.errors import InvalidEvent
-from lifelong.events import Event, Schema, decode, decode_many, hash_index
 
 SCHEMA = Schema(dim=3, tasks=frozenset())
 

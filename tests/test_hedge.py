@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.hedge import LOSS_CODES, Mixing, _top_k, mix, mix_events, smooth
+from lifelong.core.hedge import LOSS_CODES, Mixing, _top_k, mix, mix_events, smooth
 
 TOL = 1e-9
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
-from lifelong.broker import free_port
 from lifelong.config import load_config
-from lifelong.events import Schema
-from lifelong.ingest import ingest
-from lifelong.sink import Sink
-from lifelong.source import JOIN_POLL_MS, KafkaSource, Source
+from lifelong.core.events import Schema
+from lifelong.kafka.sink import Sink
+from lifelong.kafka.source import JOIN_POLL_MS, KafkaSource, Source
+from lifelong.service.ingest import ingest
+from lifelong.tools.broker import free_port
 
 from kafka_helpers import ThreadDaemon
 
@@ -360,8 +360,8 @@ def test_a_daemon_on_an_in_memory_log_predicts_each_event_once_across_a_restart(
     """The whole loop with the source and sink passed in: every valid event predicted once, in order, the bad
     one dead-lettered with its reason; at SIGTERM a checkpoint and the group commit; a new daemon on that
     checkpoint goes on from the committed offset with the state it left."""
-    monkeypatch.setattr("lifelong.daemon.ensure_topics", lambda cfg: None)  # no broker to create topics on
-    monkeypatch.setattr("lifelong.daemon.committed_offsets", lambda cfg: {})
+    monkeypatch.setattr("lifelong.service.daemon.ensure_topics", lambda cfg: None)  # no broker to create topics on
+    monkeypatch.setattr("lifelong.service.replicas.committed_offsets", lambda cfg: {})
     overrides = {"engine.dim": 2, "kafka.events_topic": "ev", "kafka.knowledge_topic": "", "kafka.changelog_topic": ""}
     cfg = load_config(env={}, overrides={**overrides, "checkpoint.dir": str(tmp_path), "metrics.port": free_port()})
     log = {TP0: [rec(0, i, f"t{i % 3}") for i in range(40)]}

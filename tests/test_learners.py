@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lifelong.config import EngineConfig
-from lifelong.hedge import smooth
-from lifelong.learners import make_learners
+from lifelong.core.hedge import smooth
+from lifelong.core.learners import make_learners
 
 BASE = EngineConfig(dim=3, dtype="float64", hidden=4, seed=7)
 BACKENDS = {

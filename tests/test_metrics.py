@@ -8,8 +8,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from lifelong.config import load_config
-from lifelong.metrics import LATENCY_BUCKETS, BatchHistogram, EngineCollector, Metrics
-from lifelong.status import Status
+from lifelong.service.metrics import LATENCY_BUCKETS, BatchHistogram, EngineCollector, Metrics
+from lifelong.service.status import Status
 
 from conftest import make_stream
 

@@ -12,11 +12,11 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from lifelong.config import load_config
-from lifelong.engine import Engine
+from lifelong.core.engine import Engine
 from lifelong.errors import StateError
-from lifelong.metrics import Metrics
-from lifelong.replicas import ScaleOut, Standalone
-from lifelong.sink import Sink
+from lifelong.kafka.sink import Sink
+from lifelong.service.metrics import Metrics
+from lifelong.service.replicas import ScaleOut, Standalone
 
 from conftest import make_stream
 
@@ -89,7 +89,7 @@ def test_the_changelog_step_sends_the_tasks_as_they_were_when_taken():
 
 
 def test_the_changelog_is_sent_a_chunk_at_a_time_with_a_rest_after_each(monkeypatch):
-    monkeypatch.setattr("lifelong.replicas.CHANGELOG_CHUNK", 3)
+    monkeypatch.setattr("lifelong.service.replicas.CHANGELOG_CHUNK", 3)
     r, daemon, names = replica()
     rests: list[tuple[int, float]] = []
     send, _ = r.changelog()
@@ -167,7 +167,7 @@ def test_members_read_back_from_the_knowledge_log_join_as_decoded_without_being_
 
 def test_a_standalone_replica_without_state_refuses_committed_offsets_unless_told_to_start_empty(monkeypatch, caplog):
     cfg = load_config(env={}, overrides={"engine.dim": 3})
-    monkeypatch.setattr("lifelong.daemon.committed_offsets", lambda cfg: {0: 42})
+    monkeypatch.setattr("lifelong.service.replicas.committed_offsets", lambda cfg: {0: 42})
     daemon = SimpleNamespace(cfg=cfg, restored=False, reset_state=False)
     with pytest.raises(StateError, match="--reset-state"):
         Standalone(daemon).check_state()  # type: ignore[arg-type]

@@ -5,9 +5,9 @@ import pytest
 from river import checks
 
 from lifelong.config import EngineConfig
-from lifelong.engine import Engine
-from lifelong.events import Event
-from lifelong.river import LifelongClassifier, LifelongRegressor
+from lifelong.core.engine import Engine
+from lifelong.core.events import Event
+from lifelong.estimators import LifelongClassifier, LifelongRegressor
 
 
 def river_checks():
@@ -23,7 +23,7 @@ def test_river_estimator_checks(model, check):
 
 
 def related_rows(n_tasks=30, events=80, seed=0):
-    from lifelong.generate import stream
+    from lifelong.tools.generate import stream
 
     for d in stream("related", n_tasks=n_tasks, events=events, dim=6, block=5, seed=seed):
         if "x" in d:

@@ -19,11 +19,11 @@ import torch
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
-from lifelong import checkpoint
-from lifelong.engine import Engine
-from lifelong.events import to_dict
-from lifelong.shared import read_changelog
-from lifelong.wire import pack
+from lifelong.core.engine import Engine
+from lifelong.core.events import to_dict
+from lifelong.kafka.shared_topics import read_changelog
+from lifelong.service import checkpoint
+from lifelong.storage.wire import pack
 
 from conftest import make_stream
 from kafka_helpers import (

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong import wire
+from lifelong.storage import wire
 
 from conftest import make_stream
 
@@ -111,7 +111,7 @@ def _member(engine_factory):
 
 
 def _staged(eng):
-    from lifelong.knowledge import Staged
+    from lifelong.core.knowledge import Staged
 
     store = eng.learners.new_store(1)
     eng.learners.write_member(store, 0, 0)

@@ -8,9 +8,9 @@ from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from kafka.future import Future
 from kafka.partitioner.default import DefaultPartitioner
 
-from lifelong import sink as sink_module
 from lifelong.config import load_config
-from lifelong.sink import FlushTimeout, KafkaSink, KeyHashes, Sink, SinkError
+from lifelong.kafka import sink as sink_module
+from lifelong.kafka.sink import FlushTimeout, KafkaSink, KeyHashes, Sink, SinkError
 
 
 class FakeProducer:

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong import checkpoint
+from lifelong.core.events import Event
 from lifelong.errors import StateError
-from lifelong.events import Event
-from lifelong.store import TaskStore
+from lifelong.service import checkpoint
+from lifelong.storage.task_store import TaskStore
 
 from conftest import make_stream
 
@@ -131,7 +131,7 @@ def test_flush_writes_only_changed_tasks_and_the_store_refuses_another_engine_sh
 
 
 def test_rows_of_stored_tasks_survive_a_round_trip_through_bytes(engine_factory):
-    from lifelong.store import pack_rows, unpack_rows
+    from lifelong.storage.task_store import pack_rows, unpack_rows
 
     engine = engine_factory()
     run(engine, make_stream(n_tasks=6, per_task=20, ends=False), 16)

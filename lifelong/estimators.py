@@ -1,0 +1,214 @@
+"""River estimators: the lifelong engine inside River's evaluation, pipelines and checks.
+
+``LifelongClassifier`` and ``LifelongRegressor`` are River estimators whose task is read from one feature
+(``by``, as in ``river.compose.Grouper``) and removed from the features; an ``x`` without it belongs to one
+default task. Other features are hashed into ``dim`` buckets as sparse events are (``crc32(name) % dim``,
+colliding values add up): numbers as they are (NaN skipped as missing), strings as the indicator feature
+``name=value``. ``learn_one`` learns one labelled event; ``predict_*_one`` has no side effects
+(``Engine.predict``); the ``_many`` methods put a whole DataFrame through the engine's batching, which
+gives the same results as one event at a time.
+
+>>> from river import compose, evaluate, metrics, preprocessing
+>>> from lifelong.estimators import LifelongClassifier
+>>> stream = [({"task": f"user{i % 3}", "amount": 120.0 * (i % 7), "hour": i % 24}, (i % 7) > 3)
+...           for i in range(300)]
+>>> model = compose.Select("task") + (compose.Discard("task") | preprocessing.StandardScaler())
+>>> model |= LifelongClassifier(by="task", dim=16)
+>>> evaluate.progressive_val_score(stream, model, metrics.Accuracy())
+Accuracy: 9...%
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from river import base
+
+from lifelong.config import EngineConfig
+from lifelong.core.engine import Engine
+from lifelong.core.events import Event, hash_index
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_TASK = "default"
+
+
+class _Lifelong:
+    """What both estimators share: the task feature, hashed features, one engine (``_engine``)."""
+
+    by: str
+    dim: int
+    engine: dict[str, Any] | None
+    _engine: Engine
+
+    def _build(self, **settings: Any) -> None:
+        options = {"device": "cpu", **settings, **(self.engine or {})}
+        self._engine = Engine(EngineConfig(dim=self.dim, **options))
+
+    def _event(self, x: dict[Any, Any], y: int | float | None = None) -> Event:
+        features = np.zeros(self.dim)
+        for name, value in x.items():
+            if name == self.by or value is None:
+                continue
+            if isinstance(value, str):
+                features[hash_index(f"{name}={value}", self.dim)] += 1.0
+            elif isinstance(value, numbers.Real) and math.isfinite(v := float(value)):
+                features[hash_index(str(name), self.dim)] += v
+        return Event(str(x.get(self.by, DEFAULT_TASK)), None, features, y)
+
+    def _rows(self, X: pd.DataFrame) -> list[dict[Any, Any]]:
+        return [
+            {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            for row in X.to_dict("records")
+        ]
+
+
+class LifelongClassifier(_Lifelong, base.MiniBatchClassifier):
+    """Lifelong online classifier: a learner per task plus the knowledge base of the others, mixed per task.
+
+    Parameters
+    ----------
+    by
+        The feature that names an event's task (removed from the features).
+    dim
+        Buckets the other features are hashed into.
+    n_classes
+        2: a binary classifier over ``False``/``True`` labels. More: a multiclass classifier whose labels
+        (any hashable values) take classes in order of first appearance, at most ``n_classes`` of them.
+    engine
+        Other ``engine`` settings of ``lifelong`` (``EngineConfig`` names), e.g. ``{"kb_capacity": 16}``.
+
+    Examples
+    --------
+    >>> model = LifelongClassifier(dim=4)
+    >>> model.predict_proba_one({"task": "a", "f": 1.0})
+    {False: 0.5, True: 0.5}
+    >>> for _ in range(20):
+    ...     model.learn_one({"task": "a", "f": 1.0}, True)
+    >>> model.predict_one({"task": "a", "f": 1.0})
+    True
+    """
+
+    def __init__(self, by: str = "task", dim: int = 64, n_classes: int = 2, engine: dict[str, Any] | None = None):
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+        self.by = by
+        self.dim = dim
+        self.n_classes = n_classes
+        self.engine = engine
+        self._labels: list[Any] = [False, True] if n_classes == 2 else []
+        self._build(task="binary" if n_classes == 2 else "multiclass", n_classes=n_classes)
+
+    @property
+    def _multiclass(self) -> bool:
+        return self.n_classes > 2
+
+    def _class(self, y: Any) -> int:
+        if self.n_classes == 2:
+            if isinstance(y, bool | np.bool_) or y in (0, 1):
+                return int(bool(y))
+            raise ValueError(
+                f"a binary LifelongClassifier takes True/False labels, got {y!r} (set n_classes for other labels)"
+            )
+        if y not in self._labels:
+            if len(self._labels) == self.n_classes:
+                raise ValueError(f"label {y!r} would be class {self.n_classes + 1} of n_classes={self.n_classes}")
+            self._labels.append(y)
+        return self._labels.index(y)
+
+    def _probas(self, pred: np.ndarray) -> list[dict[Any, float]]:
+        seen = len(self._labels)
+        if not seen:
+            return [{} for _ in pred]
+        kept = pred[:, :seen] / pred[:, :seen].sum(1, keepdims=True)
+        return [dict(zip(self._labels, row, strict=True)) for row in kept.tolist()]
+
+    def learn_one(self, x: dict[Any, Any], y: Any) -> None:
+        """Learn one labelled event (its prediction is made and accounted first, as in ``lifelong``)."""
+        self._engine.process([self._event(x, self._class(y))])
+
+    def predict_proba_one(self, x: dict[Any, Any], **kwargs: Any) -> dict[Any, float]:
+        """Class probabilities of the labels seen so far (both ``False`` and ``True`` when binary)."""
+        return self._probas(self._engine.predict([self._event(x)]).pred)[0]
+
+    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
+        """Learn the rows in order, through the engine's batching (equal to ``learn_one`` row by row)."""
+        self._engine.process([self._event(x, self._class(label)) for x, label in zip(self._rows(X), y, strict=True)])
+
+    def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
+        """``predict_proba_one`` for every row, in one engine call."""
+        import pandas as pd
+
+        rows = self._probas(self._engine.predict([self._event(x) for x in self._rows(X)]).pred)
+        return pd.DataFrame(rows, index=X.index, columns=list(self._labels), dtype=float)
+
+
+class LifelongRegressor(_Lifelong, base.MiniBatchRegressor):
+    """Lifelong online regressor: a learner per task plus the knowledge base of the others, mixed per task.
+
+    Parameters
+    ----------
+    by
+        The feature that names an event's task (removed from the features).
+    dim
+        Buckets the other features are hashed into.
+    target_range
+        The range of the targets: the mixture's bound needs it (squared loss is exp-concave on a known
+        range). Targets outside it are clipped into it.
+    engine
+        Other ``engine`` settings of ``lifelong`` (``EngineConfig`` names).
+
+    Examples
+    --------
+    >>> model = LifelongRegressor(dim=4, target_range=(0.0, 10.0))
+    >>> for i in range(50):
+    ...     model.learn_one({"task": "a", "f": float(i % 5)}, 2.0 * (i % 5))
+    >>> round(model.predict_one({"task": "a", "f": 3.0}))
+    6
+    """
+
+    def __init__(
+        self,
+        by: str = "task",
+        dim: int = 64,
+        target_range: tuple[float, float] = (0.0, 1.0),
+        engine: dict[str, Any] | None = None,
+    ):
+        if not target_range[0] < target_range[1]:
+            raise ValueError(f"target_range must be (low, high) with low < high, got {target_range}")
+        self.by = by
+        self.dim = dim
+        self.target_range = target_range
+        self.engine = engine
+        self._build(task="regression", target_range=tuple(map(float, target_range)))
+
+    @classmethod
+    def _unit_test_params(cls) -> Any:
+        yield {"target_range": (0.0, 100.0)}  # River's regression checks use approval ratings in percent
+
+    def _target(self, y: float) -> float:
+        lo, hi = self.target_range
+        return min(max(float(y), lo), hi)
+
+    def learn_one(self, x: dict[Any, Any], y: float) -> None:
+        """Learn one labelled event (its prediction is made and accounted first, as in ``lifelong``)."""
+        self._engine.process([self._event(x, self._target(y))])
+
+    def predict_one(self, x: dict[Any, Any]) -> float:
+        """The prediction for ``x``, without learning."""
+        return float(self._engine.predict([self._event(x)]).pred[0, 0])
+
+    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
+        """Learn the rows in order, through the engine's batching (equal to ``learn_one`` row by row)."""
+        self._engine.process([self._event(x, self._target(t)) for x, t in zip(self._rows(X), y, strict=True)])
+
+    def predict_many(self, X: pd.DataFrame) -> pd.Series:
+        """``predict_one`` for every row, in one engine call."""
+        import pandas as pd
+
+        pred = self._engine.predict([self._event(x) for x in self._rows(X)]).pred[:, 0]
+        return pd.Series(pred, index=X.index, dtype=float)
