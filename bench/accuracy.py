@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from lifelong.tools.evaluate import evaluate, read_events  # noqa: E402
 from lifelong.tools.generate import stream, write_jsonl  # noqa: E402
 
 from peers import bayes_personal, early_error, lifelong_in_river, river_per_task, vw_multitask  # noqa: E402
+from record import save  # noqa: E402
 
 FACTOR = {"related": 0.70, "short": 0.80, "personal": 0.90, "digits": 0.5}
 EARLY = {"related": 0.75, "short": 0.80}  # first-20-events error against our own cold per-task learners
@@ -121,7 +121,7 @@ def main() -> int:
             f"{r['kb_only']:>9.4f}{r['river']:>8.4f}{r['river_pooled']:>8.4f}{r['vw']:>9.4f}{ratio:>7.3f}  "
             f"{early:<26}{r['target']:<48}{ {True: 'yes', False: 'NO', None: 'n/a'}[r['pass']]:>4}"
         )
-    (out / "accuracy.json").write_text(json.dumps(rows, indent=1))
+    save(out, "accuracy", rows)
     print(
         "\nerror = mistakes / labelled events (prequential); ratio = lifelong / best peer; "
         "early = error over each task's first 20 events; n/a: the target is below the Bayes learner's error "

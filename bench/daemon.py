@@ -35,6 +35,8 @@ from kafka.structs import OffsetAndMetadata
 from lifelong.tools.broker import EmbeddedBroker, free_port
 from lifelong.tools.generate import stream
 
+from record import save
+
 PREDICTION_SIZE = 330  # bytes of a typical binary prediction record
 KINDS = ("scale-out", "standalone")  # latency runs: with the scale-out topics, and without
 CHECKPOINT_S = 5.0  # the daemon's checkpoint interval, and the pass-through's flush-and-commit interval
@@ -287,7 +289,7 @@ def main() -> int:
     print("targets: ratio >= 0.8 for each client; confluent lifelong run >= 35,000 events/s; p99 <= 100 ms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "daemon.json").write_text(json.dumps(results, indent=1))
+    save(out, "daemon", results)
     return 0
 
 

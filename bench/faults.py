@@ -27,11 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from daemon import produce, rate_of, read_all, start_daemon  # noqa: E402
-
-from lifelong import checkpoint  # noqa: E402
+from lifelong.service import checkpoint  # noqa: E402
 from lifelong.tools.broker import EmbeddedBroker, free_port  # noqa: E402
 from lifelong.tools.generate import stream  # noqa: E402
+
+from daemon import produce, rate_of, read_all, start_daemon  # noqa: E402
+from record import save  # noqa: E402
 
 
 def get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -178,7 +179,7 @@ def main() -> int:
             print("disk full: skipped (mounting a small volume needs root)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "faults.json").write_text(json.dumps(result, indent=1))
+    save(out, "faults", result)
     return 0
 
 

@@ -10,7 +10,6 @@ so every micro-batch holds thousands of tasks and most of its events fall in the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.engine import Engine
 from lifelong.core.events import Event
+
+from record import save
 
 
 def well_mixed(n_tasks: int, n_events: int, dim: int, seed: int = 0) -> list[Event]:
@@ -75,7 +76,7 @@ def main() -> int:
         print("no CUDA device here: CPU figure only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps({"args": vars(args), "gpu": name, "rows": rows}, indent=1))
+    save(out, "gpu", {"args": vars(args), "gpu": name, "rows": rows})
     return 0
 
 

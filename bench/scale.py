@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from lifelong.config import EngineConfig
-from lifelong.core.engine import Engine, use_threads, warm_up
+from lifelong.core.engine import Engine
 from lifelong.core.events import Event
+from lifelong.core.warmup import use_threads, warm_up
 from lifelong.tools.broker import free_port
 
 DIM = 20

@@ -35,6 +35,7 @@ from lifelong.tools.generate import stream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon import kafka_section, rate_of, read_all  # noqa: E402
+from record import save  # noqa: E402
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> None:
@@ -190,7 +191,7 @@ def main() -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scaleout.json").write_text(json.dumps(result, indent=1))
+    save(out, "scaleout", result)
     return 0
 
 

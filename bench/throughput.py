@@ -14,7 +14,6 @@ of 1-6 events each (``personal``: many short tasks, never ended). Then 10,000 ta
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -32,6 +31,7 @@ from lifelong.core.events import Schema, from_dict  # noqa: E402
 from lifelong.tools.generate import stream, synthetic  # noqa: E402
 
 from peers import river_per_task  # noqa: E402
+from record import save  # noqa: E402
 
 STREAMS = {
     "related-300 (20-event blocks)": lambda: stream("related", n_tasks=300, events=100, block=20),
@@ -121,7 +121,7 @@ def main() -> int:
             f"{r['ratio']:>7.2f}"
         )
 
-    (out / "throughput.json").write_text(json.dumps({"streams": rows, "memory": memory}, indent=1))
+    save(out, "throughput", {"streams": rows, "memory": memory})
     print(f"wrote {out / 'throughput.json'}")
     return 0
 

@@ -69,7 +69,7 @@ class EngineConfig:
     kb_capacity: int = 64
     snapshot_every: int = 50  # learned events of a task between KB snapshots; 0 = only on control end
     # also snapshot a task at these labelled counts: tasks of a few dozen events feed the KB too ([]: only
-    # snapshot_every). Measured (bench/accuracy.py, generate --kind short): short 0.340 -> 0.290, related 0.201 -> 0.206
+    # snapshot_every)
     snapshot_at: tuple[int, ...] = (20, 40)
     publish_every: int = 1024  # staged snapshots join the KB every this many engine events
     duplicate_cosine: float = 0.999  # a snapshot this close to a member of another task is dropped
@@ -285,10 +285,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"engine.target_range: expected [low, high] with low < high, got {e.target_range}")
     if not 0 < e.duplicate_cosine <= 1:
         raise ConfigError(f"engine.duplicate_cosine: expected a number in (0, 1], got {e.duplicate_cosine}")
-    k = cfg.kafka
-    if bool(k.knowledge_topic) != bool(k.changelog_topic):
+    kafka_cfg = cfg.kafka
+    if bool(kafka_cfg.knowledge_topic) != bool(kafka_cfg.changelog_topic):
         raise ConfigError("kafka.knowledge_topic and kafka.changelog_topic: set both (scale-out) or neither")
-    if k.knowledge_topic and e.backend == "river":
+    if kafka_cfg.knowledge_topic and e.backend == "river":
         raise ConfigError(
             "engine.backend: river state cannot be shared between replicas safely; set "
             'kafka.knowledge_topic and kafka.changelog_topic to "" (one standalone replica)'

@@ -18,5 +18,29 @@ def test_gpu_bench_runs_small_on_cpu(tmp_path):
         check=True,
     )
     assert "cpu" in out.stdout and "events/s" in out.stdout
-    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["results"]["rows"]
     assert rows[0]["device"] == "cpu" and rows[0]["events_per_s"] > 0
+
+
+def test_the_report_renders_what_a_benchmark_wrote(tmp_path):
+    """``bench/report.py`` turns a script's JSON into a page with the run's commit and command and its figures."""
+    subprocess.run(
+        [sys.executable, "bench/gpu.py", "--tasks", "20", "--events", "1000", "--batch", "256", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    page = tmp_path / "benchmarks.md"
+    subprocess.run(
+        [sys.executable, "bench/report.py", "--results", str(tmp_path), "--out", str(page)],
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    )
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    text = page.read_text()
+    assert "## gpu" in text and data["meta"]["commit"] in text and "bench/gpu.py --tasks 20" in text
+    row = next(line for line in text.splitlines() if line.startswith("| cpu"))
+    assert f"{data['results']['rows'][0]['events_per_s']:,.0f}" in row
+    assert "Not run for this page: `bench/accuracy.py`" in text

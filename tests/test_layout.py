@@ -94,3 +94,18 @@ def test_every_module_says_what_it_owns() -> None:
         if ast.get_docstring(ast.parse(p.read_text())) is None
     ]
     assert not silent, silent
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """At most 600 lines a module and 80 a function; a compiled kernel may be longer (its comment says why)."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 600:
+            long.append(f"{path.relative_to(PACKAGE)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno and node.end_lineno - node.lineno >= 80:
+                compiled = any("numba" in ast.unparse(d) for d in node.decorator_list)
+                if not compiled:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not long, long

@@ -165,7 +165,7 @@ def _score(code: int, regression: bool, p: np.ndarray, y: float, lo: float, hi: 
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _top_k(w: np.ndarray, slots: np.ndarray, weights: np.ndarray) -> None:
+def top_k(w: np.ndarray, slots: np.ndarray, weights: np.ndarray) -> None:
     """The ``len(slots)`` heaviest weights, heaviest first (the lower index first on ties)."""
     m = len(slots)
     for s in range(m):
@@ -180,6 +180,9 @@ def _top_k(w: np.ndarray, slots: np.ndarray, weights: np.ndarray) -> None:
         slots[s], weights[s] = k, w[k]
 
 
+# One compiled loop over the segment's events, long on purpose: both levels' weights, losses and statistics of an
+# event depend on every earlier event of its task, and the loop keeps them in registers and local arrays from one
+# event to the next; split into functions it would pass that state back and forth on every event.
 @numba.njit(cache=True, error_model="numpy")
 def mix_events(
     tasks: np.ndarray,
@@ -217,7 +220,7 @@ def mix_events(
     errors: np.ndarray,
     losses: np.ndarray,
 ) -> None:
-    """Both mixtures of a segment, event by event in arrival order (``Engine._mix_torch``, compiled).
+    """Both mixtures of a segment, event by event in arrival order (``Mixtures._torch``, compiled).
 
     Per event with features: the KB level's weights from its task's cumulative losses so far, the two levels
     (``top_local``, ``top_kb``), the top level's weights and the prediction; rows without features are left
@@ -277,7 +280,7 @@ def mix_events(
                 if not awake:  # a sleeping KB level "predicts" the mixture
                     top_kb[i, c] = pred[i, c]
             w_local[i] = wt[0]
-            _top_k(w_group[g], kb_slots[i], kb_weights[i])
+            top_k(w_group[g], kb_slots[i], kb_weights[i])
             for s in range(kb_slots.shape[1]):
                 kb_weights[i, s] *= scale
         if not lab[i]:

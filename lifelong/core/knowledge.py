@@ -31,8 +31,8 @@ from lifelong.storage import wire
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
 # The task-level prior (``task_prior``): from this many members on, shrunk at least this much towards the plain
-# prior (more while members are fewer than weights). Measured (bench/accuracy.py, seed 0, against a fixed 0.3):
-# related 0.191 vs 0.197, short 0.274 vs 0.277, unrelated 0.2557 vs 0.2516; a fixed 0.1 took digits to 0.0169.
+# prior (more while members are fewer than weights): a fixed, larger shrinkage cost related and short tasks, a
+# fixed smaller one the digit pairs (docs/DESIGN.md).
 PRIOR_MEMBERS = 8
 PRIOR_SHRINK = 0.1
 # bases kept to carry a returning task's code into the current one (``KnowledgeBase.carried``); a task away for
@@ -262,7 +262,7 @@ class KnowledgeBase:
         """The codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), carried into the
         current basis (directions it lacked get the prior); from a basis no longer kept (or none), the prior;
         codes learned in the current basis as they are. A task's code is carried when it next meets the KB
-        (``Engine._carry_codes``), never for every task at a refresh."""
+        (``KbEntry.carry_codes``), never for every task at a refresh."""
         mu, S = self.mu[rows].clone(), self.S[rows].clone()
         stale = at != self.basis_at
         kept = np.array(sorted(self.bases), np.int64)

@@ -29,7 +29,7 @@ class BatchResult:
     w_local: np.ndarray
     errors: np.ndarray  # [n, 3]: combined, local, KB level (0/1 for classification, squared error otherwise)
     losses: np.ndarray  # [n, 3]: the mixing loss of the same three
-    model_version: np.ndarray
+    learned_before: np.ndarray  # labels the task had learned before the event (the wire field "model_version")
     task_index: np.ndarray
     kb_slots: np.ndarray  # [n, KB_TOP] expert index of the heaviest KB experts, weights in kb_weights
     kb_weights: np.ndarray
@@ -86,7 +86,7 @@ class BatchResult:
         for j in np.flatnonzero((weights <= 0).any(axis=1)).tolist():
             tops[j] = [p for p in tops[j] if p[1] > 0]
         columns = [rows.tolist(), y_pred, local, kb, np.round(self.w_local[rows], 6).tolist(), tops]
-        columns += [self.model_version[rows].tolist(), proba]
+        columns += [self.learned_before[rows].tolist(), proba]
         events, out = self.events, []
         for i, y, p_local, p_kb, w_local, kb_top, version, p in zip(*columns, strict=True):
             e = events[i]

@@ -3,7 +3,7 @@ tensors, one row per task) and, host side, what admission to and eviction from t
 
 Rows ``0 .. len - 1`` hold the resident tasks. A row freed by ``release`` (its task went to the store) takes a
 task coming in; ``remove`` closes the holes tasks leave for good, so rows stay contiguous. The learners' and
-basis codes' per-task columns live with the learners and the KB; ``Engine._columns`` lists every column.
+basis codes' per-task columns live with the learners and the KB; ``Residency.columns`` lists every column.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ STATS = (
     "early_errors_local",
     "early_n",
 )
-S = {name: i for i, name in enumerate(STATS)}
+STAT = {name: i for i, name in enumerate(STATS)}  # column of each statistic
 
 
 def grown(n: int, cap: int, limit: int) -> int:
@@ -35,7 +35,7 @@ def grown(n: int, cap: int, limit: int) -> int:
 class TaskTable:
     """Resident tasks: ``names[row]``, ``index[name]``, the columns ``cols`` (``empty``) and per row, host side:
     ``counts`` (labelled events learned), ``used`` (the ``batch`` that last used it: the least recently used
-    leave first), ``stored`` (the task store holds the task), ``dirty`` (changed since it was last written)."""
+    leave first), ``in_store`` (the task store holds the task), ``dirty`` (changed since it was last written)."""
 
     def __init__(self, n_experts: int, dim: int, device: torch.device, limit: int):
         self.n_experts, self.dim, self.device, self.limit = n_experts, dim, device, limit
@@ -44,7 +44,7 @@ class TaskTable:
         self.cols = self.empty(0)
         self.counts = np.zeros(16, np.int64)
         self.used = np.zeros(16, np.int64)
-        self.stored = np.zeros(16, np.bool_)
+        self.in_store = np.zeros(16, np.bool_)
         self.dirty = np.zeros(16, np.bool_)
         self.batch = 0  # the batch being processed (``used``)
         self.high = 0  # rows ever set up: those at or past ``len`` (after ``remove``) still hold old values
@@ -61,7 +61,7 @@ class TaskTable:
             "n_kb": torch.zeros(n, dtype=torch.long, device=dev),
             "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
             "peak": torch.zeros(n, self.dim, dtype=f64, device=dev),  # feature scaling (``features.py``)
-            "kb_seen": torch.zeros(n, dtype=torch.long, device=dev),  # KB log position last met (``_sync_kb``)
+            "kb_seen": torch.zeros(n, dtype=torch.long, device=dev),  # KB log position last met (``KbEntry.meet``)
             "code_at": torch.zeros(n, dtype=torch.long, device=dev),  # the basis its code is in (``basis_at``)
         }
 
@@ -101,9 +101,9 @@ class TaskTable:
         n = len(self.names)
         if n > len(self.counts):
             grow = grown(n, len(self.counts), self.limit)
-            self.counts, self.used, self.stored, self.dirty = (
+            self.counts, self.used, self.in_store, self.dirty = (
                 np.concatenate([a, np.zeros(grow - len(a), a.dtype)])
-                for a in (self.counts, self.used, self.stored, self.dirty)
+                for a in (self.counts, self.used, self.in_store, self.dirty)
             )
         cap = self.cols["stats"].shape[0]
         if n > cap:
@@ -112,7 +112,7 @@ class TaskTable:
                 cols[key][:cap] = old
             self.cols = cols
         at = np.array(rows, np.int64)
-        self.counts[at], self.used[at], self.stored[at], self.dirty[at] = 0, self.batch, False, True
+        self.counts[at], self.used[at], self.in_store[at], self.dirty[at] = 0, self.batch, False, True
         return rows
 
     def least_used(self, k: int) -> np.ndarray:
@@ -134,7 +134,7 @@ class TaskTable:
         n, m, hole = len(self.names), len(rows), set(rows)
         src = [r for r in range(n - m, n) if r not in hole]
         dst = [h for h in rows if h < n - m]
-        for a in (self.counts, self.used, self.stored, self.dirty):
+        for a in (self.counts, self.used, self.in_store, self.dirty):
             a[dst] = a[src]
         for h in rows:
             del self.index[self.names[h]]
@@ -154,6 +154,6 @@ class TaskTable:
         for k, v in cols.items():
             self.cols[k][:n] = v.to(self.device)
         self.counts, self.used = np.zeros(size, np.int64), np.zeros(size, np.int64)
-        self.stored, self.dirty = np.zeros(size, np.bool_), np.ones(size, np.bool_)
+        self.in_store, self.dirty = np.zeros(size, np.bool_), np.ones(size, np.bool_)
         self.counts[:n] = counts
         self.high = n

@@ -44,39 +44,39 @@ def ensure_topics(cfg: Config) -> None:
     """Create the events, predictions and dead-letter topics (and the knowledge and changelog topics for
     scale-out) when missing (``kafka.create_topics``); check that the changelog has a partition for each
     events partition."""
-    k = cfg.kafka
+    kafka_cfg = cfg.kafka
     admin = _admin(cfg)
     try:
         existing = set(admin.list_topics())
         compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
         wanted: dict[str, tuple[int, dict[str, str]]] = {
-            k.events_topic: (k.partitions, {}),
-            k.predictions_topic: (1, {}),
-            k.dead_letter_topic: (1, {}),
+            kafka_cfg.events_topic: (kafka_cfg.partitions, {}),
+            kafka_cfg.predictions_topic: (1, {}),
+            kafka_cfg.dead_letter_topic: (1, {}),
         }
-        if k.knowledge_topic:
-            wanted[k.knowledge_topic] = (1, compact)  # one partition: one order of members for every replica
+        if kafka_cfg.knowledge_topic:
+            wanted[kafka_cfg.knowledge_topic] = (1, compact)  # one partition: one order of members for every replica
             # partition p holds the tasks of events partition p; only each task's newest record is needed
-            wanted[k.changelog_topic] = (k.partitions, {"cleanup.policy": "compact"})
+            wanted[kafka_cfg.changelog_topic] = (kafka_cfg.partitions, {"cleanup.policy": "compact"})
         missing = [t for t in wanted if t not in existing]
-        if missing and not k.create_topics:
+        if missing and not kafka_cfg.create_topics:
             raise LifelongError(f"topics {missing} do not exist and kafka.create_topics is false")
         for topic in missing:
             n, configs = wanted[topic]
-            if topic == k.changelog_topic:  # as many partitions as the events topic really has
-                n = _partitions(admin, k.events_topic)
+            if topic == kafka_cfg.changelog_topic:  # as many partitions as the events topic really has
+                n = _partitions(admin, kafka_cfg.events_topic)
             try:
                 admin.create_topics([NewTopic(topic, n, 1, topic_configs=configs)])
             except TopicAlreadyExistsError:
                 pass
             except KafkaError as exc:
                 raise LifelongError(f"the broker refused to create topic {topic!r}: {exc!r}") from None
-        if k.changelog_topic and (n_cl := _partitions(admin, k.changelog_topic)) < (
-            n_ev := _partitions(admin, k.events_topic)
+        if kafka_cfg.changelog_topic and (n_cl := _partitions(admin, kafka_cfg.changelog_topic)) < (
+            n_ev := _partitions(admin, kafka_cfg.events_topic)
         ):
             raise LifelongError(
-                f"topic {k.changelog_topic!r} has {n_cl} partitions, fewer than the {n_ev} of "
-                f"{k.events_topic!r}: give it {n_ev} (its partition p holds the tasks of events "
+                f"topic {kafka_cfg.changelog_topic!r} has {n_cl} partitions, fewer than the {n_ev} of "
+                f"{kafka_cfg.events_topic!r}: give it {n_ev} (its partition p holds the tasks of events "
                 f"partition p)"
             )
     finally:

@@ -56,28 +56,28 @@ class ConfluentSource(Source):
     healthy_at = 0.0  # when the statistics last showed the group joined and steady
 
     def _open(self) -> None:
-        k = self.cfg.kafka
+        kafka_cfg = self.cfg.kafka
         self.healthy_at = time.monotonic()
         self.consumer = _module().Consumer(
             {
                 **confluent_options(self.cfg),
-                "group.id": k.group_id,
+                "group.id": kafka_cfg.group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                "session.timeout.ms": k.session_timeout_ms,
-                "heartbeat.interval.ms": max(100, k.session_timeout_ms // 3),
-                "max.poll.interval.ms": k.max_poll_interval_ms,
+                "session.timeout.ms": kafka_cfg.session_timeout_ms,
+                "heartbeat.interval.ms": max(100, kafka_cfg.session_timeout_ms // 3),
+                "max.poll.interval.ms": kafka_cfg.max_poll_interval_ms,
                 "fetch.wait.max.ms": self.cfg.batching.max_ms,  # a broker holding fetches adds to every latency
-                "fetch.max.bytes": max(50 * 1024 * 1024, k.max_message_bytes),
-                "max.partition.fetch.bytes": max(1024 * 1024, k.max_message_bytes),
-                "message.max.bytes": max(1024 * 1024, k.max_message_bytes + 4096),
+                "fetch.max.bytes": max(50 * 1024 * 1024, kafka_cfg.max_message_bytes),
+                "max.partition.fetch.bytes": max(1024 * 1024, kafka_cfg.max_message_bytes),
+                "message.max.bytes": max(1024 * 1024, kafka_cfg.max_message_bytes + 4096),
                 "statistics.interval.ms": STATS_MS,
                 "stats_cb": self._stats,
             }
         )
         self.consumer.subscribe(
-            [k.events_topic],
+            [kafka_cfg.events_topic],
             on_assign=lambda _, parts: self._gain(_tps(parts), now=True),
             on_revoke=lambda _, parts: self._leave(_tps(parts), self.on_revoke, "revoked"),
             on_lost=lambda _, parts: self._leave(_tps(parts), self.on_lost, "lost (evicted from the group)"),

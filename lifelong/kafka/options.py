@@ -10,10 +10,10 @@ from lifelong.config import Config
 
 def client_options(cfg: Config) -> dict[str, Any]:
     """Connection and security settings shared by every client (SASL/SSL pass through)."""
-    k = cfg.kafka
+    kafka_cfg = cfg.kafka
     opts: dict[str, Any] = {
-        "bootstrap_servers": k.bootstrap_servers.split(","),
-        "security_protocol": k.security_protocol,
+        "bootstrap_servers": kafka_cfg.bootstrap_servers.split(","),
+        "security_protocol": kafka_cfg.security_protocol,
     }
     for key in (
         "sasl_mechanism",
@@ -24,7 +24,7 @@ def client_options(cfg: Config) -> dict[str, Any]:
         "ssl_keyfile",
         "ssl_password",
     ):
-        value = getattr(k, key)
+        value = getattr(kafka_cfg, key)
         if value is not None:
             opts[key] = value
     return opts
@@ -32,7 +32,7 @@ def client_options(cfg: Config) -> dict[str, Any]:
 
 def confluent_options(cfg: Config) -> dict[str, Any]:
     """Connection and security settings in librdkafka's names (SASL/SSL pass through)."""
-    k = cfg.kafka
+    kafka_cfg = cfg.kafka
     names = {
         "sasl_mechanism": "sasl.mechanism",
         "sasl_plain_username": "sasl.username",
@@ -43,11 +43,11 @@ def confluent_options(cfg: Config) -> dict[str, Any]:
         "ssl_password": "ssl.key.password",
     }
     opts: dict[str, Any] = {
-        "bootstrap.servers": k.bootstrap_servers,
-        "security.protocol": k.security_protocol,
+        "bootstrap.servers": kafka_cfg.bootstrap_servers,
+        "security.protocol": kafka_cfg.security_protocol,
         "client.id": "lifelong",
         "log_level": 3,  # librdkafka's own errors only: its notices of closed connections are not ours to show
         "logger": logging.getLogger("confluent_kafka"),
     }
-    opts.update({name: getattr(k, key) for key, name in names.items() if getattr(k, key) is not None})
+    opts.update({name: getattr(kafka_cfg, key) for key, name in names.items() if getattr(kafka_cfg, key) is not None})
     return opts

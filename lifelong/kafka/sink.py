@@ -132,8 +132,7 @@ class KeyHashes(DefaultPartitioner):  # type: ignore[misc]  # kafka-python has n
 class KafkaSink(Sink):
     """The kafka-python producer (``kafka.client: kafka-python``). Each record's future reports only a failure
     (kept until ``flush``): futures held until a checkpoint would live long enough to reach the collector's
-    oldest generation, whose full passes (tens of ms each, about every second at 7,000 events/s) were the
-    largest part of the daemon's p99 latency."""
+    oldest generation, whose full passes were the largest part of the daemon's p99 latency."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

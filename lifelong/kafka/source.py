@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # misses max.poll.interval.ms). A pause costs either client its next fetches: librdkafka drops what it fetched
 # ahead, and kafka-python's poll sleeps retry_backoff_ms (100 ms) while every partition is paused, so the first
 # fetch after the resume comes that much later. Pausing as soon as the queue filled made kafka-python's replica
-# swing into 100 ms-old batches at half its rate (p99 205-241 ms; 30-99 ms with this wait, bench/daemon.py's rate).
+# swing into batches a retry backoff old at half its rate, its latency several times higher.
 ROOM_WAIT_S = 1.0
 # How long kafka-python polls while the replica has no partitions (``KafkaSource._poll``): the group's join ends
 # mid-poll (brokers hold a new group's first join 3 s: 7.5 polls), so the poll awaiting it takes its answer
@@ -302,22 +302,22 @@ class KafkaSource(Source):
         return self.consumer
 
     def _open(self) -> None:
-        k = self.cfg.kafka
+        kafka_cfg = self.cfg.kafka
         self.consumer = KafkaConsumer(
-            group_id=k.group_id,
+            group_id=kafka_cfg.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=k.session_timeout_ms,
-            heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
-            max_poll_interval_ms=k.max_poll_interval_ms,
+            session_timeout_ms=kafka_cfg.session_timeout_ms,
+            heartbeat_interval_ms=max(100, kafka_cfg.session_timeout_ms // 3),
+            max_poll_interval_ms=kafka_cfg.max_poll_interval_ms,
             max_poll_records=self.cfg.batching.max_events,
             fetch_max_wait_ms=self.cfg.batching.max_ms,  # a broker holding fetches adds to every latency
-            fetch_max_bytes=max(50 * 1024 * 1024, k.max_message_bytes),
-            max_partition_fetch_bytes=max(1024 * 1024, k.max_message_bytes),
+            fetch_max_bytes=max(50 * 1024 * 1024, kafka_cfg.max_message_bytes),
+            max_partition_fetch_bytes=max(1024 * 1024, kafka_cfg.max_message_bytes),
             client_id="lifelong",
             **client_options(self.cfg),
         )
-        self.consumer.subscribe([k.events_topic], listener=_Listener(self))
+        self.consumer.subscribe([kafka_cfg.events_topic], listener=_Listener(self))
 
     def _poll(self, timeout_s: float, max_records: int) -> list[Any]:
         # at most the broker's fetch wait: a poll that finds no fetch in flight (now and then under load, between
@@ -326,8 +326,8 @@ class KafkaSource(Source):
         timeout_ms = max(1, min(int(timeout_s * 1000), self.cfg.batching.max_ms))
         if not self.assigned and not self.gained:
             # joining the group: kafka-python 3 sends the join again when it completes while no poll awaits it
-            # (``join_group_async`` replaces a finished join task), another rebalance and 3 s more; between
-            # 10 ms polls that happened in 13 of 40 restarts
+            # (``join_group_async`` replaces a finished join task), another rebalance and 3 s more; with short
+            # polls that happened in about a third of restarts
             timeout_ms = JOIN_POLL_MS
         records = self.client.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [r for rs in records.values() for r in rs]

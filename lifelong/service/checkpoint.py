@@ -21,8 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ import torch
 from lifelong.config import Config, EngineConfig, LabelsConfig
 from lifelong.core.engine import Engine
 from lifelong.errors import StateError
-from lifelong.storage.task_store import TaskStore
 
 MAGIC = b"LIFELONG-CHECKPOINT-1\n"
 NAME = re.compile(r"^checkpoint-(\d{12})\.ckpt$")
@@ -183,9 +180,9 @@ def take(engine: Engine, directory: str | Path, extra: dict[str, Any] | None = N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     seq = _next_seq(directory)
-    store = engine.store
+    store = engine.residency.store
     if store is not None and store.path.parent == directory:
-        engine.flush_tasks()
+        engine.residency.flush()
         snapshot = directory / f"store-{seq:012d}"
         shutil.rmtree(snapshot, ignore_errors=True)  # left by a checkpoint that failed after its snapshot
         store.snapshot(snapshot)
@@ -204,19 +201,14 @@ def save_engine(engine: Engine, directory: str | Path, extra: dict[str, Any] | N
 
 def restore_engine(engine: Engine, directory: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     """Load a checkpoint into a new ``engine``; one that names a task-store snapshot first makes the engine's
-    live store (``engine.store_dir``, or without one a temporary copy removed with the engine) a copy of it,
-    so that tasks come back from it at their next event."""
+    live store a copy of it (``Residency.restore_store``), so that tasks come back from it at their next event."""
     if meta.get("store"):
         snapshot = directory / meta["store"]
         if not snapshot.is_dir():
             raise StateError(f"checkpoint names task store {snapshot}, which is missing")
-        target = engine.store_dir
-        if target is None:
-            target = tempfile.mkdtemp(prefix="lifelong-tasks-")
-            weakref.finalize(engine, shutil.rmtree, target, True)
-        engine.store = TaskStore.restore(snapshot, target, engine.layout())
-    elif engine.store_dir is not None:  # every task is in the file: a live store left from before is stale
-        shutil.rmtree(engine.store_dir, ignore_errors=True)
+        engine.residency.restore_store(snapshot)
+    elif engine.residency.store_dir is not None:  # every task is in the file: a live store left from before is stale
+        shutil.rmtree(engine.residency.store_dir, ignore_errors=True)
     engine.load_state(tensors, meta)
 
 

@@ -127,8 +127,9 @@ class Checkpointer:
                 self._failed(exc)
             return None
         self.checkpointed = dict(offsets)
-        rows = self.engine.flushed * (self.engine.store.width if self.engine.store else 0)  # task rows written
-        args = (taken, offsets, commit, start, timeout, rows, self.engine.flushed, send)
+        residency = self.engine.residency
+        rows = residency.flushed * (residency.store.width if residency.store else 0)  # task rows written
+        args = (taken, offsets, commit, start, timeout, rows, residency.flushed, send)
         if not detach:
             return taken.path if self._write(*args) else None
         self.writer = threading.Thread(target=self._detached, args=args, name="checkpoint-writer", daemon=True)

@@ -28,8 +28,9 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from lifelong.config import Config
-from lifelong.core.engine import Engine, use_threads, warm_up
+from lifelong.core.engine import Engine
 from lifelong.core.events import Schema
+from lifelong.core.warmup import use_threads, warm_up
 from lifelong.errors import ConfigError, InvalidEvent, LifelongError, started
 from lifelong.kafka.admin import ensure_topics
 from lifelong.kafka.factory import open_sink, open_source
@@ -49,8 +50,7 @@ log = logging.getLogger(__name__)
 STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
 # The loop makes thousands of short-lived objects per batch (records, events, predictions): Python's default
 # (a young collection every 700 of them, a full one every 100 young ones at most) collected several times per
-# batch and every few tenths of a second in full, 10-15 ms each. Collecting every 50,000: +12% events/s and p99
-# 130 -> 103 ms with kafka.client confluent (a temporary harness on bench/daemon.py's stream, runs alternated).
+# batch and every few tenths of a second in full; collecting every 50,000 is faster and lowers the p99 latency.
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
@@ -96,7 +96,7 @@ class Daemon:
         self.restored = False
         self.ended: set[str] = set()  # tasks whose last event was ``control: end`` (no per-task series)
         self.engine, self.positions = self._restore()
-        self.engine.share = self.replica.shared
+        self.engine.publisher = self.replica.publisher
         self.checkpointer = Checkpointer(cfg, self.engine, self.metrics, self.positions)
         self.dirty = False
         self.status_at = 0.0
@@ -127,13 +127,13 @@ class Daemon:
         if found is None:
             log.info("no checkpoint in %s", self.cfg.checkpoint.dir)
             shutil.rmtree(directory / "tasks", ignore_errors=True)  # what a run that never checkpointed left
-            if engine.tiered:
-                engine.open_store()
+            if engine.residency.spills:
+                engine.residency.open_store()
             return engine, {}
         path, tensors, meta = found
         checkpoint.restore_engine(engine, directory, tensors, meta)
-        if engine.tiered and engine.store is None:
-            engine.open_store()
+        if engine.residency.spills and engine.residency.store is None:
+            engine.residency.open_store()
         self.restored = True
         extra = meta.get("extra", {})
         offsets = {TopicPartition(t, p): o for t, p, o in extra.get("offsets", []) if t == self.cfg.kafka.events_topic}
@@ -239,7 +239,7 @@ class Daemon:
             self.source = self.open_source(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
             self.source.start()
             # what start-up loaded (torch, numba, the clients: millions of objects) is never garbage: left out
-            # of the collector's full passes, which otherwise cost a third of the loop's time at 20,000 events/s
+            # of the collector's full passes, which otherwise cost a large share of the loop's time under load
             gc.freeze()
             gc.set_threshold(*GC_THRESHOLDS)
             while not self.stopping.is_set():
@@ -304,7 +304,7 @@ class Daemon:
                 self.engine.tasks.index,
                 self.engine.n_known,
                 self.cfg.engine.max_tasks,
-                self.engine.stored_tasks,
+                self.engine.residency.in_store,
             )
             for r, exc in got.rejected:
                 self._dead_letter(r, exc)
@@ -313,7 +313,7 @@ class Daemon:
                 self.dirty = self.dirty or bool(batches)
                 return
             result = self.engine.process(events)
-            self.engine.write_behind(len(events))  # spreads the next checkpoint's task-store writes
+            self.engine.residency.write_behind(len(events))  # spreads the next checkpoint's task-store writes
             self.replica.learned(events, sources)
             for e in events:
                 if e.control == "end":
@@ -399,6 +399,6 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - closing is best effort; state is already saved
                 log.warning("closing the producer: %r", exc)
         self.replica.close()
-        if self.engine.store is not None:
-            self.engine.store.close()
+        if self.engine.residency.store is not None:
+            self.engine.residency.store.close()
         self.http.stop()

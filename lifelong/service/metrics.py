@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from lifelong.config import Config
 from lifelong.core.engine import Engine
-from lifelong.core.tasks import STATS, S
+from lifelong.core.tasks import STAT, STATS
 from lifelong.service.status import Status
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -160,10 +160,14 @@ class EngineCollector:
 
     def refresh(self) -> None:
         """Take the engine's values now: call where the engine is not changing (the processing loop)."""
-        d = self.daemon
+        daemon = self.daemon
         self.families = list(
             _engine_families(
-                d.engine, d.archived_tasks(), d.foreign_tasks(), d.cfg.metrics.max_task_labels, d.dead_lettered
+                daemon.engine,
+                daemon.archived_tasks(),
+                daemon.foreign_tasks(),
+                daemon.cfg.metrics.max_task_labels,
+                daemon.dead_lettered,
             )
         )
 
@@ -178,13 +182,21 @@ def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricF
 
 
 def _engine_families(
-    engine: Any, archived: set[int], foreign: set[int], cap: int, dead_lettered: int
+    engine: Engine, archived: set[int], foreign: set[int], cap: int, dead_lettered: int
 ) -> Iterable[Metric]:
     """``archived``: ended tasks (no per-task series); ``foreign``: tasks of partitions another replica owns
     now (scale-out): left out of the regret gauges and per-task series, which only a task's owner exports."""
-    n = engine.n_tasks
-    events = CounterMetricFamily("lifelong_events", "Events processed, by outcome", labels=["outcome"])
+    yield from _event_families(engine, dead_lettered)
+    reg = _regrets(engine, foreign)
+    yield from _regret_families(reg)
+    yield from _task_families(engine, reg, archived, foreign, cap)
+    yield from _kb_families(engine)
+
+
+def _event_families(engine: Engine, dead_lettered: int) -> Iterable[Metric]:
+    """Events by outcome, resets, and the cumulative loss and mistakes of each predictor."""
     c = engine.counters
+    events = CounterMetricFamily("lifelong_events", "Events processed, by outcome", labels=["outcome"])
     for outcome, value in (
         ("predicted", c["predicted"]),
         ("learned", c["learned"]),
@@ -209,7 +221,6 @@ def _engine_families(
     resets.add_metric(["learner_not_finite"], c["reset_learner"])
     resets.add_metric(["code_not_finite"], c["reset_code"])
     yield resets
-    stats = engine.task_stats() if n else np.zeros((0, len(STATS)))
     loss = CounterMetricFamily(
         "lifelong_loss",
         "Cumulative loss (log loss, or squared loss for regression) of each predictor",
@@ -220,18 +231,27 @@ def _engine_families(
         "Cumulative mistakes (squared error for regression) of each predictor",
         labels=["predictor"],
     )
-    total = engine.stats_total()  # tasks in the task store included: the counters never go down
+    total = engine.residency.stats_total()  # tasks in the task store included: the counters never go down
     for name, loss_col, err_col in PREDICTORS:
-        loss.add_metric([name], float(total[S[loss_col]]))
-        mistakes.add_metric([name], float(total[S[err_col]]))
+        loss.add_metric([name], float(total[STAT[loss_col]]))
+        mistakes.add_metric([name], float(total[STAT[err_col]]))
     yield loss
     yield mistakes
 
+
+def _regrets(engine: Engine, foreign: set[int]) -> dict[str, np.ndarray]:
+    """Each resident task's regrets and bounds (zero for tasks another replica owns now)."""
+    n = engine.n_tasks
     reg = engine.regrets() if n else {k: np.zeros(0) for k in ("top", "top_bound", "kb", "kb_bound")}
     if foreign:
         mine = np.ones(n, bool)
         mine[list(foreign)] = False
         reg = {k: np.where(mine, v, 0.0) for k, v in reg.items()}
+    return reg
+
+
+def _regret_families(reg: dict[str, np.ndarray]) -> Iterable[Metric]:
+    """Regrets and their bounds summed over tasks, and the tasks over their bound."""
     regret = _gauge(
         "lifelong_regret",
         "Regret summed over resident tasks: combined vs better level (top), KB level vs its best expert (kb)",
@@ -245,6 +265,13 @@ def _engine_families(
         over.add_metric([level], float((~(reg[level] <= reg[f"{level}_bound"] + 1e-6)).sum()))  # NaN counts
     yield from (regret, bound, over)
 
+
+def _task_families(
+    engine: Engine, reg: dict[str, np.ndarray], archived: set[int], foreign: set[int], cap: int
+) -> Iterable[Metric]:
+    """Per-task series for the ``cap`` most active live tasks, the rest summed under ``task="_other"``."""
+    n = engine.n_tasks
+    stats = engine.task_stats() if n else np.zeros((0, len(STATS)))
     counts = np.array(engine.n_labelled, np.int64)
     live = np.array([i for i in range(n) if i not in archived and i not in foreign], np.int64)
     top = live[np.argsort(-counts[live], kind="stable")[:cap]] if len(live) else live
@@ -267,12 +294,16 @@ def _engine_families(
             t_regret.add_metric([name, level], float(reg[level][rows].sum()))
             t_bound.add_metric([name, level], float(reg[f"{level}_bound"][rows].sum()))
         for pred, _, err_col in PREDICTORS:
-            t_error.add_metric([name, pred], float(stats[rows, S[err_col]].sum() / max(1, learned)))
+            t_error.add_metric([name, pred], float(stats[rows, STAT[err_col]].sum() / max(1, learned)))
         w = float(weights[rows].mean())
         t_weight.add_metric([name, "local"], w)
         t_weight.add_metric([name, "kb"], 1.0 - w)
     yield from (t_regret, t_bound, t_error, t_learned, t_weight)
 
+
+def _kb_families(engine: Engine) -> Iterable[Metric]:
+    """The KB's size and changes, the tasks known and resident, the task store, pending labels."""
+    c, n = engine.counters, engine.n_tasks
     kb = engine.kb
     yield GaugeMetricFamily("lifelong_kb_members", "Members in the knowledge base", value=kb.size)
     yield GaugeMetricFamily("lifelong_kb_capacity", "Capacity of the knowledge base", value=kb.capacity)
@@ -294,7 +325,7 @@ def _engine_families(
     yield GaugeMetricFamily(
         "lifelong_tasks_resident", "Tasks in the engine's tensors (at most engine.max_resident_tasks)", value=n
     )
-    store = engine.store
+    store = engine.residency.store
     yield GaugeMetricFamily(
         "lifelong_tasks_stored", "Tasks with a row in the on-disk task store", value=store.count if store else 0
     )
@@ -310,7 +341,9 @@ def _engine_families(
     moves.add_metric(["evicted"], c["tasks_evicted"])
     moves.add_metric(["loaded"], c["tasks_loaded"])
     yield moves
-    yield GaugeMetricFamily("lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.pending))
+    yield GaugeMetricFamily(
+        "lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.arrivals.pending)
+    )
 
 
 def _daemon_families(d: Observed) -> Iterable[Metric]:

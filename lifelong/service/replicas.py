@@ -28,7 +28,8 @@ from typing import Any, Protocol
 from kafka import TopicPartition
 
 from lifelong.config import Config
-from lifelong.core.engine import Engine, pack_tasks
+from lifelong.core.engine import Engine
+from lifelong.core.handover import pack_tasks
 from lifelong.core.knowledge import Staged
 from lifelong.errors import LifelongError, StateError, started
 from lifelong.kafka.admin import committed_offsets
@@ -75,10 +76,10 @@ class Host(Protocol):
 class Standalone:
     """A replica that shares nothing: its checkpoint is its whole state."""
 
-    shared = False
-
     def __init__(self, daemon: Host):
         self.daemon = daemon
+        # Where the engine's published members go (``Engine.publisher``): None, into its own KB at once.
+        self.publisher: Callable[[list[Staged]], None] | None = None
         self.floor: dict[str, int] = {}  # task -> its events below this offset are in its restored state
 
     def restore(self, extra: dict[str, Any]) -> None:
@@ -91,14 +92,14 @@ class Standalone:
     def check_state(self) -> None:
         """Never a silent fresh start: without a usable checkpoint, offsets the group committed stand for
         state that is lost (main thread, before joining the group)."""
-        d = self.daemon
-        if d.restored:
+        daemon = self.daemon
+        if daemon.restored:
             return
-        committed = committed_offsets(d.cfg)
-        if committed and not d.reset_state:
-            k = d.cfg.kafka
+        committed = committed_offsets(daemon.cfg)
+        if committed and not daemon.reset_state:
+            k = daemon.cfg.kafka
             raise StateError(
-                f"no usable checkpoint in {d.cfg.checkpoint.dir}, but group {k.group_id!r} committed "
+                f"no usable checkpoint in {daemon.cfg.checkpoint.dir}, but group {k.group_id!r} committed "
                 f"offsets {committed} of {k.events_topic!r}: the state they stand for is lost. Restore "
                 f"the checkpoint directory, or run once with --reset-state to start with an empty "
                 f"engine from the committed offsets"
@@ -140,10 +141,12 @@ class Standalone:
 class ScaleOut(Standalone):
     """A replica sharing its knowledge base and its tasks' state with the others (module docstring)."""
 
-    shared = True
-
     def __init__(self, daemon: Host):
         super().__init__(daemon)
+        # published members wait here for the next batch's end, then go to the knowledge log; they join the KB
+        # (every replica's) when read back from it
+        self.outbox: list[Staged] = []
+        self.publisher = self.outbox.extend
         self.task_partition: dict[str, int] = {}  # task -> the events partition its events arrive on
         self.knowledge_offset = 0  # the knowledge log has been applied up to here
         self.changed: set[str] = set()  # tasks to write to the changelog at the next checkpoint
@@ -201,7 +204,7 @@ class ScaleOut(Standalone):
 
         With ``until_end``, read up to the log's current end first (bounded in time): a replica starts with
         the group's KB (main thread; takes the lock)."""
-        d = self.daemon
+        daemon = self.daemon
         knowledge = started(self.knowledge)
         self.knowledge_read = time.monotonic()
         end = knowledge.end() if until_end else None
@@ -215,25 +218,25 @@ class ScaleOut(Standalone):
                     members.append(Staged(-1, own.task_name, own.learned, 0, own.store))
                     continue
                 try:
-                    members.append(d.engine.kb.decode(r.value, d.cfg.kafka.max_message_bytes))
+                    members.append(daemon.engine.kb.decode(r.value, daemon.cfg.kafka.max_message_bytes))
                 except Refused as exc:
-                    d.metrics.knowledge_refused.labels(exc.reason).inc()
+                    daemon.metrics.knowledge_refused.labels(exc.reason).inc()
                     log.warning("knowledge record at offset %d refused: %s", r.offset, exc)
-            with d.lock:  # the KB and the offset it has read to change together (checkpoints read both)
+            with daemon.lock:  # the KB and the offset it has read to change together (checkpoints read both)
                 if members:
-                    d.engine.apply(members)
-                    d.dirty = True
+                    daemon.engine.apply(members)
+                    daemon.dirty = True
                 if records:
                     self.knowledge_offset = records[-1].offset + 1
             # past the end offset and nothing more (tansu may report the end one short)
             if end is None or (not records and knowledge.offset >= end) or time.monotonic() > deadline:
                 break
         if until_end:
-            log.info("knowledge base read to offset %d: %d members", knowledge.offset, d.engine.kb.size)
+            log.info("knowledge base read to offset %d: %d members", knowledge.offset, daemon.engine.kb.size)
 
     def learned(self, events: list[Any], sources: list[Any]) -> None:
         """Each event's task is on its partition and changed; members published are sent."""
-        d = self.daemon
+        daemon = self.daemon
         tasks = [e.task for e in events]
         for task, partition in dict.fromkeys(zip(tasks, [r.partition for r in sources], strict=True)):
             if self.task_partition.setdefault(task, partition) != partition:
@@ -246,13 +249,13 @@ class ScaleOut(Standalone):
                 )
                 self.task_partition[task] = partition
         self.changed.update(tasks)
-        sink = started(d.sink)
-        for snap, value in zip(d.engine.outbox, d.engine.kb.encode(d.engine.outbox), strict=True):
+        sink = started(daemon.sink)
+        for snap, value in zip(self.outbox, daemon.engine.kb.encode(self.outbox), strict=True):
             sink.knowledge(snap.task_name, value)
             self.sent[value] = snap
             if len(self.sent) > SENT_KEPT:  # not read back (a lost delivery): decoded if it ever comes
                 self.sent.popitem(last=False)
-        d.engine.outbox.clear()
+        self.outbox.clear()
 
     def _changelog(self) -> tuple[Callable[[float, Rest], None], Callable[[], None]]:
         """Every task changed since the last checkpoint, its state taken now, and (1) what sends those records
@@ -260,13 +263,13 @@ class ScaleOut(Standalone):
         waits for their delivery: the checkpoint's writer runs it, on a producer of its own, while the loop goes
         on; (2) what takes the step back when the checkpoint is postponed before sending (the tasks are changed
         still)."""
-        d = self.daemon
-        owned = {tp.partition: d.positions.get(tp, 0) for tp in d.assigned}
+        daemon = self.daemon
+        owned = {tp.partition: daemon.positions.get(tp, 0) for tp in daemon.assigned}
         tasks = [t for t in sorted(self.changed) if self.task_partition[t] in owned]
         extras: list[dict[str, Any]] = [
             {"partition": (p := self.task_partition[t]), "position": max(owned[p], self.floor.get(t, 0))} for t in tasks
         ]
-        taken = d.engine.take_tasks(tasks, extras)
+        taken = daemon.engine.handover.take_tasks(tasks, extras)
         self.floor = {t: f for t, f in self.floor.items() if f > owned.get(self.task_partition[t], -1)}
         changed, self.changed = self.changed, set()
 
@@ -281,7 +284,7 @@ class ScaleOut(Standalone):
                 rest(time.perf_counter() - busy)
                 busy = time.perf_counter()
             sink.flush(timeout)  # and any sent before whose checkpoint was postponed
-            d.metrics.changelog_bytes.inc(sent)
+            daemon.metrics.changelog_bytes.inc(sent)
 
         def undo() -> None:
             self.changed |= changed
@@ -297,63 +300,63 @@ class ScaleOut(Standalone):
     def _forget_unowned(self) -> None:
         """Tasks of partitions this replica does not own after a rebalance leave its memory and task store:
         their owner holds them, and the changelog; one that comes back is restored from there (take-over)."""
-        d = self.daemon
-        owned = {tp.partition for tp in d.assigned if tp.topic == d.cfg.kafka.events_topic}
+        daemon = self.daemon
+        owned = {tp.partition for tp in daemon.assigned if tp.topic == daemon.cfg.kafka.events_topic}
         gone = [t for t, p in self.task_partition.items() if p not in owned]
         if not gone:
             return
-        d.engine.drop_tasks(gone)
+        daemon.engine.drop_tasks(gone)
         for t in gone:
             del self.task_partition[t]
             self.floor.pop(t, None)
-            d.ended.discard(t)
+            daemon.ended.discard(t)
         self.changed -= set(gone)
-        for tp in [tp for tp in d.positions if tp.partition not in owned]:
-            d.positions.pop(tp)
-            d.checkpointer.moved(tp, None)
+        for tp in [tp for tp in daemon.positions if tp.partition not in owned]:
+            daemon.positions.pop(tp)
+            daemon.checkpointer.moved(tp, None)
         log.info("dropped %d tasks of partitions owned elsewhere now", len(gone))
 
     def _take_over(self, tp: TopicPartition) -> None:
         """Make this replica's state of ``tp``'s tasks the committed one (poll thread, under the lock)."""
-        d = self.daemon
-        source = started(d.source)
+        daemon = self.daemon
+        source = started(daemon.source)
         t0 = time.monotonic()
         offset = source.committed_offset(tp)
         p = tp.partition
         mine = [t for t, q in self.task_partition.items() if q == p]
-        if offset is not None and offset == d.positions.get(tp):
+        if offset is not None and offset == daemon.positions.get(tp):
             log.info(
                 "partition %s-%d: local state is at the committed offset %d (%d tasks)", tp.topic, p, offset, len(mine)
             )
             return
-        limit = max(30.0, d.cfg.kafka.max_poll_interval_ms / 2000)
-        records, seen = read_changelog(d.cfg, p, offset, timeout_s=limit)
+        limit = max(30.0, daemon.cfg.kafka.max_poll_interval_ms / 2000)
+        records, seen = read_changelog(daemon.cfg, p, offset, timeout_s=limit)
         decoded: dict[str, Any] = {}
         for task, (value, _) in records.items():
             try:
-                decoded[task] = d.engine.decode_task(value, d.cfg.kafka.max_message_bytes)
+                decoded[task] = daemon.engine.handover.decode_task(value, daemon.cfg.kafka.max_message_bytes)
             except Refused as exc:
                 log.error("changelog record of task %r refused: %s", task, exc)
         restored = list(decoded)
         # tasks held for this partition without a record: learned after the committed offset, so untrained
         # again and replayed from it
         decoded.update({task: None for task in mine if task not in decoded})
-        d.engine.load_tasks(decoded)
+        daemon.engine.handover.load_tasks(decoded)
         self.task_partition.update({task: p for task in restored})
         newer = {t for t in restored if offset is None or records[t][1] > offset}
         self.floor = {t: f for t, f in self.floor.items() if self.task_partition.get(t) != p}
         self.floor.update({t: records[t][1] for t in newer})  # replay skips what these records already hold
         self.changed |= set(restored)  # rewritten at this replica's first checkpoint (see shared.read_changelog)
         if offset is None:
-            d.positions.pop(tp, None)
+            daemon.positions.pop(tp, None)
         else:
-            d.positions[tp] = offset
-        d.checkpointer.moved(tp, offset)
+            daemon.positions[tp] = offset
+        daemon.checkpointer.moved(tp, offset)
         seconds = time.monotonic() - t0
-        d.metrics.restore_seconds.observe(seconds)
-        d.metrics.tasks_restored.inc(len(restored))
+        daemon.metrics.restore_seconds.observe(seconds)
+        daemon.metrics.tasks_restored.inc(len(restored))
         at_commit = [t for t in restored if t not in newer]
-        labels = sum(d.engine.n_labelled[d.engine.tasks.index[t]] for t in at_commit)
+        labels = sum(daemon.engine.n_labelled[daemon.engine.tasks.index[t]] for t in at_commit)
         log.info(
             "partition %s-%d: restored %d tasks (%d labels learned, state digest %s) from the changelog at "
             "committed offset %s, and %d from newer records (their events below those are skipped) in "
@@ -362,7 +365,7 @@ class ScaleOut(Standalone):
             p,
             len(at_commit),
             labels,
-            d.engine.digest(at_commit),
+            daemon.engine.handover.digest(at_commit),
             offset,
             len(newer),
             seconds,
@@ -378,17 +381,17 @@ class ScaleOut(Standalone):
 
     def revoking(self, partitions: list[TopicPartition]) -> None:
         """Hand the partitions over at a checkpoint when one can be written now."""
-        d = self.daemon
+        daemon = self.daemon
         if (
-            d.dirty
-            and d.sink is not None
-            and d.source is not None
-            and d.source.broker_reachable
-            and not d.stopping.is_set()
-            and d.storage_error is None
+            daemon.dirty
+            and daemon.sink is not None
+            and daemon.source is not None
+            and daemon.source.broker_reachable
+            and not daemon.stopping.is_set()
+            and daemon.storage_error is None
         ):
             try:  # hand the partitions over at a checkpoint: the next owner starts there once it is committed
-                d.checkpoint(timeout=min(10.0, d.cfg.kafka.session_timeout_ms / 2000), commit_by="send")
+                daemon.checkpoint(timeout=min(10.0, daemon.cfg.kafka.session_timeout_ms / 2000), commit_by="send")
             except LifelongError as exc:
                 log.warning("no checkpoint before giving partitions up (%s): the next owner replays", exc)
 

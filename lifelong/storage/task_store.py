@@ -77,11 +77,11 @@ class TaskStore:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
-        # no compression: rows are mostly floats, which lz4 left at the same size on disk (1.2 GB for bench/scale.py's
-        # 350,000 tasks either way) while its flushes and compactions took a third of a core from the engine
+        # no compression: rows are mostly floats, which lz4 leaves at about the same size on disk while its
+        # flushes and compactions take CPU from the engine
         opts.set_compression_type(DBCompressionType.none())
         # Bloom filters in the tables and the memtable (most lookups are of new tasks: a miss reads nothing), a
-        # hash index in each data block, an 8 MB block cache: reads take 0.65x the time of bloom filters alone
+        # hash index in each data block, an 8 MB block cache: cheaper reads than bloom filters alone
         opts.optimize_for_point_lookup(8)
         # 8 MB memtables (not 64): a checkpoint's snapshot flushes the memtable under the processing lock, and
         # write-behind fills it at tens of MB/s under load; fuller ones are flushed by RocksDB's own threads

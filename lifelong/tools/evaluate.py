@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from lifelong.config import Config
-from lifelong.core.engine import Engine, use_threads
+from lifelong.core.engine import Engine
 from lifelong.core.events import Event, Schema, decode_many
+from lifelong.core.warmup import use_threads
 from lifelong.errors import LifelongError, require
 
 READ_CHUNK = 65536  # lines decoded together (``decode_many``)

@@ -205,7 +205,7 @@ def test_a_detached_checkpoint_holds_the_state_it_took_while_the_engine_goes_on(
     assert not ckpt.due(10.0) and ckpt.due(0.0)
     back = checkpoint.load_engine(cfg.checkpoint.dir, cfg)
     assert back.counters == taken.counters != engine.counters
-    assert dict(back.learned_keys) == dict(taken.learned_keys) != dict(engine.learned_keys)
+    assert dict(back.arrivals.learned) == dict(taken.arrivals.learned) != dict(engine.arrivals.learned)
     assert back.tasks.names == taken.tasks.names
     for name, v in taken.state()[0].items():
         assert torch.equal(back.state()[0][name], v), name

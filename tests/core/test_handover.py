@@ -18,10 +18,18 @@ MAX = 1 << 20
 DT = torch.float64
 
 
-def drain(engine, log):
+def outbox(engine):
+    """The engine's published members wait in the list returned, as a scale-out replica's do, instead of
+    joining its KB."""
+    members = []
+    engine.publisher = members.extend
+    return members
+
+
+def drain(engine, members, log):
     """Send the engine's published snapshots to the shared log (as bytes, like the knowledge topic)."""
-    log.extend(engine.kb.encode(engine.outbox))
-    engine.outbox.clear()
+    log.extend(engine.kb.encode(members))
+    members.clear()
 
 
 def catch_up(engine, log, applied):
@@ -33,7 +41,7 @@ def catch_up(engine, log, applied):
 def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity):
     events = make_stream(n_tasks=12, per_task=48, block=6, ends=False)
     a, b = engine_factory(kb_capacity=capacity), engine_factory(kb_capacity=capacity)
-    a.share = b.share = True
+    out = {a: outbox(a), b: outbox(b)}
     mine = {"a": [e for e in events if int(e.task[1:]) < 4], "b": [e for e in events if int(e.task[1:]) >= 4]}
     moved = "t1"
     cut = [i for i, e in enumerate(mine["a"]) if e.task == moved][30]
@@ -42,10 +50,10 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity
     seen = {"a": 0, "b": 0}
     for step, start in enumerate(range(0, max(len(first), len(mine["b"])), 20)):
         a.process(first[start : start + 20])
-        drain(a, log)
+        drain(a, out[a], log)
         seen["a"] = catch_up(a, log, seen["a"])  # a reads the log after every batch ...
         b.process(mine["b"][start : start + 20])
-        drain(b, log)
+        drain(b, out[b], log)
         if step % 3 == 2:  # ... b only now and then: the KB must not depend on when a replica reads
             seen["b"] = catch_up(b, log, seen["b"])
     seen["a"], seen["b"] = catch_up(a, log, seen["a"]), catch_up(b, log, seen["b"])
@@ -58,9 +66,9 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity
     if a.kb.task_S is not None:
         torch.testing.assert_close(a.kb.task_S, b.kb.task_S, rtol=0, atol=0)
 
-    record = b.decode_task(a.export_task(moved, {"partition": 0}), MAX)
+    record = b.handover.decode_task(a.handover.export_task(moved, {"partition": 0}), MAX)
     assert record[0]["partition"] == 0
-    b.load_tasks({moved: record})
+    b.handover.load_tasks({moved: record})
     i_a, i_b = a.tasks.index[moved], b.tasks.index[moved]
     assert b.n_labelled[i_b] == a.n_labelled[i_a] == 30
     ra, rb = a.process(rest), b.process(rest)  # the same events, now on the replica the task moved to
@@ -70,9 +78,8 @@ def test_one_log_one_kb_and_a_task_moves_with_its_state(engine_factory, capacity
 
 def test_members_encoded_together_are_the_records_each_gives_alone(engine_factory):
     eng = engine_factory()
-    eng.share = True
+    snaps = outbox(eng)
     eng.process(make_stream(n_tasks=5, per_task=40, ends=False))
-    snaps = eng.outbox
     assert len(snaps) >= 3
     together = eng.kb.encode(snaps)
     assert together == [eng.kb.encode([s])[0] for s in snaps]  # what other replicas read does not depend on it
@@ -88,13 +95,13 @@ def test_a_moved_task_meets_another_kb_with_late_expert_entry(engine_factory):
     events = make_stream(n_tasks=6, per_task=40, ends=False)
     a, b = engine_factory(), engine_factory()
     a.process(events)
-    record = b.decode_task(a.export_task("t0", {}), MAX)
-    b.load_tasks({"t0": record})  # b's KB is empty: every expert a's task had is absent here
+    record = b.handover.decode_task(a.handover.export_task("t0", {}), MAX)
+    b.handover.load_tasks({"t0": record})  # b's KB is empty: every expert a's task had is absent here
     i = b.tasks.index["t0"]
     assert not bool(b.tasks.cols["in_kb"][i].any()) and b.n_labelled[i] == a.n_labelled[a.tasks.index["t0"]]
     out = b.process([e for e in make_stream(n_tasks=6, per_task=50, ends=False, seed=1) if e.task == "t0"][:5])
     assert np.isfinite(out.pred).all()
-    b.load_tasks({"t0": None})
+    b.handover.load_tasks({"t0": None})
     assert b.n_labelled[i] == 0 and bool((b.learners.task_state(i)["param.mu"] == 0).all())
 
 
@@ -106,7 +113,7 @@ class _Boom:
 def _member(engine_factory):
     eng = engine_factory()
     eng.process(make_stream(n_tasks=2, per_task=16, ends=False))
-    snap = eng.kb.encode([eng.staged[0] if eng.staged else _staged(eng)])[0]
+    snap = eng.kb.encode([eng.staging.staged[0] if eng.staging.staged else _staged(eng)])[0]
     return eng, snap
 
 
@@ -122,7 +129,7 @@ def test_good_member_records_round_trip(engine_factory):
     eng, data = _member(engine_factory)
     snap = eng.kb.decode(data, MAX)
     assert snap.task_name == "t0" and snap.learned >= 1
-    ref = _staged(eng) if not eng.staged else eng.staged[0]
+    ref = _staged(eng) if not eng.staging.staged else eng.staging.staged[0]
     for k in snap.store:
         torch.testing.assert_close(snap.store[k], ref.store[k])
 
@@ -163,7 +170,7 @@ def test_a_river_engine_never_reads_records_from_other_replicas(engine_factory):
         river.kb.decode(good, MAX)
     assert info.value.reason == "backend"
     with pytest.raises(wire.Refused) as info:
-        river.decode_task(eng.export_task("t0", {}), MAX)
+        river.handover.decode_task(eng.handover.export_task("t0", {}), MAX)
     assert info.value.reason == "backend"
 
 
@@ -175,7 +182,7 @@ def test_a_task_restored_from_an_older_record_learns_the_replayed_events_again(e
     committed, replica = engine_factory(), engine_factory()
     committed.process(events[:12])
     replica.process(events)  # learned past the commit
-    replica.load_tasks({"t0": replica.decode_task(committed.export_task("t0", {}), MAX)})
+    replica.handover.load_tasks({"t0": replica.handover.decode_task(committed.handover.export_task("t0", {}), MAX)})
     replica.process(events[12:])  # the replay
     assert replica.counters["duplicates"] == 0
     assert replica.n_labelled[replica.tasks.index["t0"]] == len(events)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifelong.core.hedge import LOSS_CODES, Mixing, _top_k, mix, mix_events, smooth
+from lifelong.core.hedge import LOSS_CODES, Mixing, mix, mix_events, smooth, top_k
 
 TOL = 1e-9
 
@@ -182,7 +182,7 @@ def test_compiled_mixture_equals_cumulative_losses(tiny):
 
 def test_top_k_takes_the_heaviest_and_the_lower_index_on_ties():
     slots, weights = np.zeros(3, np.int64), np.zeros(3)
-    _top_k(np.array([0.1, 0.3, 0.3, 0.0, 0.3]), slots, weights)
+    top_k(np.array([0.1, 0.3, 0.3, 0.0, 0.3]), slots, weights)
     assert slots.tolist() == [1, 2, 4] and weights.tolist() == [0.3, 0.3, 0.3]
-    _top_k(np.array([0.0, 0.7, 0.2, 0.1]), slots, weights)
+    top_k(np.array([0.0, 0.7, 0.2, 0.1]), slots, weights)
     assert slots.tolist() == [1, 2, 3]

@@ -78,7 +78,9 @@ def test_the_changelog_step_sends_each_changed_task_once_at_its_partitions_posit
 
 def test_the_changelog_step_sends_the_tasks_as_they_were_when_taken():
     r, daemon, names = replica()
-    expected = daemon.engine.export_tasks(names, [{"partition": i % 2, "position": (40, 7)[i % 2]} for i in range(4)])
+    expected = daemon.engine.handover.export_tasks(
+        names, [{"partition": i % 2, "position": (40, 7)[i % 2]} for i in range(4)]
+    )
     sent = []
     daemon.sink._send = lambda topic, value, key, **kw: sent.append((key.decode(), value))
     send, _ = r.changelog()
@@ -121,7 +123,7 @@ def test_a_partition_given_up_is_not_written_by_this_replica_and_its_tasks_are_f
 
 def test_a_standalone_replica_has_no_changelog_step_and_no_foreign_tasks():
     r = Standalone(SimpleNamespace())  # type: ignore[arg-type]
-    assert r.changelog is None and r.foreign_tasks() == set() and r.extra() == {} and not r.shared
+    assert r.changelog is None and r.foreign_tasks() == set() and r.extra() == {} and r.publisher is None
 
 
 class Members(Sink):
@@ -140,14 +142,15 @@ def test_members_read_back_from_the_knowledge_log_join_as_decoded_without_being_
     overrides = {"engine.dim": 3, "kafka.changelog_topic": "cl", "kafka.knowledge_topic": "kb"}
     cfg = load_config(env={}, overrides={**overrides, "engine.publish_every": 8, "engine.snapshot_every": 4})
     here, other, reader = (Engine(cfg.engine, cfg.labels) for _ in range(3))
-    for engine, seed in ((here, 0), (other, 1)):
-        engine.share = True
-        engine.process([dataclasses.replace(e, task=f"{seed}-{e.task}") for e in make_stream(4, 8, dim=3, seed=seed)])
-    theirs = other.kb.encode(other.outbox)
     tp = TopicPartition(cfg.kafka.events_topic, 0)
     daemon = SimpleNamespace(cfg=cfg, engine=here, sink=Members(cfg), positions={tp: 0}, assigned=[tp])
     daemon.metrics, daemon.lock, daemon.dirty = Metrics(CollectorRegistry()), threading.RLock(), False
     r = ScaleOut(daemon)  # type: ignore[arg-type]
+    theirs: list = []
+    here.publisher, other.publisher = r.publisher, theirs.extend
+    for engine, seed in ((here, 0), (other, 1)):
+        engine.process([dataclasses.replace(e, task=f"{seed}-{e.task}") for e in make_stream(4, 8, dim=3, seed=seed)])
+    theirs = other.kb.encode(theirs)
     r.changelog_sink = daemon.sink
     r.learned([], [])  # sends this replica's members
     ours = daemon.sink.values

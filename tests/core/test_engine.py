@@ -7,9 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lifelong.config import LabelsConfig
-from lifelong.core.engine import _Window, warm_up
+from lifelong.core.arrivals import LearnedWindow
+from lifelong.core.engine import Engine
 from lifelong.core.events import Event
-from lifelong.core.results import LABEL_JOINED, LABEL_UNMATCHED, PREDICTED
+from lifelong.core.results import CONTROL, LABEL_JOINED, LABEL_UNMATCHED, LEARNED, PREDICTED
+from lifelong.core.warmup import warm_up
 from lifelong.errors import StateError
 from lifelong.service import checkpoint
 
@@ -57,7 +59,7 @@ def test_compiled_cpu_path_equals_torch_waves(engine_factory, cfg, stream):
     events = make_stream(delayed=0.2, **stream)
     compiled, waves = engine_factory(**cfg), engine_factory(**cfg)
     assert compiled.compiled
-    waves.compiled = False
+    waves.mixtures.compiled = False
     p1, o1 = run(compiled, events, 29)
     p2, o2 = run(waves, events, 29)
     assert (o1 == o2).all()
@@ -150,7 +152,7 @@ def test_delayed_labels_join_expire_and_are_counted(engine_factory):
     ]
     assert engine.counters["learned"] == 1
     assert engine.counters["label_expired"] == 3  # p2 by count, p3 and p4 by TTL
-    assert not engine.pending
+    assert not engine.arrivals.pending
     assert r.errors[2, 0] in (0.0, 1.0) and np.isnan(r.errors[0, 0])
 
 
@@ -237,7 +239,7 @@ def scaled(events, factors):
 def test_scaled_features_batch_and_path_exact(engine_factory, cfg, stream):
     events = scaled(make_stream(delayed=0.2, **stream), {"t0": 3e6, "t1": 1e12, "t2": 40.0})
     one, batched, waves = engine_factory(**cfg), engine_factory(**cfg), engine_factory(**cfg)
-    waves.compiled = False
+    waves.mixtures.compiled = False
     p1, _ = run(one, events, 1)
     p2, _ = run(batched, events, 37)
     p3, _ = run(waves, events, 37)
@@ -319,11 +321,11 @@ def test_a_non_finite_snapshot_never_enters_the_kb(engine_factory):
 
 
 def test_earlier_sums_stay_inside_their_group():
-    from lifelong.core.engine import _EarlierSum
+    from lifelong.core.mixtures import EarlierSum
 
     group = torch.tensor([0, 1, 0, 1, 2, 0])
     values = torch.tensor([[1.0], [2.0], [float("nan")], [3.0], [4.0], [5.0]], dtype=torch.float64)
-    out = _EarlierSum(group)(values)[:, 0]
+    out = EarlierSum(group)(values)[:, 0]
     assert out[[0, 1, 2, 3, 4]].tolist() == [0.0, 0.0, 1.0, 2.0, 0.0]
     assert torch.isnan(out[5])  # after its own group's NaN only
 
@@ -453,7 +455,7 @@ def test_snapshot_at_lets_short_tasks_into_the_kb(engine_factory):
 
 
 def test_duplicate_window_keeps_the_newest_keys_in_learning_order():
-    window = _Window()
+    window = LearnedWindow()
     window.add([("a", "1"), ("a", "2")], [1.0, 2.0], cap=3)
     window.add([("a", "1"), ("b", "1")], [3.0, 3.0], cap=3)  # "a/1" learned again keeps its place
     assert list(window) == [("a", "1"), ("a", "2"), ("b", "1")] and window[("a", "1")] == 3.0
@@ -461,7 +463,7 @@ def test_duplicate_window_keeps_the_newest_keys_in_learning_order():
     assert list(window) == [("a", "2"), ("b", "1"), ("b", "2")]
     window.expire(3.5)
     assert list(window) == [("b", "2")]
-    assert list(_Window(window.items()).order) == [("b", "2")]
+    assert list(LearnedWindow(window.items()).order) == [("b", "2")]
 
 
 class _Reference(dict):
@@ -481,9 +483,9 @@ class _Reference(dict):
 def test_duplicate_window_follows_its_rules_and_comes_back_from_its_encoding(monkeypatch, seed):
     """Random learning (new and repeated keys), expiry, forgotten tasks and caps across many small chunks:
     the window equals the plain rules, and what a checkpoint holds (``encoded``) decodes to the same window."""
-    monkeypatch.setattr(_Window, "CHUNK", 3)
+    monkeypatch.setattr(LearnedWindow, "CHUNK", 3)
     rng = np.random.default_rng(seed)
-    window, ref, now = _Window(), _Reference(), 0.0
+    window, ref, now = LearnedWindow(), _Reference(), 0.0
     for _ in range(400):
         kind = rng.choice(["add", "add_new", "expire", "forget", "check"], p=[0.4, 0.3, 0.1, 0.05, 0.15])
         if kind in ("add", "add_new"):
@@ -505,7 +507,7 @@ def test_duplicate_window_follows_its_rules_and_comes_back_from_its_encoding(mon
             for k in [k for k in ref if k[0] == task]:
                 del ref[k]
         else:
-            back = _Window.decoded(*window.encoded())
+            back = LearnedWindow.decoded(*window.encoded())
             assert list(back.items()) == list(ref.items())
         assert list(window.items()) == list(ref.items()) and len(window) == len(ref)
         assert all(k in window for k in ref) and set(window.keys()) == set(ref)
@@ -520,12 +522,15 @@ def test_plain_segments_take_the_short_road_to_the_same_state(engine_factory, mo
     stamped = [dataclasses.replace(e, ts=None if i % 3 == 0 else float(i) / 4) for i, e in enumerate(events)]
     stamped[40:40] = [stamped[37], dataclasses.replace(stamped[38], ts=float(rng.integers(50)))]  # duplicates
     short, loop = engine_factory(labels=labels), engine_factory(labels=labels)
-    monkeypatch.setattr(loop, "_plain", lambda evs: None)
+    monkeypatch.setattr(loop.arrivals, "plain", lambda evs, index: None)
     p1, o1 = run(short, stamped, 16)
     p2, o2 = run(loop, stamped, 16)
     assert (o1 == o2).all() and short.counters == loop.counters and short.counters["duplicates"] >= 1
     np.testing.assert_array_equal(p1, p2)
-    assert list(short.learned_keys.items()) == list(loop.learned_keys.items()) and short.now_ts == loop.now_ts
+    assert (
+        list(short.arrivals.learned.items()) == list(loop.arrivals.learned.items())
+        and short.arrivals.now_ts == loop.arrivals.now_ts
+    )
     assert short.n_labelled.tolist() == loop.n_labelled.tolist() and short.tasks.names == loop.tasks.names
 
 
@@ -552,7 +557,7 @@ def test_tasks_meet_the_kb_at_their_next_event_as_if_at_each_publication(engine_
     member excepted) when it next comes, with the predictions and tables of meeting them at every publication."""
     events = make_stream(n_tasks=16, per_task=24, ends=False, delayed=0.2)
     lazy, eager = engine_factory(kb_capacity=3), engine_factory(kb_capacity=3)
-    lazy.compiled = eager.compiled = compiled
+    lazy.mixtures.compiled = eager.mixtures.compiled = compiled
     preds = {}
     for engine in (lazy, eager):
         out = []
@@ -616,9 +621,23 @@ def test_a_code_carried_into_the_current_basis_is_turned_into_it_and_takes_the_p
 
 
 @pytest.mark.parametrize(("cfg", "stream"), KINDS)
-def test_warm_up_runs_every_path_of_every_kind_and_changes_nothing(engine_factory, cfg, stream):
-    """The daemon compiles the kernels before it joins its group: a throwaway engine, whatever the kind."""
+def test_warm_up_runs_every_path_of_every_kind_and_changes_nothing(engine_factory, monkeypatch, cfg, stream):
+    """The daemon compiles the kernels before it joins its group: a throwaway engine, whatever the kind, goes
+    through every outcome, a snapshot and a publication; the daemon's own engine is untouched."""
     engine = engine_factory(**cfg)
     before = engine.state()[1]
-    assert warm_up(engine.cfg, engine.labels) >= 0.0
+    scratch: list[Engine] = []
+    outcomes: set[int] = set()
+
+    class Recording(Engine):
+        def process(self, events):
+            scratch.append(self)
+            result = super().process(events)
+            outcomes.update(result.outcome.tolist())
+            return result
+
+    monkeypatch.setattr("lifelong.core.warmup.Engine", Recording)
+    warm_up(engine.cfg, engine.labels)
+    assert {PREDICTED, LEARNED, LABEL_JOINED, CONTROL} <= outcomes
+    assert scratch[-1].counters["snapshots"] > 0 and scratch[-1].kb.size > 0
     assert engine.state()[1] == before and engine.counters["learned"] == 0

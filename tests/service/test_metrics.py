@@ -110,7 +110,7 @@ def test_a_scrape_never_waits_for_the_processing_lock(engine_factory):
 
     holder = threading.Thread(target=hold)
     holder.start()
-    held.wait(5)
+    assert held.wait(5)
     body: list[bytes] = []
     scraper = threading.Thread(target=lambda: body.append(generate_latest(reg)))
     scraper.start()

@@ -168,7 +168,7 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
     for p, offset in committed.items():
         records, _ = read_changelog(cfg, p, offset, timeout_s=30)
         for task, (value, _) in records.items():
-            meta, _ = engine.decode_task(value, cfg.kafka.max_message_bytes)
+            meta, _ = engine.handover.decode_task(value, cfg.kafka.max_message_bytes)
             learned[task] = meta["n_labelled"]
     assert learned == dict(labelled)
 
@@ -197,7 +197,7 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
                     continue
                 victim_engine = Engine(cfg.engine, cfg.labels, copy / "tasks")
                 checkpoint.restore_engine(victim_engine, copy, tensors, meta)
-                victim_engine.recall()
+                victim_engine.residency.recall()
                 names = [
                     t
                     for t, q in extra["task_partition"].items()
@@ -205,7 +205,7 @@ def test_three_replicas_kill_9_a_new_one_and_a_restart_exactly_once_and_one_kb(b
                 ]
                 assert len(names) == n
                 assert sum(victim_engine.n_labelled[victim_engine.tasks.index[t]] for t in names) == labels
-                assert victim_engine.digest(names) == digest
+                assert victim_engine.handover.digest(names) == digest
                 matched += 1
     assert matched >= 1, "no take-over restored a partition from the killed replica's checkpoint"
 
@@ -246,7 +246,7 @@ def test_a_replica_forgets_the_tasks_of_partitions_it_no_longer_owns(broker, tmp
                 assert kept and moved and not kept & moved and len(kept | moved) == 8
                 assert {a.replica.task_partition[t] for t in kept} == {a.assigned[0].partition}
                 assert a.engine.n_known == len(kept) and b.engine.n_known == len(moved)
-                assert a.engine.store.get(sorted(moved)) == [None] * len(moved)
+                assert a.engine.residency.store.get(sorted(moved)) == [None] * len(moved)
                 assert not moved & set(a.engine.tasks.index)
 
 

@@ -61,7 +61,7 @@ def offline_engine(cfg, payloads: list[bytes]) -> Engine:
 
 def assert_same_state(a: Engine, b: Engine) -> None:
     for engine in (a, b):  # tasks beyond max_resident_tasks, or not met since a restart, are in the task store
-        engine.recall(), engine.settle()
+        engine.residency.recall(), engine.settle()
     assert sorted(a.tasks.names) == sorted(b.tasks.names)
     rows = [a.tasks.index[name] for name in b.tasks.names]
     assert a.n_labelled[rows].tolist() == b.n_labelled.tolist()  # every labelled event learned exactly once
@@ -338,14 +338,14 @@ def test_delayed_labels_join_across_a_restart(broker, tmp_path):
     with ThreadDaemon(cfg) as daemon:
         wait_until(lambda: daemon.ready()[0], 30, what="ready")
         produce(broker.bootstrap, cfg.kafka.events_topic, predictions + done)
-        wait_until(lambda: len(daemon.engine.pending) == 20 and daemon.ended, 30, what="pending predictions")
+        wait_until(lambda: len(daemon.engine.arrivals.pending) == 20 and daemon.ended, 30, what="pending predictions")
     with ThreadDaemon(config(values)) as daemon:  # restarted: the pending store came back with the checkpoint
-        assert len(daemon.engine.pending) == 20
+        assert len(daemon.engine.arrivals.pending) == 20
         assert daemon.ended == {"done"}  # and the ended tasks (no per-task series for them)
         wait_until(lambda: daemon.ready()[0], 30, what="ready")
         produce(broker.bootstrap, cfg.kafka.events_topic, labels)
         wait_until(lambda: daemon.engine.counters["learned"] == 21, 30, what="labels joined")  # and "done"
-        assert daemon.engine.counters["label_expired"] == 0 and not daemon.engine.pending
+        assert daemon.engine.counters["label_expired"] == 0 and not daemon.engine.arrivals.pending
         wait_until(
             lambda: metric(cfg.metrics.port, "lifelong_label_delay_seconds_count") == 20,
             10,

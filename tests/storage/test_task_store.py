@@ -1,9 +1,12 @@
-"""Tiered task state: tasks beyond ``engine.max_resident_tasks`` wait in the on-disk task store (``store.py``)."""
+"""Tasks beyond ``engine.max_resident_tasks`` wait in the on-disk task store (``storage/task_store.py``)."""
+
+import gc
 
 import numpy as np
 import pytest
 import torch
 
+from lifelong.core.engine import Engine
 from lifelong.core.events import Event
 from lifelong.errors import StateError
 from lifelong.service import checkpoint
@@ -26,7 +29,7 @@ def test_tasks_beyond_the_resident_limit_give_the_same_results(engine_factory, c
     np.testing.assert_allclose(run(memory, events, 8), run(tiered, events, 8), rtol=0, atol=1e-12)
     assert tiered.counters["tasks_evicted"] > 0 and tiered.counters["tasks_loaded"] > 0
     assert tiered.n_tasks <= 8 and tiered.n_known == memory.n_known == 30  # at most 5, or one batch's tasks
-    assert tiered.store is not None and tiered.store.count > 0
+    assert tiered.residency.store is not None and tiered.residency.store.count > 0
     a, b = memory.report(), tiered.report()
     assert a["tasks"].keys() == b["tasks"].keys()  # (rows in another order: equal to rounding)
     assert all(a["tasks"][k] == pytest.approx(b["tasks"][k], rel=1e-9) for k in a["tasks"])
@@ -38,19 +41,17 @@ def test_tasks_beyond_the_resident_limit_give_the_same_results(engine_factory, c
 
 
 def test_tasks_written_at_a_checkpoint_and_evicted_unchanged_are_not_written_again(engine_factory, monkeypatch):
-    """Between checkpoints (``flush_tasks`` after every batch here), an evicted task unchanged since it was
+    """Between checkpoints (``Residency.flush`` after every batch here), an evicted task unchanged since it was
     written stays as it is in the store: same results as with every task in memory, fewer rows written."""
     events = make_stream(n_tasks=30, per_task=24, ends=False, delayed=0.2)
     memory, tiered = engine_factory(), engine_factory(max_resident_tasks=5)
     written = []
-    store_rows = type(tiered)._store_rows
-    monkeypatch.setattr(
-        type(tiered), "_store_rows", lambda self, rows: (written.append(len(rows)), store_rows(self, rows))
-    )
+    write_rows = tiered.residency.write_rows
+    monkeypatch.setattr(tiered.residency, "write_rows", lambda rows: (written.append(len(rows)), write_rows(rows)))
     preds, flushed = [], 0
     for i in range(0, len(events), 8):
         preds.append(tiered.process(events[i : i + 8]).pred)
-        flushed += tiered.flush_tasks()
+        flushed += tiered.residency.flush()
     np.testing.assert_allclose(run(memory, events, 8), np.concatenate(preds), rtol=0, atol=1e-12)
     assert tiered.counters["tasks_evicted"] > 0 and sum(written) == flushed  # evictions wrote nothing
 
@@ -63,12 +64,12 @@ def test_tasks_written_behind_give_the_same_results_and_a_checkpoint_writes_only
     preds, behind = [], 0
     for i in range(0, len(events), 8):
         preds.append(tiered.process(events[i : i + 8]).pred)
-        behind += tiered.write_behind(3)
+        behind += tiered.residency.write_behind(3)
     np.testing.assert_allclose(run(memory, events, 8), np.concatenate(preds), rtol=0, atol=1e-12)
     assert behind > 0 and tiered.counters["tasks_evicted"] > 0 and tiered.counters["tasks_loaded"] > 0
     dirty = int(tiered.tasks.dirty[: tiered.n_tasks].sum())
-    assert tiered.flush_tasks() == dirty < tiered.n_tasks and tiered.flushed == dirty + behind
-    tiered.recall()
+    assert tiered.residency.flush() == dirty < tiered.n_tasks and tiered.residency.flushed == dirty + behind
+    tiered.residency.recall()
     memory_state, tiered_state = memory.state()[0], tiered.state()[0]
     rows = [tiered.tasks.index[name] for name in memory.tasks.names]
     for name in ("task.stats", "task.L_kb", "learner.param.S"):
@@ -91,8 +92,8 @@ def test_a_moved_task_is_read_from_the_store_for_export(engine_factory):
     a, b = engine_factory(max_resident_tasks=3), engine_factory()
     run(a, events, 8)
     run(b, events, 8)
-    stored = next(k for k, _ in a.store.items() if k not in a.tasks.index)
-    ra, rb = (e.decode_task(e.export_task(stored, {}), 1 << 20) for e in (a, b))
+    stored = next(k for k, _ in a.residency.store.items() if k not in a.tasks.index)
+    ra, rb = (e.handover.decode_task(e.handover.export_task(stored, {}), 1 << 20) for e in (a, b))
     assert ra[0] == rb[0] and ra[1].keys() == rb[1].keys()
     for k, v in ra[1].items():
         torch.testing.assert_close(v, rb[1][k], rtol=0, atol=1e-12)
@@ -107,25 +108,25 @@ def test_tasks_exported_together_are_the_records_of_each_alone_resident_or_store
     run(memory, events, 8)
     names = sorted(memory.tasks.names)
     extras = [{"partition": i % 3, "position": 100 + i} for i in range(len(names))]
-    together = tiered.export_tasks(names, extras)
-    assert together == [memory.export_task(n, x) for n, x in zip(names, extras, strict=True)]
+    together = tiered.handover.export_tasks(names, extras)
+    assert together == [memory.handover.export_task(n, x) for n, x in zip(names, extras, strict=True)]
     assert tiered.n_tasks <= 4  # read back two at a time (half the limit), never all at once
 
 
 def test_flush_writes_only_changed_tasks_and_the_store_refuses_another_engine_shape(engine_factory, tmp_path):
     engine = engine_factory(max_resident_tasks=1000)
-    engine.store_dir = tmp_path / "tasks"
+    engine.residency.store_dir = tmp_path / "tasks"
     events = make_stream(n_tasks=10, per_task=8, ends=False)
     run(engine, events, 16)
-    assert engine.flush_tasks() == 10 and engine.flush_tasks() == 0
+    assert engine.residency.flush() == 10 and engine.residency.flush() == 0
     engine.process([e for e in make_stream(n_tasks=10, per_task=8, ends=False, seed=1) if e.task in ("t1", "t2")])
-    assert engine.flush_tasks() == 2
-    assert engine.store.count == 10
-    engine.store.close()
+    assert engine.residency.flush() == 2
+    assert engine.residency.store.count == 10
+    engine.residency.store.close()
     other = engine_factory(dim=6)
     with pytest.raises(StateError, match="another shape of engine"):
-        TaskStore(tmp_path / "tasks", other.layout())
-    again = TaskStore(tmp_path / "tasks", engine.layout())
+        TaskStore(tmp_path / "tasks", other.residency.layout())
+    again = TaskStore(tmp_path / "tasks", engine.residency.layout())
     assert again.count == 10 and len(again.get(["t1", "nope"])) == 2 and again.get(["nope"]) == [None]
     again.close()
 
@@ -135,7 +136,7 @@ def test_rows_of_stored_tasks_survive_a_round_trip_through_bytes(engine_factory)
 
     engine = engine_factory()
     run(engine, make_stream(n_tasks=6, per_task=20, ends=False), 16)
-    cols = engine._columns()
+    cols = engine.residency.columns()
     rows = torch.tensor([4, 1, 3])
     packed = pack_rows(cols, rows)
     copy = {k: torch.zeros_like(v) for k, v in cols.items()}
@@ -150,7 +151,7 @@ def test_incremental_checkpoints_write_changed_tasks_and_restore_from_the_snapsh
     snapshot of the store, taken after the tasks changed since the last checkpoint were written."""
     events = make_stream(n_tasks=20, per_task=24, ends=False)
     engine = engine_factory(max_resident_tasks=4)
-    engine.store_dir = tmp_path / "tasks"
+    engine.residency.store_dir = tmp_path / "tasks"
     reference = engine_factory(max_resident_tasks=4)
     run(engine, events[:240], 16)
     run(reference, events[:240], 16)
@@ -161,7 +162,7 @@ def test_incremental_checkpoints_write_changed_tasks_and_restore_from_the_snapsh
     engine.process(only)
     reference.process(only)
     checkpoint.save_engine(engine, tmp_path)
-    assert engine.flushed == 2  # the two tasks that changed, not all twenty
+    assert engine.residency.flushed == 2  # the two tasks that changed, not all twenty
     checkpoint.save_engine(engine, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("store-*")) == ["store-000000000002", "store-000000000003"]
     snapshot = tmp_path / "store-000000000003"
@@ -174,11 +175,11 @@ def test_incremental_checkpoints_write_changed_tasks_and_restore_from_the_snapsh
     restored = checkpoint.load_engine(tmp_path, engine.cfg, engine.labels)  # the engine's live store stays open
     assert files() == before  # the snapshot is read, never written
     assert restored.n_tasks == 0 and restored.n_known == 20  # every task waits in the store
-    assert restored.store.path != engine.store.path and engine.store.count == 20
-    np.testing.assert_allclose(restored.stats_total(), reference.stats_total(), rtol=1e-12)
+    assert restored.residency.store.path != engine.residency.store.path and engine.residency.store.count == 20
+    np.testing.assert_allclose(restored.residency.stats_total(), reference.residency.stats_total(), rtol=1e-12)
     rest = [e for e in events[240:] if e.task not in ("t1", "t2")]
     np.testing.assert_allclose(run(reference, rest, 16), run(restored, rest, 16), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(restored.stats_total(), reference.stats_total(), rtol=1e-12)
+    np.testing.assert_allclose(restored.residency.stats_total(), reference.residency.stats_total(), rtol=1e-12)
 
 
 def test_dropped_tasks_leave_memory_and_store_and_the_others_keep_their_state(engine_factory):
@@ -186,15 +187,15 @@ def test_dropped_tasks_leave_memory_and_store_and_the_others_keep_their_state(en
     engine = engine_factory(max_resident_tasks=4)
     run(engine, events, 16)
     resident = set(engine.tasks.index)
-    stored = {k for k, _ in engine.store.items()} - resident
+    stored = {k for k, _ in engine.residency.store.items()} - resident
     dropped = {sorted(resident)[0], sorted(stored)[0], sorted(stored)[1]}
     kept = sorted(set(resident | stored) - dropped)
-    before = engine.digest(kept)
+    before = engine.handover.digest(kept)
     totals = {k: v for k, v in engine.report()["tasks"].items() if k not in dropped}
     engine.drop_tasks(dropped)
-    assert engine.n_known == 7 and engine.store.get(sorted(dropped)) == [None] * 3
-    assert not any(k[0] in dropped for k in engine.pending.keys)
-    assert engine.digest(kept) == before
+    assert engine.n_known == 7 and engine.residency.store.get(sorted(dropped)) == [None] * 3
+    assert not any(k[0] in dropped for k in engine.arrivals.pending.keys)
+    assert engine.handover.digest(kept) == before
     report = engine.report()
     assert report["tasks"] == totals
     errors = sum(t["cumulative_error"] * t["events"] for t in totals.values())
@@ -216,13 +217,29 @@ def test_a_task_new_after_a_restore_and_a_drop_starts_afresh_in_the_row_left_beh
     new = [Event("new", f"n{i}", np.full(5, 0.5, np.float32), i % 2) for i in range(3)]
     dropped.process(new), kept.process(new)
     assert dropped.report()["tasks"]["new"] == kept.report()["tasks"]["new"]
-    assert dropped.digest(["new"]) == kept.digest(["new"])
+    assert dropped.handover.digest(["new"]) == kept.handover.digest(["new"])
 
 
-def test_stored_tasks_names_the_tasks_waiting_in_the_store(engine_factory):
+def test_in_store_names_the_tasks_waiting_in_the_store(engine_factory):
     engine = engine_factory(max_resident_tasks=4)
     run(engine, make_stream(n_tasks=10, per_task=8, ends=False), 16)
     known = {f"t{i}" for i in range(10)}
     away = known - set(engine.tasks.index)
-    held = engine.stored_tasks([*sorted(known), "never"])
+    held = engine.residency.in_store([*sorted(known), "never"])
     assert away and away <= held <= known  # a resident task may be in the store too, as it was last written
+
+
+def test_an_engine_let_go_releases_its_task_store_at_once(engine_factory, tmp_path):
+    """No reference cycle keeps an engine alive: dropping it closes its store (RocksDB's lock) without waiting
+    for the garbage collector, so the next engine on the same directory opens it."""
+    gc.disable()
+    try:
+        cfg = engine_factory(max_resident_tasks=2).cfg
+        engine = Engine(cfg, store_dir=tmp_path / "tasks")
+        run(engine, make_stream(n_tasks=6, per_task=8, ends=False), 16)
+        assert engine.residency.store is not None
+        del engine
+        again = Engine(cfg, store_dir=tmp_path / "tasks")
+        assert again.residency.open_store().count > 0
+    finally:
+        gc.enable()

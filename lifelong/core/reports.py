@@ -1,0 +1,115 @@
+"""Reports read from the tasks' tables: regrets against their bounds, cumulative figures per method and per
+task, and the KB's members with their total weight. Nothing here changes state."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from lifelong.core.knowledge import KnowledgeBase
+from lifelong.core.mixtures import EARLY_N, SHARED_PRIOR, Mixtures
+from lifelong.core.tasks import STAT
+
+
+def regrets(mixtures: Mixtures, tables: dict[str, torch.Tensor], counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per task (tables ``tables``, labelled counts ``counts``): regret of the combined predictor vs the better level,
+    of the KB vs its best expert, and the bound of each."""
+    n = len(counts)
+    st = tables["stats"][:n]
+    best_level = torch.where(tables["in_top"][:n], tables["L_top"][:n], math.inf).min(1).values
+    top = (st[:, STAT["loss"]] - best_level).cpu().numpy()
+    best_kb = torch.where(tables["in_kb"][:n], tables["L_kb"][:n], math.inf).min(1).values
+    kb = torch.where(torch.isfinite(best_kb), st[:, STAT["loss_kb"]] - best_kb, 0.0).cpu().numpy()
+    counts = np.array(counts, np.int64)
+    top_bound = mixtures.top_mix.bounds(counts, tables["n_top"][:n].cpu().numpy())
+    n_kb = tables["n_kb"][:n].cpu().numpy()
+    prior = mixtures.kb_log_prior()
+    mass = None
+    if prior is not None:  # the shared experts that took part weigh e^SHARED_PRIOR instead of 1
+        shared = (tables["in_kb"][:n] & (prior > 0)).sum(1).cpu().numpy()
+        mass = n_kb + shared * (math.exp(SHARED_PRIOR) - 1.0)
+    kb_bound = mixtures.kb_mix.bounds(counts, n_kb, mass)
+    return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
+
+
+def report(
+    mixtures: Mixtures,
+    kb: KnowledgeBase,
+    names: list[str],
+    tables: dict[str, torch.Tensor],
+    counts: np.ndarray,
+    counters: dict[str, int],
+) -> dict[str, Any]:
+    """Cumulative figures per method and per task (tables ``tables``, labelled counts ``counts``) for tasks ``names``
+    (the core of ``lifelong evaluate``'s report)."""
+    n = len(names)
+    st = tables["stats"].cpu().numpy()
+    total = max(1, int(counts.sum()))
+    reg = regrets(mixtures, tables, counts)
+
+    def method(err: str, loss: str) -> dict[str, float]:
+        return {
+            "cumulative_error": float(st[:, STAT[err]].sum() / total),
+            "cumulative_log_loss": float(st[:, STAT[loss]].sum() / total),
+        }
+
+    tasks = {}
+    for i, name in enumerate(names):
+        c = max(1, int(counts[i]))
+        tasks[name] = {
+            "events": int(counts[i]),
+            "cumulative_error": float(st[i, STAT["errors"]] / c),
+            "cumulative_error_local": float(st[i, STAT["errors_local"]] / c),
+            "regret": float(reg["top"][i]),
+            "regret_bound": float(reg["top_bound"][i]),
+            "kb_regret": float(reg["kb"][i]),
+            "kb_regret_bound": float(reg["kb_bound"][i]),
+        }
+    early_n = max(1.0, float(st[:, STAT["early_n"]].sum()))
+    i_top = int(np.argmax(reg["top"] - reg["top_bound"])) if n else 0
+    i_kb = int(np.argmax(reg["kb"] - reg["kb_bound"])) if n else 0
+    return {
+        "labelled": int(counts.sum()),
+        "methods": {
+            "lifelong": method("errors", "loss"),
+            "local": method("errors_local", "loss_local"),
+            "kb_only": method("errors_kb", "loss_kb"),
+        },
+        "regret": {
+            "top_level_max": float(reg["top"][i_top]) if n else 0.0,
+            "top_level_bound": float(reg["top_bound"][i_top]) if n else 0.0,
+            "kb_max": float(reg["kb"][i_kb]) if n else 0.0,
+            "kb_bound": float(reg["kb_bound"][i_kb]) if n else 0.0,
+            "top_level_total": float(reg["top"].sum()),
+            "kb_total": float(reg["kb"].sum()),
+        },
+        "early": {
+            "first_n": EARLY_N,
+            "lifelong": float(st[:, STAT["early_errors"]].sum() / early_n),
+            "local": float(st[:, STAT["early_errors_local"]].sum() / early_n),
+        },
+        "kb": {"size": kb.size, "capacity": kb.capacity, **kb.counts},
+        "counters": dict(counters),
+        "tasks": tasks,
+    }
+
+
+def kb_summary(
+    mixtures: Mixtures, kb: KnowledgeBase, tables: dict[str, torch.Tensor], counts: np.ndarray
+) -> list[dict[str, Any]]:
+    """One row per KB member: slot, id, source task and its total weight over tasks ."""
+    n = len(counts)
+    if n:
+        rounds = torch.as_tensor(counts, device=kb.device) + 1
+        weights = mixtures.kb_mix.weights(tables["L_kb"][:n], tables["in_kb"][:n], rounds, mixtures.kb_log_prior())
+        weights = torch.nan_to_num(weights).sum(0)
+    else:
+        weights = torch.zeros(mixtures.n_experts)
+    rows = [{"slot": "basis", "id": "basis", "source": "-", "weight": float(weights[0])}] if kb.basis_ready else []
+    for s, mid in enumerate(kb.ids):
+        if mid is not None and bool(kb.valid[s]):
+            rows.append({"slot": s, "id": mid, "source": kb.source[s], "weight": float(weights[1 + s])})
+    return rows
