@@ -126,10 +126,14 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class LabelsConfig:
-    """``labels``: how long and how many predictions wait for their delayed label."""
+    """``labels``: how long and how many predictions wait for their delayed label, and which event times are
+    trusted (README "Delayed labels and event time")."""
 
     pending_ttl_s: float = 3600.0
     pending_max: int = 100_000
+    max_future_s: float = 300.0  # an event time beyond this machine's clock plus this is not trusted
+    max_lateness_s: float = 600.0  # nor one older than its partition's event time by more than this
+    idle_partition_s: float = 60.0  # a partition without events this long stops holding expiry back
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,9 @@ POSITIVE = {
     "metrics.max_task_labels",
     "labels.pending_ttl_s",
     "labels.pending_max",
+    "labels.max_future_s",
+    "labels.max_lateness_s",
+    "labels.idle_partition_s",
     "kafka.session_timeout_ms",
     "kafka.max_poll_interval_ms",
     "kafka.max_message_bytes",

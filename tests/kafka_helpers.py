@@ -76,10 +76,17 @@ def write_config(values: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def produce(bootstrap: str, topic: str, payloads: list[bytes], keys: list[bytes] | None = None) -> None:
+def produce(
+    bootstrap: str,
+    topic: str,
+    payloads: list[bytes],
+    keys: list[bytes] | None = None,
+    timestamps_ms: list[int] | None = None,
+) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
     for i, p in enumerate(payloads):
-        producer.send(topic, key=keys[i] if keys else b"k", value=p)
+        stamp = timestamps_ms[i] if timestamps_ms else None
+        producer.send(topic, key=keys[i] if keys else b"k", value=p, timestamp_ms=stamp)
     producer.flush()
     producer.close()
 

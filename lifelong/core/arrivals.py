@@ -9,7 +9,6 @@ the stream was cut into batches.
 
 from __future__ import annotations
 
-import math
 import typing
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, KeysView
@@ -21,6 +20,7 @@ import orjson
 import torch
 
 from lifelong.config import LabelsConfig
+from lifelong.core.clock import EventClock
 from lifelong.core.events import Event
 from lifelong.core.results import CONTROL, DUPLICATE, LABEL_JOINED, LABEL_UNMATCHED, LEARNED, PREDICTED
 
@@ -208,7 +208,12 @@ class Arrivals:
         # (task, id) of labelled events learned within the pending window (TTL and count): a second delivery
         # of one is a duplicate, not learned again
         self.learned = LearnedWindow()
-        self.now_ts = -math.inf
+        self.clock = EventClock(labels, counters)
+
+    @property
+    def now_ts(self) -> float:
+        """The expiry clock: pending predictions and window keys are aged by it (``clock.py``)."""
+        return self.clock.now
 
     def expire_window(self) -> None:
         """Keys learned longer than the pending TTL ago leave the duplicate window."""
@@ -228,18 +233,17 @@ class Arrivals:
         road with the same result (``plain``).
         """
         n = len(evs)
-        learned, now = self.learned, self.now_ts
+        learned = self.learned
+        times, expiry = self.clock.advance(evs)
         if not self.pending.keys:
-            plain = self.plain(evs, index)
+            plain = self.plain(evs, index, expiry)
             if plain is not None:
                 return plain
         ref, outcome, tasks = [-1] * n, [0] * n, [0] * n
         delay = np.full(n, np.nan)
         ttl, cap = self.labels.pending_ttl_s, self.labels.pending_max
         pending = self.pending.keys
-        for j, e in enumerate(evs):
-            if e.ts is not None and e.ts > now:
-                now = e.ts
+        for j, (e, t, now) in enumerate(zip(evs, times.tolist(), expiry.tolist(), strict=True)):
             while pending:  # the oldest entries expire first; arrival order, so independent of batching
                 key, (_, ts) = next(iter(pending.items()))
                 if ts >= now - ttl:
@@ -262,7 +266,7 @@ class Arrivals:
                     continue
                 outcome[j] = LABEL_JOINED
                 learned.add([key], [now], cap)
-                delay[j] = now - entry[1]
+                delay[j] = t - entry[1]
                 if entry[0] >= seg0:
                     ref[j] = entry[0] - seg0
             elif e.y is None:
@@ -271,7 +275,7 @@ class Arrivals:
                 if pending.pop(key, None) is not None:
                     self.counters["pending_replaced"] += 1
                 self.pending.inputs.pop(key, None)
-                pending[key] = (seg0 + j, e.ts if e.ts is not None else now)
+                pending[key] = (seg0 + j, t)
                 while len(pending) > cap:
                     self._expire(next(iter(pending)))
             else:
@@ -283,12 +287,12 @@ class Arrivals:
                         continue
                     learned.add([key], [now], cap)
                 outcome[j] = LEARNED
-        self.now_ts = now
         return Sorted(np.array(outcome, np.int8), np.array(tasks, np.int64), np.array(ref, np.int64), delay)
 
-    def plain(self, evs: list[Event], index: dict[str, int]) -> Sorted | None:
-        """``sort_out`` for a segment of labelled events with ids and controls only, when no prediction is
-        pending and no (task, id) was seen within the window (else None): the common case, in a few passes."""
+    def plain(self, evs: list[Event], index: dict[str, int], expiry: np.ndarray) -> Sorted | None:
+        """``sort_out`` for a segment of labelled events with ids and controls only (``expiry``: the expiry clock
+        after each), when no prediction is pending and no (task, id) was seen within the window (else None):
+        the common case, in a few passes."""
         keys = typing.cast(list[tuple[str, str]], [(e.task, e.id) for e in evs])  # ids checked below
         control = [e.control is not None for e in evs]
         if any(control):
@@ -304,10 +308,7 @@ class Arrivals:
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
         tasks = np.fromiter((index[k[0]] for k in keys), np.int64, len(keys))
-        ts = [e.ts for e in evs]
-        if None in ts:
-            ts = [-math.inf if v is None else v for v in ts]
-        nows = np.maximum.accumulate(np.maximum(np.array(ts, np.float64), self.now_ts))
+        nows = expiry
         outcome = np.full(len(evs), LEARNED, np.int8)
         if learned is keys:
             window.add(keys, nows.tolist(), self.labels.pending_max, new=True)
@@ -316,7 +317,6 @@ class Arrivals:
             outcome[at] = CONTROL
             self.counters["controls"] += int(at.sum())
             window.add(learned, nows[~at].tolist(), self.labels.pending_max, new=True)
-        self.now_ts = float(nows[-1])
         return Sorted(outcome, tasks, np.full(len(evs), -1, np.int64), np.full(len(evs), np.nan))
 
     def _expire(self, key: tuple[str, str]) -> None:
@@ -329,12 +329,12 @@ class Arrivals:
         window, times = self.learned.encoded()  # copies of what was encoded as it was learned
         tensors["window.times"] = torch.from_numpy(times)
         # up to labels.pending_max entries each: one JSON string, not a list of lists (pickled object by object)
-        return tensors, {"now_ts": self.now_ts, "pending": keys, "window": window}
+        return tensors, {"pending": keys, "window": window, **self.clock.state()}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device) -> None:
         """Restore what ``state`` returned."""
         self.pending.load_state(tensors, meta["pending"], device)
-        self.now_ts = float(meta["now_ts"])
+        self.clock.load_state(meta)
         if "window" in meta:
             self.learned = LearnedWindow.decoded(meta["window"], tensors["window.times"].numpy())
         else:  # an earlier version's checkpoint: rows [[task, id], time] or [task, id, time]

@@ -68,6 +68,8 @@ COUNTERS = (
     "tasks_evicted",
     "tasks_loaded",
     "tasks_dropped",
+    "time_future",
+    "time_late",
 )
 
 

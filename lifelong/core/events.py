@@ -34,6 +34,7 @@ class Event:
     y: int | float | None = None
     ts: float | None = None
     control: str | None = None
+    partition: int = 0  # where it came from (the Kafka partition): each has its own event time (``clock.py``)
 
 
 @dataclass(frozen=True)

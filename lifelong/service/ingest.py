@@ -74,6 +74,7 @@ def ingest(
             continue
         if e.ts is None:
             e.ts = r.timestamp / 1000.0
+        e.partition = r.partition
         out.events.append(e)
         out.sources.append(r)
     return out

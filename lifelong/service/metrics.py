@@ -221,6 +221,14 @@ def _event_families(engine: Engine, dead_lettered: int) -> Iterable[Metric]:
     resets.add_metric(["learner_not_finite"], c["reset_learner"])
     resets.add_metric(["code_not_finite"], c["reset_code"])
     yield resets
+    clamped = CounterMetricFamily(
+        "lifelong_event_time_clamped",
+        "Events whose time was not trusted (beyond this machine's clock, or too late) and was replaced",
+        labels=["reason"],
+    )
+    clamped.add_metric(["future"], c["time_future"])
+    clamped.add_metric(["late"], c["time_late"])
+    yield clamped
     loss = CounterMetricFamily(
         "lifelong_loss",
         "Cumulative loss (log loss, or squared loss for regression) of each predictor",

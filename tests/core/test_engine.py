@@ -522,7 +522,7 @@ def test_plain_segments_take_the_short_road_to_the_same_state(engine_factory, mo
     stamped = [dataclasses.replace(e, ts=None if i % 3 == 0 else float(i) / 4) for i, e in enumerate(events)]
     stamped[40:40] = [stamped[37], dataclasses.replace(stamped[38], ts=float(rng.integers(50)))]  # duplicates
     short, loop = engine_factory(labels=labels), engine_factory(labels=labels)
-    monkeypatch.setattr(loop.arrivals, "plain", lambda evs, index: None)
+    monkeypatch.setattr(loop.arrivals, "plain", lambda evs, index, expiry: None)
     p1, o1 = run(short, stamped, 16)
     p2, o2 = run(loop, stamped, 16)
     assert (o1 == o2).all() and short.counters == loop.counters and short.counters["duplicates"] >= 1

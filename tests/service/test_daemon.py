@@ -353,6 +353,28 @@ def test_delayed_labels_join_across_a_restart(broker, tmp_path):
         )
 
 
+def test_a_producer_whose_clock_is_a_year_ahead_expires_no_pending_prediction(broker, tmp_path):
+    """Events without ``ts`` take their Kafka record's timestamp: one record stamped a year ahead is not
+    trusted (counted), so the 50 labels that follow still join their predictions."""
+    cfg = config(settings(broker.bootstrap, tmp_path))
+    x, now_ms = [0.5, -1.0, 2.0], int(time.time() * 1000)
+    predictions = [json.dumps({"task": f"t{i}", "id": f"p{i}", "x": x}).encode() for i in range(50)]
+    spike = [json.dumps({"task": "wrong-clock", "id": "w", "x": x, "y": 1}).encode()]
+    labels = [json.dumps({"task": f"t{i}", "id": f"p{i}", "y": i % 2}).encode() for i in range(50)]
+    stamps = [now_ms] * 50 + [now_ms + 365 * 24 * 3600 * 1000] + [now_ms + 5000] * 50
+    with ThreadDaemon(cfg) as daemon:
+        wait_until(lambda: daemon.ready()[0], 30, what="ready")
+        produce(broker.bootstrap, cfg.kafka.events_topic, predictions + spike + labels, timestamps_ms=stamps)
+        wait_until(lambda: daemon.engine.counters["learned"] >= 51, 30, what="labels joined")
+        c = daemon.engine.counters
+        assert (c["learned"], c["label_expired"], c["label_unmatched"], c["time_future"]) == (51, 0, 0, 1)
+        wait_until(
+            lambda: metric(cfg.metrics.port, "lifelong_event_time_clamped_total", 'reason="future"') == 1,
+            10,
+            what="the untrusted time counted",
+        )
+
+
 def test_missing_topics_with_creation_off_is_a_clear_error(broker, tmp_path, caplog):
     runner = ThreadDaemon(config(settings(broker.bootstrap, tmp_path, **{"kafka.create_topics": False})))
     runner.thread.start()
