@@ -307,7 +307,7 @@ class Arrivals:
         window = self.learned
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
-        tasks = np.fromiter((index[k[0]] for k in keys), np.int64, len(keys))
+        tasks = np.fromiter(map(index.__getitem__, [k[0] for k in keys]), np.int64, len(keys))
         nows = expiry
         outcome = np.full(len(evs), LEARNED, np.int8)
         if learned is keys:

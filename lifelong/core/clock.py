@@ -81,14 +81,22 @@ class EventClock:
         """Each event's trusted time and the expiry clock after it, in arrival order."""
         n, wall = len(evs), self.wall()
         column = self.column
-        if any(e.partition not in column for e in evs):
-            for e in evs:
-                column.setdefault(e.partition, len(column))
+        parts = [e.partition for e in evs]
+        present = set(parts)
+        if not present <= column.keys():
+            for p in parts:
+                column.setdefault(p, len(column))
             grow = len(column) - len(self.clocks)
             self.clocks = np.concatenate([self.clocks, np.full(grow, -math.inf)])
             self.seen = np.concatenate([self.seen, np.full(grow, -math.inf)])
-        part = np.fromiter((column[e.partition] for e in evs), np.int64, n)
-        ts = np.fromiter((math.nan if e.ts is None else e.ts for e in evs), np.float64, n)
+        if len(present) == 1:  # the common case: one partition (and always offline)
+            part = np.full(n, column[parts[0]], np.int64)
+        else:
+            part = np.fromiter(map(column.__getitem__, parts), np.int64, n)
+        stamps = [e.ts for e in evs]
+        if None in stamps:
+            stamps = [math.nan if v is None else v for v in stamps]
+        ts = np.array(stamps, np.float64)
         active = wall - self.seen <= self.labels.idle_partition_s
         times, expiry, flags = np.empty(n), np.empty(n), np.zeros(n, np.int8)
         limit = wall + self.labels.max_future_s
