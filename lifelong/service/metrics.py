@@ -177,6 +177,14 @@ class EngineCollector:
         yield from _daemon_families(self.daemon)
 
 
+def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with one sample per value of ``label``."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family
+
+
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels)
 
@@ -213,22 +221,18 @@ def _event_families(engine: Engine, dead_lettered: int) -> Iterable[Metric]:
         "Predictions waiting for a label replaced by a later prediction-only event with the same task and id",
         value=c["pending_replaced"],
     )
-    resets = CounterMetricFamily(
+    yield _counter(
         "lifelong_task_resets",
         "Task learners (or basis codes) that held a non-finite value and restarted untrained",
-        labels=["reason"],
+        "reason",
+        {"learner_not_finite": c["reset_learner"], "code_not_finite": c["reset_code"]},
     )
-    resets.add_metric(["learner_not_finite"], c["reset_learner"])
-    resets.add_metric(["code_not_finite"], c["reset_code"])
-    yield resets
-    clamped = CounterMetricFamily(
+    yield _counter(
         "lifelong_event_time_clamped",
         "Events whose time was not trusted (beyond this machine's clock, or too late) and was replaced",
-        labels=["reason"],
+        "reason",
+        {"future": c["time_future"], "late": c["time_late"]},
     )
-    clamped.add_metric(["future"], c["time_future"])
-    clamped.add_metric(["late"], c["time_late"])
-    yield clamped
     loss = CounterMetricFamily(
         "lifelong_loss",
         "Cumulative loss (log loss, or squared loss for regression) of each predictor",
@@ -343,12 +347,12 @@ def _kb_families(engine: Engine) -> Iterable[Metric]:
     yield GaugeMetricFamily(
         "lifelong_task_row_bytes", "Bytes of one task's row in the task store", value=store.width if store else 0
     )
-    moves = CounterMetricFamily(
-        "lifelong_task_moves", "Tasks moved between memory and the task store, by direction", labels=["direction"]
+    yield _counter(
+        "lifelong_task_moves",
+        "Tasks moved between memory and the task store, by direction",
+        "direction",
+        {"evicted": c["tasks_evicted"], "loaded": c["tasks_loaded"]},
     )
-    moves.add_metric(["evicted"], c["tasks_evicted"])
-    moves.add_metric(["loaded"], c["tasks_loaded"])
-    yield moves
     yield GaugeMetricFamily(
         "lifelong_pending_labels", "Predictions waiting for their label", value=len(engine.arrivals.pending)
     )
