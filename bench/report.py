@@ -27,8 +27,10 @@ def cell(value: Any) -> str:
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, int):
         return f"{value:,}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {cell(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(cell(v) for v in value)
     return str(value).replace("|", "\\|")
 
 
