@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("accuracy", "throughput", "scale", "daemon", "scaleout", "faults", "gpu")
+ORDER = ("accuracy", "throughput", "scale", "scale-daemon", "daemon", "scaleout", "faults", "gpu")
 
 
 def cell(value: Any) -> str:
@@ -63,7 +63,7 @@ def render(value: Any, title: str = "") -> list[str]:
 
 def about(name: str) -> str:
     """The first paragraph of the benchmark script's docstring: what it measures."""
-    script = ROOT / "bench" / f"{name}.py"
+    script = ROOT / "bench" / f"{name.split('-')[0]}.py"
     doc = ast.get_docstring(ast.parse(script.read_text())) if script.exists() else None
     return (doc or "").split("\n\n")[0].replace("\n", " ")
 

@@ -40,6 +40,8 @@ from lifelong.core.events import Event
 from lifelong.core.warmup import use_threads, warm_up
 from lifelong.tools.broker import free_port
 
+from record import save
+
 DIM = 20
 
 
@@ -202,6 +204,7 @@ def daemon_main(args: argparse.Namespace) -> int:
         print("".join(f"{v:>11}" for v in (kind, *vals)))
     ratio = rows["many"]["events_per_s"] / rows["few"]["events_per_s"]
     print(f"many/few events/s: {ratio:.2f} (target >= 0.7)")
+    save(args.out, "scale-daemon", {"streams": [{"stream": k, **r} for k, r in rows.items()], "many_over_few": ratio})
     if args.restarts > 1:
         for kind, r in rows.items():
             print(f"{kind}: restarts to /readyz 200 (s): {' '.join(f'{s:.1f}' for s in r['restarts'])}")
@@ -219,6 +222,7 @@ def main() -> int:
     ap.add_argument("--daemon", action="store_true", help="lifelong run through the embedded broker")
     ap.add_argument("--restarts", type=int, default=1, help="with --daemon: restarts timed after each run")
     ap.add_argument("--one", choices=("few", "many"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     args.events = args.events or (400_000 if args.daemon else 1_000_000)
     args.many = args.many or (200_000 if args.daemon else 350_000)
@@ -245,6 +249,7 @@ def main() -> int:
         f"many/few events/s: {ratio:.2f} (target >= 0.8); many peak RSS {rows['many']['peak_rss_mib']:,.0f} MiB "
         f"(target <= 1536)"
     )
+    save(args.out, "scale", {"streams": [{"stream": k, **r} for k, r in rows.items()], "many_over_few": ratio})
     return 0
 
 
