@@ -19,11 +19,24 @@ def _score(p1: float, y: int) -> tuple[float, float]:
     return float((p1 > 0.5) != bool(y)), -math.log(p1 if y else 1 - p1)
 
 
-def river_per_task(events: list[Event]) -> tuple[np.ndarray, float]:
-    """One ``river.linear_model.LogisticRegression`` (defaults) per task."""
-    from river import linear_model
+def _regression_score(pred: float, y: float, lo: float, hi: float) -> tuple[float, float]:
+    pred = min(max(pred, lo), hi) if math.isfinite(pred) else (lo + hi) / 2  # a diverged peer predicts the middle
+    return (pred - y) ** 2, (pred - y) ** 2
 
-    models: dict[str, linear_model.LogisticRegression] = {}
+
+def river_per_task(
+    events: list[Event], scaled: bool = False, target_range: tuple[float, float] | None = None
+) -> tuple[np.ndarray, float]:
+    """One River linear model (defaults) per task: ``LogisticRegression``, or ``LinearRegression`` when a
+    ``target_range`` is given (its predictions clipped to the range); ``scaled``: behind a ``StandardScaler``.
+    All events under one task name make it the pooled peer."""
+    from river import linear_model, preprocessing
+
+    def make() -> object:
+        model = linear_model.LinearRegression() if target_range else linear_model.LogisticRegression()
+        return preprocessing.StandardScaler() | model if scaled else model
+
+    models: dict[str, object] = {}
     out = []
     t0 = time.perf_counter()
     for e in events:
@@ -31,26 +44,34 @@ def river_per_task(events: list[Event]) -> tuple[np.ndarray, float]:
             continue
         model = models.get(e.task)
         if model is None:
-            model = models[e.task] = linear_model.LogisticRegression()
+            model = models[e.task] = make()
         x = dict(enumerate(e.x.tolist()))
-        out.append(_score(model.predict_proba_one(x).get(True, 0.5), int(e.y)))
-        model.learn_one(x, bool(e.y))
+        if target_range:
+            out.append(_regression_score(model.predict_one(x), float(e.y), *target_range))  # type: ignore[attr-defined]
+            model.learn_one(x, float(e.y))  # type: ignore[attr-defined]
+        else:
+            out.append(_score(model.predict_proba_one(x).get(True, 0.5), int(e.y)))  # type: ignore[attr-defined]
+            model.learn_one(x, bool(e.y))  # type: ignore[attr-defined]
     return np.array(out).reshape(-1, 2), time.perf_counter() - t0
 
 
-def vw_multitask(events: list[Event]) -> tuple[np.ndarray, float]:
-    """Vowpal Wabbit logistic regression with a task x feature interaction (``-q tf``)."""
+def vw_multitask(events: list[Event], target_range: tuple[float, float] | None = None) -> tuple[np.ndarray, float]:
+    """Vowpal Wabbit with a task x feature interaction (``-q tf``): logistic regression, or squared loss when a
+    ``target_range`` is given (predictions clipped to it)."""
     from vowpalwabbit import pyvw
 
-    vw = pyvw.Workspace("--loss_function logistic --link logistic -q tf --quiet")
+    loss = "--loss_function squared" if target_range else "--loss_function logistic --link logistic"
+    vw = pyvw.Workspace(f"{loss} -q tf --quiet")
     out = []
     t0 = time.perf_counter()
     for e in events:
         if e.x is None or e.y is None:
             continue
         feats = " ".join(f"{j}:{v:.6g}" for j, v in enumerate(e.x.tolist()) if v)
-        ex = vw.parse(f"{1 if e.y else -1} |t {e.task.replace(' ', '_').replace(':', '_')} |f {feats}")
-        out.append(_score(vw.predict(ex), int(e.y)))
+        label = float(e.y) if target_range else (1 if e.y else -1)
+        ex = vw.parse(f"{label} |t {e.task.replace(' ', '_').replace(':', '_')} |f {feats}")
+        p = vw.predict(ex)
+        out.append(_regression_score(p, float(e.y), *target_range) if target_range else _score(p, int(e.y)))
         vw.learn(ex)
         vw.finish_example(ex)
     vw.finish()

@@ -46,12 +46,18 @@ from lifelong.core.knowledge import KnowledgeBase, Staged
 from lifelong.core.learners import make_learners, pick_device
 from lifelong.core.mixtures import Mixtures
 from lifelong.core.plan import Plan, count_labelled
+from lifelong.core.recent import Recent
 from lifelong.core.residency import Residency
 from lifelong.core.results import CONTROL, KB_TOP, LABEL_JOINED, LEARNED, PREDICTED, BatchResult
+from lifelong.core.shared import SharedLevel
 from lifelong.core.staging import Staging
-from lifelong.core.tasks import STATS, TaskTable
+from lifelong.core.tasks import STATS, TOP, TaskTable
 from lifelong.errors import StateError
 
+# Engine events before the first estimate of the shared priors (``Engine._estimate``); the gap doubles up to
+# ESTIMATE_EVERY.
+FIRST_ESTIMATE = 32
+ESTIMATE_EVERY = 1024
 COUNTERS = (
     "predicted",
     "learned",
@@ -97,23 +103,35 @@ class Engine:
         self.device = pick_device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.schema = Schema(cfg.dim, cfg.task, cfg.n_classes, cfg.target_range, frozenset(cfg.tasks))
+        self.features = features.Standardiser(cfg.dim)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.learners = make_learners(cfg, cfg.dim, self.device)
         self.kb = KnowledgeBase(cfg, self.learners, cfg.dim, self.device)
         self.n_pred = self.learners.n_pred
-        self.tasks = TaskTable(1 + cfg.kb_capacity, cfg.dim, self.device, cfg.max_resident_tasks)
+        # the live shared level (pooled and mixed-effects learners) comes with the population learner
+        use_ekf = getattr(self.learners, "use_ekf", False)
+        self.shared = SharedLevel(cfg, self.learners.n_out) if cfg.population and use_ekf else None
+        self.tasks = TaskTable(
+            1 + cfg.kb_capacity,
+            (self.learners.n_out, cfg.dim + 1),
+            self.device,
+            cfg.max_resident_tasks,
+            self.shared is not None,
+        )
         self.kb_version = torch.zeros(1 + cfg.kb_capacity, dtype=torch.long, device=self.device)
         self.labels = labels or LabelsConfig()
         self.arrivals = Arrivals(self.labels, self.counters)
         self.residency = Residency(cfg, self.tasks, self.learners, self.kb, self.counters, store_dir)
         self.mixtures = Mixtures(cfg, self.learners, self.kb, self.tasks)
-        self.staging = Staging(cfg, self.learners, self.counters)
+        self.staging = Staging(self.learners, self.shared, self.counters)
         self.entry = KbEntry(self.tasks, self.kb)
         self.handover = Handover(self.tasks, self.learners, self.kb, self.residency, self.arrivals, self.entry)
         # Where published members go: None, into this engine's KB at once; else to this callable (the daemon's
         # knowledge log in scale-out: they join every replica's KB through ``apply`` when read back from it).
         self.publisher: Callable[[list[Staged]], None] | None = None
         self.events_seen = 0
+        self.next_estimate = FIRST_ESTIMATE  # the engine-event count of the next ``_estimate``
+        self.recent = Recent()  # the tasks that learned since the last ``_estimate``
 
     @property
     def compiled(self) -> bool:
@@ -150,14 +168,29 @@ class Engine:
         self.tasks.batch += 1
         start = 0
         while start < len(events):
+            # segments end at publications and at estimates: counts that do not depend on how the stream is cut
+            # into batches
             room = self.cfg.publish_every - self.events_seen % self.cfg.publish_every
-            stop = min(len(events), start + room)
+            stop = min(len(events), start + room, start + self.next_estimate - self.events_seen)
             self._segment(events, start, stop, result)
             self.events_seen += stop - start
+            if self.events_seen == self.next_estimate:
+                self._estimate()
             if self.events_seen % self.cfg.publish_every == 0:
                 self._publish()
             start = stop
         return result
+
+    def _estimate(self) -> None:
+        """Empirical Bayes across the tasks that learned since the last estimate (``recent.py``): the
+        mixed-effects prior Σ (``SharedLevel.em``) and the top level's prior over its experts
+        (``Mixtures.learn_prior``). The next estimate comes after twice as many events, up to ``ESTIMATE_EVERY``."""
+        _, rows = self.recent.take()
+        if rows:
+            if self.shared is not None:
+                self.shared.em(rows["me_prec"], rows["me_nat"])
+            self.mixtures.learn_prior(rows["L_top"], rows["in_top"])
+        self.next_estimate = self.events_seen + min(self.events_seen, ESTIMATE_EVERY)
 
     def _plan(self, events: list[Event], start: int, stop: int, result: BatchResult) -> Plan:
         """Arrival-order bookkeeping: each event's task and outcome, pending labels and their TTL, the
@@ -198,15 +231,20 @@ class Engine:
             name = self.tasks.names[snap.task]
             self.staging.stage(snap.task, name, snap.learned, result.seq0 + start + snap.at, snap.store)
         p_local, p_basis = self._guard(plan.touched, self.learners.finish(raw_local), self.kb.finish_basis(raw_basis))
-        kb_x = self.mixtures.segment(plan, result, rows, x, y, p_local, p_basis, stored, stored_rows, self.kb_version)
+        shared_logits = None
+        if self.shared is not None:
+            shared_logits = self.shared.sequence(self.tasks.cols, plan.tasks, x1, y_np, labelled)
+        p_top = self._top_experts(p_local, shared_logits)
+        kb_x, top = self.mixtures.segment(
+            plan, result, rows, x, y, p_top, p_basis, stored, stored_rows, self.kb_version
+        )
         has_x = (outcome == PREDICTED) | (outcome == LEARNED)
         result.learned_before[rows][has_x] = plan.n_before[has_x]
         self.counters["learned"] += int(labelled.sum())
         self.counters["predicted"] += int(has_x.sum())
-        self._keep_pending(evs, start, outcome, result, x, kb_x)
-        if labelled.any():
-            at = torch.as_tensor(np.flatnonzero(labelled), device=self.device)
-            self.staging.learn_population(x1[at], y[at].cpu().numpy())
+        self._keep_pending(evs, start, outcome, result, x, kb_x, top)
+        learned = plan.touched[self.tasks.counts[plan.touched] > 0]
+        self.recent.add([self.tasks.names[i] for i in learned.tolist()], self.tasks.cols, learned)
         result.segment[rows] = len(result.kb_names)
         result.kb_names.append(["basis"] + [m or "" for m in self.kb.ids])
 
@@ -223,13 +261,12 @@ class Engine:
         rows_x = np.flatnonzero(has_x)
         if len(rows_x):
             # concatenate + reshape: several times faster than np.stack on many small arrays
-            x_np[rows_x] = self._scaled(
-                np.concatenate([e.x for e in evs] if len(rows_x) == n else [evs[j].x for j in rows_x.tolist()]).reshape(
-                    len(rows_x), -1
-                ),
-                plan.touched,
-                plan.group[rows_x],
-            )
+            given = np.concatenate(
+                [e.x for e in evs] if len(rows_x) == n else [evs[j].x for j in rows_x.tolist()]
+            ).reshape(len(rows_x), -1)
+            given = given.astype(np.float64, copy=False)
+            self.features.scale(given)
+            x_np[rows_x] = given
         same = joined & (plan.ref >= 0)
         x_np[same] = x_np[plan.ref[same]]
         x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
@@ -248,6 +285,7 @@ class Engine:
         result: BatchResult,
         x: torch.Tensor,
         kb_x: torch.Tensor,
+        top: torch.Tensor,
     ) -> None:
         """Predictions still waiting for their label at the end of their segment keep what accounting and
         learning will need when it comes."""
@@ -260,19 +298,10 @@ class Engine:
                 pending.inputs[key] = PendingPrediction(
                     x[j].clone(),
                     kb_x[j].to(self.dtype),
-                    torch.as_tensor(np.stack([result.p_local[i], result.p_kb[i]]), device=dev),
+                    top[j].clone(),
                     torch.as_tensor(result.pred[i], device=dev),
                     self.kb_version.clone(),
                 )
-
-    def _scaled(self, x: np.ndarray, tasks: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Rows of ``x`` (float64, arrival order; row i of task ``tasks[rows[i]]``) bounded per task
-        (``features.py``); their tasks' peaks advance."""
-        u = torch.as_tensor(tasks, device=self.device)
-        peak = self.tasks.cols["peak"][u].cpu().numpy()
-        features.scale(peak, rows, x)
-        self.tasks.cols["peak"][u] = torch.as_tensor(peak, device=self.device)
-        return x
 
     def _guard(
         self,
@@ -292,6 +321,20 @@ class Engine:
         self.counters["reset_learner"] += int(bad.sum())
         self.counters["reset_code"] += int(bad_code.sum())
         return self.learners.safe(p_local), self.learners.safe(p_basis)
+
+    def _top_experts(self, p_local: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """The top level's experts ``[n, len(TOP), P]`` (float64): the task's learner, a column for the KB level
+        (the mixtures fill it), the shared level's pooled and mixed-effects learners from their logits
+        ``shared`` (the local prediction stands in where there is no shared level: those experts never take part
+        then)."""
+        top = p_local.double().unsqueeze(1).repeat(1, len(TOP), 1)
+        if shared is not None:
+            if top.device.type == "cpu":
+                self.learners.to_pred(shared, out=top[:, 2:])
+            else:
+                top[:, 2:] = self.learners.to_pred(shared.to(self.device)).double()
+            top[:, 2:] = self.learners.safe(top[:, 2:])
+        return top
 
     def predict(self, events: list[Event]) -> BatchResult:
         """What ``process`` would predict for each event with features if it came next, changing nothing: no
@@ -324,9 +367,15 @@ class Engine:
         rounds = (
             torch.as_tensor([self.n_labelled[i] if i < self.n_tasks else 0 for i in index.tolist()], device=dev) + 1
         )
+        shared_logits = None
+        if self.shared is not None:  # nothing is labelled: nothing learns
+            x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            none = np.zeros(len(rows), np.bool_)
+            shared_logits = self.shared.sequence(tables, np.arange(len(rows)), x1, np.zeros(len(rows)), none)
         mix = self.mixtures
         kb_x = mix.kb_experts(p_basis, x)
-        w_kb, top = mix.kb_level(kb_x, tables["L_kb"], tables["in_kb"], tables["in_top"], rounds, p_local)
+        top = self._top_experts(p_local, shared_logits)
+        w_kb, top = mix.kb_level(kb_x, tables["L_kb"], tables["in_kb"], tables["in_top"], rounds, top)
         w_top, pred = mix.top_level(top, tables["L_top"], tables["in_top"], rounds)
         result.outcome[rows] = PREDICTED
         result.task_index[rows] = index
@@ -349,9 +398,7 @@ class Engine:
         ones, the others new), and their features as learners would see them; nothing changes."""
         dev, tables = self.device, self.tasks.cols
         kt = torch.as_tensor(index[known], device=dev)
-        peak = np.zeros((len(rows), self.cfg.dim))
-        peak[known] = tables["peak"][kt].cpu().numpy()
-        x_np = features.peek(peak, np.stack([typing.cast(np.ndarray, events[j].x) for j in rows.tolist()]))
+        x_np = self.features.peek(np.stack([typing.cast(np.ndarray, events[j].x) for j in rows.tolist()]))
         x = torch.as_tensor(x_np, dtype=self.dtype, device=dev)
         x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         z = x1 @ self.kb.B
@@ -459,7 +506,11 @@ class Engine:
         tensors.update(self.kb.state())
         tensors["kb.mu"], tensors["kb.S"] = tensors["kb.mu"][:n], tensors["kb.S"][:n]
         tensors["kb_version"] = self.kb_version.cpu()
-        parts = (self.staging.state(), self.arrivals.state())
+        tensors["features.stats"] = torch.from_numpy(self.features.stats)
+        tensors["mixtures.top_prior"] = self.mixtures.top_prior
+        if self.shared is not None:
+            tensors.update(self.shared.state())
+        parts = (self.staging.state(), self.arrivals.state(), self.recent.state())
         for part_tensors, _ in parts:
             tensors.update(part_tensors)
         meta = {
@@ -471,8 +522,11 @@ class Engine:
             "kb": copy.deepcopy(self.kb.meta()),
             **parts[0][1],
             **parts[1][1],
+            **parts[2][1],
             # without tasks, every task is in the store when this state is loaded
             "stats_away": self.residency.stats_total().tolist() if not tasks else [0.0] * len(STATS),
+            "drift": self.tasks.drift,
+            "next_estimate": self.next_estimate,
         }
         # a view of a larger tensor (rows in use of a table with spare capacity) is saved as its own copy: a
         # saved view holds its whole storage
@@ -503,10 +557,20 @@ class Engine:
         for k in missing:  # saved before lazy entry: every task had met the KB and held its codes in its basis
             self.tasks.cols[k][:n] = self.kb.applied if k == "kb_seen" else self.kb.basis_at
         self.kb_version = tensors["kb_version"].to(dev)
+        # saved before the shared standardiser, the top prior and the shared level: they start afresh
+        if "features.stats" in tensors:
+            self.features.stats = tensors["features.stats"].numpy().astype(np.float64, copy=True)
+        if "mixtures.top_prior" in tensors:
+            self.mixtures.top_prior = tensors["mixtures.top_prior"].double().clone()
+        if self.shared is not None:
+            self.shared.load_state(tensors)
+        self.tasks.drift = float(meta.get("drift", 0.0))
         self.staging.load_state(tensors, meta)
+        self.recent.load_state(tensors, meta)
         self.arrivals.load_state(tensors, meta, dev)
         self.residency.away = np.array(meta.get("stats_away", [0.0] * len(STATS)), np.float64)
         self.events_seen = int(meta["events_seen"])
+        self.next_estimate = int(meta.get("next_estimate", self.events_seen + FIRST_ESTIMATE))
         self.counters.update({**dict.fromkeys(COUNTERS, 0), **meta["counters"]})
 
 

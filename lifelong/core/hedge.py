@@ -192,7 +192,7 @@ def mix_events(
     src: np.ndarray,
     n_before: np.ndarray,
     y: np.ndarray,
-    p_local: np.ndarray,
+    p_top: np.ndarray,
     kb_x: np.ndarray,
     stored: np.ndarray,
     s_kb: np.ndarray,
@@ -204,6 +204,7 @@ def mix_events(
     in_top: np.ndarray,
     stats: np.ndarray,
     log_prior: np.ndarray,
+    top_prior: np.ndarray,
     code: int,
     regression: bool,
     eta_fixed: float,
@@ -222,11 +223,13 @@ def mix_events(
 ) -> None:
     """Both mixtures of a segment, event by event in arrival order (``Mixtures._torch``, compiled).
 
-    Per event with features: the KB level's weights from its task's cumulative losses so far, the two levels
-    (``top_local``, ``top_kb``), the top level's weights and the prediction; rows without features are left
-    as they are. Per labelled event, scored on the row ``src`` that predicted it (or the ``stored`` pending
-    prediction ``s_*``, whose refilled slots carry the KB level's prediction): each expert's loss enters its
-    task's row of ``L_kb`` / ``L_top``, and the three predictions' losses and errors the statistics.
+    Per event with features: the KB level's weights from its task's cumulative losses so far, the top level's
+    experts (``p_top``: the local learner, a column the KB level fills, the shared level's learners; written
+    back: ``top_local``, ``top_kb``), the top level's weights (log prior ``top_prior``) and the prediction;
+    rows without features are left as they are. Per labelled event, scored on the row ``src`` that predicted
+    it (or the ``stored`` pending prediction ``s_*``, whose refilled slots carry the KB level's prediction):
+    each expert's loss enters its task's row of ``L_kb`` / ``L_top``, and the three predictions' (combined,
+    local, KB) losses and errors the statistics.
 
     With log loss and η = 1 the KB weights of a task (``group``: its row among the segment's tasks) are computed
     from ``L_kb`` once per segment and then multiplied by each expert's probability of the label: the same
@@ -244,8 +247,9 @@ def mix_events(
     owes = np.zeros(n_groups, np.bool_)
     task_of = np.empty(n_groups, np.int64)
     logits = np.empty(n_kb)
-    wt = np.empty(2)
-    lt = np.empty(2)
+    n_top = p_top.shape[1]
+    wt = np.empty(n_top)
+    lt = np.empty(n_top)
     three = np.empty((3, n_p))
     for i in range(n):
         t, g = tasks[i], group[i]
@@ -270,15 +274,21 @@ def mix_events(
                 acc = 0.0
                 for k in range(n_kb):
                     acc += w_group[g, k] * kb_x[i, k, c]
-                top_local[i, c] = p_local[i, c]
-                top_kb[i, c] = acc * scale if awake else p_local[i, c]
-            eta = _eta(eta_fixed, 2.0, rounds)
-            lt[0], lt[1] = -eta * L_top[t, 0], -eta * L_top[t, 1]
+                top_local[i, c] = p_top[i, 0, c]
+                top_kb[i, c] = acc * scale if awake else p_top[i, 0, c]
+                p_top[i, 1, c] = top_kb[i, c]
+            eta = _eta(eta_fixed, float(n_top), rounds)
+            for k in range(n_top):
+                lt[k] = -eta * L_top[t, k] + top_prior[k]
             _softmax(lt, in_top[t], wt)
             for c in range(n_p):
-                pred[i, c] = wt[0] * top_local[i, c] + wt[1] * top_kb[i, c]
+                acc = 0.0
+                for k in range(n_top):
+                    acc += wt[k] * p_top[i, k, c]
+                pred[i, c] = acc
                 if not awake:  # a sleeping KB level "predicts" the mixture
                     top_kb[i, c] = pred[i, c]
+                    p_top[i, 1, c] = pred[i, c]
             w_local[i] = wt[0]
             top_k(w_group[g], kb_slots[i], kb_weights[i])
             for s in range(kb_slots.shape[1]):
@@ -308,12 +318,16 @@ def mix_events(
         if j >= 0:
             # the KB level's loss while it sleeps is its stand-in's (the local prediction)
             L_top[t, 0] += _loss(code, top_local[j], yi, lo, hi)
-            L_top[t, 1] += _loss(code, top_kb[j] if awake else p_local[j], yi, lo, hi)
+            L_top[t, 1] += _loss(code, top_kb[j] if awake else top_local[j], yi, lo, hi)
+            for k in range(2, n_top):
+                if in_top[t, k]:
+                    L_top[t, k] += _loss(code, p_top[j, k], yi, lo, hi)
             three[0], three[1], three[2] = pred[j], top_local[j], top_kb[j]
         else:
             q = stored[i]
-            L_top[t, 0] += _loss(code, s_top[q, 0], yi, lo, hi)
-            L_top[t, 1] += _loss(code, s_top[q, 1], yi, lo, hi)
+            for k in range(n_top):
+                if k < 2 or in_top[t, k]:
+                    L_top[t, k] += _loss(code, s_top[q, k], yi, lo, hi)
             three[0], three[1], three[2] = s_pred[q], s_top[q, 0], s_top[q, 1] if awake else s_pred[q]
         early = 1.0 if n_before[i] < early_n else 0.0
         for m in range(3):
@@ -335,6 +349,32 @@ def _settle(L: np.ndarray, present: np.ndarray, owed: np.ndarray, owed_log: np.n
         if present[k]:
             L[k] -= owed_log[k] + math.log(owed[k])
         owed[k], owed_log[k] = 1.0, 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def prior_em(L: np.ndarray, present: np.ndarray, pi: np.ndarray, eta: float, steps: int) -> np.ndarray:
+    """EM for a prior ``pi`` [K] over experts shared by tasks, from each task's cumulative losses ``L`` [n, K]:
+    each step, ``pi`` ← the mean over tasks of the task's posterior ∝ pi_k exp(-η L_k) over its ``present``
+    experts, scaled to their prior mass (an absent expert keeps its share ``pi_k``). Returns the new ``pi``."""
+    n, k = L.shape
+    post = np.empty(k)
+    for _ in range(steps):
+        acc = np.zeros(k)
+        for t in range(n):
+            low = np.inf
+            for j in range(k):
+                if present[t, j]:
+                    low = min(low, L[t, j])
+            mass = 0.0
+            total = 0.0
+            for j in range(k):
+                post[j] = pi[j] * math.exp(-eta * (L[t, j] - low)) if present[t, j] else 0.0
+                mass += pi[j] if present[t, j] else 0.0
+                total += post[j]
+            for j in range(k):
+                acc[j] += post[j] * mass / total if present[t, j] else pi[j]
+        pi = acc / n
+    return pi
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -16,12 +16,12 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.arrivals import PendingPrediction
 from lifelong.core.events import RESERVED_TASK
-from lifelong.core.hedge import LOSS_CODES, Mixing, mix, mix_events
+from lifelong.core.hedge import LOSS_CODES, Mixing, mix, mix_events, prior_em
 from lifelong.core.knowledge import KnowledgeBase
 from lifelong.core.learners.base import Learners
 from lifelong.core.plan import Plan
 from lifelong.core.results import KB_TOP, LABEL_JOINED, LEARNED, PREDICTED, BatchResult
-from lifelong.core.tasks import TaskTable
+from lifelong.core.tasks import TOP, TaskTable
 
 EARLY_N = 20  # "early" error: each task's first EARLY_N labelled events
 POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
@@ -29,20 +29,26 @@ POPULATION = RESERVED_TASK  # the KB member (source) of the population learner
 # trusts what all tasks share from its first events, and its own evidence moves it to a member when one fits
 # better. The KB bound becomes ln(M) / η with M = members + e^5 per shared expert (``hedge.py``).
 SHARED_PRIOR = 5.0
+# The top level's prior is learned across tasks (``Mixtures.learn_prior``): EM steps per estimate, and the least
+# prior share an expert keeps (a task whose best level is a rare one still reaches it: its regret against it is
+# at most ln(1 / PRIOR_FLOOR) plus the prior's drift, instead of ln 4 with a uniform prior).
+PRIOR_ITERATIONS = 10
+PRIOR_FLOOR = 0.02
 
 
 @dataclass
 class Inputs:
     """What the mixtures of a segment read, per row: whether it has features and a label, the row whose
     predictions a label is scored on (-1: a prediction ``s_*`` stored in an earlier segment), the label, the
-    task, the task level's and the KB experts' predictions."""
+    task, the top level's experts (``TOP``; the KB level's column is filled in here) and the KB experts'
+    predictions."""
 
     has_x: np.ndarray
     lab: np.ndarray
     src: np.ndarray
     y: torch.Tensor
     idx: torch.Tensor
-    p_local: torch.Tensor
+    p_top: torch.Tensor
     kb_x: torch.Tensor
     s_kb: torch.Tensor
     s_top: torch.Tensor
@@ -59,7 +65,9 @@ class Mixtures:
         self.n_pred = learners.n_pred
         self.n_experts = 1 + cfg.kb_capacity
         loss = "hedge" if cfg.mixing == "hedge" else "squared" if cfg.task == "regression" else "log"
-        self.top_mix = Mixing(loss, cfg.target_range, hedge_m=2)
+        self.top_mix = Mixing(loss, cfg.target_range, hedge_m=len(TOP))
+        # The top level's prior over its experts, learned across tasks (``learn_prior``); uniform to begin with.
+        self.top_prior = torch.full((len(TOP),), 1.0 / len(TOP), dtype=torch.float64)
         self.kb_mix = Mixing(loss, cfg.target_range, hedge_m=self.n_experts)
         # On the CPU, EKF learners run event by event in compiled code; otherwise (CUDA, AdaGrad, MLP,
         # River) in torch. Both give the same results to float tolerance (tested).
@@ -72,14 +80,16 @@ class Mixtures:
         rows: slice,
         x: torch.Tensor,
         y: torch.Tensor,
-        p_local: torch.Tensor,
+        p_top: torch.Tensor,
         p_basis: torch.Tensor,
         stored: list[PendingPrediction],
         stored_rows: np.ndarray,
         kb_version: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both mixtures of a segment (rows ``rows`` of ``result``; compiled event by event, or in torch for the
-        whole segment at once) into ``result`` and the tasks' tables; returns the KB experts' predictions."""
+        whole segment at once) into ``result`` and the tasks' tables, given the top level's experts ``p_top``
+        ``[n, len(TOP), P]`` (the KB level's column is filled in here); returns the KB experts' and the top
+        level's experts' predictions."""
         dev, n = self.device, len(plan.ref)
         outcome = result.outcome[rows]
         has_x = (outcome == PREDICTED) | (outcome == LEARNED)
@@ -90,7 +100,7 @@ class Mixtures:
         src[stored_rows] = -1
         kb_x = self.kb_experts(p_basis, x)
         s_kb = torch.zeros((0, *kb_x.shape[1:]), dtype=torch.float64, device=dev)
-        s_top, s_pred = s_kb[:, :2], s_kb[:, 0]
+        s_top, s_pred = torch.zeros((0, *p_top.shape[1:]), dtype=torch.float64, device=dev), s_kb[:, 0]
         if stored:
             s_kb = torch.stack([en.kb_experts for en in stored]).double()
             s_top = torch.stack([en.top for en in stored]).double()
@@ -99,9 +109,9 @@ class Mixtures:
             # A slot refilled since that prediction is another expert: it slept, so it "predicted" the mixture.
             s_kb = torch.where(stale.unsqueeze(-1), s_top[:, 1:2].expand_as(s_kb), s_kb)
         idx = torch.as_tensor(plan.tasks, device=dev)
-        inputs = Inputs(has_x, lab, src, y, idx, p_local.double(), kb_x, s_kb, s_top, s_pred)
+        inputs = Inputs(has_x, lab, src, y, idx, p_top.double(), kb_x, s_kb, s_top, s_pred)
         (self._events if self.compiled else self._torch)(plan, inputs, result, rows)
-        return kb_x
+        return kb_x, inputs.p_top
 
     def _events(self, plan: Plan, m: Inputs, result: BatchResult, rows: slice) -> None:
         """``_torch``, event by event in compiled code (CPU), written straight into ``result``."""
@@ -118,7 +128,7 @@ class Mixtures:
             src=m.src,
             n_before=plan.n_before,
             y=m.y.double().numpy(),
-            p_local=m.p_local.numpy(),
+            p_top=m.p_top.numpy(),
             kb_x=m.kb_x.numpy(),
             stored=stored,
             s_kb=m.s_kb.numpy(),
@@ -130,6 +140,7 @@ class Mixtures:
             in_top=tables["in_top"].numpy(),
             stats=tables["stats"].numpy(),
             log_prior=np.zeros(self.n_experts) if prior is None else prior.numpy(),
+            top_prior=self.top_log_prior().numpy(),
             code=LOSS_CODES[self.kb_mix.loss_name],
             regression=self.cfg.task == "regression",
             eta_fixed=self.kb_mix.fixed_eta or 0.0,
@@ -164,13 +175,15 @@ class Mixtures:
         round_n = n_before + 1
         earlier = EarlierSum(idx)
         in_top = tables["in_top"][idx]
-        w_kb, top = self.kb_level(kb_x, tables["L_kb"][idx] + earlier(c_kb), in_kb, in_top, round_n, m.p_local)
+        w_kb, top = self.kb_level(kb_x, tables["L_kb"][idx] + earlier(c_kb), in_kb, in_top, round_n, m.p_top)
         lab_top = top[src]
         lab_top[st_rows] = m.s_top
-        c_top = torch.where(lab.unsqueeze(-1), self.top_mix.loss(lab_top, y_col), 0.0)
+        counted = in_top.clone()
+        counted[:, :2] = True  # a sleeping KB level is charged its stand-in's loss (reset when it wakes)
+        c_top = torch.where(lab.unsqueeze(-1) & counted, self.top_mix.loss(lab_top, y_col), 0.0)
         w_top, pred = self.top_level(top, tables["L_top"][idx] + earlier(c_top), in_top, round_n)
-        three = torch.cat([pred.unsqueeze(1), top], dim=1)[src]
-        three[st_rows] = torch.cat([m.s_pred.unsqueeze(1), m.s_top], dim=1)
+        three = torch.cat([pred.unsqueeze(1), top[:, :2]], dim=1)[src]
+        three[st_rows] = torch.cat([m.s_pred.unsqueeze(1), m.s_top[:, :2]], dim=1)
         three[st_rows, 2] = torch.where(in_top[st_rows, 1:2], three[st_rows, 2], three[st_rows, 0])
         li = torch.as_tensor(np.flatnonzero(lab_np), device=dev)
         if len(li):
@@ -210,12 +223,14 @@ class Mixtures:
         in_kb: torch.Tensor,
         in_top: torch.Tensor,
         rounds: torch.Tensor,
-        p_local: torch.Tensor,
+        p_top: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KB level's weights, and the two levels ``[n, 2, P]`` (local, KB) the top level mixes."""
+        """The KB level's weights, and the top level's experts ``p_top`` ``[n, len(TOP), P]`` with the KB level's
+        prediction in its column."""
         w_kb = torch.nan_to_num(self.kb_mix.weights(loss_kb, in_kb, rounds, self.kb_log_prior()))
-        p_kb = torch.where(in_top[:, 1:2], mix(w_kb, kb_x), p_local)  # finite stand-in; weight 0 until the KB joins
-        return w_kb, torch.stack([p_local, p_kb], dim=1)
+        # a finite stand-in (the local prediction) while the KB level sleeps: weight 0 until it joins
+        p_top[:, 1] = torch.where(in_top[:, 1:2], mix(w_kb, kb_x), p_top[:, 0])
+        return w_kb, p_top
 
     def kb_log_prior(self) -> torch.Tensor | None:
         """Each KB expert's log prior weight (``SHARED_PRIOR`` for the shared experts, 0 for members); None
@@ -228,6 +243,27 @@ class Mixtures:
             prior[1 + slot] = SHARED_PRIOR
         return prior
 
+    def top_log_prior(self) -> torch.Tensor:
+        """The top level's log prior over its experts (``TOP``): learned across tasks (``learn_prior``) for the
+        fixed-rate losses; uniform for anytime Hedge, whose bound assumes it."""
+        if self.top_mix.fixed_eta is None:
+            return torch.zeros(len(TOP), dtype=torch.float64, device=self.device)
+        return self.top_prior.log().to(self.device)
+
+    def learn_prior(self, L: np.ndarray, present: np.ndarray) -> None:
+        """Re-estimate the top level's prior from tasks' cumulative losses ``L`` and which experts took part
+        (``present``), [tasks, len(TOP)] (empirical Bayes: EM for the share of tasks each expert is right for,
+        ``hedge.prior_em``), warm-started from the last estimate, mixed with ``PRIOR_FLOOR`` per expert. The
+        move's log ratio max_k ln(π_k new / π_k old) adds to the drift: a task's regret bound grows by the
+        drift over its life (``reports.regrets``). Anytime Hedge keeps its uniform prior."""
+        eta = self.top_mix.fixed_eta
+        if eta is None or not len(L):
+            return
+        old = self.top_prior.numpy()
+        pi = prior_em(L, present, old.copy(), eta, PRIOR_ITERATIONS)
+        self.top_prior = torch.from_numpy(PRIOR_FLOOR + (1.0 - len(pi) * PRIOR_FLOOR) * pi / pi.sum())
+        self.tasks.drift += max(0.0, float(np.log(self.top_prior.numpy() / old).max()))
+
     def top_level(
         self,
         top: torch.Tensor,
@@ -236,7 +272,7 @@ class Mixtures:
         rounds: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top level's weights and the combined prediction; a sleeping KB level then "predicts" it."""
-        w_top = self.top_mix.weights(loss_top, in_top, rounds)
+        w_top = self.top_mix.weights(loss_top, in_top, rounds, self.top_log_prior())
         pred = mix(w_top, top)
         top[:, 1] = torch.where(in_top[:, 1:2], top[:, 1], pred)
         return w_top, pred

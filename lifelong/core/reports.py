@@ -24,7 +24,7 @@ def regrets(mixtures: Mixtures, tables: dict[str, torch.Tensor], counts: np.ndar
     best_kb = torch.where(tables["in_kb"][:n], tables["L_kb"][:n], math.inf).min(1).values
     kb = torch.where(torch.isfinite(best_kb), st[:, STAT["loss_kb"]] - best_kb, 0.0).cpu().numpy()
     counts = np.array(counts, np.int64)
-    top_bound = mixtures.top_mix.bounds(counts, tables["n_top"][:n].cpu().numpy())
+    top_bound = _top_bounds(mixtures, tables, counts)
     n_kb = tables["n_kb"][:n].cpu().numpy()
     prior = mixtures.kb_log_prior()
     mass = None
@@ -33,6 +33,24 @@ def regrets(mixtures: Mixtures, tables: dict[str, torch.Tensor], counts: np.ndar
         mass = n_kb + shared * (math.exp(SHARED_PRIOR) - 1.0)
     kb_bound = mixtures.kb_mix.bounds(counts, n_kb, mass)
     return {"top": top, "top_bound": top_bound, "kb": kb, "kb_bound": kb_bound}
+
+
+def _top_bounds(mixtures: Mixtures, tables: dict[str, torch.Tensor], counts: np.ndarray) -> np.ndarray:
+    """The top level's regret bound per task. With the learned prior π (fixed-rate losses): ln(M / π_min) / η,
+    M the prior mass of the experts in the task's mixture and π_min the least of theirs, plus the prior's drift
+    since the task started (``Mixtures.learn_prior``); for anytime Hedge, its bound with a uniform prior."""
+    n = len(counts)
+    n_top = tables["n_top"][:n].cpu().numpy()
+    eta = mixtures.top_mix.fixed_eta
+    if eta is None:
+        return mixtures.top_mix.bounds(counts, n_top)
+    present = tables["in_top"][:n]
+    prior = mixtures.top_prior.to(present.device)
+    mass = (prior * present).sum(1)
+    least = torch.where(present, prior, 1.0).min(1).values
+    drift = mixtures.tasks.drift - tables["drift_at"][:n]
+    bound = ((torch.log(mass / least) + drift) / eta).cpu().numpy()
+    return np.where((counts > 0) & (n_top > 1), bound, 0.0)
 
 
 def report(

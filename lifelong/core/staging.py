@@ -1,5 +1,5 @@
-"""KB staging: snapshots of task learners wait here for the next publication, with the population learner
-(one learner over every labelled event of every task) whose mean is also the prior new tasks start from.
+"""KB staging: snapshots of task learners wait here for the next publication, with the population member (the
+shared level's pooled learner, ``shared.py``) whose mean is also the prior new tasks start from.
 
 Publication happens every ``publish_every`` engine events, a count that does not depend on how the stream is
 cut into batches: ``ready`` gives each task's latest finite snapshot in arrival order, plus the population
@@ -11,31 +11,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from lifelong.config import EngineConfig
 from lifelong.core.knowledge import Staged
 from lifelong.core.learners.base import Learners
 from lifelong.core.mixtures import POPULATION
+from lifelong.core.shared import SharedLevel
 
 
 class Staging:
-    """Snapshots waiting for publication, and the population learner; counts in ``counters`` (the engine's)."""
+    """Snapshots waiting for publication; counts in ``counters`` (the engine's). ``shared``: the shared level,
+    whose pooled learner is published as a KB member and whose mean new tasks start from (None: no population)."""
 
-    def __init__(self, cfg: EngineConfig, learners: Learners, counters: dict[str, int]):
+    def __init__(self, learners: Learners, shared: SharedLevel | None, counters: dict[str, int]):
         self.learners = learners
+        self.shared = shared
         self.counters = counters
         self.staged: list[Staged] = []
-        # One learner over every labelled event of every task (on the CPU, compiled), learning each segment's
-        # events at its end in arrival order; published as a KB member, and new tasks start from its mean.
-        self.population = None
-        if cfg.population and getattr(learners, "use_ekf", False):
-            from lifelong.core.learners.stacked import TorchLearners
-
-            self.population = TorchLearners(cfg, cfg.dim, torch.device("cpu"))
-            self.population.ensure(1)
-        self.population_n = 0
 
     def stage(self, task: int, name: str, learned: int, seq: int, store: Any) -> None:
         """Stage a snapshot (a one-slot member store) of task ``task`` taken right after its trigger."""
@@ -44,24 +36,16 @@ class Staging:
         self.staged.append(Staged(task, name, learned, seq, store))
         self.counters["snapshots"] += 1
 
-    def learn_population(self, x1: torch.Tensor, y: np.ndarray) -> None:
-        """The population learner learns labelled events ``x1`` (with the bias column), ``y``, in order."""
-        if self.population is None or not len(y):
-            return
-        n = len(y)
-        self.population.sequence(np.zeros(n, np.int64), x1.cpu(), y, np.ones(n, bool), np.full(n, -1, np.int64))
-        self.population_n += n
-
     def ready(self, events_seen: int) -> list[Staged]:
         """What this publication publishes: each task's latest snapshot, in the order of the tasks' first
         triggers (arrival order, whatever the batching; an earlier snapshot of the same task would be replaced
         in its slot anyway), less those taken while their task was non-finite; and the population member. The
         population's mean becomes the prior of new tasks."""
-        if self.population is not None and self.population_n:
-            mu = self.population.params["mu"][0]
-            self.learners.prior_mu = mu.to(self.learners.device, copy=True)
-            member = self.learners.members_from_ekf(mu.numpy().copy()[None])[0]
-            self.staged.append(Staged(-1, POPULATION, self.population_n, events_seen, member))
+        if self.shared is not None and self.shared.learned:
+            mu = self.shared.w.copy()
+            self.learners.prior_mu = torch.as_tensor(mu, dtype=self.learners.dtype, device=self.learners.device)
+            member = self.learners.members_from_ekf(mu[None])[0]
+            self.staged.append(Staged(-1, POPULATION, self.shared.learned, events_seen, member))
         if not self.staged:
             return []
         latest: dict[str, Staged] = {}  # by name: a task's row may hold another task by now (``_evict``)
@@ -80,34 +64,19 @@ class Staging:
         return list(latest.values())
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and JSON metadata for a checkpoint: the staged snapshots and the population learner."""
+        """Tensors and JSON metadata for a checkpoint: the staged snapshots and the new tasks' prior mean."""
         tensors: dict[str, torch.Tensor] = {}
-        if self.population is not None:
-            tensors.update({f"population.{k}": v for k, v in self.population.state().items()})
-            if self.learners.prior_mu is not None:
-                tensors["population.prior_mu"] = self.learners.prior_mu.cpu()
+        if self.learners.prior_mu is not None:
+            tensors["population.prior_mu"] = self.learners.prior_mu.cpu()
         for i, st in enumerate(self.staged):
             for k, v in self.learners.store_state(st.store).items():
                 tensors[f"staged.{i}.{k}"] = v
-        meta = {
-            "staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged],
-            "population_n": self.population_n,
-        }
-        return tensors, meta
+        return tensors, {"staged": [[s.task, s.task_name, s.learned, s.seq] for s in self.staged]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what ``state`` returned."""
-        if self.population is not None and "population.param.mu" in tensors:
-            self.population.load_state(
-                {
-                    k.removeprefix("population."): v
-                    for k, v in tensors.items()
-                    if k.startswith("population.") and k != "population.prior_mu"
-                }
-            )
-            self.population_n = int(meta.get("population_n", 0))
-            if "population.prior_mu" in tensors:
-                self.learners.prior_mu = tensors["population.prior_mu"].to(self.learners.device)
+        if "population.prior_mu" in tensors:
+            self.learners.prior_mu = tensors["population.prior_mu"].to(self.learners.device)
         self.staged = []
         for i, (task, name, learned, seq) in enumerate(meta["staged"]):
             prefix = f"staged.{i}."

@@ -24,6 +24,9 @@ STATS = (
     "early_n",
 )
 STAT = {name: i for i, name in enumerate(STATS)}  # column of each statistic
+# The top level's experts (columns of ``L_top``, ``in_top``): the task's own learner, the KB level, and the live
+# shared level's two learners (``shared.py``).
+TOP = ("local", "kb", "pooled", "mixed")
 
 
 def grown(n: int, cap: int, limit: int) -> int:
@@ -37,8 +40,10 @@ class TaskTable:
     ``counts`` (labelled events learned), ``used`` (the ``batch`` that last used it: the least recently used
     leave first), ``in_store`` (the task store holds the task), ``dirty`` (changed since it was last written)."""
 
-    def __init__(self, n_experts: int, dim: int, device: torch.device, limit: int):
-        self.n_experts, self.dim, self.device, self.limit = n_experts, dim, device, limit
+    def __init__(self, n_experts: int, deviation: tuple[int, int], device: torch.device, limit: int, shared: bool):
+        self.n_experts, self.deviation, self.device, self.limit = n_experts, deviation, device, limit
+        self.shared = shared  # the shared level's experts take part in new tasks' top mixtures
+        self.drift = 0.0  # how far the top level's prior has moved so far (``Mixtures.learn_prior``)
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         self.cols = self.empty(0)
@@ -53,25 +58,31 @@ class TaskTable:
         """``n`` rows of every column, zeros (what ``start`` sets up)."""
         dev, k, f64 = self.device, self.n_experts, torch.float64
         return {
-            "L_top": torch.zeros(n, 2, dtype=f64, device=dev),  # cumulative losses of the two levels
-            "in_top": torch.zeros(n, 2, dtype=torch.bool, device=dev),
+            "L_top": torch.zeros(n, len(TOP), dtype=f64, device=dev),  # cumulative losses of the top's experts
+            "in_top": torch.zeros(n, len(TOP), dtype=torch.bool, device=dev),
             "n_top": torch.zeros(n, dtype=torch.long, device=dev),
             "L_kb": torch.zeros(n, k, dtype=f64, device=dev),  # of the KB experts: the basis, then each member
             "in_kb": torch.zeros(n, k, dtype=torch.bool, device=dev),
             "n_kb": torch.zeros(n, dtype=torch.long, device=dev),
             "stats": torch.zeros(n, len(STATS), dtype=f64, device=dev),
-            "peak": torch.zeros(n, self.dim, dtype=f64, device=dev),  # feature scaling (``features.py``)
+            # the data's part of the mixed-effects deviation's posterior (``shared.py``): precision, natural mean
+            "me_prec": torch.zeros(n, *self.deviation, dtype=f64, device=dev),
+            "me_nat": torch.zeros(n, *self.deviation, dtype=f64, device=dev),
+            "drift_at": torch.zeros(n, dtype=f64, device=dev),  # the top prior's drift when the task started
             "kb_seen": torch.zeros(n, dtype=torch.long, device=dev),  # KB log position last met (``KbEntry.meet``)
             "code_at": torch.zeros(n, dtype=torch.long, device=dev),  # the basis its code is in (``basis_at``)
         }
 
-    @staticmethod
-    def start(cols: dict[str, torch.Tensor], rows: slice | int | torch.Tensor, basis_at: int) -> None:
-        """New tasks' rows (zeros): the local level alone in the top mixture, the code in basis ``basis_at``;
-        KB experts join when the task next meets the KB."""
+    def start(self, cols: dict[str, torch.Tensor], rows: slice | int | torch.Tensor, basis_at: int) -> None:
+        """New tasks' rows (zeros): the local level (and the shared level's learners) in the top mixture, the
+        code in basis ``basis_at``, the top prior's drift so far; KB experts join when the task next meets the
+        KB."""
         cols["in_top"][rows, 0] = True
-        cols["n_top"][rows] = 1
+        if self.shared:
+            cols["in_top"][rows, 2:] = True
+        cols["n_top"][rows] = 3 if self.shared else 1
         cols["code_at"][rows] = basis_at
+        cols["drift_at"][rows] = self.drift
 
     def __len__(self) -> int:
         return len(self.names)
@@ -152,7 +163,9 @@ class TaskTable:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.cols = self.empty(size)
         for k, v in cols.items():
-            self.cols[k][:n] = v.to(self.device)
+            # a checkpoint from before the shared level held two top-level columns: theirs go first
+            target = self.cols[k][:n] if v.dim() == 1 else self.cols[k][:n, ..., : v.shape[-1]]
+            target.copy_(v.to(self.device))
         self.counts, self.used = np.zeros(size, np.int64), np.zeros(size, np.int64)
         self.in_store, self.dirty = np.zeros(size, np.bool_), np.ones(size, np.bool_)
         self.counts[:n] = counts

@@ -120,11 +120,17 @@ def run_engine(
 
 
 def evaluate(
-    path: str | Path, cfg: Config, infer: bool = True, plot: str | Path | None = None, progress: bool = True
+    path: str | Path,
+    cfg: Config,
+    infer: bool = True,
+    plot: str | Path | None = None,
+    progress: bool = True,
+    errors_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """One prequential pass of the engine, then the baselines: ``itl`` (cold-start independent learners, one
     per task: no KB, no population prior) and ``pooled`` (one such learner for all tasks); the report of
-    ``lifelong evaluate``. ``local`` is the engine's own task level (warm-started from the population)."""
+    ``lifelong evaluate``. ``local`` is the engine's own task level (warm-started from the population).
+    ``errors_out`` receives each method's error per labelled event, in file order."""
     cfg, events, bad = read_events(path, cfg, infer)
     batch = cfg.batching.max_events
     use_threads(cfg.engine)
@@ -153,17 +159,16 @@ def evaluate(
         "config": dataclasses.asdict(cfg.engine),
         **report,
     }
+    per_event = {
+        "lifelong": errors[:, 0],
+        "itl": cold_errors[:, 1],
+        "kb_only": errors[:, 2],
+        "pooled": pooled_errors[:, 1],
+    }
+    if errors_out is not None:
+        errors_out.update(per_event)
     if plot:
-        write_plot(
-            plot,
-            {
-                "lifelong": errors[:, 0],
-                "itl": cold_errors[:, 1],
-                "kb_only": errors[:, 2],
-                "pooled": pooled_errors[:, 1],
-            },
-            str(path),
-        )
+        write_plot(plot, per_event, str(path))
     return out
 
 

@@ -169,9 +169,10 @@ def test_compiled_mixture_equals_cumulative_losses(tiny):
     none = np.zeros((0, k, 2))
     zeros = np.zeros(n, np.int64)
     mix_events(
-        zeros, zeros, np.ones(n, bool), np.ones(n, bool), np.arange(n), np.arange(n), y.astype(float), p_local,
-        kb_x, np.full(n, -1), none, none[:, :2], none[:, 0], tables["L_kb"], tables["in_kb"], tables["L_top"],
-        tables["in_top"], tables["stats"], log_prior, LOSS_CODES["log"], False, 1.0, float(k), 0.0, 1.0, 20,
+        zeros, zeros, np.ones(n, bool), np.ones(n, bool), np.arange(n), np.arange(n), y.astype(float),
+        np.stack([p_local, p_local], axis=1), kb_x, np.full(n, -1), none, none[:, :2], none[:, 0], tables["L_kb"],
+        tables["in_kb"], tables["L_top"], tables["in_top"], tables["stats"], log_prior, np.zeros(2),
+        LOSS_CODES["log"], False, 1.0, float(k), 0.0, 1.0, 20,
         out["local"], out["kb"], out["pred"], w_local, slots, weights, errors, losses,
     )  # fmt: skip
     np.testing.assert_allclose(out["pred"], want, rtol=1e-9, atol=1e-12)
