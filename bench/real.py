@@ -162,10 +162,12 @@ def plot(path: Path, name: str, errors: dict[str, np.ndarray]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method, e in errors.items():
+    for method, e in sorted(errors.items(), key=lambda kv: kv[0] == "lifelong"):  # lifelong drawn last, on top
         n = np.arange(1, len(e) + 1)
-        ax.plot(n, np.cumsum(e) / n, label=method, lw=2.2 if method == "lifelong" else 1.2)
-    ax.set_xlabel("labelled events")
+        style = {"lw": 2.4, "color": "black"} if method == "lifelong" else {"lw": 1.2}
+        ax.plot(n[20:], (np.cumsum(e) / n)[20:], label=method, **style)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled events (from the 20th)")
     ax.set_ylabel("cumulative error")
     ax.set_title(f"{name}: prequential error, every method on the same shuffled stream")
     ax.legend(fontsize=8)
@@ -196,8 +198,8 @@ def main() -> int:
                 f"{row[row['best_peer']]:.4f} ({row['best_peer']})  ratio {row['ratio']:.3f}",
                 file=sys.stderr,
             )
-            if args.plot and name == names[0] and not regression:
-                plot(Path(args.plot), name, {"lifelong": errors["lifelong"], **errors})
+            if args.plot and name == (args.only or ["Exam"])[0] and not regression:
+                plot(Path(args.plot), name, errors)
     methods = ["lifelong", "itl", "pooled", "river", "river_scaled", "river_pooled", "river_pooled_scaled", "vw"]
     short = ["lifelong", "itl", "pooled", "river", "r+sc", "r-pool", "r-pool+sc", "vw -q tf"]
     head = f"{'data set':<14}{'tasks':>6}{'events':>7}" + "".join(f"{s:>10}" for s in short) + f"{'ratio':>7}{'ok':>4}"

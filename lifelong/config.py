@@ -74,8 +74,9 @@ class EngineConfig:
     publish_every: int = 1024  # staged snapshots join the KB every this many engine events
     duplicate_cosine: float = 0.999  # a snapshot this close to a member of another task is dropped
     basis: bool = True  # ELLA-style basis expert over linear members
-    # a population learner fed by every labelled event of every task: a KB member refreshed at each publication,
-    # and the prior mean new tasks' learners start from (EKF learners only)
+    # the live shared level (EKF learners only): a pooled learner fed by every labelled event of every task and a
+    # mixed-effects learner per task, both in every task's top mixture; the pooled mean is also a KB member
+    # refreshed at each publication and the prior mean new tasks' learners start from
     population: bool = True
     # new tasks' EKF learners start from the KB members' weight covariance (empirical Bayes), not prior_var x I
     task_prior: bool = True

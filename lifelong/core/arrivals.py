@@ -9,6 +9,7 @@ the stream was cut into batches.
 
 from __future__ import annotations
 
+import math
 import typing
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, KeysView
@@ -23,6 +24,7 @@ from lifelong.config import LabelsConfig
 from lifelong.core.clock import EventClock
 from lifelong.core.events import Event
 from lifelong.core.results import CONTROL, DUPLICATE, LABEL_JOINED, LABEL_UNMATCHED, LEARNED, PREDICTED
+from lifelong.core.tasks import TOP
 
 
 @dataclass
@@ -74,9 +76,13 @@ class PendingLabels:
     def load_state(self, tensors: dict[str, torch.Tensor], keys: str | list[Any], device: torch.device) -> None:
         """Restore what ``state`` returned."""
         self.keys, self.inputs = OrderedDict(), {}
+        top = tensors.get("pending.top")
+        if top is not None and top.shape[1] < len(TOP):  # saved before the shared level: the local one stands in
+            pad = top[:, :1].expand(-1, len(TOP) - top.shape[1], -1)
+            tensors = {**tensors, "pending.top": torch.cat([top, pad], dim=1)}
         for j, (task, eid, seq, ts) in enumerate(listed(keys)):
             key = (task, eid)
-            self.keys[key] = (int(seq), float(ts))
+            self.keys[key] = (int(seq), -math.inf if ts is None else float(ts))  # JSON keeps -inf (no time) as null
             self.inputs[key] = PendingPrediction(*(tensors[f"pending.{name}"][j].to(device) for name in PENDING_FIELDS))
 
 

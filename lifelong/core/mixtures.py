@@ -32,8 +32,11 @@ SHARED_PRIOR = 5.0
 # The top level's prior is learned across tasks (``Mixtures.learn_prior``): EM steps per estimate, and the least
 # prior share an expert keeps (a task whose best level is a rare one still reaches it: its regret against it is
 # at most ln(1 / PRIOR_FLOOR) plus the prior's drift, instead of ln 4 with a uniform prior).
-PRIOR_ITERATIONS = 10
+PRIOR_ITERATIONS = 100
 PRIOR_FLOOR = 0.02
+# An estimate reads the tasks active since the last one: the prior moves this share of the way to it (an average
+# over the last few estimates), so that it does not swing with each set of tasks, and its drift stays small.
+PRIOR_STEP = 0.25
 
 
 @dataclass
@@ -253,7 +256,8 @@ class Mixtures:
     def learn_prior(self, L: np.ndarray, present: np.ndarray) -> None:
         """Re-estimate the top level's prior from tasks' cumulative losses ``L`` and which experts took part
         (``present``), [tasks, len(TOP)] (empirical Bayes: EM for the share of tasks each expert is right for,
-        ``hedge.prior_em``), warm-started from the last estimate, mixed with ``PRIOR_FLOOR`` per expert. The
+        ``hedge.prior_em``), warm-started from the last estimate, mixed with ``PRIOR_FLOOR`` per expert; the prior
+        moves ``PRIOR_STEP`` of the way to it. The
         move's log ratio max_k ln(π_k new / π_k old) adds to the drift: a task's regret bound grows by the
         drift over its life (``reports.regrets``). Anytime Hedge keeps its uniform prior."""
         eta = self.top_mix.fixed_eta
@@ -261,7 +265,8 @@ class Mixtures:
             return
         old = self.top_prior.numpy()
         pi = prior_em(L, present, old.copy(), eta, PRIOR_ITERATIONS)
-        self.top_prior = torch.from_numpy(PRIOR_FLOOR + (1.0 - len(pi) * PRIOR_FLOOR) * pi / pi.sum())
+        pi = PRIOR_FLOOR + (1.0 - len(pi) * PRIOR_FLOOR) * pi / pi.sum()
+        self.top_prior = torch.from_numpy((1.0 - PRIOR_STEP) * old + PRIOR_STEP * pi)
         self.tasks.drift += max(0.0, float(np.log(self.top_prior.numpy() / old).max()))
 
     def top_level(

@@ -33,7 +33,7 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.learners.ekf import MIN_CURVATURE, REG_NOISE, TASK_CODES
 
-EM_ITERATIONS = 10  # per estimate, warm-started from the last one
+EM_ITERATIONS = 30  # per estimate, warm-started from the last one
 MIN_VARIANCE = 1e-4  # floor of Σ: a deviation may always grow back
 
 

@@ -4,6 +4,7 @@ predicts from the last event on, and the mixed-effects learner finds how much ta
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -168,3 +169,32 @@ def test_without_a_population_no_shared_expert_takes_part():
     engine.process(random_intercepts(n_tasks=5, per_task=10))
     assert engine.shared is None
     assert not engine.tasks.cols["in_top"][: engine.n_tasks, 2:].any()
+
+
+def test_a_state_saved_before_the_shared_level_loads_and_the_shared_learners_join():
+    """A checkpoint of the two-level engine (top tables of two columns, pending predictions with two levels, no
+    standardiser, shared level or top prior): it loads, its pending labels are scored, and every task's top
+    mixture takes the shared learners in at the mixture's loss so far."""
+    events = random_intercepts(n_tasks=6, per_task=40)
+    delayed = [dataclasses.replace(e, y=None) for e in events[:200]] + [
+        Event(e.task, e.id, None, e.y) for e in events[150:200]
+    ]
+    engine = Engine(EngineConfig(dim=2))
+    engine.process(delayed)
+    tensors, meta = engine.state()
+    old = {k: v for k, v in tensors.items() if not k.startswith(("shared.", "recent.", "features.", "mixtures."))}
+    for k in ("task.me_prec", "task.me_nat", "task.drift_at"):
+        del old[k]
+    for k in ("task.L_top", "task.in_top", "pending.top"):
+        old[k] = old[k][:, :2].clone()
+    old["task.n_top"] = old["task.in_top"].sum(1)
+    restored = Engine(EngineConfig(dim=2))
+    restored.load_state(old, {k: v for k, v in meta.items() if k not in ("recent", "drift", "next_estimate")})
+    n = restored.n_tasks
+    assert restored.tasks.cols["in_top"][:n, 2:].all()
+    loss = restored.tasks.cols["stats"][:n, 0]
+    assert torch.equal(restored.tasks.cols["L_top"][:n, 3], loss)
+    learned = restored.counters["learned"]
+    result = restored.process([Event(e.task, e.id, None, e.y) for e in events[:150]] + events[200:])
+    assert restored.counters["learned"] == learned + 150 + len(events) - 200
+    assert np.isfinite(result.pred[~np.isnan(result.pred[:, 0])]).all()
