@@ -4,8 +4,8 @@ predicts from the last event on, and the mixed-effects learner finds how much ta
 import dataclasses
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
