@@ -25,9 +25,13 @@ class Recent:
 
     def add(self, names: list[str], cols: dict[str, torch.Tensor], rows: np.ndarray) -> None:
         """Tasks ``names`` (rows ``rows`` of the table ``cols``) as they are now."""
-        if len(rows):
+        if not len(rows):
+            return
+        self.names.extend(names)
+        if cols["L_top"].device.type == "cpu":  # numpy's fancy indexing: several times cheaper on small batches
+            self.parts.append({k: cols[k].numpy()[rows] for k in KEYS})
+        else:
             at = torch.as_tensor(rows, device=cols["L_top"].device)
-            self.names.extend(names)
             self.parts.append({k: cols[k][at].cpu().numpy() for k in KEYS})
 
     def take(self) -> tuple[list[str], dict[str, np.ndarray]]:
