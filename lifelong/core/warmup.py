@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lifelong.config import EngineConfig, LabelsConfig
-from lifelong.core.engine import Engine
+from lifelong.core.engine import FIRST_ESTIMATE, Engine
 from lifelong.core.events import Event
 
 
@@ -21,8 +21,9 @@ def use_threads(cfg: EngineConfig) -> None:
 
 def warm_up(cfg: EngineConfig, labels: LabelsConfig | None = None) -> float:
     """Compile the engine's kernels for ``cfg`` (a throwaway engine learns a few made-up events through every
-    path: plain and pending labels, a control, snapshots and a publication) so that the first real batch does
-    not wait for them; the seconds it took. numba caches what it compiles on disk: a later start loads it."""
+    path: plain and pending labels, a control, snapshots, a publication and an estimate across tasks) so that
+    the first real batch does not wait for them; the seconds it took. numba caches what it compiles on disk: a
+    later start loads it."""
     t0 = time.perf_counter()
     scratch = Engine(dataclasses.replace(cfg, publish_every=8, snapshot_every=2, snapshot_at=()), labels)
     rng = np.random.default_rng(0)
@@ -32,7 +33,8 @@ def warm_up(cfg: EngineConfig, labels: LabelsConfig | None = None) -> float:
             return float(cfg.target_range[0])
         return i % (cfg.n_classes if cfg.task == "multiclass" else 2)
 
-    plain = [Event(f"t{i % 2}", f"e{i}", rng.normal(size=cfg.dim), label(i)) for i in range(6)]
+    # as many as reach the first estimate across tasks (``Engine._estimate``), so that its kernels compile too
+    plain = [Event(f"t{i % 2}", f"e{i}", rng.normal(size=cfg.dim), label(i)) for i in range(FIRST_ESTIMATE)]
     rest = [
         Event("t0", "p", rng.normal(size=cfg.dim), None),
         Event("t0", "p", None, label(1)),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lifelong.config import LabelsConfig
 from lifelong.core.arrivals import LearnedWindow
-from lifelong.core.engine import Engine
+from lifelong.core.engine import FIRST_ESTIMATE, Engine
 from lifelong.core.events import Event
 from lifelong.core.results import CONTROL, LABEL_JOINED, LABEL_UNMATCHED, LEARNED, PREDICTED
 from lifelong.core.warmup import warm_up
@@ -644,4 +644,5 @@ def test_warm_up_runs_every_path_of_every_kind_and_changes_nothing(engine_factor
     warm_up(engine.cfg, engine.labels)
     assert {PREDICTED, LEARNED, LABEL_JOINED, CONTROL} <= outcomes
     assert scratch[-1].counters["snapshots"] > 0 and scratch[-1].kb.size > 0
+    assert scratch[-1].next_estimate > FIRST_ESTIMATE  # the estimates across tasks ran (their kernels compiled)
     assert engine.state()[1] == before and engine.counters["learned"] == 0
