@@ -257,9 +257,9 @@ class Mixtures:
         """Re-estimate the top level's prior from tasks' cumulative losses ``L`` and which experts took part
         (``present``), [tasks, len(TOP)] (empirical Bayes: EM for the share of tasks each expert is right for,
         ``hedge.prior_em``), warm-started from the last estimate, mixed with ``PRIOR_FLOOR`` per expert; the prior
-        moves ``PRIOR_STEP`` of the way to it. The
-        move's log ratio max_k ln(π_k new / π_k old) adds to the drift: a task's regret bound grows by the
-        drift over its life (``reports.regrets``). Anytime Hedge keeps its uniform prior."""
+        moves ``PRIOR_STEP`` of the way to it. The move's log ratio max_k ln(π_k new / π_k old) adds to the drift:
+        a task's regret bound grows by the drift over its life (``reports.regrets``). Anytime Hedge keeps its
+        uniform prior."""
         eta = self.top_mix.fixed_eta
         if eta is None or not len(L):
             return
