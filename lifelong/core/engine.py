@@ -556,11 +556,8 @@ class Engine:
         self.learners.prior_S = self.kb.task_S
         for k in missing:  # saved before lazy entry: every task had met the KB and held its codes in its basis
             self.tasks.cols[k][:n] = self.kb.applied if k == "kb_seen" else self.kb.basis_at
-        if self.shared is not None and "task.me_prec" not in tensors:  # saved before the shared level: it joins
-            cols = self.tasks.cols  # every task's mixture now, at the mixture's loss so far (sleeping experts)
-            cols["L_top"][:n, 2:] = cols["stats"][:n, STATS.index("loss"), None]
-            cols["in_top"][:n, 2:] = True
-            cols["n_top"][:n] += len(TOP) - 2
+        if "task.me_prec" not in tensors:  # saved before the shared level
+            self.tasks.join_shared(self.tasks.cols, slice(0, n))
         self.kb_version = tensors["kb_version"].to(dev)
         # saved before the shared standardiser, the top prior and the shared level: they start afresh
         if "features.stats" in tensors:

@@ -84,8 +84,26 @@ class Residency:
             if path is None:
                 path = tempfile.mkdtemp(prefix="lifelong-tasks-")
                 weakref.finalize(self, shutil.rmtree, path, True)
-            self.store = TaskStore(path, self.layout())
+            self.store = TaskStore(path, self.layout(), self.migrate)
         return self.store
+
+    def migrate(self, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Stored rows of an earlier layout (as columns) in this one, or None if it is not a known earlier one.
+        Known: the layout before the shared level (issue 31): a per-task ``t.peak`` column (dropped), two top
+        columns (the shared learners join, ``TaskTable.join_shared``), no deviation or drift columns (zeros)."""
+        n = len(next(iter(old.values()))) if old else 0
+        new = {k: v.new_zeros((n, *v.shape[1:])) for k, v in self.columns().items()}
+        if set(old) - set(new) != {"t.peak"} or old["t.L_top"].shape[1:] != (2,):
+            return None
+        for key, value in old.items():
+            if key in ("t.L_top", "t.in_top"):
+                new[key][:, :2] = value.to(new[key].dtype)
+            elif key != "t.peak":
+                if value.shape[1:] != new[key].shape[1:]:
+                    return None
+                new[key] = value.to(new[key].dtype)
+        self.tasks.join_shared({k.removeprefix("t."): v for k, v in new.items() if k.startswith("t.")}, slice(None))
+        return new
 
     def layout(self) -> wire.Spec:
         """The shape of one task's row in the store."""
@@ -252,4 +270,4 @@ class Residency:
         if target is None:
             target = tempfile.mkdtemp(prefix="lifelong-tasks-")
             weakref.finalize(self, shutil.rmtree, target, True)
-        self.store = TaskStore.restore(snapshot, target, self.layout())
+        self.store = TaskStore.restore(snapshot, target, self.layout(), self.migrate)

@@ -84,6 +84,14 @@ class TaskTable:
         cols["code_at"][rows] = basis_at
         cols["drift_at"][rows] = self.drift
 
+    def join_shared(self, cols: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> None:
+        """Tasks ``rows`` of ``cols`` that learned before the shared level existed (an older checkpoint or task
+        store): its learners join their top mixtures now, at the mixture's loss so far (sleeping experts)."""
+        if self.shared:
+            cols["L_top"][rows, 2:] = cols["stats"][rows, STAT["loss"], None]
+            cols["in_top"][rows, 2:] = True
+            cols["n_top"][rows] += len(TOP) - 2
+
     def __len__(self) -> int:
         return len(self.names)
 

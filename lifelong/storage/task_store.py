@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from lifelong.storage import wire
 
 LAYOUT = b"\x00layout"
 COUNT = b"\x00count"
+# Rows written by an earlier layout, as columns (name -> [rows, ...]), into the current layout's; None: unknown.
+Migrate = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
 def pack_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> list[bytes]:
@@ -72,7 +74,7 @@ class TaskStore:
     """Task rows on disk by name. ``put``/``delete`` go into one atomic write; ``snapshot`` makes a consistent
     copy (hard links, so its cost follows what changed since the last one) that ``open`` can start from."""
 
-    def __init__(self, path: str | Path, layout: wire.Spec):
+    def __init__(self, path: str | Path, layout: wire.Spec, migrate: Migrate | None = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         opts = Options(raw_mode=True)
@@ -92,15 +94,37 @@ class TaskStore:
         self.width = sum(
             np.dtype(wire.DTYPES[t]).itemsize * int(np.prod(shape, dtype=np.int64)) for t, shape in layout.values()
         )
+        self._wo = WriteOptions()
+        self._wo.disable_wal = True  # type: ignore[method-assign,assignment]  # durability: ``snapshot`` flushes
+        self.count = int(self.db.get(COUNT) or b"0")  # tasks stored (each name once)
         saved = self.db.get(LAYOUT)
         if saved is None:
             self.db[LAYOUT] = json.dumps(self.layout).encode()
         elif json.loads(saved) != self.layout:
-            self.db.close()
-            raise StateError(f"task store {self.path} was written by another shape of engine (per-task columns differ)")
-        self.count = int(self.db.get(COUNT) or b"0")  # tasks stored (each name once)
-        self._wo = WriteOptions()
-        self._wo.disable_wal = True  # type: ignore[method-assign,assignment]  # durability: ``snapshot`` flushes
+            old = {k: (t, tuple(shape)) for k, (t, shape) in json.loads(saved).items()}
+            if migrate is None or not self._migrate(old, migrate):
+                self.db.close()
+                raise StateError(
+                    f"task store {self.path} was written by another shape of engine (per-task columns differ)"
+                )
+
+    def _migrate(self, old: wire.Spec, migrate: Migrate, chunk: int = 4096) -> bool:
+        """Rewrite every row written in layout ``old`` into this store's layout (``migrate`` turns a chunk of
+        rows, as columns, into the new columns; None: it cannot); False, and nothing changed, if it cannot."""
+        rows = list(self.items())
+        for start in range(0, max(len(rows), 1), chunk):
+            part = rows[start : start + chunk]
+            columns = {k: torch.zeros((len(part), *shape), dtype=getattr(torch, t)) for k, (t, shape) in old.items()}
+            if part:
+                unpack_rows(columns, torch.arange(len(part)), [v for _, v in part], old)
+            new = migrate(columns)
+            if new is None:
+                return False
+            if part:  # a crash half way leaves the old layout's key: the next start copies the snapshot again
+                packed = pack_rows({k: new[k] for k in self.spec}, torch.arange(len(part)))
+                self.write(dict(zip((n for n, _ in part), packed, strict=True)), 0)
+        self.db[LAYOUT] = json.dumps(self.layout).encode()
+        return True
 
     def get(self, names: list[str]) -> list[bytes | None]:
         """Each task's row, or None where the store does not hold it."""
@@ -159,7 +183,9 @@ class TaskStore:
         self.db.close()
 
     @classmethod
-    def restore(cls, snapshot: str | Path, path: str | Path, layout: wire.Spec) -> TaskStore:
+    def restore(
+        cls, snapshot: str | Path, path: str | Path, layout: wire.Spec, migrate: Migrate | None = None
+    ) -> TaskStore:
         """A live store at ``path`` holding what ``snapshot`` holds (whatever ``path`` held before is gone)."""
         shutil.rmtree(path, ignore_errors=True)
         src = Rdict(str(snapshot), Options(raw_mode=True), access_type=AccessType.read_only())  # left as it is
@@ -167,7 +193,7 @@ class TaskStore:
             Checkpoint(src).create_checkpoint(str(path))
         finally:
             src.close()
-        return cls(path, layout)
+        return cls(path, layout, migrate)
 
 
 def describe(store: TaskStore | None) -> dict[str, Any]:

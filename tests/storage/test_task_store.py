@@ -243,3 +243,41 @@ def test_an_engine_let_go_releases_its_task_store_at_once(engine_factory, tmp_pa
         assert again.residency.open_store().count > 0
     finally:
         gc.enable()
+
+
+def test_a_task_store_of_the_layout_before_the_shared_level_is_migrated(engine_factory, tmp_path):
+    """A daemon's task store written before issue 31 (a per-task peak column, two top-level columns, no
+    deviation or drift columns) is rewritten into the current layout when opened: each task keeps its
+    learner and tables, and the shared learners join its top mixture at its loss so far."""
+    from lifelong.storage import wire
+    from lifelong.storage.task_store import pack_rows
+
+    engine = engine_factory()
+    engine.process(make_stream(n_tasks=5, per_task=8, ends=False))
+    n, cols = engine.n_tasks, engine.residency.columns()
+    old = {}
+    for key, col in cols.items():
+        if key in ("t.me_prec", "t.me_nat", "t.drift_at"):
+            continue
+        old[key] = col[:n, :2].clone() if key in ("t.L_top", "t.in_top") else col[:n].clone()
+        if key == "t.stats":
+            old["t.peak"] = torch.full((n, engine.cfg.dim), 3.0, dtype=torch.float64)
+    layout = {k: (t, shape[1:]) for k, (t, shape) in wire.spec_of({k: v[:0] for k, v in old.items()}).items()}
+    store = TaskStore(tmp_path / "tasks", layout)
+    store.write(dict(zip(engine.tasks.names, pack_rows(old, torch.arange(n)), strict=True)), n)
+    store.close()
+    with pytest.raises(StateError, match="another shape of engine"):
+        TaskStore(tmp_path / "tasks", engine.residency.layout())  # no migration: refused, as before
+    fresh = engine_factory()
+    fresh.residency.store_dir = tmp_path / "tasks"
+    fresh.residency.open_store()
+    fresh.residency.admit(list(engine.tasks.names))
+    for name in engine.tasks.names:
+        a, b = engine.tasks.index[name], fresh.tasks.index[name]
+        for key in ("stats", "L_kb", "in_kb", "n_kb"):
+            assert torch.equal(engine.tasks.cols[key][a], fresh.tasks.cols[key][b])
+        assert torch.equal(engine.learners.params["mu"][a], fresh.learners.params["mu"][b])
+        assert torch.equal(engine.tasks.cols["L_top"][a, :2], fresh.tasks.cols["L_top"][b, :2])
+        assert fresh.tasks.cols["in_top"][b, 2:].all() and not fresh.tasks.cols["me_prec"][b].any()
+        assert float(fresh.tasks.cols["L_top"][b, 3]) == float(engine.tasks.cols["stats"][a, 0])
+    assert fresh.n_labelled[[fresh.tasks.index[m] for m in engine.tasks.names]].tolist() == engine.n_labelled.tolist()
