@@ -10,12 +10,13 @@ gives what the CPU gives.
 - **Mixed effects**: task τ predicts with ``(w + δ_τ)·x``, where ``δ_τ ~ N(0, Σ)`` is learned by EKF steps
   (diagonal covariance) with the pooled prediction as offset: the online counterpart of a generalised linear
   mixed model, and of what Vowpal Wabbit's ``-q tf`` learns by gradient. ``Σ`` (diagonal) is estimated by
-  empirical Bayes: EM over the resident tasks' posteriors, means *and* variances (so that estimation noise
-  does not inflate it), at fixed engine-event counts (``Engine._estimate``). A task keeps the *data's* part of its
-  posterior (precision ``me_prec`` and natural mean ``me_nat``, per output and input, task-table columns), so
-  its posterior under the current ``Σ`` is exact for the Gaussian approximation: ``s = 1 / (1/Σ + prec)``,
-  ``δ = s · nat``. A task learned before ``Σ`` moved then leans on the new ``Σ`` at once, as EM assumes.
-  A new task's columns are zeros: its deviation starts at the prior.
+  empirical Bayes: EM over the posteriors, means *and* variances (so that estimation noise does not inflate
+  it), of the tasks that learned since the last estimate (``recent.py``), at fixed engine-event counts
+  (``Engine._estimate``). A task keeps the *data's* part of its posterior (precision ``me_prec`` and natural
+  mean ``me_nat``, per output and input, task-table columns), so its posterior under the current ``Σ`` is
+  exact for the Gaussian approximation: ``s = 1 / (1/Σ + prec)``, ``δ = s · nat``. A task learned before ``Σ``
+  moved then leans on the new ``Σ`` at once, as EM assumes. A new task's columns are zeros: its deviation
+  starts at the prior.
 
 In scale-out each replica keeps its own shared level, fed by its partitions; the knowledge base carries the
 pooled mean between replicas as the ``_population`` member (``staging.py``).
