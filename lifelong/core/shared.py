@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from lifelong.config import EngineConfig
-from lifelong.core.learners.ekf import MIN_CURVATURE, REG_NOISE, TASK_CODES
+from lifelong.core.learners.ekf import TASK_CODES, label_step
 
 EM_ITERATIONS = 30  # per estimate, warm-started from the last one
 MIN_VARIANCE = 1e-4  # floor of Σ: a deviation may always grow back
@@ -65,6 +65,9 @@ def _step(
     vd = np.empty(n_out)
     v = np.empty(n_out)
     p = np.empty(n_out)
+    g = np.empty(n_out)
+    h = np.empty(n_out)
+    mean = np.empty(n_out)
     for i in range(n):
         t = tasks[i]
         for c in range(n_out):
@@ -95,40 +98,21 @@ def _step(
         if not labelled[i]:
             continue
         for level in range(2):  # 0: the deviation, with the pooled prediction as offset; 1: the pooled weights
-            if task == 1:
-                top = -np.inf
-                for c in range(n_out):
-                    top = max(top, m[c] + (md[c] if level == 0 else 0.0))
-                total = 0.0
-                for c in range(n_out):
-                    p[c] = math.exp(m[c] + (md[c] if level == 0 else 0.0) - top)
-                    total += p[c]
-                for c in range(n_out):
-                    p[c] /= total
             for c in range(n_out):
-                mean = m[c] + (md[c] if level == 0 else 0.0)
-                if task == 2:
-                    h = 1.0 / REG_NOISE
-                    g = (y[i] - mean) * h
-                else:
-                    if task == 0:
-                        p[c] = 1.0 / (1.0 + math.exp(-mean))
-                        target = y[i]
-                    else:
-                        target = 1.0 if int(y[i]) == c else 0.0
-                    h = max(p[c] - p[c] * p[c], MIN_CURVATURE)
-                    g = target - p[c]
+                mean[c] = m[c] + (md[c] if level == 0 else 0.0)
+            label_step(task, mean, y[i], p, g, h)
+            for c in range(n_out):
                 if level == 0:
-                    denom = 1.0 + h * vd[c]
+                    denom = 1.0 + h[c] * vd[c]
                     for a in range(r):
                         za = z[i, a]
-                        d[c, a] += s[c, a] * za * g / denom
-                        prec[t, c, a] += h * za * za
+                        d[c, a] += s[c, a] * za * g[c] / denom
+                        prec[t, c, a] += h[c] * za * za
                         nat[t, c, a] = d[c, a] * (inv_sigma[c, a] + prec[t, c, a])
                 else:
-                    denom = 1.0 + h * v[c]
-                    k = h / denom
-                    step = g / denom
+                    denom = 1.0 + h[c] * v[c]
+                    k = h[c] / denom
+                    step = g[c] / denom
                     for a in range(r):
                         for b in range(r):
                             w_S[c, a, b] -= k * sz[c, a] * sz[c, b]

@@ -68,6 +68,34 @@ TASK_CODES = {"binary": 0, "multiclass": 1, "regression": 2}
 
 
 @numba.njit(cache=True, error_model="numpy")
+def label_step(task: int, means: np.ndarray, y: float, p: np.ndarray, g: np.ndarray, h: np.ndarray) -> None:
+    """One event's EKF gradient ``g`` and curvature ``h`` per output at the means ``means`` for label ``y``
+    (``TASK_CODES``: binary, one-vs-rest softmax, or regression on the scaled target), as ``forward``;
+    ``p``: room for the probabilities, in the precision the caller keeps them."""
+    n_out = len(means)
+    if task == 1:
+        top = means.max()
+        total = 0.0
+        for c in range(n_out):
+            p[c] = np.exp(means[c] - top)
+            total += p[c]
+        for c in range(n_out):
+            p[c] /= total
+    for c in range(n_out):
+        if task == 2:
+            h[c] = 1.0 / REG_NOISE
+            g[c] = (y - means[c]) * h[c]
+        else:
+            if task == 0:
+                p[c] = 1.0 / (1.0 + np.exp(-means[c]))
+                target = y
+            else:
+                target = 1.0 if int(y) == c else 0.0
+            h[c] = max(p[c] - p[c] * p[c], MIN_CURVATURE)
+            g[c] = target - p[c]
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sequence(
     mu: np.ndarray,
     S: np.ndarray,
@@ -86,6 +114,8 @@ def _sequence(
     m = np.empty(n_out, mu.dtype)
     v = np.empty(n_out, mu.dtype)
     p = np.empty(n_out, mu.dtype)
+    g = np.empty(n_out)
+    h = np.empty(n_out)
     acc = np.empty(r)
     for i in range(n):
         t = tasks[i]
@@ -107,29 +137,11 @@ def _sequence(
             out[i, c] = m[c]
             out[i, n_out + c] = v[c]
         if labelled[i]:
-            if task == 1:
-                top = m.max()
-                total = 0.0
-                for c in range(n_out):
-                    p[c] = np.exp(m[c] - top)
-                    total += p[c]
-                for c in range(n_out):
-                    p[c] /= total
+            label_step(task, m, y[i], p, g, h)
             for c in range(n_out):
-                if task == 2:
-                    h = 1.0 / REG_NOISE
-                    g = (y[i] - m[c]) * h
-                else:
-                    if task == 0:
-                        p[c] = 1.0 / (1.0 + np.exp(-m[c]))
-                        target = y[i]
-                    else:
-                        target = 1.0 if int(y[i]) == c else 0.0
-                    h = max(p[c] - p[c] * p[c], MIN_CURVATURE)
-                    g = target - p[c]
-                denom = 1.0 + h * v[c]
-                k = h / denom
-                step = g / denom
+                denom = 1.0 + h[c] * v[c]
+                k = h[c] / denom
+                step = g[c] / denom
                 for a in range(r):
                     for b in range(r):
                         S[t, c, a, b] -= k * sz[c, a] * sz[c, b]
