@@ -157,7 +157,7 @@ class LifelongRegressor(_Lifelong, base.MiniBatchRegressor):
     dim
         Buckets the other features are hashed into.
     target_range
-        The range of the targets: the mixture's bound needs it (squared loss is exp-concave on a known
+        The range of the targets: the mixture's bound needs it (squared loss is mixable on a known
         range). Targets outside it are clipped into it.
     engine
         Other ``engine`` settings of ``lifelong`` (``EngineConfig`` names).

@@ -16,7 +16,7 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.arrivals import PendingPrediction
 from lifelong.core.events import RESERVED_TASK
-from lifelong.core.hedge import LOSS_CODES, Mixing, mix, mix_events, prior_em
+from lifelong.core.hedge import LOSS_CODES, Mixing, mix_events, prior_em
 from lifelong.core.knowledge import KnowledgeBase
 from lifelong.core.learners.base import Learners
 from lifelong.core.plan import Plan
@@ -232,7 +232,7 @@ class Mixtures:
         prediction in its column."""
         w_kb = torch.nan_to_num(self.kb_mix.weights(loss_kb, in_kb, rounds, self.kb_log_prior()))
         # a finite stand-in (the local prediction) while the KB level sleeps: weight 0 until it joins
-        p_top[:, 1] = torch.where(in_top[:, 1:2], mix(w_kb, kb_x), p_top[:, 0])
+        p_top[:, 1] = torch.where(in_top[:, 1:2], self.kb_mix.mix(w_kb, kb_x), p_top[:, 0])
         return w_kb, p_top
 
     def kb_log_prior(self) -> torch.Tensor | None:
@@ -278,7 +278,7 @@ class Mixtures:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top level's weights and the combined prediction; a sleeping KB level then "predicts" it."""
         w_top = self.top_mix.weights(loss_top, in_top, rounds, self.top_log_prior())
-        pred = mix(w_top, top)
+        pred = self.top_mix.mix(w_top, top)
         top[:, 1] = torch.where(in_top[:, 1:2], top[:, 1], pred)
         return w_top, pred
 
