@@ -65,7 +65,7 @@ class EngineConfig:
     prior_var: float = 1.0  # EKF prior variance of each weight
     river_model: str = "river.linear_model.LogisticRegression"
     river_params: dict[str, Any] = field(default_factory=dict)
-    mixing: str = "auto"  # auto (log loss eta=1 / squared by the aggregating algorithm) | hedge (anytime Hedge, absolute loss)
+    mixing: str = "auto"  # auto (log loss eta=1 / squared: aggregating algorithm) | hedge (anytime Hedge, abs. loss)
     kb_capacity: int = 64
     snapshot_every: int = 50  # learned events of a task between KB snapshots; 0 = only on control end
     # also snapshot a task at these labelled counts: tasks of a few dozen events feed the KB too ([]: only

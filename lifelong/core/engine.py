@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -480,11 +480,18 @@ class Engine:
         self.settle()
         return reports.regrets(self.mixtures, self.tasks.view(), self.n_labelled)
 
-    def report(self) -> dict[str, Any]:
-        """Cumulative figures per method and per task, every task (the core of ``lifelong evaluate``'s report)."""
+    def report(self, per_task: bool = True) -> dict[str, Any]:
+        """Cumulative figures per method and (``per_task``) per task (``lifelong evaluate``'s report's core)."""
         self.settle()
-        names, tables, counts = self.residency.every_task(self.entry.meet)
-        return reports.report(self.mixtures, self.kb, names, tables, counts, self.counters)
+        out = reports.report(self.mixtures, self.kb, self.residency.task_blocks(self.entry.meet), self.counters)
+        if per_task:
+            out["tasks"] = dict(self.task_figures())
+        return out
+
+    def task_figures(self) -> Iterator[tuple[str, dict[str, float | int]]]:
+        """Each task's name and its figures of ``report``, a block of tasks at a time (memory: one block)."""
+        self.settle()
+        return reports.task_figures(self.mixtures, self.residency.task_blocks(self.entry.meet))
 
     def kb_summary(self) -> list[dict[str, Any]]:
         """One row per KB member: slot, id, source task and its total weight over tasks."""

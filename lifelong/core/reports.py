@@ -4,6 +4,7 @@ task, and the KB's members with their total weight. Nothing here changes state."
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -56,63 +57,83 @@ def _top_bounds(mixtures: Mixtures, tables: dict[str, torch.Tensor], counts: np.
 def report(
     mixtures: Mixtures,
     kb: KnowledgeBase,
-    names: list[str],
-    tables: dict[str, torch.Tensor],
-    counts: np.ndarray,
+    blocks: Iterable[tuple[list[str], dict[str, torch.Tensor], np.ndarray]],
     counters: dict[str, int],
 ) -> dict[str, Any]:
-    """Cumulative figures per method and per task (tables ``tables``, labelled counts ``counts``) for tasks ``names``
-    (the core of ``lifelong evaluate``'s report)."""
-    n = len(names)
-    st = tables["stats"].cpu().numpy()
-    total = max(1, int(counts.sum()))
-    reg = regrets(mixtures, tables, counts)
+    """Cumulative figures per method, regrets and early errors over ``blocks`` of tasks (names, tables, labelled
+    counts; ``Residency.task_blocks``) taken one at a time (the core of ``lifelong evaluate``'s report)."""
+    sums = np.zeros(len(STAT))
+    labelled = 0
+    worst = {"top": (-math.inf, 0.0, 0.0), "kb": (-math.inf, 0.0, 0.0)}  # (regret - bound, regret, bound)
+    totals = {"top": 0.0, "kb": 0.0}
+    for names, tables, counts in blocks:
+        if not names:
+            continue
+        sums += tables["stats"][: len(names)].cpu().numpy().sum(0)
+        labelled += int(counts.sum())
+        reg = regrets(mixtures, tables, counts)
+        for level in ("top", "kb"):
+            value, bound = reg[level], reg[f"{level}_bound"]
+            i = int(np.argmax(value - bound))
+            worst[level] = max(worst[level], (float(value[i] - bound[i]), float(value[i]), float(bound[i])))
+            totals[level] += float(value.sum())
+    total = max(1, labelled)
+    early_n = max(1.0, float(sums[STAT["early_n"]]))
 
     def method(err: str, loss: str) -> dict[str, float]:
         return {
-            "cumulative_error": float(st[:, STAT[err]].sum() / total),
-            "cumulative_log_loss": float(st[:, STAT[loss]].sum() / total),
+            "cumulative_error": float(sums[STAT[err]] / total),
+            "cumulative_log_loss": float(sums[STAT[loss]] / total),
         }
 
-    tasks = {}
-    for i, name in enumerate(names):
-        c = max(1, int(counts[i]))
-        tasks[name] = {
-            "events": int(counts[i]),
-            "cumulative_error": float(st[i, STAT["errors"]] / c),
-            "cumulative_error_local": float(st[i, STAT["errors_local"]] / c),
-            "regret": float(reg["top"][i]),
-            "regret_bound": float(reg["top_bound"][i]),
-            "kb_regret": float(reg["kb"][i]),
-            "kb_regret_bound": float(reg["kb_bound"][i]),
-        }
-    early_n = max(1.0, float(st[:, STAT["early_n"]].sum()))
-    i_top = int(np.argmax(reg["top"] - reg["top_bound"])) if n else 0
-    i_kb = int(np.argmax(reg["kb"] - reg["kb_bound"])) if n else 0
     return {
-        "labelled": int(counts.sum()),
+        "labelled": labelled,
         "methods": {
             "lifelong": method("errors", "loss"),
             "local": method("errors_local", "loss_local"),
             "kb_only": method("errors_kb", "loss_kb"),
         },
         "regret": {
-            "top_level_max": float(reg["top"][i_top]) if n else 0.0,
-            "top_level_bound": float(reg["top_bound"][i_top]) if n else 0.0,
-            "kb_max": float(reg["kb"][i_kb]) if n else 0.0,
-            "kb_bound": float(reg["kb_bound"][i_kb]) if n else 0.0,
-            "top_level_total": float(reg["top"].sum()),
-            "kb_total": float(reg["kb"].sum()),
+            "top_level_max": worst["top"][1],
+            "top_level_bound": worst["top"][2],
+            "kb_max": worst["kb"][1],
+            "kb_bound": worst["kb"][2],
+            "top_level_total": totals["top"],
+            "kb_total": totals["kb"],
         },
         "early": {
             "first_n": EARLY_N,
-            "lifelong": float(st[:, STAT["early_errors"]].sum() / early_n),
-            "local": float(st[:, STAT["early_errors_local"]].sum() / early_n),
+            "lifelong": float(sums[STAT["early_errors"]] / early_n),
+            "local": float(sums[STAT["early_errors_local"]] / early_n),
         },
         "kb": {"size": kb.size, "capacity": kb.capacity, **kb.counts},
         "counters": dict(counters),
-        "tasks": tasks,
     }
+
+
+def task_figures(
+    mixtures: Mixtures, blocks: Iterable[tuple[list[str], dict[str, torch.Tensor], np.ndarray]]
+) -> Iterator[tuple[str, dict[str, float | int]]]:
+    """Each task's name and figures (the report's ``tasks``), a block of tasks at a time."""
+    for names, tables, counts in blocks:
+        if not names:
+            continue
+        st = tables["stats"][: len(names)].cpu().numpy()
+        reg = regrets(mixtures, tables, counts)
+        for i, name in enumerate(names):
+            c = max(1, int(counts[i]))
+            yield (
+                name,
+                {
+                    "events": int(counts[i]),
+                    "cumulative_error": float(st[i, STAT["errors"]] / c),
+                    "cumulative_error_local": float(st[i, STAT["errors_local"]] / c),
+                    "regret": float(reg["top"][i]),
+                    "regret_bound": float(reg["top_bound"][i]),
+                    "kb_regret": float(reg["kb"][i]),
+                    "kb_regret_bound": float(reg["kb_bound"][i]),
+                },
+            )
 
 
 def kb_summary(

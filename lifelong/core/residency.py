@@ -12,7 +12,7 @@ import itertools
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -243,25 +243,25 @@ class Residency:
         self.open_store().write(dict(zip(names, values, strict=True)), int((~self.tasks.in_store[rows]).sum()))
         self.tasks.in_store[rows], self.tasks.dirty[rows] = True, False
 
-    def every_task(self, meet_kb: Callable[..., None]) -> tuple[list[str], dict[str, torch.Tensor], np.ndarray]:
-        """Every task's name, mixture tables and labelled count: the resident tasks, then the others read from
-        the store, which meet the KB as it is now (``meet_kb``: ``KbEntry.meet``). For reports, not the event
-        path."""
-        names = list(self.tasks.names)
-        tables, counts = self.tasks.view(), self.tasks.counts[: len(self.tasks)]
-        store = self.store
-        stored = [] if store is None else [(k, v) for k, v in store.items() if k not in self.tasks.index]
-        if store is not None and stored:
+    def task_blocks(
+        self, meet_kb: Callable[..., None], size: int = 4096
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], np.ndarray]]:
+        """Every task's name, mixture tables and labelled count, a block at a time: the resident tasks, then the
+        others read from the store ``size`` at a time, which meet the KB as it is now (``meet_kb``:
+        ``KbEntry.meet``). For reports, not the event path: memory stays within a block however many tasks the
+        store holds."""
+        yield list(self.tasks.names), self.tasks.view(), self.tasks.counts[: len(self.tasks)]
+        if self.store is None:
+            return
+        rows = ((k, v) for k, v in self.store.items() if k not in self.tasks.index)
+        while stored := list(itertools.islice(rows, size)):
             m = len(stored)
             cols = {f"t.{k}": v.new_zeros((m, *v.shape[1:])) for k, v in self.tasks.cols.items()}
             cols["n_labelled"] = torch.zeros(m, dtype=torch.long)
-            unpack_rows(cols, torch.arange(m, device=self.device), [v for _, v in stored], store.spec)
-            tables_m = {k[2:]: v for k, v in cols.items() if k.startswith("t.")}
-            meet_kb(np.arange(m), tables_m, names={k: j for j, (k, _) in enumerate(stored)})
-            names += [k for k, _ in stored]
-            tables = {k: torch.cat([v, cols[f"t.{k}"]]) for k, v in tables.items()}
-            counts = np.concatenate([counts, cols["n_labelled"].numpy()])
-        return names, tables, counts
+            unpack_rows(cols, torch.arange(m, device=self.device), [v for _, v in stored], self.store.spec)
+            tables = {k[2:]: v for k, v in cols.items() if k.startswith("t.")}
+            meet_kb(np.arange(m), tables, names={k: j for j, (k, _) in enumerate(stored)})
+            yield [k for k, _ in stored], tables, cols["n_labelled"].numpy()
 
     def restore_store(self, snapshot: Path) -> None:
         """Make the live store (``store_dir``, or without one a temporary directory removed with this object) a

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from lifelong.config import Config, load_config
 from lifelong.errors import LifelongError
@@ -96,22 +95,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lifelong.tools.evaluate import evaluate
 
     cfg = load_config(args.config)
-    report = evaluate(args.input, cfg, infer=args.config is None, plot=args.plot, progress=not args.quiet)
-    Path(args.report_json).write_text(json.dumps(report, indent=1, allow_nan=False))  # strict JSON, always
+    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    report = evaluate(
+        args.input,
+        cfg,
+        infer=args.config is None,
+        plot=args.plot,
+        progress=not args.quiet,
+        passes=passes,
+        report_json=args.report_json,
+    )
     m = report["methods"]
     print(f"{'method':<10} {'error':>8} {'log loss':>9}")
     for name in ("lifelong", "local", "itl", "pooled", "kb_only"):
-        print(f"{name:<10} {m[name]['cumulative_error']:>8.4f} {m[name]['cumulative_log_loss']:>9.4f}")
-    r = report["regret"]
+        if name in m:
+            print(f"{name:<10} {m[name]['cumulative_error']:>8.4f} {m[name]['cumulative_log_loss']:>9.4f}")
     early = report["early"]
+    firsts = " ".join(f"{name} {early[name]:.4f}" for name in ("lifelong", "itl", "pooled") if name in early)
     print(
-        f"events {report['events']}  {report['events_per_s']:,.0f} ev/s  early error (first {early['first_n']})"
-        f" lifelong {early['lifelong']:.4f} itl {early['itl']:.4f}"
+        f"events {report['events']}  {report['events_per_s']:,.0f} ev/s ({report['passes'][0]}, after "
+        f"{report['warmup_s']:.1f} s of warm-up)  early error (first {early['first_n']}) {firsts}"
     )
-    print(
-        f"regret: top level max {r['top_level_max']:.4f} (bound {r['top_level_bound']:.4f}), "
-        f"KB max {r['kb_max']:.4f} (bound {r['kb_bound']:.4f})"
-    )
+    if r := report.get("regret"):
+        print(
+            f"regret: top level max {r['top_level_max']:.4f} (bound {r['top_level_bound']:.4f}), "
+            f"KB max {r['kb_max']:.4f} (bound {r['kb_bound']:.4f})"
+        )
     print(f"report: {args.report_json}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 
@@ -181,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--input", required=True)
     e.add_argument("--report-json", required=True)
     e.add_argument("--config", default=None, help="config.yaml (default: built-in defaults, task kind inferred)")
-    e.add_argument("--plot", default=None, help="PNG of cumulative error against events")
+    e.add_argument(
+        "--plot", default=None, help="PNG: cumulative error against events, and error at a task's k-th event"
+    )
+    e.add_argument("--passes", default="lifelong,itl,pooled", help="methods to run, side by side (default: all three)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_evaluate)
 
