@@ -14,8 +14,8 @@ been there from the start predicting exactly what the mixture predicted, so ever
 - ``squared`` loss on a known target range [a, b]: Vovk's aggregating algorithm, η = 2 / (b-a)² (the loss is
   η-mixable), regret ≤ ln N / η. The prediction is not the weighted mean but the substitution
   (a+b)/2 + ln(S_b / S_a) / (2η(b-a)), S_y = Σ_k w_k exp(-η (y - p_k)²) over the experts' predictions clipped
-  to [a, b]: its loss at either end of the range, hence everywhere in it, is at most -ln(Σ_k w_k exp(-η λ_k)) / η
-  (Vovk 2001, "Competitive on-line statistics"), four times the rate the weighted mean allows (1 / (2 (b-a)²)).
+  to [a, b]: for every label in [a, b] its loss is at most -ln(Σ_k w_k exp(-η λ_k)) / η (Vovk 2001, "Competitive
+  on-line statistics"), at four times the rate the weighted mean allows (1 / (2 (b-a)²)).
 - ``hedge`` (absolute loss, scaled to [0, 1]; not mixable): anytime rate η_t = sqrt(8 ln M / t) with a
   fixed M, regret ≤ (2/η_{n+1} − 1/η_1) ln N + Σ_t η_t / 8 (Cesa-Bianchi & Lugosi 2006, Thm 2.3 proof).
 """
