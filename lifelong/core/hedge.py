@@ -66,10 +66,11 @@ class Mixing:
 
     def mix(self, weights: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
         """The mixed prediction ``[..., C]`` of experts ``preds`` ``[..., K, C]`` under ``weights`` ``[..., K]``:
-        the weighted mean, or for squared loss the aggregating algorithm's substitution (``_mix``)."""
+        the weighted mean, or for squared loss the aggregating algorithm's substitution (``_substitute``)."""
         if self.loss_name != "squared":
             return mix(weights, preds)
-        eta, lo, hi = self.fixed_eta, self.lo, self.hi
+        lo, hi = self.lo, self.hi
+        eta = 2.0 / (hi - lo) ** 2  # fixed_eta (never None for squared loss)
         p = preds[..., 0].double().clamp(lo, hi)
         s_lo = (weights * torch.exp(-eta * (p - lo) ** 2)).sum(-1)
         s_hi = (weights * torch.exp(-eta * (hi - p) ** 2)).sum(-1)
