@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("accuracy", "real", "throughput", "scale", "scale-daemon", "daemon", "scaleout", "faults", "gpu")
+ORDER = (
+    "accuracy",
+    "real",
+    "river_speed",
+    "throughput",
+    "scale",
+    "scale-daemon",
+    "daemon",
+    "scaleout",
+    "faults",
+    "gpu",
+)
 
 
 def cell(value: Any) -> str:

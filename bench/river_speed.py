@@ -1,0 +1,103 @@
+"""The River estimators at River's speed? ``LifelongClassifier(by="task")`` against River's ``LogisticRegression``
+per task, both in ``river.evaluate.progressive_val_score`` on the same stream, side by side in one run.
+
+    python bench/river_speed.py [--events 100000]
+
+(Not ``river.py``: a script of that name would shadow the ``river`` package it imports.)
+
+The stream is ``bench/throughput.py``'s related tasks in recurring blocks of random length 5-60 (1,000 tasks x
+100 events), as River dicts (``task`` and ``x0``, ``x1``, …: no two features share a hash bucket). Prints each
+method's events/s and error, the speed ratio (issue 32's target: >= 0.5) and ``lifelong evaluate``'s error on
+the same events (hashed as the estimator hashes them) (target: within 0.1 point of the estimator's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from river import base, evaluate, linear_model, metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from throughput import random_blocks  # noqa: E402
+
+from lifelong.config import load_config  # noqa: E402
+from lifelong.estimators import LifelongClassifier  # noqa: E402
+from lifelong.tools.evaluate import evaluate as lifelong_evaluate  # noqa: E402
+
+from record import save  # noqa: E402
+
+
+class PerTask(base.Classifier):
+    """River's ``LogisticRegression`` (defaults), one per value of the ``task`` feature."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, linear_model.LogisticRegression] = {}
+
+    def _model(self, x: dict[str, Any]) -> linear_model.LogisticRegression:
+        task = x["task"]
+        if task not in self.models:
+            self.models[task] = linear_model.LogisticRegression()
+        return self.models[task]
+
+    def predict_proba_one(self, x: dict[str, Any]) -> dict[bool, float]:
+        return self._model(x).predict_proba_one({k: v for k, v in x.items() if k != "task"})
+
+    def learn_one(self, x: dict[str, Any], y: bool) -> None:
+        self._model(x).learn_one({k: v for k, v in x.items() if k != "task"}, y)
+
+
+def progressive(model: Any, stream: list[tuple[dict[str, Any], bool]]) -> tuple[float, float]:
+    """River's ``progressive_val_score`` loop (predict, then learn): (events/s, error)."""
+    t0 = time.perf_counter()
+    accuracy = evaluate.progressive_val_score(stream, model, metrics.Accuracy())
+    return len(stream) / (time.perf_counter() - t0), 1.0 - accuracy.get()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100_000, help="the first N events of the stream")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    rows = list(random_blocks(1000, 100))[: args.events]
+    stream = [({"task": r["task"], **{f"x{i}": v for i, v in enumerate(r["x"])}}, bool(r["y"])) for r in rows]
+    river_rate, river_error = progressive(PerTask(), stream)
+    ours_rate, ours_error = progressive(LifelongClassifier(by="task"), stream)  # x0 … x19 in dim 64: no collision
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stream.jsonl"
+        hashed = LifelongClassifier(by="task")  # the features as the estimator hashes them
+        path.write_text(
+            "".join(
+                json.dumps({"task": x["task"], "x": hashed._event(x).x.tolist(), "y": int(y)}) + "\n" for x, y in stream
+            )
+        )
+        report = lifelong_evaluate(path, load_config(env={}), progress=False, passes=("lifelong",))
+    evaluated = report["methods"]["lifelong"]["cumulative_error"]
+    result = {
+        "events": len(stream),
+        "river_events_per_s": river_rate,
+        "river_error": river_error,
+        "lifelong_events_per_s": ours_rate,
+        "lifelong_error": ours_error,
+        "speed_ratio": ours_rate / river_rate,
+        "evaluate_error": evaluated,
+    }
+    print(f"{'method (progressive_val_score)':<40}{'events/s':>10}{'error':>9}")
+    print(f"{'River LogisticRegression per task':<40}{river_rate:>10,.0f}{river_error:>9.4f}")
+    print(f"{'LifelongClassifier(by=task)':<40}{ours_rate:>10,.0f}{ours_error:>9.4f}")
+    print(
+        f"\nspeed: {ours_rate / river_rate:.3f} x River (target >= 0.5); lifelong evaluate on the same events: "
+        f"error {evaluated:.4f} ({100 * abs(evaluated - ours_error):.2f} points from the estimator, target <= 0.1)"
+    )
+    save(Path(args.out), "river_speed", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
