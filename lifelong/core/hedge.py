@@ -45,7 +45,8 @@ class Mixing:
         self.loss_name = loss
         self.lo, self.hi = target_range
         self.hedge_m = max(2, hedge_m)
-        self.fixed_eta = {"log": 1.0, "squared": 2.0 / (self.hi - self.lo) ** 2}.get(loss)
+        self.squared_eta = 2.0 / (self.hi - self.lo) ** 2  # the aggregating algorithm's rate (``mix``)
+        self.fixed_eta = {"log": 1.0, "squared": self.squared_eta}.get(loss)
 
     def eta(self, n: torch.Tensor) -> torch.Tensor:
         """Learning rate for round ``n`` (1-based, per task)."""
@@ -69,8 +70,7 @@ class Mixing:
         the weighted mean, or for squared loss the aggregating algorithm's substitution (``_substitute``)."""
         if self.loss_name != "squared":
             return mix(weights, preds)
-        lo, hi = self.lo, self.hi
-        eta = 2.0 / (hi - lo) ** 2  # fixed_eta (never None for squared loss)
+        eta, lo, hi = self.squared_eta, self.lo, self.hi
         p = preds[..., 0].double().clamp(lo, hi)
         s_lo = (weights * torch.exp(-eta * (p - lo) ** 2)).sum(-1)
         s_hi = (weights * torch.exp(-eta * (hi - p) ** 2)).sum(-1)
