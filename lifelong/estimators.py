@@ -4,9 +4,10 @@
 (``by``, as in ``river.compose.Grouper``) and removed from the features; an ``x`` without it belongs to one
 default task. Other features are hashed into ``dim`` buckets as sparse events are (``crc32(name) % dim``,
 colliding values add up): numbers as they are (NaN skipped as missing), strings as the indicator feature
-``name=value``. ``learn_one`` learns one labelled event; ``predict_*_one`` has no side effects
-(``Engine.predict``); the ``_many`` methods put a whole DataFrame through the engine's batching, which
-gives the same results as one event at a time.
+``name=value``. ``learn_one`` learns one labelled event and ``predict_*_one`` predicts one without learning,
+each in one compiled call (``core/single.py``, equal to ``Engine.process`` / ``Engine.predict``); the
+``_many`` methods put a whole DataFrame through the engine's batching, which gives the same results as one
+event at a time. The engine computes in float64 here (``engine={"dtype": "float32"}`` takes the batch path).
 
 >>> from river import compose, evaluate, metrics, preprocessing
 >>> from lifelong.estimators import LifelongClassifier
@@ -30,11 +31,13 @@ from river import base
 from lifelong.config import EngineConfig
 from lifelong.core.engine import Engine
 from lifelong.core.events import Event, hash_index
+from lifelong.core.single import OneEvent
 
 if TYPE_CHECKING:
     import pandas as pd
 
 DEFAULT_TASK = "default"
+MAX_BUCKETS_KEPT = 1_000_000  # feature names whose hash bucket is remembered (forgotten all at once beyond)
 
 
 class _Lifelong:
@@ -46,19 +49,63 @@ class _Lifelong:
     _engine: Engine
 
     def _build(self, **settings: Any) -> None:
-        options = {"device": "cpu", **settings, **(self.engine or {})}
+        options = {"device": "cpu", "dtype": "float64", **settings, **(self.engine or {})}
         self._engine = Engine(EngineConfig(dim=self.dim, **options))
+        self._one = OneEvent(self._engine)
+        self._buckets: dict[Any, int] = {}  # feature name (or (name, value) of a string) -> its hash bucket
+        self._last: tuple[dict[Any, Any] | None, np.ndarray] = (None, np.zeros(0))  # the last x and its features
 
-    def _event(self, x: dict[Any, Any], y: int | float | None = None) -> Event:
-        features = np.zeros(self.dim)
+    def _bucket(self, key: Any) -> int:
+        at = self._buckets.get(key)
+        if at is None:
+            if len(self._buckets) >= MAX_BUCKETS_KEPT:
+                self._buckets.clear()
+            at = self._buckets[key] = hash_index(f"{key[0]}={key[1]}" if type(key) is tuple else str(key), self.dim)
+        return at
+
+    def _features(self, x: dict[Any, Any]) -> np.ndarray:
+        try:
+            if x == self._last[0]:  # predict_one then learn_one of the same x: hashed once
+                return self._last[1]
+        except (TypeError, ValueError):  # values that do not compare (arrays): hashed again
+            pass
+        features, buckets = [0.0] * self.dim, self._buckets
         for name, value in x.items():
             if name == self.by or value is None:
                 continue
-            if isinstance(value, str):
-                features[hash_index(f"{name}={value}", self.dim)] += 1.0
+            kind = type(value)
+            if kind is float or kind is int:  # the common case first: no abstract base class check
+                if (v := float(value)) - v == 0.0:  # finite
+                    at = buckets.get(name)
+                    features[self._bucket(name) if at is None else at] += v
+            elif isinstance(value, str):
+                features[self._bucket((name, value))] += 1.0
             elif isinstance(value, numbers.Real) and math.isfinite(v := float(value)):
-                features[hash_index(str(name), self.dim)] += v
-        return Event(str(x.get(self.by, DEFAULT_TASK)), None, features, y)
+                features[self._bucket(name)] += v
+        out = np.array(features)
+        self._last = (dict(x), out)
+        return out
+
+    def _event(self, x: dict[Any, Any], y: int | float | None = None) -> Event:
+        return Event(str(x.get(self.by, DEFAULT_TASK)), None, self._features(x), y)
+
+    def _learn(self, x: dict[Any, Any], y: float) -> None:
+        """``Engine.process`` of one event: by the single-event path (``core/single.py``) where it can."""
+        task = str(x.get(self.by, DEFAULT_TASK))
+        features = self._features(x)
+        if self._one.learn(task, features, y) is None:
+            self._engine.process([Event(task, None, features, y)])
+            self._one.stale()
+
+    def _predict(self, x: dict[Any, Any]) -> np.ndarray:
+        """``Engine.predict`` of one event ``[1, P]``, by the single-event path where it can."""
+        task = str(x.get(self.by, DEFAULT_TASK))
+        features = self._features(x)
+        pred = self._one.predict(task, features)
+        if pred is None:
+            self._one.stale()  # reading a stored task back may move the engine's arrays
+            return self._engine.predict([Event(task, None, features)]).pred
+        return pred[None]
 
     def _rows(self, X: pd.DataFrame) -> list[dict[Any, Any]]:
         return [
@@ -129,21 +176,27 @@ class LifelongClassifier(_Lifelong, base.MiniBatchClassifier):
 
     def learn_one(self, x: dict[Any, Any], y: Any) -> None:
         """Learn one labelled event (its prediction is made and accounted first, as in ``lifelong``)."""
-        self._engine.process([self._event(x, self._class(y))])
+        self._learn(x, self._class(y))
 
     def predict_proba_one(self, x: dict[Any, Any], **kwargs: Any) -> dict[Any, float]:
         """Class probabilities of the labels seen so far (both ``False`` and ``True`` when binary)."""
-        return self._probas(self._engine.predict([self._event(x)]).pred)[0]
+        pred = self._predict(x)
+        if self.n_classes == 2:  # ``_probas`` of one row, in plain floats
+            p0, p1 = pred[0].tolist()
+            return {False: p0 / (p0 + p1), True: p1 / (p0 + p1)}
+        return self._probas(pred)[0]
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
         """Learn the rows in order, through the engine's batching (equal to ``learn_one`` row by row)."""
         self._engine.process([self._event(x, self._class(label)) for x, label in zip(self._rows(X), y, strict=True)])
+        self._one.stale()
 
     def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
         """``predict_proba_one`` for every row, in one engine call."""
         import pandas as pd
 
         rows = self._probas(self._engine.predict([self._event(x) for x in self._rows(X)]).pred)
+        self._one.stale()
         return pd.DataFrame(rows, index=X.index, columns=list(self._labels), dtype=float)
 
 
@@ -196,19 +249,21 @@ class LifelongRegressor(_Lifelong, base.MiniBatchRegressor):
 
     def learn_one(self, x: dict[Any, Any], y: float) -> None:
         """Learn one labelled event (its prediction is made and accounted first, as in ``lifelong``)."""
-        self._engine.process([self._event(x, self._target(y))])
+        self._learn(x, self._target(y))
 
     def predict_one(self, x: dict[Any, Any]) -> float:
         """The prediction for ``x``, without learning."""
-        return float(self._engine.predict([self._event(x)]).pred[0, 0])
+        return float(self._predict(x)[0, 0])
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
         """Learn the rows in order, through the engine's batching (equal to ``learn_one`` row by row)."""
         self._engine.process([self._event(x, self._target(t)) for x, t in zip(self._rows(X), y, strict=True)])
+        self._one.stale()
 
     def predict_many(self, X: pd.DataFrame) -> pd.Series:
         """``predict_one`` for every row, in one engine call."""
         import pandas as pd
 
         pred = self._engine.predict([self._event(x) for x in self._rows(X)]).pred[:, 0]
+        self._one.stale()
         return pd.Series(pred, index=X.index, dtype=float)

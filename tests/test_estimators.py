@@ -32,20 +32,21 @@ def related_rows(n_tasks=30, events=80, seed=0):
 
 @pytest.mark.parametrize("batch", [1, 64])
 def test_progressive_validation_equals_the_engine_on_the_same_stream(batch):
-    """predict_proba_one then learn_one, row by row, gives what the engine predicts on the same events in
-    batches (the estimator hashes the same features into the same buckets)."""
+    """predict_proba_one then learn_one, row by row (the single-event path), gives what the engine predicts on
+    the same events in batches (the estimator hashes the same features into the same buckets)."""
     model = LifelongClassifier(dim=16)
     rows = list(related_rows())
     river_proba = []
     for x, y in rows:
         river_proba.append(model.predict_proba_one(x)[True])
         model.learn_one(x, y)
-    engine = Engine(EngineConfig(dim=16, device="cpu"))
+    engine = Engine(EngineConfig(dim=16, device="cpu", dtype="float64"))
     events = [Event(x["task"], None, model._event(x).x, int(y)) for x, y in rows]
     engine_proba = np.concatenate(
         [engine.process(events[i : i + batch]).pred[:, 1] for i in range(0, len(events), batch)]
     )
-    np.testing.assert_allclose(river_proba, engine_proba, atol=1e-6)
+    np.testing.assert_allclose(river_proba, engine_proba, rtol=0, atol=1e-9)
+    assert model._one.taken > 0.9 * len(rows)  # one event at a time by the single-event path (core/single.py)
     assert model._engine.report()["methods"]["lifelong"] == pytest.approx(engine.report()["methods"]["lifelong"])
     assert model._engine.kb.size > 0  # knowledge flowed between the tasks
 

@@ -286,6 +286,19 @@ class KnowledgeBase:
             S[has] = rot @ S[has] @ rot.transpose(2, 3) + prior_S[at_row].unsqueeze(1)
         return mu, S
 
+    def carried_one(self, row: int, at: int) -> tuple[np.ndarray, np.ndarray]:
+        """``carried`` of one task on the CPU, in numpy (the single-event path: a handful of small products
+        instead of torch's per-operation cost): its code ``[C, r]`` and covariance ``[C, r, r]``, copies."""
+        mu, S = self.mu[row].numpy(), self.S[row].numpy()
+        if at == self.basis_at:
+            return mu.copy(), S.copy()
+        prior_mu, prior_S = self.prior_mu.numpy(), self.prior_S.numpy()
+        if at not in self.bases:
+            return prior_mu.copy(), np.broadcast_to(prior_S, S.shape).copy()
+        rot = self.B.numpy().T @ self.bases[at].numpy()  # [r_new, r_old]
+        perp = np.eye(len(rot)) - rot @ rot.T
+        return mu @ rot.T + prior_mu @ perp.T, rot @ S @ rot.T + perp @ prior_S @ perp.T
+
     # --- state ---
 
     def state(self) -> dict[str, Any]:

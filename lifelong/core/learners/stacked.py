@@ -127,7 +127,16 @@ class TorchLearners(Learners):
 
     def forward_new(self, tasks: np.ndarray, x1: torch.Tensor) -> torch.Tensor:
         """Raw outputs of freshly initialised parameters for each row's would-be task."""
-        params = {
+        params = self.fresh(tasks)
+        if self.use_ekf:
+            return ekf.forward(
+                params["mu"], params["S"], torch.arange(len(tasks), device=self.device), x1, None, self.task
+            )
+        return self._logits(params, x1[:, :-1])
+
+    def fresh(self, tasks: np.ndarray) -> dict[str, torch.Tensor]:
+        """The parameters tasks not created yet would start with, one row per would-be index in ``tasks``."""
+        return {
             name: torch.cat(
                 [
                     torch.zeros((1, *v.shape[1:]), dtype=self.dtype, device=self.device) + self._init(name, int(i), 1)
@@ -136,11 +145,6 @@ class TorchLearners(Learners):
             )
             for name, v in self.params.items()
         }
-        if self.use_ekf:
-            return ekf.forward(
-                params["mu"], params["S"], torch.arange(len(tasks), device=self.device), x1, None, self.task
-            )
-        return self._logits(params, x1[:, :-1])
 
     @property
     def can_sequence(self) -> bool:
