@@ -65,3 +65,18 @@ def test_labels_task_feature_and_strings():
         model.learn_one({"task": "a"}, "fourth")
     with pytest.raises(ValueError, match="True/False"):
         LifelongClassifier().learn_one({"f": 1.0}, "yes")
+
+
+def test_a_pickled_model_goes_on_as_the_original():
+    """The single-event path reads the engine's arrays as views: a pickled copy reads its own engine's."""
+    import pickle
+
+    rows = list(related_rows(n_tasks=10, events=40))
+    model = LifelongRegressor(dim=16, target_range=(0.0, 1.0))
+    for x, y in rows[:200]:
+        model.learn_one(x, float(y))
+    copy = pickle.loads(pickle.dumps(model))
+    for x, y in rows[200:]:
+        assert copy.predict_one(x) == model.predict_one(x)
+        copy.learn_one(x, float(y)), model.learn_one(x, float(y))
+    assert copy._one.taken > 150 and copy._engine.counters == model._engine.counters

@@ -241,7 +241,9 @@ class OneEvent:
         self.taken = 0  # events learned by this path
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "views": None}  # a copy's views would be of copied arrays, not its engine's
+        # a copy's views would be of copied arrays, not its engine's: it reads its own engine's again
+        unbound = np.zeros(0, np.int64)
+        return {**self.__dict__, "views": None, "kb_seen": unbound, "code_at": unbound, "recent": {}}
 
     def stale(self) -> None:
         """The engine changed by another path: read its arrays again at the next event."""
