@@ -236,6 +236,7 @@ class OneEvent:
         self.views: tuple[Any, ...] | None = None
         self.kb_seen = self.code_at = np.zeros(0, np.int64)  # views of the task table's columns (``_views``)
         self.recent: dict[str, np.ndarray] = {}  # the columns ``Recent`` keeps (``_views``)
+        self.fresh: list[np.ndarray] | None = None  # a new task's rows (``_new``), until the views are read again
         # the last code carried by ``predict``: (row, basis it was in, basis it is in now, code, covariance)
         self.carried: tuple[int, int, int, np.ndarray, np.ndarray] | None = None
         self.taken = 0  # events learned by this path
@@ -257,6 +258,7 @@ class OneEvent:
         prior = mix.kb_log_prior()
         self.kb_seen, self.code_at = cols["kb_seen"].numpy(), cols["code_at"].numpy()
         self.recent = {k: cols[k].numpy() for k in recent.KEYS}
+        self.fresh = None
         self.views = (
             self.learners.params["mu"].numpy(),
             self.learners.params["S"].numpy(),
@@ -303,8 +305,12 @@ class OneEvent:
         if not self.able or (t is None and eng.residency.store is not None):  # it may be in the store
             return None
         views = self.views or self._views()
-        if t is None:
-            rows: tuple[Any, ...] = (*self._new(task), *views[PER_TASK:])
+        if t is None:  # a new task's rows: the same for every task not a KB member's source, until the KB moves
+            if task in eng.kb.slot_of:
+                new = self._new(task)
+            else:
+                new = self.fresh = self.fresh or self._new(task)
+            rows: tuple[Any, ...] = (*new, *views[PER_TASK:])
             _one(0, 0, x, 0.0, False, *rows)
             return self.pred
         self._meet(t)
