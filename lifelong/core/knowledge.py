@@ -262,7 +262,25 @@ class KnowledgeBase:
         """The codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), carried into the
         current basis (directions it lacked get the prior); from a basis no longer kept (or none), the prior;
         codes learned in the current basis as they are. A task's code is carried when it next meets the KB
-        (``KbEntry.carry_codes``), never for every task at a refresh."""
+        (``KbEntry.carry_codes``), never for every task at a refresh. On the CPU in numpy (a handful of small
+        products: torch's cost per operation made it 0.5 ms a call), elsewhere in torch (``_carried_torch``)."""
+        if self.device.type != "cpu":
+            return self._carried_torch(rows, at)
+        mu, S = self.mu.numpy()[rows.numpy()], self.S.numpy()[rows.numpy()]
+        prior_mu, prior_S = self.prior_mu.numpy(), self.prior_S.numpy()
+        for old in np.unique(at[at != self.basis_at]).tolist():
+            this = at == old
+            if old not in self.bases:
+                mu[this], S[this] = prior_mu, prior_S
+                continue
+            rot = self.B.numpy().T @ self.bases[old].numpy()  # [r_new, r_old]
+            perp = np.eye(len(rot), dtype=rot.dtype) - rot @ rot.T
+            mu[this] = mu[this] @ rot.T + prior_mu @ perp.T
+            S[this] = rot @ S[this] @ rot.T + perp @ prior_S @ perp.T
+        return torch.from_numpy(mu), torch.from_numpy(S)
+
+    def _carried_torch(self, rows: torch.Tensor, at: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``carried`` in torch, every row at once (CUDA)."""
         mu, S = self.mu[rows].clone(), self.S[rows].clone()
         stale = at != self.basis_at
         kept = np.array(sorted(self.bases), np.int64)
@@ -285,19 +303,6 @@ class KnowledgeBase:
             rot = rot.unsqueeze(1)
             S[has] = rot @ S[has] @ rot.transpose(2, 3) + prior_S[at_row].unsqueeze(1)
         return mu, S
-
-    def carried_one(self, row: int, at: int) -> tuple[np.ndarray, np.ndarray]:
-        """``carried`` of one task on the CPU, in numpy (the single-event path: a handful of small products
-        instead of torch's per-operation cost): its code ``[C, r]`` and covariance ``[C, r, r]``, copies."""
-        mu, S = self.mu[row].numpy(), self.S[row].numpy()
-        if at == self.basis_at:
-            return mu.copy(), S.copy()
-        prior_mu, prior_S = self.prior_mu.numpy(), self.prior_S.numpy()
-        if at not in self.bases:
-            return prior_mu.copy(), np.broadcast_to(prior_S, S.shape).copy()
-        rot = self.B.numpy().T @ self.bases[at].numpy()  # [r_new, r_old]
-        perp = np.eye(len(rot)) - rot @ rot.T
-        return mu @ rot.T + prior_mu @ perp.T, rot @ S @ rot.T + perp @ prior_S @ perp.T
 
     # --- state ---
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numba
 import numpy as np
+import torch
 
 from lifelong.core import recent
 from lifelong.core.engine import Engine
@@ -295,7 +296,8 @@ class OneEvent:
         """Task row ``t``'s code carried into the current basis (``KnowledgeBase.carried``), kept aside."""
         kb, at = self.engine.kb, int(self.code_at[t])
         if self.carried is None or self.carried[:3] != (t, at, kb.basis_at):
-            self.carried = (t, at, kb.basis_at, *kb.carried_one(t, at))
+            mu, S = kb.carried(torch.tensor([t]), np.array([at]))
+            self.carried = (t, at, kb.basis_at, mu[0].numpy(), S[0].numpy())
         return self.carried[3], self.carried[4]
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray | None:

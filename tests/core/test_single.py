@@ -16,6 +16,7 @@ KINDS = [
     pytest.param({"mixing": "hedge"}, {}, id="hedge"),
     pytest.param({"kb_capacity": 16}, {"n_tasks": 12}, id="task-prior"),
     pytest.param({"population": False, "basis": False}, {}, id="no-shared-level"),
+    pytest.param({"max_resident_tasks": 3}, {}, id="task-store"),  # tasks go to the store and come back
 ]
 
 
