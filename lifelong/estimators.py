@@ -52,15 +52,15 @@ class _Lifelong:
         options = {"device": "cpu", "dtype": "float64", **settings, **(self.engine or {})}
         self._engine = Engine(EngineConfig(dim=self.dim, **options))
         self._one = OneEvent(self._engine)
-        self._buckets: dict[Any, int] = {}  # feature name (or (name, value) of a string) -> its hash bucket
+        self._buckets: dict[str, int] = {}  # feature name (or "name=value" of a string) -> its hash bucket
         self._last: tuple[dict[Any, Any] | None, np.ndarray] = (None, np.zeros(0))  # the last x and its features
 
-    def _bucket(self, key: Any) -> int:
-        at = self._buckets.get(key)
+    def _bucket(self, text: str) -> int:
+        at = self._buckets.get(text)
         if at is None:
             if len(self._buckets) >= MAX_BUCKETS_KEPT:
                 self._buckets.clear()
-            at = self._buckets[key] = hash_index(f"{key[0]}={key[1]}" if type(key) is tuple else str(key), self.dim)
+            at = self._buckets[text] = hash_index(text, self.dim)
         return at
 
     def _features(self, x: dict[Any, Any]) -> np.ndarray:
@@ -76,12 +76,13 @@ class _Lifelong:
             kind = type(value)
             if kind is float or kind is int:  # the common case first: no abstract base class check
                 if (v := float(value)) - v == 0.0:  # finite
-                    at = buckets.get(name)
-                    features[self._bucket(name) if at is None else at] += v
+                    text = name if type(name) is str else str(name)
+                    at = buckets.get(text)
+                    features[self._bucket(text) if at is None else at] += v
             elif isinstance(value, str):
-                features[self._bucket((name, value))] += 1.0
+                features[self._bucket(f"{name}={value}")] += 1.0
             elif isinstance(value, numbers.Real) and math.isfinite(v := float(value)):
-                features[self._bucket(name)] += v
+                features[self._bucket(str(name))] += v
         out = np.array(features)
         self._last = (dict(x), out)
         return out

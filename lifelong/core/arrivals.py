@@ -10,10 +10,12 @@ the stream was cut into batches.
 from __future__ import annotations
 
 import math
+import operator
 import typing
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, KeysView
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -299,21 +301,22 @@ class Arrivals:
         """``sort_out`` for a segment of labelled events with ids and controls only (``expiry``: the expiry clock
         after each), when no prediction is pending and no (task, id) was seen within the window (else None):
         the common case, in a few passes."""
-        keys = typing.cast(list[tuple[str, str]], [(e.task, e.id) for e in evs])  # ids checked below
+        names, ids = [e.task for e in evs], [e.id for e in evs]
+        keys = typing.cast(list[tuple[str, str]], list(zip(names, ids, strict=True)))  # ids checked below
         control = [e.control is not None for e in evs]
-        if any(control):
+        if True in control:
             with_label = (e.x is not None and e.y is not None and e.id is not None for e in evs)
             if not all(c or ok for c, ok in zip(control, with_label, strict=True)):
                 return None
             learned = [k for k, c in zip(keys, control, strict=True) if not c]
-        elif all(e.x is not None and e.y is not None and e.id is not None for e in evs):
-            learned = keys
+        elif None in ids or None in [e.y for e in evs] or any(map(operator.is_, [e.x for e in evs], repeat(None))):
+            return None  # column by column: a pass in C each, not one generator step per event
         else:
-            return None
+            learned = keys
         window = self.learned
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
-        tasks = np.fromiter(map(index.__getitem__, [k[0] for k in keys]), np.int64, len(keys))
+        tasks = np.fromiter(map(index.__getitem__, names), np.int64, len(keys))
         nows = expiry
         outcome = np.full(len(evs), LEARNED, np.int8)
         if learned is keys:
