@@ -2,16 +2,16 @@
 in one compiled call (the River estimators' ``learn_one`` and ``predict_*_one``).
 
 ``Engine.process`` pays for a batch's bookkeeping on every call: planning, segments, torch tensors, result
-objects. For one event of a resident task that has met the KB, with nothing pending, no event time and no KB
-snapshot due, all it does is: standardise, the task's learner and basis code predict then learn, the KB's
-members and the shared level predict (the shared level learns), both mixtures, the statistics. ``OneEvent``
-does exactly that in one compiled kernel (``_one``) over views of the engine's own arrays, by calling the same
-compiled steps the engine's compiled path calls (``_standardise``, ``ekf._sequence``, ``shared._step``,
-``hedge.mix_events``); what is left (counters, the task's use, ``Recent``, estimates and publications at
-their counts) is done as ``process`` does it. Anything else (a new task, a snapshot, a KB the task has not
-met, pending labels, event time, float32 or CUDA engines) goes through ``process`` / ``predict``: ``learn``
-and ``predict`` return None then, and the caller calls the engine. Equal to ``process`` and ``predict`` within
-float rounding (tested to 1e-9).
+objects. For one labelled event without an id or a time, all it computes is: standardise, the task's learner
+and basis code predict then learn, the KB's members and the shared level predict (the shared level learns),
+both mixtures, the statistics. ``OneEvent`` computes that in one compiled kernel (``_one``) over views of the
+engine's own arrays, by calling the compiled steps the engine's compiled path calls (``_standardise``,
+``ekf._sequence``, ``shared._step``, ``hedge.mix_events``); the rest (a new task's row, KB entry and code
+carrying, counters, the task's use, ``Recent``, snapshots, estimates and publications at their counts,
+``Engine._guard``) is done in Python as ``process`` does it. Where arrivals would decide more than "learned"
+(a pending prediction, event time), and for float32, CUDA or non-EKF engines, ``learn`` and ``predict`` return
+None and the caller calls the engine. Equal to ``process`` and ``predict`` within float rounding (tested to
+1e-9).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import torch
 from lifelong.core import recent
 from lifelong.core.engine import Engine
 from lifelong.core.features import _standardise
-from lifelong.core.hedge import LOSS_CODES, mix_events
+from lifelong.core.hedge import EPS, LOSS_CODES, mix_events
 from lifelong.core.learners.ekf import TASK_CODES, _sequence
 from lifelong.core.learners.stacked import TorchLearners
 from lifelong.core.mixtures import EARLY_N
+from lifelong.core.results import KB_TOP
 from lifelong.core.shared import _step
 
 LEARNER_BAD, CODE_BAD = 1, 2  # what ``_one`` returns: the task's learner, or its basis code, holds a non-finite value
@@ -39,15 +40,16 @@ LEARNER_BAD, CODE_BAD = 1, 2  # what ``_one`` returns: the task's learner, or it
 
 @numba.njit(cache=True, error_model="numpy")
 def _to_pred(logits: np.ndarray, task: int, lo: float, hi: float, out: np.ndarray) -> None:
-    """``Learners.to_pred`` of one row of logits (``task``: ``TASK_CODES``), smoothed as ``_finish_pred``."""
+    """``Learners.to_pred`` of one row of logits (``task``: ``TASK_CODES``): ``_finish_pred`` after the sigmoid,
+    softmax or clamp, for one row."""
     n_pred = out.shape[0]
     if task == 2:
         out[0] = lo + (hi - lo) * min(max(logits[0], 0.0), 1.0)
         return
-    scale = 1.0 / (1.0 + 1e-6 * n_pred)
+    scale = 1.0 / (1.0 + EPS * n_pred)
     if task == 0:
         p1 = 1.0 / (1.0 + math.exp(-logits[0]))
-        out[0], out[1] = (1.0 - p1 + 1e-6) * scale, (p1 + 1e-6) * scale
+        out[0], out[1] = (1.0 - p1 + EPS) * scale, (p1 + EPS) * scale
         return
     top = logits.max()
     total = 0.0
@@ -55,7 +57,7 @@ def _to_pred(logits: np.ndarray, task: int, lo: float, hi: float, out: np.ndarra
         out[c] = math.exp(logits[c] - top)
         total += out[c]
     for c in range(n_pred):
-        out[c] = (out[c] / total + 1e-6) * scale
+        out[c] = (out[c] / total + EPS) * scale
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -141,7 +143,7 @@ def _one(
     _finish(raw[0], task, lo, hi, top[0, 0])
     kb_x[0, 0] = 0.0
     if basis_on:
-        z = np.zeros((1, B.shape[1]))
+        z = np.zeros((1, B.shape[1]))  # x1 @ B
         for a in range(d + 1):
             for k in range(B.shape[1]):
                 z[0, k] += x1[0, a] * B[a, k]
@@ -171,7 +173,7 @@ def _one(
     n_before = np.full(1, counts[t])
     if lab:
         counts[t] += 1
-    k = min(8, 1 + n_kb)
+    k = min(KB_TOP, 1 + n_kb)
     preds = np.empty((3, 1, n_pred))
     mix_events(
         tasks,
