@@ -29,7 +29,7 @@ from lifelong.core import recent
 from lifelong.core.engine import Engine
 from lifelong.core.features import _standardise
 from lifelong.core.hedge import EPS, LOSS_CODES, mix_events
-from lifelong.core.learners.ekf import TASK_CODES, _sequence
+from lifelong.core.learners.ekf import TASK_CODES, _sequence, softmax
 from lifelong.core.learners.stacked import TorchLearners
 from lifelong.core.mixtures import EARLY_N
 from lifelong.core.results import KB_TOP
@@ -51,13 +51,9 @@ def _to_pred(logits: np.ndarray, task: int, lo: float, hi: float, out: np.ndarra
         p1 = 1.0 / (1.0 + math.exp(-logits[0]))
         out[0], out[1] = (1.0 - p1 + EPS) * scale, (p1 + EPS) * scale
         return
-    top = logits.max()
-    total = 0.0
+    softmax(logits, out)
     for c in range(n_pred):
-        out[c] = math.exp(logits[c] - top)
-        total += out[c]
-    for c in range(n_pred):
-        out[c] = (out[c] / total + EPS) * scale
+        out[c] = (out[c] + EPS) * scale
 
 
 @numba.njit(cache=True, error_model="numpy")

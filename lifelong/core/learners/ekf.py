@@ -68,19 +68,25 @@ TASK_CODES = {"binary": 0, "multiclass": 1, "regression": 2}
 
 
 @numba.njit(cache=True, error_model="numpy")
+def softmax(values: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = the softmax of one row ``values``."""
+    top = values.max()
+    total = 0.0
+    for c in range(len(values)):
+        out[c] = np.exp(values[c] - top)
+        total += out[c]
+    for c in range(len(values)):
+        out[c] /= total
+
+
+@numba.njit(cache=True, error_model="numpy")
 def label_step(task: int, means: np.ndarray, y: float, p: np.ndarray, g: np.ndarray, h: np.ndarray) -> None:
     """One event's EKF gradient ``g`` and curvature ``h`` per output at the means ``means`` for label ``y``
     (``TASK_CODES``: binary, one-vs-rest softmax, or regression on the scaled target), as ``forward``;
     ``p``: room for the probabilities, in the precision the caller keeps them."""
     n_out = len(means)
     if task == 1:
-        top = means.max()
-        total = 0.0
-        for c in range(n_out):
-            p[c] = np.exp(means[c] - top)
-            total += p[c]
-        for c in range(n_out):
-            p[c] /= total
+        softmax(means, p)
     for c in range(n_out):
         if task == 2:
             h[c] = 1.0 / REG_NOISE
