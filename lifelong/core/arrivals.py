@@ -304,15 +304,13 @@ class Arrivals:
         names, ids = [e.task for e in evs], [e.id for e in evs]
         keys = typing.cast(list[tuple[str, str]], list(zip(names, ids, strict=True)))  # ids checked below
         control = [e.control is not None for e in evs]
-        if True in control:
-            with_label = (e.x is not None and e.y is not None and e.id is not None for e in evs)
-            if not all(c or ok for c, ok in zip(control, with_label, strict=True)):
-                return None
-            learned = [k for k, c in zip(keys, control, strict=True) if not c]
-        elif None in ids or None in [e.y for e in evs] or any(map(operator.is_, [e.x for e in evs], repeat(None))):
-            return None  # column by column: a pass in C each, not one generator step per event
-        else:
-            learned = keys
+        rest = [e for e, c in zip(evs, control, strict=True) if not c] if True in control else evs
+        # every other event labelled, with an id: column by column, a pass in C each (not a generator step per event)
+        if None in [e.id for e in rest] or None in [e.y for e in rest]:
+            return None
+        if any(map(operator.is_, [e.x for e in rest], repeat(None))):
+            return None
+        learned = keys if rest is evs else [k for k, c in zip(keys, control, strict=True) if not c]
         window = self.learned
         if len(set(learned)) < len(learned) or not window.keys().isdisjoint(learned):
             return None
