@@ -80,3 +80,26 @@ def test_a_pickled_model_goes_on_as_the_original():
         assert copy.predict_one(x) == model.predict_one(x)
         copy.learn_one(x, float(y)), model.learn_one(x, float(y))
     assert copy._one.taken > 150 and copy._engine.counters == model._engine.counters
+
+
+def test_one_at_a_time_and_many_at_once_mix_freely():
+    """learn_many / predict_proba_many between learn_one calls: the single-event path reads the engine afresh."""
+    import pandas as pd
+
+    rows = list(related_rows(n_tasks=8, events=40))
+    model = LifelongClassifier(dim=16)
+    engine = Engine(EngineConfig(dim=16, device="cpu", dtype="float64"))
+    for i in range(0, len(rows), 40):
+        chunk = rows[i : i + 40]
+        if i % 80:
+            frame = pd.DataFrame([x for x, _ in chunk])
+            model.predict_proba_many(frame)
+            model.learn_many(frame, pd.Series([y for _, y in chunk]))
+        else:
+            for x, y in chunk:
+                model.learn_one(x, y)
+        engine.process([Event(x["task"], None, model._event(x).x, int(y)) for x, y in chunk])
+    x = rows[-1][0]
+    want = engine.predict([Event(x["task"], None, model._event(x).x)]).pred[0, 1]
+    assert model.predict_proba_one(x)[True] == pytest.approx(want, abs=1e-9)
+    assert model._engine.counters == engine.counters

@@ -9,7 +9,6 @@ the tasks coming in. Work per event and memory never grow with the number of tas
 from __future__ import annotations
 
 import itertools
-import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator
@@ -80,11 +79,10 @@ class Residency:
     def open_store(self) -> TaskStore:
         """The task store, opened (or made) on first use."""
         if self.store is None:
-            path = self.store_dir
-            if path is None:
-                path = tempfile.mkdtemp(prefix="lifelong-tasks-")
-                weakref.finalize(self, shutil.rmtree, path, True)
+            path = self.store_dir or tempfile.mkdtemp(prefix="lifelong-tasks-")
             self.store = TaskStore(path, self.layout(), self.migrate)
+            if self.store_dir is None:  # removed with this object (at the latest when the interpreter exits)
+                weakref.finalize(self, self.store.discard)
         return self.store
 
     def migrate(self, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -266,8 +264,7 @@ class Residency:
     def restore_store(self, snapshot: Path) -> None:
         """Make the live store (``store_dir``, or without one a temporary directory removed with this object) a
         copy of a checkpoint's store snapshot: tasks come back from it at their next event."""
-        target = self.store_dir
-        if target is None:
-            target = tempfile.mkdtemp(prefix="lifelong-tasks-")
-            weakref.finalize(self, shutil.rmtree, target, True)
+        target = self.store_dir or tempfile.mkdtemp(prefix="lifelong-tasks-")
         self.store = TaskStore.restore(snapshot, target, self.layout(), self.migrate)
+        if self.store_dir is None:
+            weakref.finalize(self, self.store.discard)

@@ -76,6 +76,7 @@ class TaskStore:
 
     def __init__(self, path: str | Path, layout: wire.Spec, migrate: Migrate | None = None):
         self.path = Path(path)
+        self.closed = False
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
@@ -179,8 +180,16 @@ class TaskStore:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
 
     def close(self) -> None:
-        """Close the database (its files stay)."""
-        self.db.close()
+        """Close the database (its files stay); closing it again does nothing."""
+        if not self.closed:
+            self.closed = True
+            self.db.close()
+
+    def discard(self) -> None:
+        """Close the database, then remove its files (a temporary store's end: RocksDB must not close, and
+        flush, into a directory already removed, nor be left to close while the interpreter shuts down)."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
 
     @classmethod
     def restore(
