@@ -295,7 +295,7 @@ class OneEvent:
         kb, at = self.engine.kb, int(self.code_at[t])
         if self.carried is None or self.carried[:3] != (t, at, kb.basis_at):
             mu, S = kb.carried(torch.tensor([t]), np.array([at]))
-            self.carried = (t, at, kb.basis_at, mu[0].numpy(), S[0].numpy())
+            self.carried = (t, at, kb.basis_at, mu[0].numpy().copy(), S[0].numpy().copy())
         return self.carried[3], self.carried[4]
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray | None:
