@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TASK = "default"
 MAX_BUCKETS_KEPT = 1_000_000  # feature names whose hash bucket is remembered (forgotten all at once beyond)
+MAX_LAYOUTS_KEPT = 10_000  # sets of feature names whose buckets are remembered together (likewise)
 
 
 class _Lifelong:
@@ -53,6 +54,8 @@ class _Lifelong:
         self._engine = Engine(EngineConfig(dim=self.dim, **options))
         self._one = OneEvent(self._engine)
         self._buckets: dict[str, int] = {}  # feature name (or "name=value" of a string) -> its hash bucket
+        # the names of an x -> (the task's place among them, the others' buckets, whether no two share one)
+        self._layouts: dict[tuple[Any, ...], tuple[int, np.ndarray, bool]] = {}
         self._last: tuple[dict[Any, Any] | None, np.ndarray] = (None, np.zeros(0))  # the last x and its features
 
     def _bucket(self, text: str) -> int:
@@ -69,6 +72,41 @@ class _Lifelong:
                 return self._last[1]
         except (TypeError, ValueError):  # values that do not compare (arrays): hashed again
             pass
+        out = self._numbers(x)
+        if out is None:
+            out = self._hashed(x)
+        self._last = (dict(x), out)
+        return out
+
+    def _numbers(self, x: dict[Any, Any]) -> np.ndarray | None:
+        """The features of an ``x`` whose values (the task's aside) are all finite numbers, in a few array
+        operations (the buckets of a set of names are remembered); else None."""
+        names = tuple(x)
+        layout = self._layouts.get(names)
+        if layout is None:
+            if len(self._layouts) >= MAX_LAYOUTS_KEPT:
+                self._layouts.clear()
+            task = names.index(self.by) if self.by in x else -1
+            at = np.array([self._bucket(n if type(n) is str else str(n)) for n in names if n != self.by], np.int64)
+            layout = self._layouts[names] = (task, at, len(set(at.tolist())) == len(at))
+        task, at, apart = layout
+        values = list(x.values())
+        if task >= 0:
+            del values[task]
+        try:
+            v = np.array(values)
+        except ValueError:  # arrays of different shapes
+            return None
+        if v.dtype.kind not in "fiub" or v.ndim != 1 or not math.isfinite(sum(values)):  # strings, None, NaN
+            return None
+        if apart:  # no two names share a bucket
+            out = np.zeros(self.dim)
+            out[at] = v
+            return out
+        return np.bincount(at, v, self.dim)  # colliding values add up, in the order of ``x`` (as ``_hashed``)
+
+    def _hashed(self, x: dict[Any, Any]) -> np.ndarray:
+        """The features of any ``x``: each value as its type says (missing, number, string), one at a time."""
         features, buckets = [0.0] * self.dim, self._buckets
         for name, value in x.items():
             if name == self.by or value is None:
@@ -83,9 +121,7 @@ class _Lifelong:
                 features[self._bucket(f"{name}={value}")] += 1.0
             elif isinstance(value, numbers.Real) and math.isfinite(v := float(value)):
                 features[self._bucket(str(name))] += v
-        out = np.array(features)
-        self._last = (dict(x), out)
-        return out
+        return np.array(features)
 
     def _event(self, x: dict[Any, Any], y: int | float | None = None) -> Event:
         return Event(str(x.get(self.by, DEFAULT_TASK)), None, self._features(x), y)
@@ -95,8 +131,8 @@ class _Lifelong:
         task = str(x.get(self.by, DEFAULT_TASK))
         features = self._features(x)
         if self._one.learn(task, features, y) is None:
-            self._engine.process([Event(task, None, features, y)])
             self._one.stale()
+            self._engine.process([Event(task, None, features, y)])
 
     def _predict(self, x: dict[Any, Any]) -> np.ndarray:
         """``Engine.predict`` of one event ``[1, P]``, by the single-event path where it can."""
@@ -104,7 +140,7 @@ class _Lifelong:
         features = self._features(x)
         pred = self._one.predict(task, features)
         if pred is None:
-            self._one.stale()  # reading a stored task back may move the engine's arrays
+            self._one.stale()
             return self._engine.predict([Event(task, None, features)]).pred
         return pred[None]
 
@@ -189,15 +225,15 @@ class LifelongClassifier(_Lifelong, base.MiniBatchClassifier):
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
         """Learn the rows in order, through the engine's batching (equal to ``learn_one`` row by row)."""
-        self._engine.process([self._event(x, self._class(label)) for x, label in zip(self._rows(X), y, strict=True)])
         self._one.stale()
+        self._engine.process([self._event(x, self._class(label)) for x, label in zip(self._rows(X), y, strict=True)])
 
     def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
         """``predict_proba_one`` for every row, in one engine call."""
         import pandas as pd
 
-        rows = self._probas(self._engine.predict([self._event(x) for x in self._rows(X)]).pred)
         self._one.stale()
+        rows = self._probas(self._engine.predict([self._event(x) for x in self._rows(X)]).pred)
         return pd.DataFrame(rows, index=X.index, columns=list(self._labels), dtype=float)
 
 
@@ -258,13 +294,13 @@ class LifelongRegressor(_Lifelong, base.MiniBatchRegressor):
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
         """Learn the rows in order, through the engine's batching (equal to ``learn_one`` row by row)."""
-        self._engine.process([self._event(x, self._target(t)) for x, t in zip(self._rows(X), y, strict=True)])
         self._one.stale()
+        self._engine.process([self._event(x, self._target(t)) for x, t in zip(self._rows(X), y, strict=True)])
 
     def predict_many(self, X: pd.DataFrame) -> pd.Series:
         """``predict_one`` for every row, in one engine call."""
         import pandas as pd
 
-        pred = self._engine.predict([self._event(x) for x in self._rows(X)]).pred[:, 0]
         self._one.stale()
+        pred = self._engine.predict([self._event(x) for x in self._rows(X)]).pred[:, 0]
         return pd.Series(pred, index=X.index, dtype=float)

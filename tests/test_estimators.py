@@ -67,6 +67,23 @@ def test_labels_task_feature_and_strings():
         LifelongClassifier().learn_one({"f": 1.0}, "yes")
 
 
+def test_features_hashed_as_documented():
+    """Numbers as they are (colliding names add up), strings as indicators, missing values skipped: the same
+    buckets whatever the order of the names or the mix of types."""
+    from lifelong.core.events import hash_index
+
+    model = LifelongClassifier(dim=4)
+    numbers = {f"n{i}": 0.5 * i - 2 for i in range(10)} | {"i": 3, "b": True}  # 12 names in 4 buckets: collisions
+    want = np.zeros(4)
+    for name, value in numbers.items():
+        want[hash_index(name, 4)] += float(value)
+    np.testing.assert_allclose(model._event({"task": "a", **numbers}).x, want, rtol=1e-15)
+    np.testing.assert_allclose(model._event(dict(reversed(list(numbers.items())))).x, want, rtol=1e-15)
+    mixed = {**numbers, "colour": "red", "gone": None, "nan": float("nan"), "inf": float("inf")}
+    want[hash_index("colour=red", 4)] += 1.0
+    np.testing.assert_allclose(model._event(mixed).x, want, rtol=1e-15)
+
+
 def test_a_pickled_model_goes_on_as_the_original():
     """The single-event path reads the engine's arrays as views: a pickled copy reads its own engine's."""
     import pickle

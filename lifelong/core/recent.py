@@ -34,11 +34,6 @@ class Recent:
             at = torch.as_tensor(rows, device=cols["L_top"].device)
             self.parts.append({k: cols[k][at].cpu().numpy() for k in KEYS})
 
-    def add_one(self, name: str, cols: dict[str, np.ndarray], row: int) -> None:
-        """``add`` of one task, from the table's columns as arrays (the single-event path)."""
-        self.names.append(name)
-        self.parts.append({k: cols[k][row : row + 1].copy() for k in KEYS})
-
     def take(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """Each task's latest row (columns ``KEYS``) and the tasks' names; nothing is held any more."""
         if not self.parts:

@@ -6,12 +6,15 @@ objects. For one labelled event without an id or a time, all it computes is: sta
 and basis code predict then learn, the KB's members and the shared level predict (the shared level learns),
 both mixtures, the statistics. ``OneEvent`` computes that in one compiled kernel (``_one``) over views of the
 engine's own arrays, by calling the compiled steps the engine's compiled path calls (``_standardise``,
-``ekf._sequence``, ``shared._step``, ``hedge.mix_events``); the rest (a new task's row, KB entry and code
-carrying, counters, the task's use, ``Recent``, snapshots, estimates and publications at their counts,
-``Engine._guard``) is done in Python as ``process`` does it. Where arrivals would decide more than "learned"
-(a pending prediction, event time), and for float32, CUDA or non-EKF engines, ``learn`` and ``predict`` return
-None and the caller calls the engine. Equal to ``process`` and ``predict`` within float rounding (tested to
-1e-9).
+``ekf_forward``/``ekf_update`` as ``ekf._sequence`` does, ``shared_forward``/``shared_update`` as
+``shared._step`` does, ``hedge.mix_events``); the rest (a new task's row, KB entry and code carrying, counters,
+the task's use, snapshots, estimates and publications at their counts, ``Engine._guard``) is done in Python as
+``process`` does it, and the rows it learned go to ``Recent`` when something reads it (``flush``). A
+``learn`` of the event ``predict`` just predicted (River's ``predict_proba_one`` then ``learn_one``) starts
+from what the prediction computed (``LEARN_KEPT``): the learning half only. Where arrivals would decide more
+than "learned" (a pending prediction, event time), and for float32, CUDA or non-EKF engines, ``learn`` and
+``predict`` return None and the caller calls the engine. Equal to ``process`` and ``predict`` within float
+rounding (tested to 1e-9).
 """
 
 from __future__ import annotations
@@ -25,35 +28,34 @@ import numba
 import numpy as np
 import torch
 
-from lifelong.core import recent
 from lifelong.core.engine import Engine
 from lifelong.core.features import _standardise
 from lifelong.core.hedge import EPS, LOSS_CODES, mix_events
-from lifelong.core.learners.ekf import TASK_CODES, _sequence, softmax
+from lifelong.core.learners.ekf import TASK_CODES, ekf_forward, ekf_update, softmax
 from lifelong.core.learners.stacked import TorchLearners
 from lifelong.core.mixtures import EARLY_N
 from lifelong.core.results import KB_TOP
-from lifelong.core.shared import _step
+from lifelong.core.shared import shared_forward, shared_update
 
 LEARNER_BAD, CODE_BAD = 1, 2  # what ``_one`` returns: the task's learner, or its basis code, holds a non-finite value
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _to_pred(logits: np.ndarray, task: int, lo: float, hi: float, out: np.ndarray) -> None:
-    """``Learners.to_pred`` of one row of logits (``task``: ``TASK_CODES``): ``_finish_pred`` after the sigmoid,
-    softmax or clamp, for one row."""
-    n_pred = out.shape[0]
-    if task == 2:
-        out[0] = lo + (hi - lo) * min(max(logits[0], 0.0), 1.0)
-        return
+    """``Learners.to_pred`` of rows of logits ``[K, C]`` into ``out [K, P]`` (``task``: ``TASK_CODES``):
+    ``_finish_pred`` after the sigmoid, softmax or clamp."""
+    n_pred = out.shape[1]
     scale = 1.0 / (1.0 + EPS * n_pred)
-    if task == 0:
-        p1 = 1.0 / (1.0 + math.exp(-logits[0]))
-        out[0], out[1] = (1.0 - p1 + EPS) * scale, (p1 + EPS) * scale
-        return
-    softmax(logits, out)
-    for c in range(n_pred):
-        out[c] = (out[c] + EPS) * scale
+    for k in range(logits.shape[0]):
+        if task == 2:
+            out[k, 0] = lo + (hi - lo) * min(max(logits[k, 0], 0.0), 1.0)
+        elif task == 0:
+            p1 = 1.0 / (1.0 + math.exp(-logits[k, 0]))
+            out[k, 0], out[k, 1] = (1.0 - p1 + EPS) * scale, (p1 + EPS) * scale
+        else:
+            softmax(logits[k], out[k])
+            for c in range(n_pred):
+                out[k, c] = (out[k, c] + EPS) * scale
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -64,23 +66,34 @@ def _safe(out: np.ndarray, task: int, lo: float, hi: float) -> None:
     out[:] = (lo + hi) / 2 if task == 2 else 1.0 / out.shape[0]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _finite(a: np.ndarray) -> bool:
-    for v in a.flat:  # noqa: SIM110 (compiled: a loop, not a generator)
-        if v - v != 0.0:  # inf - inf and NaN - NaN are NaN
-            return False
-    return True
+    """Whether every value of ``a`` is finite: a sum of zeros that any infinity or NaN turns into NaN (summed in
+    any order: vectorised)."""
+    acc = 0.0
+    for v in a.flat:
+        acc += v * 0.0
+    return acc == 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _finish(raw: np.ndarray, task: int, lo: float, hi: float, out: np.ndarray) -> None:
     """An EKF's prediction from its raw outputs (mean, variance per output; ``ekf.predictive_logits``), safe."""
     n_out = raw.shape[0] // 2
-    logits = np.empty(n_out)
+    logits = np.empty((1, n_out))
     for c in range(n_out):
-        logits[c] = raw[c] if task == 2 else raw[c] / math.sqrt(1.0 + math.pi * raw[n_out + c] / 8.0)
-    _to_pred(logits, task, lo, hi, out)
+        logits[0, c] = raw[c] if task == 2 else raw[c] / math.sqrt(1.0 + math.pi * raw[n_out + c] / 8.0)
+    _to_pred(logits, task, lo, hi, out.reshape((1, -1)))
     _safe(out, task, lo, hi)
+
+
+PREDICT, LEARN, LEARN_KEPT = 0, 1, 2  # ``_one``'s modes: predict; predict then learn; learn what PREDICT kept
+
+
+def kept_size(d: int, n_out: int, k: int, n_top: int, n_kb: int, n_pred: int) -> int:
+    """The floats ``_one`` keeps of a prediction for the event's learning (``kept``; ``d`` features, a basis of
+    ``k``, ``n_kb`` KB members)."""
+    return (d + 1) * (1 + 4 * n_out) + k * (1 + n_out) + 8 * n_out + n_pred * (n_top + n_kb + 2)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -89,7 +102,7 @@ def _one(
     c: int,
     x_raw: np.ndarray,
     y: float,
-    lab: bool,
+    mode: int,
     mu: np.ndarray,
     S: np.ndarray,
     code_mu: np.ndarray,
@@ -120,71 +133,130 @@ def _one(
     lo: float,
     hi: float,
     pred: np.ndarray,
+    kept: np.ndarray,
 ) -> int:
-    """One event of task row ``t`` (its code: row ``c`` of ``code_mu``, ``code_S``; features ``x_raw``; label ``y``
-    when ``lab``, which also moves the standardiser): ``Engine._segment`` for a segment of one event, its
-    prediction into ``pred``. Without ``lab``, ``Engine.predict`` (nothing moves). Returns ``LEARNER_BAD`` |
-    ``CODE_BAD`` for a learner or code left holding a non-finite value (``Engine._guard``), else 0."""
-    d, n_pred, n_kb = x_raw.shape[0], pred.shape[0], W.shape[1] // mu.shape[1]
-    n_out = mu.shape[1]
-    x1 = np.ones((1, d + 1))
-    x1[0, :d] = x_raw
-    _standardise(feat, x1[:, :d], lab)
-    target = np.full(1, (y - lo) / (hi - lo) if task == 2 else y)
-    tasks, labelled, no_snap = np.full(1, t), np.full(1, lab), np.full(1, -1)
-    top = np.empty((1, len(top_prior), n_pred))
-    kb_x = np.empty((1, 1 + n_kb, n_pred))
-    raw = np.empty((1, 2 * n_out))
-    _sequence(mu, S, tasks, x1, target, labelled, task, raw, no_snap, np.empty((1, n_out, d + 1)))
-    _finish(raw[0], task, lo, hi, top[0, 0])
-    kb_x[0, 0] = 0.0
-    if basis_on:
-        z = np.zeros((1, B.shape[1]))  # x1 @ B
-        for a in range(d + 1):
-            for k in range(B.shape[1]):
-                z[0, k] += x1[0, a] * B[a, k]
-        codes = np.full(1, c)
-        _sequence(code_mu, code_S, codes, z, target, labelled, task, raw, no_snap, np.empty((1, n_out, B.shape[1])))
-        _finish(raw[0], task, lo, hi, kb_x[0, 0])
-    logits = b.copy()  # every member's logits [K * C]: W is [d, K * C], so the inner loop runs along a row
-    for j in range(d):
-        xj = x1[0, j]
-        for k in range(len(logits)):
-            logits[k] += xj * W[j, k]
-    for s in range(n_kb):
-        _to_pred(logits[s * n_out : (s + 1) * n_out], task, lo, hi, kb_x[0, 1 + s])
-    for k in range(1, top.shape[1]):
-        top[0, k] = top[0, 0]
-    if shared_on:
-        out = np.empty((1, 2, n_out))
-        _step(w, w_S, me_prec, me_nat, sigma, tasks, x1, target, labelled, task, out)
-        for e in range(2):
-            _to_pred(out[0, e], task, lo, hi, top[0, 2 + e])
-            _safe(top[0, 2 + e], task, lo, hi)
-    bad = 0
-    if lab and not (_finite(mu[t]) and _finite(S[t])):
-        bad |= LEARNER_BAD
-    if lab and basis_on and not (_finite(code_mu[c]) and _finite(code_S[c])):
-        bad |= CODE_BAD
-    n_before = np.full(1, counts[t])
-    if lab:
-        counts[t] += 1
-    k = min(KB_TOP, 1 + n_kb)
+    """One event of task row ``t`` (its code: row ``c`` of ``code_mu``, ``code_S``; features ``x_raw``; label ``y``):
+    ``Engine._segment`` for a segment of one event (``LEARN``), its prediction into ``pred``; ``PREDICT``:
+    ``Engine.predict`` (nothing moves); ``LEARN_KEPT``: the learning ``LEARN`` does after the prediction, from
+    what the last ``PREDICT`` of the same event and state left in ``kept`` (``kept_size`` floats). Learning moves
+    the standardiser, the learners and the mixtures. Returns ``LEARNER_BAD`` | ``CODE_BAD`` for a learner or
+    code left holding a non-finite value (``Engine._guard``), else 0."""
+    d, n_pred, n_out, k = x_raw.shape[0], pred.shape[0], mu.shape[1], B.shape[1]
+    n_top, n_kb = len(top_prior), W.shape[1] // n_out
+    # what the prediction keeps for the learning, carved from ``kept``
+    at, r = 0, d + 1
+    x1 = kept[at : at + r].reshape((1, r))
+    at += r
+    l_sz = kept[at : at + n_out * r].reshape((n_out, r))
+    s_sz = kept[at + n_out * r : at + 2 * n_out * r].reshape((n_out, r))
+    s_s = kept[at + 2 * n_out * r : at + 3 * n_out * r].reshape((n_out, r))
+    s_d = kept[at + 3 * n_out * r : at + 4 * n_out * r].reshape((n_out, r))
+    at += 4 * n_out * r
+    z = kept[at : at + k].reshape((1, k))
+    c_sz = kept[at + k : at + k + n_out * k].reshape((n_out, k))
+    at += k * (1 + n_out)
+    l_mv, c_mv = kept[at : at + 2 * n_out], kept[at + 2 * n_out : at + 4 * n_out]  # mean and variance, per output
+    s_m = kept[at + 4 * n_out : at + 8 * n_out].reshape((4, n_out))
+    at += 8 * n_out
+    top = kept[at : at + n_top * n_pred].reshape((1, n_top, n_pred))
+    at += n_top * n_pred
+    kb_x = kept[at : at + (1 + n_kb) * n_pred].reshape((1, 1 + n_kb, n_pred))
+    at += (1 + n_kb) * n_pred
+    said = kept[at : at + n_pred].reshape((1, n_pred))
+
+    target = (y - lo) / (hi - lo) if task == 2 else y
+    tasks, n_before, room = np.full(1, t), np.full(1, counts[t]), np.empty((4, n_out))
+    inv_sigma = 1.0 / sigma
+    acc = np.empty(max(r, k))
+    mix_k = min(KB_TOP, 1 + n_kb)
     preds = np.empty((3, 1, n_pred))
-    mix_events(
+    mixed = (np.empty(1), np.empty((1, mix_k), np.int64), np.empty((1, mix_k)), np.empty((1, 3)), np.empty((1, 3)))
+    if mode != LEARN_KEPT:
+        x1[0, :d] = x_raw
+        x1[0, d] = 1.0
+        _standardise(feat, x1[:, :d], False)
+        ekf_forward(mu[t], S[t], x1[0], acc, l_sz, l_mv[:n_out], l_mv[n_out:])
+        _finish(l_mv, task, lo, hi, top[0, 0])
+        kb_x[0, 0] = 0.0
+        if basis_on:
+            z[:] = 0.0  # x1 @ B
+            for a in range(r):
+                for j in range(k):
+                    z[0, j] += x1[0, a] * B[a, j]
+            ekf_forward(code_mu[c], code_S[c], z[0], acc, c_sz, c_mv[:n_out], c_mv[n_out:])
+            _finish(c_mv, task, lo, hi, kb_x[0, 0])
+        logits = b.copy()  # every member's logits [K * C]: W is [d, K * C], so the inner loop runs along a row
+        for j in range(d):
+            xj = x1[0, j]
+            for m in range(len(logits)):
+                logits[m] += xj * W[j, m]
+        _to_pred(logits.reshape((n_kb, n_out)), task, lo, hi, kb_x[0, 1:])
+        for m in range(1, n_top):
+            top[0, m] = top[0, 0]
+        if shared_on:
+            out = np.empty((2, n_out))
+            shared_forward(w, w_S, me_prec[t], me_nat[t], inv_sigma, x1[0], task, s_sz, s_s, s_d, s_m, out)
+            _to_pred(out, task, lo, hi, top[0, 2:4])
+            for e in range(2):
+                _safe(top[0, 2 + e], task, lo, hi)
+        _mix(
+            tasks,
+            True,
+            False,
+            n_before,
+            y,
+            top,
+            kb_x,
+            kb_x,
+            top,
+            said,
+            L_kb,
+            in_kb,
+            L_top,
+            in_top,
+            stats,
+            log_prior,
+            top_prior,
+            code,
+            task == 2,
+            eta_fixed,
+            m_kb,
+            lo,
+            hi,
+            preds,
+            mixed,
+        )
+        pred[:] = preds[2, 0]
+        said[0] = preds[2, 0]
+        if not in_top[t, 1]:  # a sleeping KB level's loss is the local learner's (``mix_events``)
+            top[0, 1] = top[0, 0]
+    if mode == PREDICT:
+        return 0
+    raw = np.empty((1, d))
+    raw[0] = x_raw
+    _standardise(feat, raw, True)
+    ekf_update(mu[t], S[t], l_sz, l_mv[:n_out], l_mv[n_out:], target, task, room[0], room[1], room[2])
+    if basis_on:
+        ekf_update(code_mu[c], code_S[c], c_sz, c_mv[:n_out], c_mv[n_out:], target, task, room[0], room[1], room[2])
+    if shared_on:
+        shared_update(w, w_S, me_prec[t], me_nat[t], inv_sigma, x1[0], target, task, s_sz, s_s, s_d, s_m, room)
+    bad = 0
+    if not (_finite(mu[t]) and _finite(S[t])):
+        bad |= LEARNER_BAD
+    if basis_on and not (_finite(code_mu[c]) and _finite(code_S[c])):
+        bad |= CODE_BAD
+    counts[t] += 1
+    _mix(
         tasks,
-        np.zeros(1, np.int64),
-        np.ones(1, np.bool_),
-        labelled,
-        np.zeros(1, np.int64),
+        False,
+        True,
         n_before,
-        np.full(1, y),
+        y,
         top,
         kb_x,
-        no_snap,
-        np.empty((0, 1 + n_kb, n_pred)),
-        np.empty((0, top.shape[1], n_pred)),
-        np.empty((0, n_pred)),
+        kb_x,
+        top,
+        said,
         L_kb,
         in_kb,
         L_top,
@@ -198,18 +270,75 @@ def _one(
         m_kb,
         lo,
         hi,
+        preds,
+        mixed,
+    )
+    return bad
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _mix(
+    tasks: np.ndarray,
+    has_x: bool,
+    lab: bool,
+    n_before: np.ndarray,
+    y: float,
+    top: np.ndarray,
+    kb_x: np.ndarray,
+    s_kb: np.ndarray,
+    s_top: np.ndarray,
+    s_pred: np.ndarray,
+    L_kb: np.ndarray,
+    in_kb: np.ndarray,
+    L_top: np.ndarray,
+    in_top: np.ndarray,
+    stats: np.ndarray,
+    log_prior: np.ndarray,
+    top_prior: np.ndarray,
+    code: int,
+    regression: bool,
+    eta_fixed: float,
+    m_kb: float,
+    lo: float,
+    hi: float,
+    preds: np.ndarray,
+    mixed: tuple[np.ndarray, ...],
+) -> None:
+    """``mix_events`` of one event: its prediction (``has_x``, into ``preds``), or its learning from the
+    prediction stored in ``s_kb``, ``s_top``, ``s_pred`` (``lab``)."""
+    mix_events(
+        tasks,
+        np.zeros(1, np.int64),
+        np.full(1, has_x),
+        np.full(1, lab),
+        np.full(1, -1),
+        n_before,
+        np.full(1, y),
+        top,
+        kb_x,
+        np.zeros(1, np.int64),
+        s_kb,
+        s_top,
+        s_pred,
+        L_kb,
+        in_kb,
+        L_top,
+        in_top,
+        stats,
+        log_prior,
+        top_prior,
+        code,
+        regression,
+        eta_fixed,
+        m_kb,
+        lo,
+        hi,
         EARLY_N,
         preds[0],
         preds[1],
         preds[2],
-        np.empty(1),
-        np.empty((1, k), np.int64),
-        np.empty((1, k)),
-        np.empty((1, 3)),
-        np.empty((1, 3)),
+        *mixed,
     )
-    pred[:] = preds[2, 0]
-    return bad
 
 
 PER_TASK = 12  # the first arguments of ``_one`` after the event's: arrays with a row per task
@@ -217,7 +346,7 @@ PER_TASK = 12  # the first arguments of ``_one`` after the event's: arrays with 
 
 class OneEvent:
     """The single-event path of one engine. ``learn`` and ``predict`` return None where the event needs the
-    engine's general path; ``stale`` must be called after anything other than this path changed the engine (its
+    engine's general path; ``stale`` must be called before anything other than this path uses the engine (its
     arrays are read as views, and a call of ``process`` may grow or replace them).
 
     ``predict`` brings a task's KB entry (``KbEntry.meet``) forward to the prediction, where ``Engine.predict``
@@ -234,37 +363,41 @@ class OneEvent:
         self.pred = np.empty(engine.n_pred)
         self.views: tuple[Any, ...] | None = None
         self.kb_seen = self.code_at = np.zeros(0, np.int64)  # views of the task table's columns (``_views``)
-        self.recent: dict[str, np.ndarray] = {}  # the columns ``Recent`` keeps (``_views``)
+        self.touched: dict[int, str] = {}  # rows learned here and not yet handed to ``Recent`` (``flush``)
         self.fresh: list[np.ndarray] | None = None  # a new task's rows (``_new``), until the views are read again
         # the last code carried by ``predict``: (row, basis it was in, basis it is in now, code, covariance)
         self.carried: tuple[int, int, int, np.ndarray, np.ndarray] | None = None
         self.taken = 0  # events learned by this path
+        self.kept_for: tuple[int, np.ndarray] | None = None  # the (row, features) whose prediction ``kept`` holds
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy's views would be of copied arrays, not its engine's: it reads its own engine's again
         unbound = np.zeros(0, np.int64)
-        return {**self.__dict__, "views": None, "kb_seen": unbound, "code_at": unbound, "recent": {}}
+        return {**self.__dict__, "views": None, "kb_seen": unbound, "code_at": unbound, "kept_for": None}
 
     def stale(self) -> None:
-        """The engine changed by another path: read its arrays again at the next event."""
-        self.views, self.carried = None, None
+        """Due before anything other than this path uses the engine: the rows learned here go to ``Recent``, and
+        the engine's arrays are read again at the next event."""
+        self.flush()
+        self.views = self.carried = self.kept_for = self.fresh = None
+
+    def flush(self) -> None:
+        """Hand the rows learned here to the engine's ``Recent`` as they are now (it keeps a task's latest row):
+        due before anything reads it or gives a row to another task."""
+        if self.touched:
+            rows = np.fromiter(self.touched, np.int64, len(self.touched))
+            self.engine.recent.add(list(self.touched.values()), self.engine.tasks.cols, rows)
+            self.touched = {}
 
     def _views(self) -> tuple[Any, ...]:
         """``_one``'s arguments after the event's: views of the engine's arrays, then its settings."""
         eng = self.engine
-        cols, kb, shared, cfg, mix = eng.tasks.cols, eng.kb, eng.shared, eng.cfg, eng.mixtures
+        kb, shared, cfg, mix = eng.kb, eng.shared, eng.cfg, eng.mixtures
         none = np.zeros((1, 1, 1))
         prior = mix.kb_log_prior()
-        self.kb_seen, self.code_at = cols["kb_seen"].numpy(), cols["code_at"].numpy()
-        self.recent = {k: cols[k].numpy() for k in recent.KEYS}
-        self.fresh = None
+        self.kept_for = None
         self.views = (
-            self.learners.params["mu"].numpy(),
-            self.learners.params["S"].numpy(),
-            kb.mu.numpy(),
-            kb.S.numpy(),
-            *(cols[k].numpy() for k in ("me_prec", "me_nat", "L_kb", "in_kb", "L_top", "in_top", "stats")),
-            eng.tasks.counts,
+            *self._task_arrays(),
             eng.features.stats,
             kb.B.numpy(),
             kb.store["w"].permute(1, 0, 2).reshape(cfg.dim, -1).numpy().copy(),  # [d, K * C] (``_one``)
@@ -282,8 +415,27 @@ class OneEvent:
             float(mix.kb_mix.hedge_m),
             *cfg.target_range,
             self.pred,
+            np.empty(
+                kept_size(
+                    cfg.dim, self.learners.n_out, kb.B.shape[1], len(mix.top_log_prior()), kb.capacity, eng.n_pred
+                )
+            ),
         )
         return self.views
+
+    def _task_arrays(self) -> tuple[np.ndarray, ...]:
+        """The first ``PER_TASK`` of ``_one``'s arguments: views of the arrays with a row per task."""
+        eng = self.engine
+        cols, kb = eng.tasks.cols, eng.kb
+        self.kb_seen, self.code_at = cols["kb_seen"].numpy(), cols["code_at"].numpy()
+        return (
+            self.learners.params["mu"].numpy(),
+            self.learners.params["S"].numpy(),
+            kb.mu.numpy(),
+            kb.S.numpy(),
+            *(cols[k].numpy() for k in ("me_prec", "me_nat", "L_kb", "in_kb", "L_top", "in_top", "stats")),
+            eng.tasks.counts,
+        )
 
     def _meet(self, t: int) -> None:
         """Task row ``t`` meets the KB as it is now (``KbEntry.meet``), where it has not yet."""
@@ -305,21 +457,23 @@ class OneEvent:
         if not self.able or (t is None and eng.residency.store is not None):  # it may be in the store
             return None
         views = self.views or self._views()
+        self.kept_for = None  # ``kept`` is written over
         if t is None:  # a new task's rows: the same for every task not a KB member's source, until the KB moves
             if task in eng.kb.slot_of:
                 new = self._new(task)
             else:
                 new = self.fresh = self.fresh or self._new(task)
             rows: tuple[Any, ...] = (*new, *views[PER_TASK:])
-            _one(0, 0, x, 0.0, False, *rows)
+            _one(0, 0, x, 0.0, PREDICT, *rows)
             return self.pred
         self._meet(t)
         if self.code_at[t] == eng.kb.basis_at:
-            _one(t, t, x, 0.0, False, *views)
+            _one(t, t, x, 0.0, PREDICT, *views)
+            self.kept_for = (t, x)  # for ``learn`` of the same event, if it comes next
         else:
             code = self._code(t)
             rows = (*views[:2], code[0][None], code[1][None], *views[4:])
-            _one(t, 0, x, 0.0, False, *rows)
+            _one(t, 0, x, 0.0, PREDICT, *rows)
         return self.pred
 
     def _new(self, task: str) -> list[np.ndarray]:
@@ -345,15 +499,20 @@ class OneEvent:
         tasks.batch += 1
         t = tasks.index.get(task)
         if t is None:  # ``Engine._plan``: a new task (or one in the store) gets a row
+            self.flush()  # admission may give a row to another task
             eng.residency.admit([task])
             t = tasks.index[task]
-            self.stale()
+            self.carried = None
+            if self.views is not None:  # the task table may have grown: its arrays are read again
+                self.views = (*self._task_arrays(), *self.views[PER_TASK:])
         views = self.views or self._views()
         self._meet(t)
         if self.code_at[t] != eng.kb.basis_at:  # ``KbEntry.carry_codes``
             views[2][t], views[3][t] = self._code(t)
             self.code_at[t] = eng.kb.basis_at
-        bad = _one(t, t, x, float(y), True, *views)
+        kept = self.kept_for is not None and self.kept_for[0] == t and self.kept_for[1] is x
+        self.kept_for = None
+        bad = _one(t, t, x, float(y), LEARN_KEPT if kept else LEARN, *views)
         clock.seen[clock.column[0]] = time.time()
         tasks.used[t], tasks.dirty[t] = tasks.batch, True
         counters = eng.counters
@@ -361,20 +520,22 @@ class OneEvent:
         counters["predicted"] += 1
         n = int(tasks.counts[t])
         if (self.every > 0 and n % self.every == 0) or n in self.at:  # a KB snapshot follows (``steps.compiled``)
-            store = eng.learners.members_from_ekf(views[0][t : t + 1].copy())[0]
+            mu = views[0][t]  # ``Learners.members_from_ekf`` of one row, in numpy
+            store = {"w": torch.from_numpy(mu[:, :-1].T.copy())[None], "b": torch.from_numpy(mu[:, -1].copy())[None]}
             eng.staging.stage(t, task, n, eng.events_seen, store)
         if bad:
             self._guard(t, bad)
         if eng.shared is not None:
             eng.shared.learned += 1
-        eng.recent.add_one(task, self.recent, t)
+        self.touched[t] = task
         eng.events_seen += 1
         if eng.events_seen == eng.next_estimate:
+            self.flush()
             eng._estimate()
-            self.views = None
+            self.views = self.fresh = None
         if eng.events_seen % eng.cfg.publish_every == 0:
             eng._publish()
-            self.views = None
+            self.views = self.fresh = None
         self.taken += 1
         return self.pred
 

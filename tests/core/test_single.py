@@ -16,6 +16,7 @@ KINDS = [
     pytest.param({"mixing": "hedge"}, {}, id="hedge"),
     pytest.param({"kb_capacity": 16}, {"n_tasks": 12}, id="task-prior"),
     pytest.param({"population": False, "basis": False}, {}, id="no-shared-level"),
+    pytest.param({"basis": False}, {}, id="no-basis"),  # the KB level sleeps until the KB has a member
     pytest.param({"max_resident_tasks": 3}, {}, id="task-store"),  # tasks go to the store and come back
 ]
 
@@ -33,17 +34,20 @@ def both(engine_factory, cfg, stream, per_task=60):
     one = OneEvent(fast)
     got, want = [], []
     for i, e in enumerate(events):
-        if i % 3 == 0:  # a prediction of a task never seen, and one of the event coming next
-            for probe in (Event(f"new{i}", None, e.x), e):
+        if i % 3 < 2:  # predictions of a task never seen and of the event coming next, in either order
+            for probe in (Event(f"new{i}", None, e.x), e)[:: 1 - 2 * (i % 3)]:
                 p = one.predict(probe.task, probe.x)
+                if p is None:
+                    one.stale()
                 got.append(fast.predict([probe]).pred[0] if p is None else p.copy())
                 want.append(slow.predict([probe]).pred[0])
         p = one.learn(e.task, e.x, e.y)
         if p is None:
-            p = fast.process([e]).pred[0]
             one.stale()
+            p = fast.process([e]).pred[0]
         got.append(p.copy())
         want.append(slow.process([e]).pred[0])
+    one.stale()  # the rows it learned go to the engine's ``Recent`` (before ``state``)
     return fast, slow, np.array(got), np.array(want), one.taken / len(events)
 
 
