@@ -51,110 +51,72 @@ def _step(
     labelled: np.ndarray,
     task: int,
     out: np.ndarray,
+    kept: np.ndarray,
+    kept_m: np.ndarray,
+    forward: bool = True,
 ) -> None:
     """Rows in arrival order: both learners' predictive logits (``out`` [n, 2, C]: pooled, mixed; probit-corrected
-    as ``ekf.predictive_logits``), then, for labelled rows, one EKF step of each."""
+    as ``ekf.predictive_logits``), then, for labelled rows, one EKF step of each. ``kept`` [3, C, r] and ``kept_m``
+    [4, C]: room for a row's forward pass; without ``forward``, the one row's forward pass is the one they hold,
+    and only its learning steps are taken (the single-event path learning what it just predicted)."""
     n, r = z.shape
     n_out = w.shape[0]
     inv_sigma = 1.0 / sigma
-    sz = np.empty((n_out, r))
-    d = np.empty((n_out, r))
-    s = np.empty((n_out, r))
-    m = np.empty((4, n_out))  # pooled mean and variance, the deviation's mean and variance
-    p = np.empty((4, n_out))  # room for ``shared_update``
+    sz, d, s = kept[0], kept[1], kept[2]
+    m, v, md, vd = kept_m[0], kept_m[1], kept_m[2], kept_m[3]
+    p = np.empty(n_out)
+    g = np.empty(n_out)
+    h = np.empty(n_out)
+    mean = np.empty(n_out)
     for i in range(n):
         t = tasks[i]
-        shared_forward(w, w_S, prec[t], nat[t], inv_sigma, z[i], task, sz, s, d, m, out[i])
-        if labelled[i]:
-            shared_update(w, w_S, prec[t], nat[t], inv_sigma, z[i], y[i], task, sz, s, d, m, p)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def shared_forward(
-    w: np.ndarray,
-    w_S: np.ndarray,
-    prec: np.ndarray,
-    nat: np.ndarray,
-    inv_sigma: np.ndarray,
-    z: np.ndarray,
-    task: int,
-    sz: np.ndarray,
-    s: np.ndarray,
-    d: np.ndarray,
-    m: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """One event of a task (its columns ``prec``, ``nat`` [C, r]): both learners' predictive logits into ``out``
-    [2, C], and what ``shared_update`` needs: ``w_S z`` (``sz``), the deviation's variance ``s`` and mean ``d``,
-    ``m`` [4, C] (pooled mean and variance, the deviation's mean and variance)."""
-    n_out, r = w.shape
-    for c in range(n_out):
-        # S z as a sum of S's rows (S is symmetric): contiguous, no reduction in the inner loop
-        sz[c, :] = 0.0
-        for b in range(r):
-            zb = z[b]
+        for c in range(n_out if forward else 0):
+            # S z as a sum of S's rows (S is symmetric): contiguous, no reduction in the inner loop
+            sz[c, :] = 0.0
+            for b in range(r):
+                zb = z[i, b]
+                for a in range(r):
+                    sz[c, a] += w_S[c, b, a] * zb
+            mc = 0.0
+            vc = 0.0
+            mdc = 0.0
+            vdc = 0.0
             for a in range(r):
-                sz[c, a] += w_S[c, b, a] * zb
-        mc = 0.0
-        vc = 0.0
-        mdc = 0.0
-        vdc = 0.0
-        for a in range(r):
-            za = z[a]
-            mc += w[c, a] * za
-            vc += sz[c, a] * za
-            s[c, a] = 1.0 / (inv_sigma[c, a] + prec[c, a])
-            d[c, a] = s[c, a] * nat[c, a]
-            mdc += d[c, a] * za
-            vdc += s[c, a] * za * za
-        m[0, c], m[1, c], m[2, c], m[3, c] = mc, max(vc, 0.0), mdc, vdc
-        if task == 2:
-            out[0, c], out[1, c] = m[0, c], m[0, c] + m[2, c]
-        else:
-            out[0, c] = m[0, c] / math.sqrt(1.0 + math.pi * m[1, c] / 8.0)
-            out[1, c] = (m[0, c] + m[2, c]) / math.sqrt(1.0 + math.pi * (m[1, c] + m[3, c]) / 8.0)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def shared_update(
-    w: np.ndarray,
-    w_S: np.ndarray,
-    prec: np.ndarray,
-    nat: np.ndarray,
-    inv_sigma: np.ndarray,
-    z: np.ndarray,
-    y: float,
-    task: int,
-    sz: np.ndarray,
-    s: np.ndarray,
-    d: np.ndarray,
-    m: np.ndarray,
-    room: np.ndarray,
-) -> None:
-    """One EKF step of each learner for label ``y``, from ``shared_forward``'s ``sz``, ``s``, ``d``, ``m`` (``room``
-    [4, C]: scratch)."""
-    n_out, r = w.shape
-    mean, p, g, h = room[0], room[1], room[2], room[3]
-    for level in range(2):  # 0: the deviation, with the pooled prediction as offset; 1: the pooled weights
-        for c in range(n_out):
-            mean[c] = m[0, c] + (m[2, c] if level == 0 else 0.0)
-        label_step(task, mean, y, p, g, h)
-        for c in range(n_out):
-            if level == 0:
-                denom = 1.0 + h[c] * m[3, c]
-                for a in range(r):
-                    za = z[a]
-                    d[c, a] += s[c, a] * za * g[c] / denom
-                    prec[c, a] += h[c] * za * za
-                    nat[c, a] = d[c, a] * (inv_sigma[c, a] + prec[c, a])
+                za = z[i, a]
+                mc += w[c, a] * za
+                vc += sz[c, a] * za
+                s[c, a] = 1.0 / (inv_sigma[c, a] + prec[t, c, a])
+                d[c, a] = s[c, a] * nat[t, c, a]
+                mdc += d[c, a] * za
+                vdc += s[c, a] * za * za
+            m[c], v[c], md[c], vd[c] = mc, max(vc, 0.0), mdc, vdc
+            if task == 2:
+                out[i, 0, c], out[i, 1, c] = m[c], m[c] + md[c]
             else:
-                denom = 1.0 + h[c] * m[1, c]
-                k = h[c] / denom
-                step = g[c] / denom
-                for a in range(r):
-                    for b in range(r):
-                        w_S[c, a, b] -= k * sz[c, a] * sz[c, b]
-                    w[c, a] += step * sz[c, a]
+                out[i, 0, c] = m[c] / math.sqrt(1.0 + math.pi * v[c] / 8.0)
+                out[i, 1, c] = (m[c] + md[c]) / math.sqrt(1.0 + math.pi * (v[c] + vd[c]) / 8.0)
+        if not labelled[i]:
+            continue
+        for level in range(2):  # 0: the deviation, with the pooled prediction as offset; 1: the pooled weights
+            for c in range(n_out):
+                mean[c] = m[c] + (md[c] if level == 0 else 0.0)
+            label_step(task, mean, y[i], p, g, h)
+            for c in range(n_out):
+                if level == 0:
+                    denom = 1.0 + h[c] * vd[c]
+                    for a in range(r):
+                        za = z[i, a]
+                        d[c, a] += s[c, a] * za * g[c] / denom
+                        prec[t, c, a] += h[c] * za * za
+                        nat[t, c, a] = d[c, a] * (inv_sigma[c, a] + prec[t, c, a])
+                else:
+                    denom = 1.0 + h[c] * v[c]
+                    k = h[c] / denom
+                    step = g[c] / denom
+                    for a in range(r):
+                        for b in range(r):
+                            w_S[c, a, b] -= k * sz[c, a] * sz[c, b]
+                        w[c, a] += step * sz[c, a]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -220,6 +182,8 @@ class SharedLevel:
             labelled.astype(np.bool_),
             self.task,
             out,
+            np.empty((3, *self.w.shape)),
+            np.empty((4, self.w.shape[0])),
         )
         if not on_cpu:
             cols["me_prec"][at] = torch.as_tensor(prec, device=at.device)

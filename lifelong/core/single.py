@@ -6,15 +6,14 @@ objects. For one labelled event without an id or a time, all it computes is: sta
 and basis code predict then learn, the KB's members and the shared level predict (the shared level learns),
 both mixtures, the statistics. ``OneEvent`` computes that in one compiled kernel (``_one``) over views of the
 engine's own arrays, by calling the compiled steps the engine's compiled path calls (``_standardise``,
-``ekf_forward``/``ekf_update`` as ``ekf._sequence`` does, ``shared_forward``/``shared_update`` as
-``shared._step`` does, ``hedge.mix_events``); the rest (a new task's row, KB entry and code carrying, counters,
-the task's use, snapshots, estimates and publications at their counts, ``Engine._guard``) is done in Python as
-``process`` does it, and the rows it learned go to ``Recent`` when something reads it (``flush``). A
-``learn`` of the event ``predict`` just predicted (River's ``predict_proba_one`` then ``learn_one``) starts
-from what the prediction computed (``LEARN_KEPT``): the learning half only. Where arrivals would decide more
-than "learned" (a pending prediction, event time), and for float32, CUDA or non-EKF engines, ``learn`` and
-``predict`` return None and the caller calls the engine. Equal to ``process`` and ``predict`` within float
-rounding (tested to 1e-9).
+``ekf._sequence``, ``shared._step``, ``hedge.mix_events``); the rest (a new task's row, KB entry and code
+carrying, counters, the task's use, snapshots, estimates and publications at their counts, ``Engine._guard``) is
+done in Python as ``process`` does it, and the rows it learned go to ``Recent`` when something reads it
+(``flush``). A ``learn`` of the event ``predict`` just predicted (River's ``predict_proba_one`` then
+``learn_one``) starts from what the prediction computed (``LEARN_KEPT``): the learning half only. Where
+arrivals would decide more than "learned" (a pending prediction, event time), and for float32, CUDA or non-EKF
+engines, ``learn`` and ``predict`` return None and the caller calls the engine. Equal to ``process`` and
+``predict`` within float rounding (tested to 1e-9).
 """
 
 from __future__ import annotations
@@ -31,11 +30,11 @@ import torch
 from lifelong.core.engine import Engine
 from lifelong.core.features import _standardise
 from lifelong.core.hedge import EPS, LOSS_CODES, mix_events
-from lifelong.core.learners.ekf import TASK_CODES, ekf_forward, ekf_update, softmax
+from lifelong.core.learners.ekf import TASK_CODES, _sequence, softmax
 from lifelong.core.learners.stacked import TorchLearners
 from lifelong.core.mixtures import EARLY_N
 from lifelong.core.results import KB_TOP
-from lifelong.core.shared import shared_forward, shared_update
+from lifelong.core.shared import _step
 
 LEARNER_BAD, CODE_BAD = 1, 2  # what ``_one`` returns: the task's learner, or its basis code, holds a non-finite value
 
@@ -147,15 +146,14 @@ def _one(
     at, r = 0, d + 1
     x1 = kept[at : at + r].reshape((1, r))
     at += r
-    l_sz = kept[at : at + n_out * r].reshape((n_out, r))
-    s_sz = kept[at + n_out * r : at + 2 * n_out * r].reshape((n_out, r))
-    s_s = kept[at + 2 * n_out * r : at + 3 * n_out * r].reshape((n_out, r))
-    s_d = kept[at + 3 * n_out * r : at + 4 * n_out * r].reshape((n_out, r))
+    l_sz = kept[at : at + n_out * r].reshape((n_out, r))  # the learner's S z
+    s_sz = kept[at + n_out * r : at + 4 * n_out * r].reshape((3, n_out, r))  # the shared level's (``shared._step``)
     at += 4 * n_out * r
     z = kept[at : at + k].reshape((1, k))
     c_sz = kept[at + k : at + k + n_out * k].reshape((n_out, k))
     at += k * (1 + n_out)
-    l_mv, c_mv = kept[at : at + 2 * n_out], kept[at + 2 * n_out : at + 4 * n_out]  # mean and variance, per output
+    l_mv = kept[at : at + 2 * n_out].reshape((1, 2 * n_out))  # the learner's mean and variance per output
+    c_mv = kept[at + 2 * n_out : at + 4 * n_out].reshape((1, 2 * n_out))  # the code's
     s_m = kept[at + 4 * n_out : at + 8 * n_out].reshape((4, n_out))
     at += 8 * n_out
     top = kept[at : at + n_top * n_pred].reshape((1, n_top, n_pred))
@@ -164,10 +162,9 @@ def _one(
     at += (1 + n_kb) * n_pred
     said = kept[at : at + n_pred].reshape((1, n_pred))
 
-    target = (y - lo) / (hi - lo) if task == 2 else y
-    tasks, n_before, room = np.full(1, t), np.full(1, counts[t]), np.empty((4, n_out))
-    inv_sigma = 1.0 / sigma
-    acc = np.empty(max(r, k))
+    target = np.full(1, (y - lo) / (hi - lo) if task == 2 else y)
+    tasks, codes, n_before, no_snap = np.full(1, t), np.full(1, c), np.full(1, counts[t]), np.full(1, -1)
+    not_yet, learns, snaps = np.zeros(1, np.bool_), np.ones(1, np.bool_), np.empty((1, n_out, r))
     mix_k = min(KB_TOP, 1 + n_kb)
     preds = np.empty((3, 1, n_pred))
     mixed = (np.empty(1), np.empty((1, mix_k), np.int64), np.empty((1, mix_k)), np.empty((1, 3)), np.empty((1, 3)))
@@ -175,16 +172,16 @@ def _one(
         x1[0, :d] = x_raw
         x1[0, d] = 1.0
         _standardise(feat, x1[:, :d], False)
-        ekf_forward(mu[t], S[t], x1[0], acc, l_sz, l_mv[:n_out], l_mv[n_out:])
-        _finish(l_mv, task, lo, hi, top[0, 0])
+        _sequence(mu, S, tasks, x1, target, not_yet, task, l_mv, no_snap, snaps, l_sz)
+        _finish(l_mv[0], task, lo, hi, top[0, 0])
         kb_x[0, 0] = 0.0
         if basis_on:
             z[:] = 0.0  # x1 @ B
             for a in range(r):
                 for j in range(k):
                     z[0, j] += x1[0, a] * B[a, j]
-            ekf_forward(code_mu[c], code_S[c], z[0], acc, c_sz, c_mv[:n_out], c_mv[n_out:])
-            _finish(c_mv, task, lo, hi, kb_x[0, 0])
+            _sequence(code_mu, code_S, codes, z, target, not_yet, task, c_mv, no_snap, snaps, c_sz)
+            _finish(c_mv[0], task, lo, hi, kb_x[0, 0])
         logits = b.copy()  # every member's logits [K * C]: W is [d, K * C], so the inner loop runs along a row
         for j in range(d):
             xj = x1[0, j]
@@ -194,9 +191,9 @@ def _one(
         for m in range(1, n_top):
             top[0, m] = top[0, 0]
         if shared_on:
-            out = np.empty((2, n_out))
-            shared_forward(w, w_S, me_prec[t], me_nat[t], inv_sigma, x1[0], task, s_sz, s_s, s_d, s_m, out)
-            _to_pred(out, task, lo, hi, top[0, 2:4])
+            out = np.empty((1, 2, n_out))
+            _step(w, w_S, me_prec, me_nat, sigma, tasks, x1, target, not_yet, task, out, s_sz, s_m)
+            _to_pred(out[0], task, lo, hi, top[0, 2:4])
             for e in range(2):
                 _safe(top[0, 2 + e], task, lo, hi)
         _mix(
@@ -235,11 +232,13 @@ def _one(
     raw = np.empty((1, d))
     raw[0] = x_raw
     _standardise(feat, raw, True)
-    ekf_update(mu[t], S[t], l_sz, l_mv[:n_out], l_mv[n_out:], target, task, room[0], room[1], room[2])
+    _sequence(mu, S, tasks, x1, target, learns, task, l_mv, no_snap, snaps, l_sz, False)
     if basis_on:
-        ekf_update(code_mu[c], code_S[c], c_sz, c_mv[:n_out], c_mv[n_out:], target, task, room[0], room[1], room[2])
+        _sequence(code_mu, code_S, codes, z, target, learns, task, c_mv, no_snap, snaps, c_sz, False)
     if shared_on:
-        shared_update(w, w_S, me_prec[t], me_nat[t], inv_sigma, x1[0], target, task, s_sz, s_s, s_d, s_m, room)
+        _step(
+            w, w_S, me_prec, me_nat, sigma, tasks, x1, target, learns, task, np.empty((1, 2, n_out)), s_sz, s_m, False
+        )
     bad = 0
     if not (_finite(mu[t]) and _finite(S[t])):
         bad |= LEARNER_BAD

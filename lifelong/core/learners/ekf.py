@@ -113,10 +113,14 @@ def _sequence(
     out: np.ndarray,
     snap_row: np.ndarray,
     snaps: np.ndarray,
+    sz: np.ndarray,
+    forward: bool = True,
 ) -> None:
+    """``sequence``'s steps (``sz`` [C, r]: room for ``S z``, in ``mu``'s dtype). Without ``forward``, the one row's
+    forward pass is the one ``out`` and ``sz`` already hold, and only its learning step is taken (the single-event
+    path learning what it just predicted)."""
     n, r = z.shape
     n_out = mu.shape[1]
-    sz = np.empty((n_out, r), mu.dtype)
     m = np.empty(n_out, mu.dtype)
     v = np.empty(n_out, mu.dtype)
     p = np.empty(n_out, mu.dtype)
@@ -125,65 +129,38 @@ def _sequence(
     acc = np.empty(r)
     for i in range(n):
         t = tasks[i]
-        ekf_forward(mu[t], S[t], z[i], acc, sz, m, v)
         for c in range(n_out):
+            if not forward:
+                m[c], v[c] = out[i, c], out[i, n_out + c]
+                continue
+            # S z as a sum of S's rows (S is symmetric): contiguous, no reduction in the inner loop
+            acc[:] = 0.0
+            for b in range(r):
+                zb = z[i, b]
+                for a in range(r):
+                    acc[a] += S[t, c, b, a] * zb
+            mc = 0.0
+            vc = 0.0
+            for a in range(r):
+                sz[c, a] = acc[a]
+                mc += mu[t, c, a] * z[i, a]
+                vc += acc[a] * z[i, a]
+            m[c] = mc
+            v[c] = max(vc, 0.0)
             out[i, c] = m[c]
             out[i, n_out + c] = v[c]
         if labelled[i]:
-            ekf_update(mu[t], S[t], sz, m, v, y[i], task, p, g, h)
+            label_step(task, m, y[i], p, g, h)
+            for c in range(n_out):
+                denom = 1.0 + h[c] * v[c]
+                k = h[c] / denom
+                step = g[c] / denom
+                for a in range(r):
+                    for b in range(r):
+                        S[t, c, a, b] -= k * sz[c, a] * sz[c, b]
+                    mu[t, c, a] += step * sz[c, a]
         if snap_row[i] >= 0:
             snaps[snap_row[i]] = mu[t]
-
-
-@numba.njit(cache=True, error_model="numpy")
-def ekf_forward(
-    mu: np.ndarray, S: np.ndarray, z: np.ndarray, acc: np.ndarray, sz: np.ndarray, m: np.ndarray, v: np.ndarray
-) -> None:
-    """One task's (``mu [C, r]``, ``S [C, r, r]``) raw outputs for inputs ``z [r]``: ``S z`` into ``sz``, the
-    mean ``m`` and variance ``v`` per output (``acc``: room for one row, in float64)."""
-    n_out, r = mu.shape
-    for c in range(n_out):
-        # S z as a sum of S's rows (S is symmetric): contiguous, no reduction in the inner loop
-        acc[:] = 0.0
-        for b in range(r):
-            zb = z[b]
-            for a in range(r):
-                acc[a] += S[c, b, a] * zb
-        mc = 0.0
-        vc = 0.0
-        for a in range(r):
-            sz[c, a] = acc[a]
-            mc += mu[c, a] * z[a]
-            vc += acc[a] * z[a]
-        m[c] = mc
-        v[c] = max(vc, 0.0)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def ekf_update(
-    mu: np.ndarray,
-    S: np.ndarray,
-    sz: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    y: float,
-    task: int,
-    p: np.ndarray,
-    g: np.ndarray,
-    h: np.ndarray,
-) -> None:
-    """One EKF step of one task for label ``y``, from ``ekf_forward``'s ``sz``, ``m``, ``v`` (``p``, ``g``, ``h``:
-    room for ``label_step``)."""
-    label_step(task, m, y, p, g, h)
-    n_out, r = mu.shape
-    for c in range(n_out):
-        denom = 1.0 + h[c] * v[c]
-        k = h[c] / denom
-        step = g[c] / denom
-        for a in range(r):
-            for b in range(r):
-                S[c, a, b] -= k * sz[c, a] * sz[c, b]
-            mu[c, a] += step * sz[c, a]
 
 
 def sequence(
@@ -217,5 +194,6 @@ def sequence(
         out,
         rows,
         snaps,
+        np.empty((mu.shape[1], z.shape[1]), mu.dtype),
     )
     return torch.from_numpy(out), snaps
