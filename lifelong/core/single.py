@@ -29,12 +29,13 @@ import torch
 
 from lifelong.core.engine import Engine
 from lifelong.core.features import _standardise
-from lifelong.core.hedge import EPS, LOSS_CODES, mix_events
+from lifelong.core.hedge import EPS, LOSS_CODES, enter_experts, mix_events
 from lifelong.core.learners.ekf import TASK_CODES, _sequence, softmax
 from lifelong.core.learners.stacked import TorchLearners
 from lifelong.core.mixtures import EARLY_N
 from lifelong.core.results import KB_TOP
 from lifelong.core.shared import _step
+from lifelong.core.tasks import STAT
 
 LEARNER_BAD, CODE_BAD = 1, 2  # what ``_one`` returns: the task's learner, or its basis code, holds a non-finite value
 
@@ -362,6 +363,8 @@ class OneEvent:
         self.pred = np.empty(engine.n_pred)
         self.views: tuple[Any, ...] | None = None
         self.kb_seen = self.code_at = np.zeros(0, np.int64)  # views of the task table's columns (``_views``)
+        self.counted: tuple[np.ndarray, np.ndarray] = (self.kb_seen, self.kb_seen)  # likewise
+        self.since: np.ndarray | None = None  # the KB's entry log (``KbEntry.meet``'s ``since``), per publication
         self.touched: dict[int, str] = {}  # rows learned here and not yet handed to ``Recent`` (``flush``)
         self.fresh: list[np.ndarray] | None = None  # a new task's rows (``_new``), until the views are read again
         # the last code carried by ``predict``: (row, basis it was in, basis it is in now, code, covariance)
@@ -372,7 +375,10 @@ class OneEvent:
     def __getstate__(self) -> dict[str, Any]:
         # a copy's views would be of copied arrays, not its engine's: it reads its own engine's again
         unbound = np.zeros(0, np.int64)
-        return {**self.__dict__, "views": None, "kb_seen": unbound, "code_at": unbound, "kept_for": None}
+        return {
+            **self.__dict__,
+            **{"views": None, "kb_seen": unbound, "code_at": unbound, "counted": (unbound, unbound), "kept_for": None},
+        }
 
     def stale(self) -> None:
         """Due before anything other than this path uses the engine: the rows learned here go to ``Recent``, and
@@ -394,7 +400,7 @@ class OneEvent:
         kb, shared, cfg, mix = eng.kb, eng.shared, eng.cfg, eng.mixtures
         none = np.zeros((1, 1, 1))
         prior = mix.kb_log_prior()
-        self.kept_for = None
+        self.kept_for = self.since = None
         self.views = (
             *self._task_arrays(),
             eng.features.stats,
@@ -427,6 +433,7 @@ class OneEvent:
         eng = self.engine
         cols, kb = eng.tasks.cols, eng.kb
         self.kb_seen, self.code_at = cols["kb_seen"].numpy(), cols["code_at"].numpy()
+        self.counted = cols["n_kb"].numpy(), cols["n_top"].numpy()  # each task's experts (``KbEntry.meet``)
         return (
             self.learners.params["mu"].numpy(),
             self.learners.params["S"].numpy(),
@@ -436,10 +443,24 @@ class OneEvent:
             eng.tasks.counts,
         )
 
-    def _meet(self, t: int) -> None:
-        """Task row ``t`` meets the KB as it is now (``KbEntry.meet``), where it has not yet."""
-        if self.kb_seen[t] < self.engine.kb.applied:
-            self.engine.entry.meet(np.array([t]))
+    def _meet(self, t: int, task: str, views: tuple[Any, ...]) -> None:
+        """Task row ``t`` (``task``) meets the KB as it is now, where it has not yet: ``KbEntry.meet`` of one row,
+        its own member found by name and the KB's entry log read once per publication."""
+        kb = self.engine.kb
+        if self.kb_seen[t] >= kb.applied:
+            return
+        if self.since is None:
+            self.since = np.array([kb.basis_since, *kb.entered], np.int64)
+        own = np.full(1 + kb.capacity, -1, np.int64)  # each expert's own task (-1: another task's, or none)
+        slot = kb.slot_of.get(task)
+        if slot is not None:
+            own[1 + slot] = t
+        L_kb, in_kb, L_top, in_top, stats = views[6:11]
+        (n_kb, n_top), rows = self.counted, np.array([t])
+        loss_kb, loss = stats[:, STAT["loss_kb"]], stats[:, STAT["loss"]]
+        enter_experts(
+            rows, self.kb_seen, self.since, own, kb.applied, L_kb, in_kb, n_kb, L_top, in_top, n_top, loss_kb, loss
+        )
 
     def _code(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Task row ``t``'s code carried into the current basis (``KnowledgeBase.carried``), kept aside."""
@@ -465,7 +486,7 @@ class OneEvent:
             rows: tuple[Any, ...] = (*new, *views[PER_TASK:])
             _one(0, 0, x, 0.0, PREDICT, *rows)
             return self.pred
-        self._meet(t)
+        self._meet(t, task, views)
         if self.code_at[t] == eng.kb.basis_at:
             _one(t, t, x, 0.0, PREDICT, *views)
             self.kept_for = (t, x)  # for ``learn`` of the same event, if it comes next
@@ -505,7 +526,7 @@ class OneEvent:
             if self.views is not None:  # the task table may have grown: its arrays are read again
                 self.views = (*self._task_arrays(), *self.views[PER_TASK:])
         views = self.views or self._views()
-        self._meet(t)
+        self._meet(t, task, views)
         if self.code_at[t] != eng.kb.basis_at:  # ``KbEntry.carry_codes``
             views[2][t], views[3][t] = self._code(t)
             self.code_at[t] = eng.kb.basis_at
