@@ -158,7 +158,7 @@ def run_demo(
         f"({len(events)} events at {rate:,.0f}/s), state in {work}"
     )
     say(f"metrics: http://127.0.0.1:{daemon.http.port}/metrics   health: /healthz /readyz")
-    say("compiling the engine (about 10 s on the first run after an install, then cached) ...", end=" ")
+    say("compiling the engine (about 15 s on the first run after an install, then cached) ...", end=" ")
     say(f"done in {warm_up(cfg.engine, cfg.labels):.1f} s")
     say(HEADER)
     t0 = time.monotonic()
