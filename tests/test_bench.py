@@ -1,9 +1,12 @@
-"""The benchmark scripts run (small, on the CPU) and print their tables; figures are not asserted."""
+"""The benchmark scripts run (small, on the CPU) and print their tables; figures are not asserted (only how
+they are combined)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -44,3 +47,24 @@ def test_the_report_renders_what_a_benchmark_wrote(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| cpu"))
     assert f"{data['results']['rows'][0]['events_per_s']:,.0f}" in row
     assert "Not run for this page: `bench/accuracy.py`" in text
+
+
+def test_real_data_over_shuffles_judges_the_means(tmp_path):
+    """``bench/real.py --shuffles 2``: each seed's figures as it runs, then one row per data set holding their means,
+    judged on the means, with lifelong's paired gap to its own pooled pass."""
+    out = subprocess.run(
+        [sys.executable, "bench/real.py", "--only", "Gcsemv", "--shuffles", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seeds = [line.split() for line in out.stderr.splitlines() if line.startswith("Gcsemv ") and " seed " in line]
+    assert [s[2] for s in seeds] == ["0", "1"]
+    lifelong = [float(s[s.index("lifelong") + 1]) for s in seeds]
+    pooled = [float(s[s.index("pooled") + 1]) for s in seeds]
+    (row,) = json.loads((tmp_path / "real.json").read_text())["results"]["rows"]
+    assert row["shuffles"] == 2 and abs(row["lifelong"] - sum(lifelong) / 2) < 1e-4
+    assert row["pass"] == (row["lifelong"] <= row["pooled"] and row["lifelong"] <= row[row["best_peer"]])
+    assert float(row["vs_pooled"].split()[0]) == pytest.approx((sum(lifelong) - sum(pooled)) / 2, abs=1e-3)
+    assert out.returncode == (0 if row["pass"] and row["ratio"] <= 0.95 else 1)
