@@ -169,6 +169,11 @@ def _one(
     mix_k = min(KB_TOP, 1 + n_kb)
     preds = np.empty((3, 1, n_pred))
     mixed = (np.empty(1), np.empty((1, mix_k), np.int64), np.empty((1, mix_k)), np.empty((1, 3)), np.empty((1, 3)))
+    # ``_mix``'s arguments after the event's: the prediction is stored in (and learned from) ``top``, ``kb_x``, ``said``
+    mixing = (
+        *(top, kb_x, kb_x, top, said, L_kb, in_kb, L_top, in_top, stats, log_prior, top_prior, code, task == 2),
+        *(eta_fixed, m_kb, lo, hi, preds, mixed),
+    )
     if mode != LEARN_KEPT:
         x1[0, :d] = x_raw
         x1[0, d] = 1.0
@@ -197,33 +202,7 @@ def _one(
             _to_pred(out[0], task, lo, hi, top[0, 2:4])
             for e in range(2):
                 _safe(top[0, 2 + e], task, lo, hi)
-        _mix(
-            tasks,
-            True,
-            False,
-            n_before,
-            y,
-            top,
-            kb_x,
-            kb_x,
-            top,
-            said,
-            L_kb,
-            in_kb,
-            L_top,
-            in_top,
-            stats,
-            log_prior,
-            top_prior,
-            code,
-            task == 2,
-            eta_fixed,
-            m_kb,
-            lo,
-            hi,
-            preds,
-            mixed,
-        )
+        _mix(tasks, True, False, n_before, y, *mixing)
         pred[:] = preds[2, 0]
         said[0] = preds[2, 0]
         if not in_top[t, 1]:  # a sleeping KB level's loss is the local learner's (``mix_events``)
@@ -246,33 +225,7 @@ def _one(
     if basis_on and not (_finite(code_mu[c]) and _finite(code_S[c])):
         bad |= CODE_BAD
     counts[t] += 1
-    _mix(
-        tasks,
-        False,
-        True,
-        n_before,
-        y,
-        top,
-        kb_x,
-        kb_x,
-        top,
-        said,
-        L_kb,
-        in_kb,
-        L_top,
-        in_top,
-        stats,
-        log_prior,
-        top_prior,
-        code,
-        task == 2,
-        eta_fixed,
-        m_kb,
-        lo,
-        hi,
-        preds,
-        mixed,
-    )
+    _mix(tasks, False, True, n_before, y, *mixing)
     return bad
 
 
