@@ -169,10 +169,13 @@ def _one(
     mix_k = min(KB_TOP, 1 + n_kb)
     preds = np.empty((3, 1, n_pred))
     mixed = (np.empty(1), np.empty((1, mix_k), np.int64), np.empty((1, mix_k)), np.empty((1, 3)), np.empty((1, 3)))
-    # ``_mix``'s arguments after the event's: the prediction is stored in (and learned from) ``top``, ``kb_x``, ``said``
+    # ``mix_events``'s arguments after the event's flags (one event, whose prediction is stored in and learned
+    # from ``top``, ``kb_x``, ``said``)
+    zero = np.zeros(1, np.int64)
     mixing = (
-        *(top, kb_x, kb_x, top, said, L_kb, in_kb, L_top, in_top, stats, log_prior, top_prior, code, task == 2),
-        *(eta_fixed, m_kb, lo, hi, preds, mixed),
+        *(no_snap, n_before, np.full(1, y), top, kb_x, zero, kb_x, top, said, L_kb, in_kb, L_top, in_top),
+        *(stats, log_prior, top_prior, code, task == 2, eta_fixed, m_kb, lo, hi, EARLY_N, preds[0], preds[1]),
+        *(preds[2], *mixed),
     )
     if mode != LEARN_KEPT:
         x1[0, :d] = x_raw
@@ -202,7 +205,7 @@ def _one(
             _to_pred(out[0], task, lo, hi, top[0, 2:4])
             for e in range(2):
                 _safe(top[0, 2 + e], task, lo, hi)
-        _mix(tasks, True, False, n_before, y, *mixing)
+        mix_events(tasks, zero, learns, not_yet, *mixing)  # the prediction
         pred[:] = preds[2, 0]
         said[0] = preds[2, 0]
         if not in_top[t, 1]:  # a sleeping KB level's loss is the local learner's (``mix_events``)
@@ -225,73 +228,8 @@ def _one(
     if basis_on and not (_finite(code_mu[c]) and _finite(code_S[c])):
         bad |= CODE_BAD
     counts[t] += 1
-    _mix(tasks, False, True, n_before, y, *mixing)
+    mix_events(tasks, zero, not_yet, learns, *mixing)  # its learning
     return bad
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _mix(
-    tasks: np.ndarray,
-    has_x: bool,
-    lab: bool,
-    n_before: np.ndarray,
-    y: float,
-    top: np.ndarray,
-    kb_x: np.ndarray,
-    s_kb: np.ndarray,
-    s_top: np.ndarray,
-    s_pred: np.ndarray,
-    L_kb: np.ndarray,
-    in_kb: np.ndarray,
-    L_top: np.ndarray,
-    in_top: np.ndarray,
-    stats: np.ndarray,
-    log_prior: np.ndarray,
-    top_prior: np.ndarray,
-    code: int,
-    regression: bool,
-    eta_fixed: float,
-    m_kb: float,
-    lo: float,
-    hi: float,
-    preds: np.ndarray,
-    mixed: tuple[np.ndarray, ...],
-) -> None:
-    """``mix_events`` of one event: its prediction (``has_x``, into ``preds``), or its learning from the
-    prediction stored in ``s_kb``, ``s_top``, ``s_pred`` (``lab``)."""
-    mix_events(
-        tasks,
-        np.zeros(1, np.int64),
-        np.full(1, has_x),
-        np.full(1, lab),
-        np.full(1, -1),
-        n_before,
-        np.full(1, y),
-        top,
-        kb_x,
-        np.zeros(1, np.int64),
-        s_kb,
-        s_top,
-        s_pred,
-        L_kb,
-        in_kb,
-        L_top,
-        in_top,
-        stats,
-        log_prior,
-        top_prior,
-        code,
-        regression,
-        eta_fixed,
-        m_kb,
-        lo,
-        hi,
-        EARLY_N,
-        preds[0],
-        preds[1],
-        preds[2],
-        *mixed,
-    )
 
 
 PER_TASK = 12  # the first arguments of ``_one`` after the event's: arrays with a row per task
