@@ -168,25 +168,29 @@ class KnowledgeBase:
             vecs = vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-12)
             if self.vectors is None:
                 self.vectors = torch.zeros(self.capacity, vecs.shape[1], dtype=vecs.dtype, device=self.device)
-            # cosines to the members held now and to each other, read below as the slots fill
-            cos_old, cos_new = (vecs @ self.vectors.T).cpu().numpy(), (vecs @ vecs.T).cpu().numpy()
+            # each record's cosine to what each slot holds as the slots fill (-inf: empty): a slot's column becomes
+            # its new record's cosines to the others
+            near = (vecs @ self.vectors.T).cpu().numpy()
+            cos_new = (vecs @ vecs.T).cpu().numpy()
         holder = np.full(self.capacity, -1)  # which record each slot holds now (-1: what it held before)
         valid = self.valid.cpu().numpy()
+        if shared:
+            near[:, ~valid] = -np.inf
+        n_valid = int(valid.sum())
         updated = np.array(self.updated)
         entered: list[int] = []
         for i, snap in enumerate(staged):
             self.applied += 1
             slot = self.slot_of.get(snap.task_name)
-            if slot is None and shared and valid.any():
-                near = np.where(holder >= 0, cos_new[i, holder], cos_old[i])[valid].max()
-                if near >= self.cfg.duplicate_cosine:
-                    self.counts["duplicates"] += 1
-                    continue
+            if slot is None and shared and n_valid and near[i].max() >= self.cfg.duplicate_cosine:
+                self.counts["duplicates"] += 1
+                continue
             if slot is not None:
                 self.counts["replaced"] += 1
             else:
-                if not valid.all():
+                if n_valid < self.capacity:
                     slot = int(valid.argmin())
+                    n_valid += 1
                 else:  # the member whose latest record is oldest
                     slot = int(updated.argmin())
                     self.counts["evicted"] += 1
@@ -195,6 +199,8 @@ class KnowledgeBase:
                 self.counts["added"] += 1
             self.updated[slot] = updated[slot] = self.applied
             holder[slot], valid[slot] = i, True
+            if shared:
+                near[:, slot] = cos_new[:, i]
             self.ids[slot] = f"{snap.task_name}@{snap.learned}"
             old = self.source[slot]
             if old is not None:

@@ -126,6 +126,43 @@ def test_kb_never_exceeds_capacity_and_evicts(engine_factory):
     assert len({s for s in engine.kb.source if s}) == engine.kb.size  # one member per source task
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.floats(0.95, 1.05)), min_size=1, max_size=9),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_kb_membership_follows_its_rules(rounds):
+    """Publications against the rule written plainly: a task's record replaces its own member; another task's
+    joins the first empty slot, else the slot updated longest ago, unless its parameters are within
+    ``duplicate_cosine`` of a member held at that moment (then it is dropped)."""
+    from lifelong.config import EngineConfig
+    from lifelong.core.knowledge import Staged
+
+    engine = Engine(EngineConfig(dim=2, kb_capacity=3, basis=False, task_prior=False, dtype="float64"))
+    directions = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [1.0, 0.001, 0], [0, 0, 1.0]], dtype=torch.float64)
+    held: list[tuple[str, torch.Tensor] | None] = [None] * 3
+    updated, applied, dropped = [-1] * 3, 0, 0
+    for records in rounds:
+        staged = []
+        for task, way, scale in records:
+            v = directions[way] * scale
+            staged.append(Staged(task, f"t{task}", 1, 0, {"w": v[None, :2, None], "b": v[None, 2:]}))
+            applied += 1
+            mine = next((s for s, h in enumerate(held) if h and h[0] == f"t{task}"), None)
+            cos = [float(v @ h[1] / v.norm() / h[1].norm()) for h in held if h]
+            if mine is None and cos and max(cos) >= engine.cfg.duplicate_cosine:
+                dropped += 1
+                continue
+            slot = mine if mine is not None else (held.index(None) if None in held else updated.index(min(updated)))
+            held[slot], updated[slot] = (f"t{task}", v), applied
+        engine.kb.publish(staged)
+        assert engine.kb.source == [h and h[0] for h in held] and engine.kb.updated == updated
+        assert engine.kb.counts["duplicates"] == dropped
+
+
 def test_delayed_labels_join_expire_and_are_counted(engine_factory):
     engine = engine_factory(labels=LabelsConfig(pending_ttl_s=10.0, pending_max=2))
     x = np.ones(5, np.float32)
