@@ -58,6 +58,12 @@ class Residency:
         """Tasks known: resident or in the store."""
         return self.counters["tasks_created"] - self.counters["tasks_dropped"]
 
+    def hands_over(self, coming: int) -> bool:
+        """Whether admitting ``coming`` new tasks may give them rows other tasks held (``admit`` evicts, or rows of
+        dropped tasks are set up again)."""
+        n = len(self.tasks)
+        return (self.spills and coming > self.cfg.max_resident_tasks - n) or n < self.tasks.high
+
     def init_rows(self, first: int) -> None:
         """Learners, codes and mixture tables for tasks ``first ..`` (they meet the KB in ``KbEntry.meet``)."""
         n = len(self.tasks)

@@ -334,6 +334,12 @@ class OneEvent:
             eng.tasks.counts,
         )
 
+    def _grown(self, views: tuple[Any, ...]) -> bool:
+        """Whether a table with a row per task has grown (been replaced) since ``views`` were read."""
+        eng = self.engine
+        now = (len(self.learners.params["mu"]), len(eng.kb.mu), len(eng.tasks.cols["stats"]), len(eng.tasks.counts))
+        return now != (len(views[0]), len(views[2]), len(views[10]), len(views[11]))
+
     def _meet(self, t: int, task: str, views: tuple[Any, ...]) -> None:
         """Task row ``t`` (``task``) meets the KB as it is now, where it has not yet: ``KbEntry.meet`` of one row,
         its own member found by name and the KB's entry log read once per publication."""
@@ -410,11 +416,12 @@ class OneEvent:
         tasks.batch += 1
         t = tasks.index.get(task)
         if t is None:  # ``Engine._plan``: a new task (or one in the store) gets a row
-            self.flush()  # admission may give a row to another task
+            if eng.residency.hands_over(1):  # rows that change hands go to ``Recent`` as they were
+                self.flush()
             eng.residency.admit([task])
             t = tasks.index[task]
             self.carried = None
-            if self.views is not None:  # the task table may have grown: its arrays are read again
+            if self.views is not None and self._grown(self.views):  # its arrays are read again
                 self.views = (*self._task_arrays(), *self.views[PER_TASK:])
         views = self.views or self._views()
         self._meet(t, task, views)

@@ -18,6 +18,7 @@ KINDS = [
     pytest.param({"population": False, "basis": False}, {}, id="no-shared-level"),
     pytest.param({"basis": False}, {}, id="no-basis"),  # the KB level sleeps until the KB has a member
     pytest.param({"max_resident_tasks": 3}, {}, id="task-store"),  # tasks go to the store and come back
+    pytest.param({}, {"n_tasks": 20, "per_task": 15, "block": 1}, id="tables-grow"),  # past their first 16 rows
 ]
 
 
@@ -29,7 +30,7 @@ def plain(events):
 def both(engine_factory, cfg, stream, per_task=60):
     """The same stream through the single-event path of one engine (the engine where it declines) and through
     ``process``/``predict`` of another, event by event: their predictions, and the single path's share."""
-    events = plain(make_stream(per_task=per_task, ends=False, **stream))
+    events = plain(make_stream(**{"per_task": per_task, "ends": False, **stream}))
     fast, slow = engine_factory(**cfg), engine_factory(**cfg)
     one = OneEvent(fast)
     got, want = [], []

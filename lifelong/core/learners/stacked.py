@@ -53,6 +53,7 @@ class TorchLearners(Learners):
         }
         # AdaGrad's squared-gradient sums; the EKF keeps its own curvature in S.
         self.accum = {} if self.use_ekf else {name: torch.zeros_like(p) for name, p in self.params.items()}
+        self.eye_S = torch.eye(dim + 1, dtype=self.dtype, device=device) * cfg.prior_var  # the plain EKF prior
 
     def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         d, c, h = self.dim, self.n_out, self.cfg.hidden
@@ -87,8 +88,7 @@ class TorchLearners(Learners):
         if name == "S" and self.prior_S is not None:
             return self.prior_S.expand(n, -1, -1, -1)
         if name == "S":
-            eye = torch.eye(self.dim + 1, dtype=self.dtype, device=self.device) * self.cfg.prior_var
-            return eye.expand(n, self.n_out, -1, -1)
+            return self.eye_S.expand(n, self.n_out, -1, -1)
         if self.linear or name.startswith("b"):
             return 0.0
         fan_in = self.dim if name == "w1" else self.cfg.hidden
