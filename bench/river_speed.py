@@ -1,21 +1,24 @@
 """The River estimators at River's speed? ``LifelongClassifier(by="task")`` against River's ``LogisticRegression``
 per task, both in ``river.evaluate.progressive_val_score`` on the same stream, side by side in one run.
 
-    python bench/river_speed.py [--events 100000] [--repeat 3]
+    python bench/river_speed.py [--events 100000] [--repeat 3] [--streams 'random blocks,many short tasks']
 
 (Not ``river.py``: a script of that name would shadow the ``river`` package it imports.)
 
-The stream is ``bench/throughput.py``'s related tasks in recurring blocks of random length 5-60 (1,000 tasks x
-100 events), as River dicts (``task`` and ``x0``, ``x1``, …: no two features share a hash bucket). Prints each
-method's events/s and error, the speed ratio (issue 32's target: >= 0.5) and ``lifelong evaluate``'s error on
-the same events (hashed as the estimator hashes them) (target: within 0.1 point of the estimator's). The
-kernels are compiled (or loaded from numba's cache) on a short stream first, and the two methods run
-alternately ``--repeat`` times, each a fresh model; the medians are reported, with each run's ratio.
+Two streams (``--streams``), as River dicts (``task`` and ``x0``, ``x1``, …: no two features share a hash bucket):
+``random blocks``, ``bench/throughput.py``'s related tasks in recurring blocks of random length 5-60 (1,000 tasks
+x 100 events; issue 32's target: >= 0.5), and ``many short tasks``, the first events of ``lifelong generate
+--kind personal`` (200,000 users of 1-6 events; about 28,700 tasks in 100,000 events). Prints each method's
+events/s and error, the speed ratio and ``lifelong evaluate``'s error on the same events (hashed as the
+estimator hashes them; target: within 0.1 point of the estimator's). The kernels are compiled (or loaded from
+numba's cache) on a short stream first, and the two methods run alternately ``--repeat`` times, each a fresh
+model; the medians are reported, with each run's ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from throughput import random_blocks  # noqa: E402
 from lifelong.config import load_config  # noqa: E402
 from lifelong.estimators import LifelongClassifier  # noqa: E402
 from lifelong.tools.evaluate import evaluate as lifelong_evaluate  # noqa: E402
+from lifelong.tools.generate import stream  # noqa: E402
 
 from record import save  # noqa: E402
 
@@ -63,21 +67,24 @@ def progressive(model: Any, stream: list[tuple[dict[str, Any], bool]]) -> tuple[
     return len(stream) / (time.perf_counter() - t0), 1.0 - accuracy.get()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=100_000, help="the first N events of the stream")
-    ap.add_argument("--repeat", type=int, default=3, help="alternated runs of each method (medians reported)")
-    ap.add_argument("--out", default="bench/results")
-    args = ap.parse_args()
-    rows = list(random_blocks(1000, 100))[: args.events]
-    stream = [({"task": r["task"], **{f"x{i}": v for i, v in enumerate(r["x"])}}, bool(r["y"])) for r in rows]
-    t0 = time.perf_counter()  # the kernels compile on the first run after an install (then load from the cache)
-    progressive(LifelongClassifier(by="task"), stream[:1000])
-    warmup_s = time.perf_counter() - t0
+STREAMS = {  # name -> the first ``n`` events, as raw dicts
+    "random blocks": lambda n: list(random_blocks(1000, 100))[:n],
+    "many short tasks": lambda n: list(itertools.islice(stream("personal", n_tasks=200_000), n)),
+}
+
+
+def as_river(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    """Events as River's (x, y): ``task`` and ``x0``, ``x1``, …"""
+    return [({"task": r["task"], **{f"x{i}": v for i, v in enumerate(r["x"])}}, bool(r["y"])) for r in rows]
+
+
+def measure(rows: list[dict[str, Any]], repeat: int) -> dict[str, Any]:
+    """Both methods on one stream, alternated ``repeat`` times (medians), and ``lifelong evaluate``'s error."""
+    data = as_river(rows)
     runs = []
-    for _ in range(args.repeat):  # alternated, each a fresh model: this machine's speed drifts between runs
-        river_rate, river_error = progressive(PerTask(), stream)
-        ours_rate, ours_error = progressive(LifelongClassifier(by="task"), stream)  # x0 … x19 in dim 64: apart
+    for _ in range(repeat):  # alternated, each a fresh model: this machine's speed drifts between runs
+        river_rate, river_error = progressive(PerTask(), data)
+        ours_rate, ours_error = progressive(LifelongClassifier(by="task"), data)  # x0 … x19 in dim 64: apart
         runs.append((river_rate, ours_rate))
     river_rate, ours_rate = (float(np.median(r)) for r in zip(*runs, strict=True))
     ratios = [ours / river for river, ours in runs]
@@ -86,32 +93,53 @@ def main() -> int:
         hashed = LifelongClassifier(by="task")  # the features as the estimator hashes them
         path.write_text(
             "".join(
-                json.dumps({"task": x["task"], "x": hashed._event(x).x.tolist(), "y": int(y)}) + "\n" for x, y in stream
+                json.dumps({"task": x["task"], "x": hashed._event(x).x.tolist(), "y": int(y)}) + "\n" for x, y in data
             )
         )
         report = lifelong_evaluate(path, load_config(env={}), progress=False, passes=("lifelong",))
-    evaluated = report["methods"]["lifelong"]["cumulative_error"]
-    result = {
-        "events": len(stream),
+    return {
+        "events": len(data),
+        "tasks": len({r["task"] for r in rows}),
         "river_events_per_s": river_rate,
         "river_error": river_error,
         "lifelong_events_per_s": ours_rate,
         "lifelong_error": ours_error,
         "speed_ratio": ours_rate / river_rate,
         "ratio_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
-        "evaluate_error": evaluated,
-        "warmup_s": warmup_s,
+        "evaluate_error": report["methods"]["lifelong"]["cumulative_error"],
     }
-    print(f"{'method (progressive_val_score)':<40}{'events/s':>10}{'error':>9}")
-    print(f"{'River LogisticRegression per task':<40}{river_rate:>10,.0f}{river_error:>9.4f}")
-    print(f"{'LifelongClassifier(by=task)':<40}{ours_rate:>10,.0f}{ours_error:>9.4f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100_000, help="the first N events of each stream")
+    ap.add_argument("--repeat", type=int, default=3, help="alternated runs of each method (medians reported)")
+    ap.add_argument("--streams", default=",".join(STREAMS), help=f"comma-separated, of: {', '.join(STREAMS)}")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    names = args.streams.split(",")
+    if unknown := set(names) - set(STREAMS):
+        ap.error(f"unknown streams {sorted(unknown)}; known: {', '.join(STREAMS)}")
+    t0 = time.perf_counter()  # the kernels compile on the first run after an install (then load from the cache)
+    progressive(LifelongClassifier(by="task"), as_river(STREAMS["random blocks"](1000)))
+    warmup_s = time.perf_counter() - t0
+    results = [{"stream": name, **measure(STREAMS[name](args.events), args.repeat)} for name in names]
     print(
-        f"\nspeed: {ours_rate / river_rate:.3f} x River (target >= 0.5; medians of {args.repeat} alternated runs, "
-        f"each run's ratio {result['ratio_range']}; compiling or loading the kernels first took {warmup_s:.1f} s)\n"
-        f"lifelong evaluate on the same events: "
-        f"error {evaluated:.4f} ({100 * abs(evaluated - ours_error):.2f} points from the estimator, target <= 0.1)"
+        f"{'stream (progressive_val_score)':<22}{'tasks':>8}{'River ev/s':>12}{'lifelong ev/s':>15}{'ratio':>7}"
+        f"{'River err':>11}{'lifelong err':>14}{'evaluate err':>14}"
     )
-    save(Path(args.out), "river_speed", result)
+    for r in results:
+        print(
+            f"{r['stream']:<22}{r['tasks']:>8,}{r['river_events_per_s']:>12,.0f}{r['lifelong_events_per_s']:>15,.0f}"
+            f"{r['speed_ratio']:>7.3f}{r['river_error']:>11.4f}{r['lifelong_error']:>14.4f}{r['evaluate_error']:>14.4f}"
+        )
+    print(
+        f"\nratio: lifelong / River per task (issue 32's target on random blocks: >= 0.5); medians of {args.repeat} "
+        f"alternated runs (each run's ratio: {'; '.join(r['ratio_range'] for r in results)}); compiling or loading "
+        f"the kernels first took {warmup_s:.1f} s. evaluate err: `lifelong evaluate` on the same events (target: "
+        "within 0.1 point of the estimator's)."
+    )
+    save(Path(args.out), "river_speed", {"warmup_s": warmup_s, "streams": results})
     return 0
 
 

@@ -68,3 +68,21 @@ def test_real_data_over_shuffles_judges_the_means(tmp_path):
     assert row["pass"] == (row["lifelong"] <= row["pooled"] and row["lifelong"] <= row[row["best_peer"]])
     assert float(row["vs_pooled"].split()[0]) == pytest.approx((sum(lifelong) - sum(pooled)) / 2, abs=1e-3)
     assert out.returncode == (0 if row["pass"] and row["ratio"] <= 0.95 else 1)
+
+
+def test_river_speed_runs_both_streams_and_agrees_with_evaluate(tmp_path):
+    """``bench/river_speed.py`` on a few hundred events of each stream: both methods timed, and the estimator's
+    progressive error is what ``lifelong evaluate`` gives on the same events."""
+    subprocess.run(
+        [sys.executable, "bench/river_speed.py", "--events", "400", "--repeat", "1", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    streams = json.loads((tmp_path / "river_speed.json").read_text())["results"]["streams"]
+    assert [s["stream"] for s in streams] == ["random blocks", "many short tasks"]
+    for s in streams:
+        assert s["events"] == 400 and s["river_events_per_s"] > 0 and s["lifelong_events_per_s"] > 0
+        assert s["evaluate_error"] == pytest.approx(s["lifelong_error"], abs=1e-9)
+    assert streams[1]["tasks"] > 100  # many short tasks: most events start a task
