@@ -137,6 +137,10 @@ class TaskTable:
     def least_used(self, k: int) -> np.ndarray:
         """Up to ``k`` rows not used in this batch, the least recently used."""
         n = len(self.names)
+        if 0 < k < n:  # the k least recently used, if none of them is used in this batch: one pass
+            rows = np.argpartition(self.used[:n], k - 1)[:k]
+            if self.used[rows].max() < self.batch:
+                return rows
         idle = np.flatnonzero(self.used[:n] < self.batch)
         if k <= 0 or len(idle) <= k:
             return idle if k > 0 else idle[:0]

@@ -5,6 +5,8 @@ import gc
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lifelong.core.engine import Engine
 from lifelong.core.events import Event
@@ -281,3 +283,19 @@ def test_a_task_store_of_the_layout_before_the_shared_level_is_migrated(engine_f
         assert fresh.tasks.cols["in_top"][b, 2:].all() and not fresh.tasks.cols["me_prec"][b].any()
         assert float(fresh.tasks.cols["L_top"][b, 3]) == float(engine.tasks.cols["stats"][a, 0])
     assert fresh.n_labelled[[fresh.tasks.index[m] for m in engine.tasks.names]].tolist() == engine.n_labelled.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0, 3, 5, 5, 9, 9]), min_size=1, max_size=40), st.integers(0, 45))
+def test_the_least_recently_used_leave_first(used, k):
+    """``TaskTable.least_used``: up to ``k`` rows, none used in this batch, none used later than a row left."""
+    from lifelong.core.tasks import TaskTable
+
+    table = TaskTable(1, (1, 1), torch.device("cpu"), 1000, False)
+    table.add([f"t{i}" for i in range(len(used))], [])
+    table.used[: len(used)], table.batch = used, 9  # rows used in batch 9: this batch's
+    rows = table.least_used(k)
+    idle = {i for i, u in enumerate(used) if u < 9}
+    assert len(set(rows.tolist())) == len(rows) == min(max(k, 0), len(idle)) and set(rows.tolist()) <= idle
+    left = idle - set(rows.tolist())
+    assert not len(rows) or not left or max(used[r] for r in rows) <= min(used[r] for r in left)
