@@ -268,47 +268,35 @@ class KnowledgeBase:
         """The codes of tasks ``rows``, learned in the bases computed at ``at`` (one per row), carried into the
         current basis (directions it lacked get the prior); from a basis no longer kept (or none), the prior;
         codes learned in the current basis as they are. A task's code is carried when it next meets the KB
-        (``KbEntry.carry_codes``), never for every task at a refresh. On the CPU in numpy (a handful of small
-        products: torch's cost per operation made it 0.5 ms a call), elsewhere in torch (``_carried_torch``)."""
-        if self.device.type != "cpu":
-            return self._carried_torch(rows, at)
-        mu, S = self.mu.numpy()[rows.numpy()], self.S.numpy()[rows.numpy()]
-        prior_mu, prior_S = self.prior_mu.numpy(), self.prior_S.numpy()
-        for old in np.unique(at[at != self.basis_at]).tolist():
-            this = at == old
-            if old not in self.bases:
-                mu[this], S[this] = prior_mu, prior_S
-                continue
-            rot = self.B.numpy().T @ self.bases[old].numpy()  # [r_new, r_old]
-            perp = np.eye(len(rot), dtype=rot.dtype) - rot @ rot.T
-            mu[this] = mu[this] @ rot.T + prior_mu @ perp.T
-            S[this] = rot @ S[this] @ rot.T + perp @ prior_S @ perp.T
-        return torch.from_numpy(mu), torch.from_numpy(S)
+        (``KbEntry.carry_codes``), never for every task at a refresh. Every row at once: one rotation per basis
+        the codes were learned in, gathered per row; on the CPU in numpy (torch's cost per operation is several
+        times numpy's on arrays this small), elsewhere in torch."""
+        return self._carry(rows, at, self.device.type == "cpu")
 
-    def _carried_torch(self, rows: torch.Tensor, at: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``carried`` in torch, every row at once (CUDA)."""
-        mu, S = self.mu[rows].clone(), self.S[rows].clone()
+    def _carry(self, rows: torch.Tensor, at: np.ndarray, in_numpy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``carried``, computed in numpy (CPU tensors only) or in torch."""
+        arr: Any = (lambda t: t.numpy()) if in_numpy else (lambda t: t)
+        index: Any = (lambda a: a) if in_numpy else (lambda a: torch.as_tensor(a, device=self.device))
+        at_rows = index(rows.cpu().numpy())
+        mu, S = arr(self.mu)[at_rows], arr(self.S)[at_rows]
+        prior_mu, prior_S = arr(self.prior_mu), arr(self.prior_S)
         stale = at != self.basis_at
         kept = np.array(sorted(self.bases), np.int64)
         j = np.minimum(np.searchsorted(kept, at), len(kept) - 1)
-        has_np = (kept[j] == at) & stale if len(kept) else np.zeros(len(at), bool)
-        has = torch.as_tensor(has_np, device=self.device)
-        lost = torch.as_tensor(stale & ~has_np, device=self.device)
-        mu[lost], S[lost] = self.prior_mu, self.prior_S
-        if has_np.any():
-            # per basis the codes were learned in (few: the last refreshes), then gathered per row
-            used, which = np.unique(j[has_np], return_inverse=True)
-            rot = self.B.T @ torch.stack([self.bases[int(b)] for b in kept[used]])  # [bases, r_new, r_old]
-            eye = torch.eye(self.cfg.basis_rank, dtype=self.dtype, device=self.device)
-            perp = eye - rot @ rot.transpose(1, 2)
-            prior_mu = self.prior_mu @ perp.transpose(1, 2)
-            prior_S = perp @ self.prior_S @ perp.transpose(1, 2)
-            at_row = torch.as_tensor(which, device=self.device)
-            rot = rot[at_row]
-            mu[has] = mu[has] @ rot.transpose(1, 2) + prior_mu[at_row]
-            rot = rot.unsqueeze(1)
-            S[has] = rot @ S[has] @ rot.transpose(2, 3) + prior_S[at_row].unsqueeze(1)
-        return mu, S
+        has = (kept[j] == at) & stale if len(kept) else np.zeros(len(at), bool)
+        lost = index(stale & ~has)
+        mu[lost], S[lost] = prior_mu, prior_S
+        if has.any():
+            used, which = np.unique(j[has], return_inverse=True)
+            old = [arr(self.bases[int(b)]) for b in kept[used]]
+            rot = arr(self.B).mT @ (np.stack(old) if in_numpy else torch.stack(old))  # [bases, r_new, r_old]
+            perp = -(rot @ rot.mT)
+            perp[:, range(perp.shape[1]), range(perp.shape[1])] += 1.0  # I - rot rot'
+            prior_mu, prior_S = prior_mu @ perp.mT, perp @ prior_S @ perp.mT  # per basis, then gathered per row
+            rot, at_row, per_row = rot[index(which)], index(has), index(which)
+            mu[at_row] = mu[at_row] @ rot.mT + prior_mu[per_row]
+            S[at_row] = rot[:, None] @ S[at_row] @ rot[:, None].mT + prior_S[per_row][:, None]
+        return (torch.from_numpy(mu), torch.from_numpy(S)) if in_numpy else (mu, S)
 
     # --- state ---
 
