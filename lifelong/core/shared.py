@@ -121,15 +121,18 @@ def _step(
 
 @numba.njit(cache=True, error_model="numpy")
 def _em(prec: np.ndarray, nat: np.ndarray, sigma: np.ndarray, steps: int, low: float, high: float) -> None:
-    """``SharedLevel.em``: ``sigma`` [C, r] updated in place."""
+    """``SharedLevel.em``: ``sigma`` [C, r] updated in place (1/Σ taken once a step: the inner loop, across Σ's
+    entries, vectorises)."""
     n = prec.shape[0]
     acc = np.empty_like(sigma)
+    inv = np.empty_like(sigma)
     for _ in range(steps):
         acc[:] = 0.0
+        inv[:] = 1.0 / sigma
         for t in range(n):
             for c in range(sigma.shape[0]):
                 for a in range(sigma.shape[1]):
-                    s = 1.0 / (1.0 / sigma[c, a] + prec[t, c, a])
+                    s = 1.0 / (inv[c, a] + prec[t, c, a])
                     d = s * nat[t, c, a]
                     acc[c, a] += d * d + s
         for c in range(sigma.shape[0]):
