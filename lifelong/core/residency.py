@@ -58,11 +58,14 @@ class Residency:
         """Tasks known: resident or in the store."""
         return self.counters["tasks_created"] - self.counters["tasks_dropped"]
 
+    def _full(self, coming: int) -> bool:
+        """Whether ``coming`` more tasks would pass ``max_resident_tasks`` (``admit`` evicts first)."""
+        return self.spills and coming > self.cfg.max_resident_tasks - len(self.tasks)
+
     def hands_over(self, coming: int) -> bool:
         """Whether admitting ``coming`` new tasks may give them rows other tasks held (``admit`` evicts, or rows of
         dropped tasks are set up again)."""
-        n = len(self.tasks)
-        return (self.spills and coming > self.cfg.max_resident_tasks - n) or n < self.tasks.high
+        return self._full(coming) or len(self.tasks) < self.tasks.high
 
     def init_rows(self, first: int) -> None:
         """Learners, codes and mixture tables for tasks ``first ..`` (they meet the KB in ``KbEntry.meet``)."""
@@ -132,7 +135,7 @@ class Residency:
             raise StateError(f"engine.max_tasks ({self.cfg.max_tasks}) reached; task {new[max(0, room)]!r} refused")
         coming = len(back) + len(new)
         free: list[int] = []
-        if evict and self.spills and coming > self.cfg.max_resident_tasks - len(self.tasks):
+        if evict and self._full(coming):
             self.tasks.used[self.tasks.rows([n for n in wanted if n in index])] = self.tasks.batch
             free = self._evict(min(coming, coming - (self.cfg.max_resident_tasks - len(self.tasks))))
         first = len(self.tasks)
