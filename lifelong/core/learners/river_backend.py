@@ -132,5 +132,7 @@ def _pickled(obj: Any) -> torch.Tensor:
 
 
 def _unpickled(data: torch.Tensor) -> Any:
-    # Local checkpoint files only: written 0600 and checksummed by this process, never from the network.
+    # Local checkpoint files only, never bytes from the network: ``checkpoint.read`` checks the checksum and refuses
+    # a file holding pickles that is not this user's or is writable by others, and records from other replicas
+    # are refused for this backend before decoding (``wire.check_shareable``); it keeps no task store.
     return pickle.loads(data.numpy().tobytes())  # noqa: S301
