@@ -26,6 +26,8 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from numba.core import types
+from numba.experimental import structref
 
 from lifelong.core.engine import Engine
 from lifelong.core.features import _standardise
@@ -87,6 +89,34 @@ def _finish(raw: np.ndarray, task: int, lo: float, hi: float, out: np.ndarray) -
     _safe(out, task, lo, hi)
 
 
+@structref.register
+class _ViewsType(types.StructRef):
+    def preprocess_fields(self, fields: Any) -> tuple[tuple[str, Any], ...]:
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)  # type: ignore[no-untyped-call]
+
+
+class Views(structref.StructRefProxy):
+    """``_one``'s arguments after the event's, in one object: views of the engine's arrays (those with a row per task
+    first, ``PER_TASK``), then its settings. One argument, not 31: a compiled call pays for each argument it is
+    given (its type checked, an array wrapped), ~2 µs for 31 of them, twice an event."""
+
+
+FIELDS = (
+    *("mu", "S", "code_mu", "code_S", "me_prec", "me_nat", "L_kb", "in_kb", "L_top", "in_top", "stats", "counts"),
+    *("feat", "B", "W", "b", "w", "w_S", "sigma", "log_prior", "top_prior"),
+    *("task", "code", "basis_on", "shared_on", "eta_fixed", "m_kb", "lo", "hi", "pred", "kept"),
+)
+PER_TASK = 12  # the first of ``FIELDS``: arrays with a row per task
+structref.define_proxy(Views, _ViewsType, list(FIELDS))  # type: ignore[no-untyped-call]
+
+
+@numba.njit(cache=True)
+def _pack(*fields: Any) -> Any:
+    """``Views`` of ``FIELDS``, built by compiled code that numba caches on disk (``Views(...)`` would compile its
+    constructor in every process)."""
+    return Views(*fields)  # type: ignore[no-untyped-call]
+
+
 PREDICT, LEARN, LEARN_KEPT = 0, 1, 2  # ``_one``'s modes: predict; predict then learn; learn what PREDICT kept
 
 
@@ -97,50 +127,19 @@ def kept_size(d: int, n_out: int, k: int, n_top: int, n_kb: int, n_pred: int) ->
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _one(
-    t: int,
-    c: int,
-    x_raw: np.ndarray,
-    y: float,
-    mode: int,
-    mu: np.ndarray,
-    S: np.ndarray,
-    code_mu: np.ndarray,
-    code_S: np.ndarray,
-    me_prec: np.ndarray,
-    me_nat: np.ndarray,
-    L_kb: np.ndarray,
-    in_kb: np.ndarray,
-    L_top: np.ndarray,
-    in_top: np.ndarray,
-    stats: np.ndarray,
-    counts: np.ndarray,
-    feat: np.ndarray,
-    B: np.ndarray,
-    W: np.ndarray,
-    b: np.ndarray,
-    w: np.ndarray,
-    w_S: np.ndarray,
-    sigma: np.ndarray,
-    log_prior: np.ndarray,
-    top_prior: np.ndarray,
-    task: int,
-    code: int,
-    basis_on: bool,
-    shared_on: bool,
-    eta_fixed: float,
-    m_kb: float,
-    lo: float,
-    hi: float,
-    pred: np.ndarray,
-    kept: np.ndarray,
-) -> int:
-    """One event of task row ``t`` (its code: row ``c`` of ``code_mu``, ``code_S``; features ``x_raw``; label ``y``):
+def _one(t: int, c: int, x_raw: np.ndarray, y: float, mode: int, v: Any) -> int:
+    """One event of task row ``t`` (its code: row ``c`` of ``code_mu``, ``code_S``; features ``x_raw``; label ``y``;
+    the rest: ``v``, ``Views``):
     ``Engine._segment`` for a segment of one event (``LEARN``), its prediction into ``pred``; ``PREDICT``:
     ``Engine.predict`` (nothing moves); ``LEARN_KEPT``: the learning ``LEARN`` does after the prediction, from
     what the last ``PREDICT`` of the same event and state left in ``kept`` (``kept_size`` floats). Learning moves
     the standardiser, the learners and the mixtures. Returns ``LEARNER_BAD`` | ``CODE_BAD`` for a learner or
     code left holding a non-finite value (``Engine._guard``), else 0."""
+    mu, S, code_mu, code_S, me_prec, me_nat = v.mu, v.S, v.code_mu, v.code_S, v.me_prec, v.me_nat
+    L_kb, in_kb, L_top, in_top, stats, counts, feat = v.L_kb, v.in_kb, v.L_top, v.in_top, v.stats, v.counts, v.feat
+    B, W, b, w, w_S, sigma, log_prior, top_prior = v.B, v.W, v.b, v.w, v.w_S, v.sigma, v.log_prior, v.top_prior
+    task, code, basis_on, shared_on, eta_fixed, m_kb = v.task, v.code, v.basis_on, v.shared_on, v.eta_fixed, v.m_kb
+    lo, hi, pred, kept = v.lo, v.hi, v.pred, v.kept
     d, n_pred, n_out, k = x_raw.shape[0], pred.shape[0], mu.shape[1], B.shape[1]
     n_top, n_kb = len(top_prior), W.shape[1] // n_out
     # what the prediction keeps for the learning, carved from ``kept``
@@ -232,9 +231,6 @@ def _one(
     return bad
 
 
-PER_TASK = 12  # the first arguments of ``_one`` after the event's: arrays with a row per task
-
-
 class OneEvent:
     """The single-event path of one engine. ``learn`` and ``predict`` return None where the event needs the
     engine's general path; ``stale`` must be called before anything other than this path uses the engine (its
@@ -252,7 +248,8 @@ class OneEvent:
         self.learners = typing.cast(TorchLearners, engine.learners)  # ``compiled``: EKF learners in torch
         self.every, self.at = cfg.snapshot_every, frozenset(cfg.snapshot_at)
         self.pred = np.empty(engine.n_pred)
-        self.views: tuple[Any, ...] | None = None
+        self.views: tuple[Any, ...] | None = None  # ``FIELDS``, and the same as ``Views`` (``packed``)
+        self.packed: Views | None = None
         self.kb_seen = self.code_at = np.zeros(0, np.int64)  # views of the task table's columns (``_views``)
         self.counted: tuple[np.ndarray, np.ndarray] = (self.kb_seen, self.kb_seen)  # likewise
         self.since: np.ndarray | None = None  # the KB's entry log (``KbEntry.meet``'s ``since``), per publication
@@ -268,14 +265,21 @@ class OneEvent:
         unbound = np.zeros(0, np.int64)
         return {
             **self.__dict__,
-            **{"views": None, "kb_seen": unbound, "code_at": unbound, "counted": (unbound, unbound), "kept_for": None},
+            **{
+                "views": None,
+                "packed": None,
+                "kb_seen": unbound,
+                "code_at": unbound,
+                "counted": (unbound, unbound),
+                "kept_for": None,
+            },
         }
 
     def stale(self) -> None:
         """Due before anything other than this path uses the engine: the rows learned here go to ``Recent``, and
         the engine's arrays are read again at the next event."""
         self.flush()
-        self.views = self.carried = self.kept_for = self.fresh = None
+        self.views = self.packed = self.carried = self.kept_for = self.fresh = None
 
     def flush(self) -> None:
         """Hand the rows learned here to the engine's ``Recent`` as they are now (it keeps a task's latest row):
@@ -285,14 +289,19 @@ class OneEvent:
             self.engine.recent.add(list(self.touched.values()), self.engine.tasks.cols, rows)
             self.touched = {}
 
-    def _views(self) -> tuple[Any, ...]:
-        """``_one``'s arguments after the event's: views of the engine's arrays, then its settings."""
+    def _use(self, views: tuple[Any, ...]) -> Views:
+        """``views`` (``FIELDS``) from now on; as ``Views``."""
+        self.views, self.packed = views, _pack(*views)
+        return self.packed
+
+    def _views(self) -> Views:
+        """``_one``'s arguments after the event's, read again: views of the engine's arrays, then its settings."""
         eng = self.engine
         kb, shared, cfg, mix = eng.kb, eng.shared, eng.cfg, eng.mixtures
         none = np.zeros((1, 1, 1))
         prior = mix.kb_log_prior()
         self.kept_for = self.since = None
-        self.views = (
+        views = (
             *self._task_arrays(),
             eng.features.stats,
             kb.B.numpy(),
@@ -317,10 +326,10 @@ class OneEvent:
                 )
             ),
         )
-        return self.views
+        return self._use(views)
 
     def _task_arrays(self) -> tuple[np.ndarray, ...]:
-        """The first ``PER_TASK`` of ``_one``'s arguments: views of the arrays with a row per task."""
+        """The first ``PER_TASK`` of ``FIELDS``: views of the arrays with a row per task."""
         eng = self.engine
         cols, kb = eng.tasks.cols, eng.kb
         self.kb_seen, self.code_at = cols["kb_seen"].numpy(), cols["code_at"].numpy()
@@ -373,24 +382,23 @@ class OneEvent:
         t = eng.tasks.index.get(task)
         if not self.able or (t is None and eng.residency.store is not None):  # it may be in the store
             return None
-        views = self.views or self._views()
+        packed = self.packed or self._views()
+        views = typing.cast(tuple[Any, ...], self.views)
         self.kept_for = None  # ``kept`` is written over
         if t is None:  # a new task's rows: the same for every task not a KB member's source, until the KB moves
             if task in eng.kb.slot_of:
                 new = self._new(task)
             else:
                 new = self.fresh = self.fresh or self._new(task)
-            rows: tuple[Any, ...] = (*new, *views[PER_TASK:])
-            _one(0, 0, x, 0.0, PREDICT, *rows)
+            _one(0, 0, x, 0.0, PREDICT, _pack(*new, *views[PER_TASK:]))
             return self.pred
         self._meet(t, task, views)
         if self.code_at[t] == eng.kb.basis_at:
-            _one(t, t, x, 0.0, PREDICT, *views)
+            _one(t, t, x, 0.0, PREDICT, packed)
             self.kept_for = (t, x)  # for ``learn`` of the same event, if it comes next
         else:
             code = self._code(t)
-            rows = (*views[:2], code[0][None], code[1][None], *views[4:])
-            _one(t, 0, x, 0.0, PREDICT, *rows)
+            _one(t, 0, x, 0.0, PREDICT, _pack(*views[:2], code[0][None], code[1][None], *views[4:]))
         return self.pred
 
     def _new(self, task: str) -> list[np.ndarray]:
@@ -422,15 +430,17 @@ class OneEvent:
             t = tasks.index[task]
             self.carried = None
             if self.views is not None and self._grown(self.views):  # its arrays are read again
-                self.views = (*self._task_arrays(), *self.views[PER_TASK:])
-        views = self.views or self._views()
-        self._meet(t, task, views)
-        if self.code_at[t] != eng.kb.basis_at:  # ``KbEntry.carry_codes``
-            views[2][t], views[3][t] = self._code(t)
-            self.code_at[t] = eng.kb.basis_at
+                self._use((*self._task_arrays(), *self.views[PER_TASK:]))
+        packed = self.packed or self._views()
+        views = typing.cast(tuple[Any, ...], self.views)
         kept = self.kept_for is not None and self.kept_for[0] == t and self.kept_for[1] is x
         self.kept_for = None
-        bad = _one(t, t, x, float(y), LEARN_KEPT if kept else LEARN, *views)
+        if not kept:  # (else ``predict`` of this event met the KB and found the code current: nothing moved since)
+            self._meet(t, task, views)
+            if self.code_at[t] != eng.kb.basis_at:  # ``KbEntry.carry_codes``
+                views[2][t], views[3][t] = self._code(t)
+                self.code_at[t] = eng.kb.basis_at
+        bad = _one(t, t, x, float(y), LEARN_KEPT if kept else LEARN, packed)
         clock.seen[clock.column[0]] = time.time()
         tasks.used[t], tasks.dirty[t] = tasks.batch, True
         counters = eng.counters
@@ -450,10 +460,10 @@ class OneEvent:
         if eng.events_seen == eng.next_estimate:
             self.flush()
             eng._estimate()
-            self.views = self.fresh = None
+            self.views = self.packed = self.fresh = None
         if eng.events_seen % eng.cfg.publish_every == 0:
             eng._publish()
-            self.views = self.fresh = None
+            self.views = self.packed = self.fresh = None
         self.taken += 1
         return self.pred
 
