@@ -3,7 +3,9 @@ date, machine, commit and command of its run, what it measures (the script's own
 
     python bench/report.py [--results bench/results] [--out docs/benchmarks.md]
 
-Each benchmark script writes ``bench/results/<name>.json`` (``record.save``); run the scripts, then this.
+Each benchmark script writes ``bench/results/<name>.json`` (``record.save``); run the scripts, then this. A
+section whose JSON is not in ``--results`` (a script not run in this checkout: the results folder is not
+committed) stays as the page had it, so running one script and the report updates that section alone.
 """
 
 from __future__ import annotations
@@ -79,13 +81,31 @@ def about(name: str) -> str:
     return (doc or "").split("\n\n")[0].replace("\n", " ")
 
 
+def sections(text: str) -> dict[str, list[str]]:
+    """The ``## name`` sections of a page this script wrote, by name (each with its trailing blank line)."""
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            name = line[3:].strip()
+            out[name] = []
+        if name is not None:
+            out[name].append(line)
+    for lines in out.values():
+        if lines[-1]:
+            lines.append("")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
     found = {p.stem: p for p in Path(args.results).glob("*.json")}
-    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    page = Path(args.out)
+    kept = {n: s for n, s in sections(page.read_text()).items() if n not in found} if page.exists() else {}
+    names = [n for n in ORDER if n in found or n in kept] + sorted(n for n in {*found, *kept} if n not in ORDER)
     lines = [
         "# Benchmarks",
         "",
@@ -94,18 +114,21 @@ def main() -> int:
         "different machines, commits or hours are not comparable: each section says where and when it ran.",
         "",
     ]
-    missing = [n for n in ORDER if n not in found]
+    missing = [n for n in ORDER if n not in found and n not in kept]
     if missing:
         lines += ["Not run for this page: " + ", ".join(f"`bench/{n}.py`" for n in missing) + ".", ""]
     for name in names:
+        if name in kept:
+            lines += kept[name]
+            continue
         data = json.loads(found[name].read_text())
         meta, results = data.get("meta", {}), data.get("results", data)
         lines += [f"## {name}", "", about(name), ""]
         lines += [f"`{meta.get('command', '?')}` — {meta.get('date', '?')}, commit {meta.get('commit', '?')},"]
         lines += [f"{meta.get('machine', '?')}.", ""]
         lines += render(results)
-    Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {args.out} ({len(names)} benchmarks)")
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.out} ({len(found)} benchmarks from {args.results}, {len(kept)} sections kept as they were)")
     return 0
 
 

@@ -26,7 +26,8 @@ def test_gpu_bench_runs_small_on_cpu(tmp_path):
 
 
 def test_the_report_renders_what_a_benchmark_wrote(tmp_path):
-    """``bench/report.py`` turns a script's JSON into a page with the run's commit and command and its figures."""
+    """``bench/report.py`` turns a script's JSON into a page with the run's commit and command and its figures;
+    a section whose script has no JSON here stays as the page had it."""
     subprocess.run(
         [sys.executable, "bench/gpu.py", "--tasks", "20", "--events", "1000", "--batch", "256", "--out", str(tmp_path)],
         cwd=ROOT,
@@ -35,6 +36,7 @@ def test_the_report_renders_what_a_benchmark_wrote(tmp_path):
         check=True,
     )
     page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\n## accuracy\n\nan earlier run's table\n\n## gpu\n\na stale gpu table\n")
     subprocess.run(
         [sys.executable, "bench/report.py", "--results", str(tmp_path), "--out", str(page)],
         cwd=ROOT,
@@ -46,7 +48,9 @@ def test_the_report_renders_what_a_benchmark_wrote(tmp_path):
     assert "## gpu" in text and data["meta"]["commit"] in text and "bench/gpu.py --tasks 20" in text
     row = next(line for line in text.splitlines() if line.startswith("| cpu"))
     assert f"{data['results']['rows'][0]['events_per_s']:,.0f}" in row
-    assert "Not run for this page: `bench/accuracy.py`" in text
+    assert "an earlier run's table" in text and "stale" not in text  # accuracy kept, gpu rendered afresh
+    assert text.index("## accuracy") < text.index("## gpu")  # in the page's order
+    assert "Not run for this page: `bench/real.py`" in text
 
 
 def test_real_data_over_shuffles_judges_the_means(tmp_path):
