@@ -97,14 +97,14 @@ class _ViewsType(types.StructRef):
 
 class Views(structref.StructRefProxy):
     """``_one``'s arguments after the event's, in one object: views of the engine's arrays (those with a row per task
-    first, ``PER_TASK``), then its settings. One argument, not 31: a compiled call pays for each argument it is
-    given (its type checked, an array wrapped), ~2 µs for 31 of them, twice an event."""
+    first, ``PER_TASK``), its settings, then ``_one``'s own arrays (``room``). One argument, not 32: a compiled call
+    pays for each argument it is given (its type checked, an array wrapped), ~2 µs for 31 of them, twice an event."""
 
 
 FIELDS = (
     *("mu", "S", "code_mu", "code_S", "me_prec", "me_nat", "L_kb", "in_kb", "L_top", "in_top", "stats", "counts"),
     *("feat", "B", "W", "b", "w", "w_S", "sigma", "log_prior", "top_prior"),
-    *("task", "code", "basis_on", "shared_on", "eta_fixed", "m_kb", "lo", "hi", "pred", "kept"),
+    *("task", "code", "basis_on", "shared_on", "eta_fixed", "m_kb", "lo", "hi", "pred", "kept", "work"),
 )
 PER_TASK = 12  # the first of ``FIELDS``: arrays with a row per task
 structref.define_proxy(Views, _ViewsType, list(FIELDS))  # type: ignore[no-untyped-call]
@@ -120,10 +120,22 @@ def _pack(*fields: Any) -> Any:
 PREDICT, LEARN, LEARN_KEPT = 0, 1, 2  # ``_one``'s modes: predict; predict then learn; learn what PREDICT kept
 
 
-def kept_size(d: int, n_out: int, k: int, n_top: int, n_kb: int, n_pred: int) -> int:
-    """The floats ``_one`` keeps of a prediction for the event's learning (``kept``; ``d`` features, a basis of
-    ``k``, ``n_kb`` KB members)."""
-    return (d + 1) * (1 + 4 * n_out) + k * (1 + n_out) + 8 * n_out + n_pred * (n_top + n_kb + 2)
+def room(d: int, n_out: int, k: int, n_top: int, n_kb: int, n_pred: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """``_one``'s arrays, made once (``d`` features, a basis of ``k``, ``n_kb`` KB members), not at every call (a
+    call's small allocations cost ~1 µs): ``kept``, what ``PREDICT`` keeps of its forward pass for the event's
+    learning (``LEARN_KEPT``), and ``work``, room for the rest (in the order ``_one`` names them)."""
+    e, i, r, n_mix = np.empty, np.int64, d + 1, min(KB_TOP, 1 + n_kb)
+    kept = (
+        *(e((1, r)), e((n_out, r)), e((3, n_out, r)), e((1, k)), e((n_out, k))),  # inputs and S z of each learner
+        *(e((1, 2 * n_out)), e((1, 2 * n_out)), e((4, n_out))),  # their means and variances
+        *(e((1, n_top, n_pred)), e((1, 1 + n_kb, n_pred)), e((1, n_pred))),  # experts' and mixture's predictions
+    )
+    work = (
+        *(e(1), e(1, i), e(1, i), e(1, i), np.full(1, -1), np.zeros(1, np.bool_), np.ones(1, np.bool_)),
+        *(e((1, n_out, r)), e((3, 1, n_pred)), e(1), e((1, n_mix), i), e((1, n_mix)), e((1, 3)), e((1, 3))),
+        *(np.zeros(1, i), e(1), e(n_kb * n_out), e((1, 2, n_out)), e((1, d))),
+    )
+    return kept, work
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -132,49 +144,28 @@ def _one(t: int, c: int, x_raw: np.ndarray, y: float, mode: int, v: Any) -> int:
     the rest: ``v``, ``Views``):
     ``Engine._segment`` for a segment of one event (``LEARN``), its prediction into ``pred``; ``PREDICT``:
     ``Engine.predict`` (nothing moves); ``LEARN_KEPT``: the learning ``LEARN`` does after the prediction, from
-    what the last ``PREDICT`` of the same event and state left in ``kept`` (``kept_size`` floats). Learning moves
+    what the last ``PREDICT`` of the same event and state left in ``kept`` (``room``). Learning moves
     the standardiser, the learners and the mixtures. Returns ``LEARNER_BAD`` | ``CODE_BAD`` for a learner or
     code left holding a non-finite value (``Engine._guard``), else 0."""
     mu, S, code_mu, code_S, me_prec, me_nat = v.mu, v.S, v.code_mu, v.code_S, v.me_prec, v.me_nat
     L_kb, in_kb, L_top, in_top, stats, counts, feat = v.L_kb, v.in_kb, v.L_top, v.in_top, v.stats, v.counts, v.feat
     B, W, b, w, w_S, sigma, log_prior, top_prior = v.B, v.W, v.b, v.w, v.w_S, v.sigma, v.log_prior, v.top_prior
     task, code, basis_on, shared_on, eta_fixed, m_kb = v.task, v.code, v.basis_on, v.shared_on, v.eta_fixed, v.m_kb
-    lo, hi, pred, kept = v.lo, v.hi, v.pred, v.kept
-    d, n_pred, n_out, k = x_raw.shape[0], pred.shape[0], mu.shape[1], B.shape[1]
-    n_top, n_kb = len(top_prior), W.shape[1] // n_out
-    # what the prediction keeps for the learning, carved from ``kept``
-    at, r = 0, d + 1
-    x1 = kept[at : at + r].reshape((1, r))
-    at += r
-    l_sz = kept[at : at + n_out * r].reshape((n_out, r))  # the learner's S z
-    s_sz = kept[at + n_out * r : at + 4 * n_out * r].reshape((3, n_out, r))  # the shared level's (``shared._step``)
-    at += 4 * n_out * r
-    z = kept[at : at + k].reshape((1, k))
-    c_sz = kept[at + k : at + k + n_out * k].reshape((n_out, k))
-    at += k * (1 + n_out)
-    l_mv = kept[at : at + 2 * n_out].reshape((1, 2 * n_out))  # the learner's mean and variance per output
-    c_mv = kept[at + 2 * n_out : at + 4 * n_out].reshape((1, 2 * n_out))  # the code's
-    s_m = kept[at + 4 * n_out : at + 8 * n_out].reshape((4, n_out))
-    at += 8 * n_out
-    top = kept[at : at + n_top * n_pred].reshape((1, n_top, n_pred))
-    at += n_top * n_pred
-    kb_x = kept[at : at + (1 + n_kb) * n_pred].reshape((1, 1 + n_kb, n_pred))
-    at += (1 + n_kb) * n_pred
-    said = kept[at : at + n_pred].reshape((1, n_pred))
-
-    target = np.full(1, (y - lo) / (hi - lo) if task == 2 else y)
-    tasks, codes, n_before, no_snap = np.full(1, t), np.full(1, c), np.full(1, counts[t]), np.full(1, -1)
-    not_yet, learns, snaps = np.zeros(1, np.bool_), np.ones(1, np.bool_), np.empty((1, n_out, r))
-    mix_k = min(KB_TOP, 1 + n_kb)
-    preds = np.empty((3, 1, n_pred))
-    mixed = (np.empty(1), np.empty((1, mix_k), np.int64), np.empty((1, mix_k)), np.empty((1, 3)), np.empty((1, 3)))
+    lo, hi, pred = v.lo, v.hi, v.pred
+    d, n_out, k, n_top = x_raw.shape[0], mu.shape[1], B.shape[1], len(top_prior)
+    r = d + 1
+    # what the prediction keeps for the learning (``room``): inputs, S z and outputs of each learner, predictions
+    x1, l_sz, s_sz, z, c_sz, l_mv, c_mv, s_m, top, kb_x, said = v.kept
+    target, tasks, codes, n_before, no_snap, not_yet, learns, snaps, preds, w_local, kb_slots = v.work[:11]
+    kb_weights, errors, losses, zero, y_, logits, out, raw = v.work[11:]
+    target[0] = (y - lo) / (hi - lo) if task == 2 else y
+    tasks[0], codes[0], n_before[0], y_[0] = t, c, counts[t], y
     # ``mix_events``'s arguments after the event's flags (one event, whose prediction is stored in and learned
     # from ``top``, ``kb_x``, ``said``)
-    zero = np.zeros(1, np.int64)
     mixing = (
-        *(no_snap, n_before, np.full(1, y), top, kb_x, zero, kb_x, top, said, L_kb, in_kb, L_top, in_top),
+        *(no_snap, n_before, y_, top, kb_x, zero, kb_x, top, said, L_kb, in_kb, L_top, in_top),
         *(stats, log_prior, top_prior, code, task == 2, eta_fixed, m_kb, lo, hi, EARLY_N, preds[0], preds[1]),
-        *(preds[2], *mixed),
+        *(preds[2], w_local, kb_slots, kb_weights, errors, losses),
     )
     if mode != LEARN_KEPT:
         x1[0, :d] = x_raw
@@ -190,16 +181,15 @@ def _one(t: int, c: int, x_raw: np.ndarray, y: float, mode: int, v: Any) -> int:
                     z[0, j] += x1[0, a] * B[a, j]
             _sequence(code_mu, code_S, codes, z, target, not_yet, task, c_mv, no_snap, snaps, c_sz)
             _finish(c_mv[0], task, lo, hi, kb_x[0, 0])
-        logits = b.copy()  # every member's logits [K * C]: W is [d, K * C], so the inner loop runs along a row
+        logits[:] = b  # every member's logits [K * C]: W is [d, K * C], so the inner loop runs along a row
         for j in range(d):
             xj = x1[0, j]
             for m in range(len(logits)):
                 logits[m] += xj * W[j, m]
-        _to_pred(logits.reshape((n_kb, n_out)), task, lo, hi, kb_x[0, 1:])
+        _to_pred(logits.reshape((-1, n_out)), task, lo, hi, kb_x[0, 1:])
         for m in range(1, n_top):
             top[0, m] = top[0, 0]
         if shared_on:
-            out = np.empty((1, 2, n_out))
             _step(w, w_S, me_prec, me_nat, sigma, tasks, x1, target, not_yet, task, out, s_sz, s_m)
             _to_pred(out[0], task, lo, hi, top[0, 2:4])
             for e in range(2):
@@ -211,16 +201,13 @@ def _one(t: int, c: int, x_raw: np.ndarray, y: float, mode: int, v: Any) -> int:
             top[0, 1] = top[0, 0]
     if mode == PREDICT:
         return 0
-    raw = np.empty((1, d))
     raw[0] = x_raw
     _standardise(feat, raw, True)
     _sequence(mu, S, tasks, x1, target, learns, task, l_mv, no_snap, snaps, l_sz, False)
     if basis_on:
         _sequence(code_mu, code_S, codes, z, target, learns, task, c_mv, no_snap, snaps, c_sz, False)
     if shared_on:
-        _step(
-            w, w_S, me_prec, me_nat, sigma, tasks, x1, target, learns, task, np.empty((1, 2, n_out)), s_sz, s_m, False
-        )
+        _step(w, w_S, me_prec, me_nat, sigma, tasks, x1, target, learns, task, out, s_sz, s_m, False)
     bad = 0
     if not (_finite(mu[t]) and _finite(S[t])):
         bad |= LEARNER_BAD
@@ -320,11 +307,7 @@ class OneEvent:
             float(mix.kb_mix.hedge_m),
             *cfg.target_range,
             self.pred,
-            np.empty(
-                kept_size(
-                    cfg.dim, self.learners.n_out, kb.B.shape[1], len(mix.top_log_prior()), kb.capacity, eng.n_pred
-                )
-            ),
+            *room(cfg.dim, self.learners.n_out, kb.B.shape[1], len(mix.top_log_prior()), kb.capacity, eng.n_pred),
         )
         return self._use(views)
 
