@@ -92,6 +92,7 @@ def test_a_pickled_model_goes_on_as_the_original():
     model = LifelongRegressor(dim=16, target_range=(0.0, 1.0))
     for x, y in rows[:200]:
         model.learn_one(x, float(y))
+    model.predict_one({**rows[0][0], "task": "not seen yet"})  # a new task's rows, kept for the next one
     copy = pickle.loads(pickle.dumps(model))  # noqa: S301 (our own bytes)
     for x, y in rows[200:]:
         assert copy.predict_one(x) == model.predict_one(x)

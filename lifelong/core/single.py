@@ -241,7 +241,7 @@ class OneEvent:
         self.counted: tuple[np.ndarray, np.ndarray] = (self.kb_seen, self.kb_seen)  # likewise
         self.since: np.ndarray | None = None  # the KB's entry log (``KbEntry.meet``'s ``since``), per publication
         self.touched: dict[int, str] = {}  # rows learned here and not yet handed to ``Recent`` (``flush``)
-        self.fresh: list[np.ndarray] | None = None  # a new task's rows (``_new``), until the views are read again
+        self.fresh: Views | None = None  # with a new task's rows (``_new``), until the views are read again
         # the last code carried by ``predict``: (row, basis it was in, basis it is in now, code, covariance)
         self.carried: tuple[int, int, int, np.ndarray, np.ndarray] | None = None
         self.taken = 0  # events learned by this path
@@ -255,6 +255,7 @@ class OneEvent:
             **{
                 "views": None,
                 "packed": None,
+                "fresh": None,
                 "kb_seen": unbound,
                 "code_at": unbound,
                 "counted": (unbound, unbound),
@@ -370,10 +371,10 @@ class OneEvent:
         self.kept_for = None  # ``kept`` is written over
         if t is None:  # a new task's rows: the same for every task not a KB member's source, until the KB moves
             if task in eng.kb.slot_of:
-                new = self._new(task)
+                new = _pack(*self._new(task), *views[PER_TASK:])
             else:
-                new = self.fresh = self.fresh or self._new(task)
-            _one(0, 0, x, 0.0, PREDICT, _pack(*new, *views[PER_TASK:]))
+                new = self.fresh = self.fresh or _pack(*self._new(task), *views[PER_TASK:])
+            _one(0, 0, x, 0.0, PREDICT, new)
             return self.pred
         self._meet(t, task, views)
         if self.code_at[t] == eng.kb.basis_at:
