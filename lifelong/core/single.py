@@ -97,8 +97,8 @@ class _ViewsType(types.StructRef):
 
 class Views(structref.StructRefProxy):
     """``_one``'s arguments after the event's, in one object: views of the engine's arrays (those with a row per task
-    first, ``PER_TASK``), its settings, then ``_one``'s own arrays (``room``). One argument, not 32: a compiled call
-    pays for each argument it is given (its type checked, an array wrapped), ~2 µs for 31 of them, twice an event."""
+    first, ``PER_TASK``), its settings, then ``_one``'s own arrays (``room``). One argument in place of 31: a compiled
+    call pays for each argument it is given (its type checked, an array wrapped), ~2 µs for 31, twice an event."""
 
 
 FIELDS = (
@@ -131,7 +131,7 @@ def room(d: int, n_out: int, k: int, n_top: int, n_kb: int, n_pred: int) -> tupl
         *(e((1, n_top, n_pred)), e((1, 1 + n_kb, n_pred)), e((1, n_pred))),  # experts' and mixture's predictions
     )
     work = (
-        *(e(1), e(1, i), e(1, i), e(1, i), np.full(1, -1), np.zeros(1, np.bool_), np.ones(1, np.bool_)),
+        *(e(1), e(1, i), e(1, i), e(1, i), np.full(1, -1, i), np.zeros(1, np.bool_), np.ones(1, np.bool_)),
         *(e((1, n_out, r)), e((3, 1, n_pred)), e(1), e((1, n_mix), i), e((1, n_mix)), e((1, 3)), e((1, 3))),
         *(np.zeros(1, i), e(1), e(n_kb * n_out), e((1, 2, n_out)), e((1, d))),
     )
