@@ -1,7 +1,7 @@
 """The River estimators at River's speed? ``LifelongClassifier(by="task")`` against River's ``LogisticRegression``
 per task, both in ``river.evaluate.progressive_val_score`` on the same stream, side by side in one run.
 
-    python bench/river_speed.py [--events 100000] [--repeat 3] [--chunk 5000] [--streams 'random blocks,many short tasks']
+    python bench/river_speed.py [--events 100000] [--repeat 3] [--chunk 5000] [--streams 'random blocks,...']
 
 (Not ``river.py``: a script of that name would shadow the ``river`` package it imports.)
 
