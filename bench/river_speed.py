@@ -63,15 +63,9 @@ class PerTask(base.Classifier):
         self._model(x).learn_one({k: v for k, v in x.items() if k != "task"}, y)
 
 
-def progressive(model: Any, stream: list[tuple[dict[str, Any], bool]]) -> tuple[float, float]:
-    """River's ``progressive_val_score`` loop (predict, then learn): (events/s, error)."""
-    t0 = time.perf_counter()
-    accuracy = evaluate.progressive_val_score(stream, model, metrics.Accuracy())
-    return len(stream) / (time.perf_counter() - t0), 1.0 - accuracy.get()
-
-
 def side_by_side(models: list[Any], stream: list[tuple[dict[str, Any], bool]], chunk: int) -> list[tuple[float, float]]:
-    """``progressive`` of each model, the models taking turns chunk by chunk: (events/s, error) of each."""
+    """River's ``progressive_val_score`` loop (predict, then learn) of each model, the models taking turns chunk by
+    chunk: (events/s, error) of each."""
     seconds, accuracy = [0.0] * len(models), [metrics.Accuracy() for _ in models]
     for start in range(0, len(stream), chunk):
         for i, model in enumerate(models):
@@ -137,7 +131,7 @@ def main() -> int:
     if unknown := set(names) - set(STREAMS):
         ap.error(f"unknown streams {sorted(unknown)}; known: {', '.join(STREAMS)}")
     t0 = time.perf_counter()  # the kernels compile on the first run after an install (then load from the cache)
-    progressive(LifelongClassifier(by="task"), as_river(STREAMS["random blocks"](1000)))
+    side_by_side([LifelongClassifier(by="task")], as_river(STREAMS["random blocks"](1000)), 1000)
     warmup_s = time.perf_counter() - t0
     results = [{"stream": name, **measure(STREAMS[name](args.events), args.repeat, args.chunk)} for name in names]
     print(
