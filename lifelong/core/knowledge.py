@@ -290,8 +290,7 @@ class KnowledgeBase:
             used, which = np.unique(j[has], return_inverse=True)
             old = [arr(self.bases[int(b)]) for b in kept[used]]
             rot = arr(self.B).mT @ (np.stack(old) if in_numpy else torch.stack(old))  # [bases, r_new, r_old]
-            perp = -(rot @ rot.mT)
-            perp[:, range(perp.shape[1]), range(perp.shape[1])] += 1.0  # I - rot rot'
+            perp = arr(torch.eye(rot.shape[1], dtype=self.dtype, device=self.device)) - rot @ rot.mT
             prior_mu, prior_S = prior_mu @ perp.mT, perp @ prior_S @ perp.mT  # per basis, then gathered per row
             rot, at_row, per_row = rot[index(which)], index(has), index(which)
             mu[at_row] = mu[at_row] @ rot.mT + prior_mu[per_row]
