@@ -80,6 +80,7 @@ class KnowledgeBase:
         self.B = torch.zeros(dim + 1, r, dtype=self.dtype, device=device)
         self.prior_mu = torch.zeros(c, r, dtype=self.dtype, device=device)
         self.prior_S = torch.eye(r, dtype=self.dtype, device=device)
+        self.turns: tuple[torch.Tensor, dict[tuple[int, bool], Any]] = (self.B, {})  # ``turn``'s, for this ``B``
         self.mu = torch.zeros(0, c, r, dtype=self.dtype, device=device)  # codes of tasks 0 .. _n - 1
         self.task_S: torch.Tensor | None = None  # the covariance new tasks' learners start from (``_task_prior``)
         self.S = torch.zeros(0, c, r, r, dtype=self.dtype, device=device)
@@ -288,14 +289,26 @@ class KnowledgeBase:
         mu[lost], S[lost] = prior_mu, prior_S
         if has.any():
             used, which = np.unique(j[has], return_inverse=True)
-            old = [arr(self.bases[int(b)]) for b in kept[used]]
-            rot = arr(self.B).mT @ (np.stack(old) if in_numpy else torch.stack(old))  # [bases, r_new, r_old]
-            perp = arr(torch.eye(rot.shape[1], dtype=self.dtype, device=self.device)) - rot @ rot.mT
-            prior_mu, prior_S = prior_mu @ perp.mT, perp @ prior_S @ perp.mT  # per basis, then gathered per row
-            rot, at_row, per_row = rot[index(which)], index(has), index(which)
+            turns = zip(*(self.turn(int(b), in_numpy) for b in kept[used]), strict=True)
+            rot, prior_mu, prior_S = (np.stack(t) if in_numpy else torch.stack(t) for t in turns)  # per basis
+            rot, at_row, per_row = rot[index(which)], index(has), index(which)  # gathered per row
             mu[at_row] = mu[at_row] @ rot.mT + prior_mu[per_row]
             S[at_row] = rot[:, None] @ S[at_row] @ rot[:, None].mT + prior_S[per_row][:, None]
         return (torch.from_numpy(mu), torch.from_numpy(S)) if in_numpy else (mu, S)
+
+    def turn(self, at: int, in_numpy: bool) -> tuple[Any, Any, Any]:
+        """From the kept basis computed at ``at`` into the current one: the rotation ``[r_new, r_old]`` and the
+        prior's mean and covariance in the directions the old basis lacked (``I - rot rot'`` applied); made once per
+        basis (a publication that refreshes the basis starts afresh), in numpy or in torch (``_carry``)."""
+        if self.turns[0] is not self.B:
+            self.turns = (self.B, {})
+        made = self.turns[1].get((at, in_numpy))
+        if made is None:
+            arr: Any = (lambda t: t.numpy()) if in_numpy else (lambda t: t)
+            rot = arr(self.B).mT @ arr(self.bases[at])
+            perp = arr(torch.eye(rot.shape[0], dtype=self.dtype, device=self.device)) - rot @ rot.mT
+            made = self.turns[1][at, in_numpy] = (rot, arr(self.prior_mu) @ perp.mT, perp @ arr(self.prior_S) @ perp.mT)
+        return made
 
     # --- state ---
 

@@ -235,7 +235,7 @@ class OneEvent:
         self.learners = typing.cast(TorchLearners, engine.learners)  # ``compiled``: EKF learners in torch
         self.every, self.at = cfg.snapshot_every, frozenset(cfg.snapshot_at)
         self.pred = np.empty(engine.n_pred)
-        self.views: tuple[Any, ...] | None = None  # ``FIELDS``, and the same as ``Views`` (``packed``)
+        self.views: tuple[Any, ...] = ()  # ``FIELDS`` (empty until read), and the same as ``Views`` (``packed``)
         self.packed: Views | None = None
         self.kb_seen = self.code_at = np.zeros(0, np.int64)  # views of the task table's columns (``_views``)
         self.counted: tuple[np.ndarray, np.ndarray] = (self.kb_seen, self.kb_seen)  # likewise
@@ -253,7 +253,7 @@ class OneEvent:
         return {
             **self.__dict__,
             **{
-                "views": None,
+                "views": (),
                 "packed": None,
                 "fresh": None,
                 "kb_seen": unbound,
@@ -267,7 +267,7 @@ class OneEvent:
         """Due before anything other than this path uses the engine: the rows learned here go to ``Recent``, and
         the engine's arrays are read again at the next event."""
         self.flush()
-        self.views = self.packed = self.carried = self.kept_for = self.fresh = None
+        self.views, self.packed, self.carried, self.kept_for, self.fresh = (), None, None, None, None
 
     def flush(self) -> None:
         """Hand the rows learned here to the engine's ``Recent`` as they are now (it keeps a task's latest row):
@@ -353,11 +353,16 @@ class OneEvent:
         )
 
     def _code(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Task row ``t``'s code carried into the current basis (``KnowledgeBase.carried``), kept aside."""
+        """Task row ``t``'s code carried into the current basis (``KnowledgeBase.carried`` of one row, by the basis's
+        ``turn``: made once per basis, not per row), kept aside."""
         kb, at = self.engine.kb, int(self.code_at[t])
         if self.carried is None or self.carried[:3] != (t, at, kb.basis_at):
-            mu, S = kb.carried(torch.tensor([t]), np.array([at]))
-            self.carried = (t, at, kb.basis_at, mu[0].numpy().copy(), S[0].numpy().copy())
+            if at in kb.bases:
+                rot, prior_mu, prior_S = kb.turn(at, True)
+                mu, S = kb.mu[t].numpy() @ rot.T + prior_mu, rot @ kb.S[t].numpy() @ rot.T + prior_S
+            else:  # from a basis no longer kept: the prior
+                mu, S = kb.prior_mu.numpy().copy(), np.broadcast_to(kb.prior_S.numpy(), kb.S.shape[1:]).copy()
+            self.carried = (t, at, kb.basis_at, mu, S)
         return self.carried[3], self.carried[4]
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray | None:
@@ -367,7 +372,7 @@ class OneEvent:
         if not self.able or (t is None and eng.residency.store is not None):  # it may be in the store
             return None
         packed = self.packed or self._views()
-        views = typing.cast(tuple[Any, ...], self.views)
+        views = self.views
         self.kept_for = None  # ``kept`` is written over
         if t is None:  # a new task's rows: the same for every task not a KB member's source, until the KB moves
             if task in eng.kb.slot_of:
@@ -413,10 +418,10 @@ class OneEvent:
             eng.residency.admit([task])
             t = tasks.index[task]
             self.carried = None
-            if self.views is not None and self._grown(self.views):  # its arrays are read again
+            if self.views and self._grown(self.views):  # its arrays are read again
                 self._use((*self._task_arrays(), *self.views[PER_TASK:]))
         packed = self.packed or self._views()
-        views = typing.cast(tuple[Any, ...], self.views)
+        views = self.views
         kept = self.kept_for is not None and self.kept_for[0] == t and self.kept_for[1] is x
         self.kept_for = None
         if not kept:  # (else ``predict`` of this event met the KB and found the code current: nothing moved since)
@@ -444,10 +449,10 @@ class OneEvent:
         if eng.events_seen == eng.next_estimate:
             self.flush()
             eng._estimate()
-            self.views = self.packed = self.fresh = None
+            self.views, self.packed, self.fresh = (), None, None
         if eng.events_seen % eng.cfg.publish_every == 0:
             eng._publish()
-            self.views = self.packed = self.fresh = None
+            self.views, self.packed, self.fresh = (), None, None
         self.taken += 1
         return self.pred
 

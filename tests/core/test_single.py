@@ -90,3 +90,10 @@ def test_declines_what_it_does_not_do(engine_factory):
     timed = engine_factory()
     timed.process([Event("a", None, np.ones(5), 1, ts=1.7e9)])  # event time: the expiry clock runs
     assert OneEvent(timed).learn("a", np.ones(5), 1) is None
+
+
+def test_codes_from_a_basis_no_longer_kept_start_from_the_prior_as_process_starts_them(engine_factory, monkeypatch):
+    monkeypatch.setattr("lifelong.core.knowledge.BASES_KEPT", 1)  # a task back after two refreshes lost its basis
+    fast, slow, got, want, _ = both(engine_factory, {}, {"n_tasks": 12, "block": 5})
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    assert len(fast.kb.bases) == 1 and fast.kb.basis_at > 0
