@@ -121,3 +121,7 @@ def test_one_at_a_time_and_many_at_once_mix_freely():
     want = engine.predict([Event(x["task"], None, model._event(x).x)]).pred[0, 1]
     assert model.predict_proba_one(x)[True] == pytest.approx(want, abs=1e-9)
     assert model._engine.counters == engine.counters
+
+
+def test_a_regressor_that_learned_nothing_predicts_the_middle_of_its_range():
+    assert LifelongRegressor(target_range=(0.0, 10.0)).predict_one({"task": "a", "f": 3.0}) == pytest.approx(5.0)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from lifelong.config import EngineConfig
-from lifelong.core.learners.ekf import TASK_CODES, label_step
+from lifelong.core.learners.ekf import TASK_CODES, label_step, start_bias
 
 EM_ITERATIONS = 30  # per estimate, warm-started from the last one
 MIN_VARIANCE = 1e-4  # floor of Σ: a deviation may always grow back
@@ -153,6 +153,7 @@ class SharedLevel:
         self.task = TASK_CODES[cfg.task]
         self.lo, self.hi = cfg.target_range
         self.w = np.zeros((n_out, r))
+        self.w[:, -1] = start_bias(cfg.task)
         self.w_S = np.broadcast_to(np.eye(r) * cfg.prior_var, (n_out, r, r)).copy()
         self.sigma = np.full((n_out, r), cfg.prior_var)
         self.learned = 0  # labelled events the pooled learner has learned

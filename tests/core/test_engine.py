@@ -685,3 +685,11 @@ def test_warm_up_runs_every_path_of_every_kind_and_changes_nothing(engine_factor
     assert scratch[-1].counters["snapshots"] > 0 and scratch[-1].kb.size > 0
     assert scratch[-1].next_estimate > FIRST_ESTIMATE  # the estimates across tasks ran (their kernels compiled)
     assert engine.state()[1] == before and engine.counters["learned"] == 0
+
+
+@pytest.mark.parametrize("kind", [{}, {"optimizer": "adagrad"}, {"model": "mlp"}], ids=["ekf", "adagrad", "mlp"])
+def test_an_untrained_regression_engine_predicts_the_middle_of_the_target_range(engine_factory, kind):
+    """Not the range's low end: the least an uninformed prediction can miss by (every level starts there)."""
+    engine = engine_factory(task="regression", target_range=(10.0, 30.0), **kind)
+    pred = engine.predict([Event("new", None, np.zeros(5))]).pred  # zeros: an MLP's random hidden layer adds none
+    assert pred[0, 0] == pytest.approx(20.0)

@@ -54,6 +54,9 @@ class TorchLearners(Learners):
         # AdaGrad's squared-gradient sums; the EKF keeps its own curvature in S.
         self.accum = {} if self.use_ekf else {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.eye_S = torch.eye(dim + 1, dtype=self.dtype, device=device) * cfg.prior_var  # the plain EKF prior
+        self.bias = ekf.start_bias(cfg.task)  # the output bias of a learner before any population prior
+        self.plain_mu = torch.zeros(self.n_out, dim + 1, dtype=self.dtype, device=device)  # the plain EKF mean
+        self.plain_mu[:, -1] = self.bias
 
     def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         d, c, h = self.dim, self.n_out, self.cfg.hidden
@@ -83,12 +86,14 @@ class TorchLearners(Learners):
         self._n = n_tasks
 
     def _init(self, name: str, first: int, n: int) -> torch.Tensor | float:
-        if name == "mu" and self.prior_mu is not None:
-            return self.prior_mu.expand(n, -1, -1)
+        if name == "mu":
+            return (self.plain_mu if self.prior_mu is None else self.prior_mu).expand(n, -1, -1)
         if name == "S" and self.prior_S is not None:
             return self.prior_S.expand(n, -1, -1, -1)
         if name == "S":
             return self.eye_S.expand(n, self.n_out, -1, -1)
+        if name in ("b", "b2"):  # the output's
+            return self.bias
         if self.linear or name.startswith("b"):
             return 0.0
         fan_in = self.dim if name == "w1" else self.cfg.hidden
