@@ -184,7 +184,9 @@ class Engine:
     def _estimate(self) -> None:
         """Empirical Bayes across the tasks that learned since the last estimate (``recent.py``): the
         mixed-effects prior Σ (``SharedLevel.em``) and the top level's prior over its experts
-        (``Mixtures.learn_prior``). The next estimate comes after twice as many events, up to ``ESTIMATE_EVERY``."""
+        (``Mixtures.learn_prior``); new tasks start from the pooled learner as it is now (``Staging.start_new``).
+        The next estimate comes after twice as many events, up to ``ESTIMATE_EVERY``."""
+        self.staging.start_new()
         _, rows = self.recent.take()
         if rows:
             if self.shared is not None:

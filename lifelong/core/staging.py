@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from lifelong.core.knowledge import Staged
@@ -39,11 +40,9 @@ class Staging:
     def ready(self, events_seen: int) -> list[Staged]:
         """What this publication publishes: each task's latest snapshot, in the order of the tasks' first
         triggers (arrival order, whatever the batching; an earlier snapshot of the same task would be replaced
-        in its slot anyway), less those taken while their task was non-finite; and the population member. The
-        population's mean becomes the prior of new tasks."""
-        if self.shared is not None and self.shared.learned:
-            mu = self.shared.w.copy()
-            self.learners.prior_mu = torch.as_tensor(mu, dtype=self.learners.dtype, device=self.learners.device)
+        in its slot anyway), less those taken while their task was non-finite; and the population member, whose
+        mean new tasks start from (``start_new``)."""
+        if self.shared is not None and (mu := self.start_new()) is not None:
             member = self.learners.members_from_ekf(mu[None])[0]
             self.staged.append(Staged(-1, POPULATION, self.shared.learned, events_seen, member))
         if not self.staged:
@@ -62,6 +61,15 @@ class Staging:
             self.counters["snapshots_not_finite"] += finite.count(False)
             latest = {st.task_name: st for st, ok in zip(snaps, finite, strict=True) if ok}
         return list(latest.values())
+
+    def start_new(self) -> np.ndarray | None:
+        """New tasks' learners start from the pooled learner's mean as it is now (at each publication and each
+        estimate: counts that do not depend on batching); that mean, or None before the pooled learner learned."""
+        if self.shared is None or not self.shared.learned:
+            return None
+        mu = self.shared.w.copy()
+        self.learners.prior_mu = torch.as_tensor(mu, dtype=self.learners.dtype, device=self.learners.device)
+        return mu
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and JSON metadata for a checkpoint: the staged snapshots and the new tasks' prior mean."""

@@ -198,3 +198,17 @@ def test_a_state_saved_before_the_shared_level_loads_and_the_shared_learners_joi
     result = restored.process([Event(e.task, e.id, None, e.y) for e in events[:150]] + events[200:])
     assert restored.counters["learned"] == learned + 150 + len(events) - 200
     assert np.isfinite(result.pred[~np.isnan(result.pred[:, 0])]).all()
+
+
+def test_a_new_task_starts_from_the_pooled_learner_as_of_the_last_estimate(engine_factory):
+    """Not only from the last publication (every 1,024 events by default): the early tasks of a stream, which
+    are most of a short stream's, start from what the pooled learner knows after 32 events."""
+    engine = engine_factory(publish_every=1024)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5))
+    engine.process([Event(f"t{i % 8}", None, row, int(row[0] > 0)) for i, row in enumerate(x)])  # an estimate
+    assert engine.kb.size == 0 and engine.shared.learned == 32  # nothing published yet
+    engine.residency.admit(["new"])
+    mu = engine.learners.params["mu"][engine.tasks.index["new"]].numpy()
+    np.testing.assert_array_equal(mu, engine.shared.w)
+    assert mu[0, 0] > 0.5  # the pooled learner has learned that the first feature says "true"
