@@ -15,15 +15,13 @@ import numpy as np
 import torch
 
 REG_NOISE = 0.05  # observation noise variance for regression, on the target scaled to [0, 1]
+MIN_CURVATURE = 1e-4
 
 
 def start_bias(task: str) -> float:
     """The output bias an untrained learner starts from: the middle of the scaled target for regression (so it
     predicts the middle of ``target_range``, the least it can miss by, not the range's low end); 0 otherwise."""
     return 0.5 if task == "regression" else 0.0
-
-
-MIN_CURVATURE = 1e-4
 
 
 def forward(
