@@ -182,10 +182,9 @@ class Engine:
         return result
 
     def _estimate(self) -> None:
-        """Empirical Bayes across the tasks that learned since the last estimate (``recent.py``): the
-        mixed-effects prior Σ (``SharedLevel.em``) and the top level's prior over its experts
-        (``Mixtures.learn_prior``); new tasks start from the pooled learner as it is now (``Staging.start_new``).
-        The next estimate comes after twice as many events, up to ``ESTIMATE_EVERY``."""
+        """Empirical Bayes across tasks that learned since the last estimate (``recent.py``): Σ (``SharedLevel.em``),
+        the top level's prior (``Mixtures.learn_prior``); new tasks start from the pooled learner as it is now
+        (``Staging.start_new``). The next estimate comes after twice as many events, up to ``ESTIMATE_EVERY``."""
         self.staging.start_new()
         _, rows = self.recent.take()
         if rows:
@@ -452,9 +451,8 @@ class Engine:
         if not members:
             return
         slots = self.kb.publish(members)
-        if (
-            slots
-        ):  # pending predictions' experts in these slots slept (``mixtures``); tasks meet them in ``KbEntry.meet``
+        # pending predictions' experts in these slots slept (``mixtures``); tasks meet them in ``KbEntry.meet``
+        if slots:
             self.kb_version[torch.tensor(slots, dtype=torch.long, device=self.device) + 1] += 1
         self.learners.prior_S = self.kb.task_S
 
