@@ -25,6 +25,7 @@ from typing import Any
 
 import numba
 import numpy as np
+import torch
 from numba.core import types
 from numba.experimental import structref
 
@@ -436,7 +437,8 @@ class OneEvent:
         counters["predicted"] += 1
         n = int(tasks.counts[t])
         if (self.every > 0 and n % self.every == 0) or n in self.at:  # a KB snapshot follows (``steps.compiled``)
-            store = self.learners.members_from_ekf(views[0][t][None].copy())[0]  # a copy: the row learns on
+            mu = views[0][t]  # ``Learners.members_from_ekf`` of one row, in numpy
+            store = {"w": torch.from_numpy(mu[:, :-1].T.copy())[None], "b": torch.from_numpy(mu[:, -1].copy())[None]}
             eng.staging.stage(t, task, n, eng.events_seen, store)
         if bad:
             self._guard(t, bad)
