@@ -296,6 +296,17 @@ class KnowledgeBase:
             S[at_row] = rot[:, None] @ S[at_row] @ rot[:, None].mT + prior_S[per_row][:, None]
         return (torch.from_numpy(mu), torch.from_numpy(S)) if in_numpy else (mu, S)
 
+    def carried_row(self, row: int, at: int) -> tuple[np.ndarray, np.ndarray]:
+        """``carried`` of one row on the CPU, in numpy (the single-event path): by its basis's ``turn``, without the
+        batch form's searches and stacks, which cost more than the arithmetic for one row."""
+        mu, S = self.mu[row].numpy(), self.S[row].numpy()
+        if at == self.basis_at:
+            return mu.copy(), S.copy()
+        if at not in self.bases:  # from a basis no longer kept: the prior
+            return self.prior_mu.numpy().copy(), np.broadcast_to(self.prior_S.numpy(), S.shape).copy()
+        rot, prior_mu, prior_S = self.turn(at, True)
+        return mu @ rot.T + prior_mu, rot @ S @ rot.T + prior_S
+
     def turn(self, at: int, in_numpy: bool) -> tuple[Any, Any, Any]:
         """From the kept basis computed at ``at`` into the current one: the rotation ``[r_new, r_old]`` and the
         prior's mean and covariance in the directions the old basis lacked (``I - rot rot'`` applied); made once per

@@ -353,16 +353,10 @@ class OneEvent:
         )
 
     def _code(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Task row ``t``'s code carried into the current basis (``KnowledgeBase.carried`` of one row, by the basis's
-        ``turn``: made once per basis, not per row), kept aside."""
+        """Task row ``t``'s code carried into the current basis (``KnowledgeBase.carried_row``), kept aside."""
         kb, at = self.engine.kb, int(self.code_at[t])
         if self.carried is None or self.carried[:3] != (t, at, kb.basis_at):
-            if at in kb.bases:
-                rot, prior_mu, prior_S = kb.turn(at, True)
-                mu, S = kb.mu[t].numpy() @ rot.T + prior_mu, rot @ kb.S[t].numpy() @ rot.T + prior_S
-            else:  # from a basis no longer kept: the prior
-                mu, S = kb.prior_mu.numpy().copy(), np.broadcast_to(kb.prior_S.numpy(), kb.S.shape[1:]).copy()
-            self.carried = (t, at, kb.basis_at, mu, S)
+            self.carried = (t, at, kb.basis_at, *kb.carried_row(t, at))
         return self.carried[3], self.carried[4]
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray | None:

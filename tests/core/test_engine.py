@@ -660,6 +660,9 @@ def test_a_code_carried_into_the_current_basis_is_turned_into_it_and_takes_the_p
             want_S = rot @ kb.S[i] @ rot.T + perp @ kb.prior_S @ perp.T
         torch.testing.assert_close(mu[i], want_mu, rtol=tol, atol=tol)
         torch.testing.assert_close(S[i], want_S, rtol=tol, atol=tol)
+        if dtype == "float64":  # the single-event path's one row (float64 only): the same
+            for got, want in zip(kb.carried_row(i, a), (mu[i], S[i]), strict=True):
+                np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-12)
     assert not torch.equal(mu[0], kb.mu[0])  # carrying changed the code
 
 
