@@ -25,7 +25,7 @@ from lifelong.config import EngineConfig
 from lifelong.core.events import RESERVED_TASK
 from lifelong.core.learners import ekf
 from lifelong.core.learners.base import Learners, rows_not_finite
-from lifelong.core.tasks import grown
+from lifelong.core.tasks import grow_rows, grown
 from lifelong.errors import LifelongError
 from lifelong.storage import wire
 
@@ -98,8 +98,7 @@ class KnowledgeBase:
         cap = self.mu.shape[0]
         if n_tasks > cap:
             new_cap = grown(n_tasks, cap, self.cfg.max_resident_tasks)
-            self.mu = torch.cat([self.mu, self.mu.new_zeros(new_cap - cap, *self.mu.shape[1:])])
-            self.S = torch.cat([self.S, self.S.new_zeros(new_cap - cap, *self.S.shape[1:])])
+            self.mu, self.S = (grow_rows(a, new_cap) for a in (self.mu, self.S))
         self.mu[self._n : n_tasks] = self.prior_mu
         self.S[self._n : n_tasks] = self.prior_S
         self._n = n_tasks

@@ -35,6 +35,27 @@ def grown(n: int, cap: int, limit: int) -> int:
     return max(n, 16, 2 * cap if n > limit else min(2 * cap, limit))
 
 
+def grow_rows(old: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
+    """``old``'s rows in a tensor of ``size`` rows, the rest ``fill`` (None: left unset, for the caller to set
+    up before use). Each page of memory is written once: growing a large table is mostly page faults."""
+    new = old.new_empty((size, *old.shape[1:]))
+    new[: len(old)] = old
+    if fill is not None:
+        new[len(old) :] = fill
+    return new
+
+
+def smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of ``k`` (0 < k < len) smallest of ``values``, integers (batch numbers): counted value by value
+    where they span few values (a few passes, ~5x faster than a partition over 100,000 rows), else partitioned."""
+    low = int(values.min())
+    if int(values.max()) - low > 4 * len(values):
+        return np.argpartition(values, k - 1)[:k]
+    kth = low + int(np.searchsorted(np.cumsum(np.bincount(values - low)), k))  # the k-th smallest value
+    below = np.flatnonzero(values < kth)
+    return np.concatenate([below, np.flatnonzero(values == kth)[: k - len(below)]])
+
+
 class TaskTable:
     """Resident tasks: ``names[row]``, ``index[name]``, the columns ``cols`` (``empty``) and per row, host side:
     ``counts`` (labelled events learned), ``used`` (the ``batch`` that last used it: the least recently used
@@ -126,10 +147,8 @@ class TaskTable:
             )
         cap = self.cols["stats"].shape[0]
         if n > cap:
-            cols = self.empty(grown(n, cap, self.limit))
-            for key, old in self.cols.items():
-                cols[key][:cap] = old
-            self.cols = cols
+            size = grown(n, cap, self.limit)
+            self.cols = {key: grow_rows(old, size, 0) for key, old in self.cols.items()}
         at = np.array(rows, np.int64)
         self.counts[at], self.used[at], self.in_store[at], self.dirty[at] = 0, self.batch, False, True
         return rows
@@ -138,13 +157,13 @@ class TaskTable:
         """Up to ``k`` rows not used in this batch, the least recently used."""
         n = len(self.names)
         if 0 < k < n:  # the k least recently used, if none of them is used in this batch: one pass
-            rows = np.argpartition(self.used[:n], k - 1)[:k]
+            rows = smallest(self.used[:n], k)
             if self.used[rows].max() < self.batch:
                 return rows
         idle = np.flatnonzero(self.used[:n] < self.batch)
         if k <= 0 or len(idle) <= k:
             return idle if k > 0 else idle[:0]
-        return idle[np.argpartition(self.used[idle], k - 1)[:k]]
+        return idle[smallest(self.used[idle], k)]
 
     def release(self, rows: np.ndarray) -> None:
         """Tasks ``rows`` are no longer resident: their rows wait for ``add`` to give them to tasks coming in."""

@@ -299,3 +299,16 @@ def test_the_least_recently_used_leave_first(used, k):
     assert len(set(rows.tolist())) == len(rows) == min(max(k, 0), len(idle)) and set(rows.tolist()) <= idle
     left = idle - set(rows.tolist())
     assert not len(rows) or not left or max(used[r] for r in rows) <= min(used[r] for r in left)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=40) | st.lists(st.integers(0, 10**9), min_size=2, max_size=40))
+def test_the_k_smallest_by_counts_or_by_partition(values):
+    """``tasks.smallest``: k positions whose values are the k smallest, whether counted (few distinct batch
+    numbers) or partitioned (a wide span)."""
+    from lifelong.core.tasks import smallest
+
+    for k in range(1, len(values)):
+        rows = smallest(np.array(values), k)
+        assert len(set(rows.tolist())) == k
+        assert sorted(values[r] for r in rows) == sorted(values)[:k]

@@ -10,7 +10,7 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.learners import ekf
 from lifelong.core.learners.base import Learners, rows_not_finite
-from lifelong.core.tasks import grown
+from lifelong.core.tasks import grow_rows, grown
 from lifelong.errors import ConfigError
 
 EKF_MAX_DIM = 256  # optimizer "auto" uses the EKF up to this many features (its state is quadratic in them)
@@ -75,9 +75,7 @@ class TorchLearners(Learners):
             new_cap = grown(n_tasks, cap, self.cfg.max_resident_tasks)
             for store in (self.params, self.accum):
                 for name, old in store.items():
-                    bigger = torch.zeros((new_cap, *old.shape[1:]), dtype=self.dtype, device=self.device)
-                    bigger[:cap] = old
-                    store[name] = bigger
+                    store[name] = grow_rows(old, new_cap)  # rows past ``_n``: set up below
         new = slice(self._n, n_tasks)
         for name, p in self.params.items():
             p[new] = self._init(name, self._n, n_tasks - self._n)
