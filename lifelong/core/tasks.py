@@ -163,7 +163,7 @@ class TaskTable:
         idle = np.flatnonzero(self.used[:n] < self.batch)
         if k <= 0 or len(idle) <= k:
             return idle if k > 0 else idle[:0]
-        return idle[smallest(self.used[idle], k)]
+        return np.asarray(idle[smallest(self.used[idle], k)], np.int64)
 
     def release(self, rows: np.ndarray) -> None:
         """Tasks ``rows`` are no longer resident: their rows wait for ``add`` to give them to tasks coming in."""
