@@ -37,7 +37,7 @@ def grown(n: int, cap: int, limit: int) -> int:
 
 def grow_rows(old: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
     """``old``'s rows in a tensor of ``size`` rows, the rest ``fill`` (None: left unset, for the caller to set
-    up before use). Each page of memory is written once: growing a large table is mostly page faults."""
+    up before use). Not zeros first: the old and the new table are not both whole in memory at a doubling."""
     new = old.new_empty((size, *old.shape[1:]))
     new[: len(old)] = old
     if fill is not None:
