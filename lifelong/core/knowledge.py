@@ -25,8 +25,7 @@ from lifelong.config import EngineConfig
 from lifelong.core.events import RESERVED_TASK
 from lifelong.core.learners import ekf
 from lifelong.core.learners.base import Learners, rows_not_finite
-from lifelong.core.tasks import grow_rows, grown
-from lifelong.errors import LifelongError
+from lifelong.core.tasks import assign, grow_rows, grown
 from lifelong.storage import wire
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
@@ -99,8 +98,8 @@ class KnowledgeBase:
         if n_tasks > cap:
             new_cap = grown(n_tasks, cap, self.cfg.max_resident_tasks)
             self.mu, self.S = (grow_rows(a, new_cap) for a in (self.mu, self.S))
-        self.mu[self._n : n_tasks] = self.prior_mu
-        self.S[self._n : n_tasks] = self.prior_S
+        assign(self.mu, slice(self._n, n_tasks), self.prior_mu)
+        assign(self.S, slice(self._n, n_tasks), self.prior_S)
         self._n = n_tasks
 
     # --- prediction and learning ---
@@ -162,16 +161,18 @@ class KnowledgeBase:
         """
         if not staged:
             return []
-        vecs = self.learners.member_vectors([snap.store for snap in staged])
+        # the small dense arithmetic of a publication in numpy, on the CPU (torch's cost per operation is several
+        # times numpy's on arrays this small)
+        vecs = self.learners.member_vectors([snap.store for snap in staged]).cpu().numpy()
         shared = bool(vecs.shape[1])  # parameter vectors in a common form: near-duplicates are dropped
         if shared:
-            vecs = vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
             if self.vectors is None:
-                self.vectors = torch.zeros(self.capacity, vecs.shape[1], dtype=vecs.dtype, device=self.device)
+                self.vectors = torch.zeros(self.capacity, vecs.shape[1], dtype=self.dtype, device=self.device)
             # each record's cosine to what each slot holds as the slots fill (-inf: empty): a slot's column becomes
             # its new record's cosines to the others
-            near = (vecs @ self.vectors.T).cpu().numpy()
-            cos_new = (vecs @ vecs.T).cpu().numpy()
+            near = vecs @ self.vectors.cpu().numpy().T
+            cos_new = vecs @ vecs.T
         holder = np.full(self.capacity, -1)  # which record each slot holds now (-1: what it held before)
         valid = self.valid.cpu().numpy()
         if shared:
@@ -212,55 +213,59 @@ class KnowledgeBase:
             self.learners.copy_members(self.store, slots, [staged[holder[s]].store for s in slots])
             self.valid[slots] = True
             if self.vectors is not None and shared:
-                self.vectors[slots] = vecs[[holder[s] for s in slots]]
+                self.vectors[slots] = self._tensor(vecs[[holder[s] for s in slots]])
+        members = self._members()
         # the population member changes at every publication: alone, it does not move the basis (whose refresh
         # rotates every task's code)
-        if self.basis_on and self.size >= 2 and any(snap.task_name != RESERVED_TASK for snap in staged):
-            self._refresh_basis()
+        real = any(snap.task_name != RESERVED_TASK for snap in staged)
+        if self.basis_on and members is not None and len(members) >= 2 and real:
+            self._refresh_basis(members)
         if self.cfg.task_prior:
-            self.task_S = self._task_prior()
+            self.task_S = self._task_prior(members)
         return entered
 
-    def _task_prior(self) -> torch.Tensor | None:
+    def _members(self) -> np.ndarray | None:
+        """The members as ``[K, d + 1, C]`` (weights with the bias last) in float64 numpy, or None (non-linear)."""
+        weights = self.learners.linear_weights(self.store)
+        return None if weights is None else weights[self.valid].cpu().numpy().astype(np.float64)
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
+
+    def _task_prior(self, members: np.ndarray | None) -> torch.Tensor | None:
         """The covariance ``[C, d + 1, d + 1]`` new tasks' EKF learners start from (an empirical-Bayes prior):
         the members' weight covariance, shrunk towards ``prior_var`` x I; None (the plain prior) while fewer than
         ``PRIOR_MEMBERS`` members, or for non-linear ones. Recomputed at every publication."""
-        weights = self.learners.linear_weights(self.store)
-        if weights is None or self.size < PRIOR_MEMBERS:
+        if members is None or len(members) < PRIOR_MEMBERS:
             return None
-        w = weights[self.valid].permute(2, 0, 1).double()  # [C, K, d + 1]
-        centred = w - w.mean(1, keepdim=True)
-        cov = centred.transpose(1, 2) @ centred / (w.shape[1] - 1)
-        eye = torch.eye(w.shape[-1], dtype=cov.dtype, device=self.device)
+        w = members.transpose(2, 0, 1)  # [C, K, d + 1]
+        centred = w - w.mean(1, keepdims=True)
+        cov = centred.transpose(0, 2, 1) @ centred / (w.shape[1] - 1)
         # fewer members than weights: the sample covariance is singular, so lean on the plain prior more
         shrink = max(PRIOR_SHRINK, 1.0 - w.shape[1] / w.shape[2])
-        return ((1 - shrink) * cov + shrink * self.cfg.prior_var * eye).to(self.dtype)
+        return self._tensor((1 - shrink) * cov + shrink * self.cfg.prior_var * np.eye(w.shape[-1]))
 
-    def _refresh_basis(self) -> None:
-        weights = self.learners.linear_weights(self.store)
-        if weights is None:
-            raise LifelongError("the basis expert needs linear members")
-        members = weights[self.valid]  # [K, d+1, C]
-        rows = members.permute(0, 2, 1).reshape(-1, members.shape[1]).double()  # [K*C, d+1]
+    def _refresh_basis(self, members: np.ndarray) -> None:
+        """The basis from the members ``[K, d + 1, C]`` (``_members``), and the prior of codes in it."""
+        rows = members.transpose(0, 2, 1).reshape(-1, members.shape[1])  # [K*C, d+1]
         # the top right singular vectors: eigenvectors of the small Gram matrix, largest first (cheaper than
         # an SVD of the members; float64, so the rank cut at singular values 1e-6 of the largest stays exact)
-        ev, vec = torch.linalg.eigh(rows.T @ rows)
-        ev, vec = ev.flip(0), vec.flip(1)
+        ev, vec = np.linalg.eigh(rows.T @ rows)
+        ev, vec = ev[::-1], vec[:, ::-1]
         r_max = self.cfg.basis_rank
-        keep = int(min(r_max, int((ev > ev[0] * 1e-12).sum())))
-        B = torch.zeros_like(self.B)
-        B[:, :keep] = vec[:, :keep].to(self.dtype)
-        codes = members.transpose(1, 2) @ B  # [K, C, r]
+        keep = min(r_max, int((ev > ev[0] * 1e-12).sum()))
+        B = np.zeros((len(rows.T), r_max))
+        B[:, :keep] = vec[:, :keep]
+        codes = members.transpose(0, 2, 1) @ B  # [K, C, r]
         prior_mu = codes.mean(0)
         centred = (codes - prior_mu).reshape(-1, r_max)
-        eye = torch.eye(r_max, dtype=self.dtype, device=self.device)
-        prior_S = centred.T @ centred / max(1, centred.shape[0] - 1) + JITTER * eye
-        self.B, self.prior_mu, self.prior_S = B, prior_mu, prior_S
+        prior_S = centred.T @ centred / max(1, centred.shape[0] - 1) + JITTER * np.eye(r_max)
+        self.B, self.prior_mu, self.prior_S = (self._tensor(a) for a in (B, prior_mu, prior_S))
         if not self.basis_ready:
             self.basis_since = self.applied
         self.basis_ready = True
         self.basis_at = self.applied
-        self.bases[self.applied] = B
+        self.bases[self.applied] = self.B
         for old in sorted(self.bases)[:-BASES_KEPT]:
             del self.bases[old]
 

@@ -56,11 +56,11 @@ class Staging:
         self.staged = []
         snaps = list(latest.values())
         vectors = self.learners.member_vectors([st.store for st in snaps])
-        if vectors.shape[1]:  # a snapshot taken while its task was non-finite (reset since) never publishes
-            finite = torch.isfinite(vectors).all(1).tolist()
-            self.counters["snapshots_not_finite"] += finite.count(False)
-            latest = {st.task_name: st for st, ok in zip(snaps, finite, strict=True) if ok}
-        return list(latest.values())
+        finite = np.isfinite(vectors.cpu().numpy()).all(1)
+        if not finite.all():  # a snapshot taken while its task was non-finite (reset since) never publishes
+            self.counters["snapshots_not_finite"] += int((~finite).sum())
+            return [st for st, ok in zip(snaps, finite.tolist(), strict=True) if ok]
+        return snaps
 
     def start_new(self) -> np.ndarray | None:
         """New tasks' learners start from the pooled learner's mean as it is now (at each publication and each
