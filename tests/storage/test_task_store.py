@@ -312,3 +312,23 @@ def test_the_k_smallest_by_counts_or_by_partition(values):
         rows = smallest(np.array(values), k)
         assert len(set(rows.tolist())) == k
         assert sorted(values[r] for r in rows) == sorted(values)[:k]
+
+
+def test_rows_assigned_in_numpy_are_what_torch_would_assign():
+    """``tasks.assign`` (a CPU table's rows set through numpy) by every kind of index admission uses: a slice, an
+    int, a tensor of rows, with a column; a scalar or a (broadcast) tensor."""
+    from lifelong.core.tasks import assign
+
+    cases = [
+        (slice(1, 3), torch.arange(4.0).expand(2, -1)),
+        (2, 7.0),
+        (torch.tensor([3, 0]), torch.ones(2, 4)),
+        ((slice(2, 4), 0), True),
+        ((torch.tensor([1]), slice(2, None)), -1.0),
+    ]
+    for rows, value in cases:
+        ours, theirs = torch.zeros(5, 4), torch.zeros(5, 4)
+        assign(ours, rows, value)
+        theirs[rows] = value
+        assert torch.equal(ours, theirs), rows
+        assert ours.abs().sum() > 0
