@@ -49,7 +49,7 @@ def grow_rows(old: torch.Tensor, size: int, fill: float | None = None) -> torch.
 
 def assign(table: torch.Tensor, rows: Any, value: Any) -> None:
     """``table[rows] = value``; for a CPU table in numpy (torch's cost per assignment is ~10x numpy's, ~4 µs against
-    0.4, which a task's admission pays a dozen times)."""
+    0.4, which admitting a task pays nine times)."""
     if table.device.type != "cpu":
         table[rows] = value
         return
