@@ -25,7 +25,7 @@ from lifelong.config import EngineConfig
 from lifelong.core.events import RESERVED_TASK
 from lifelong.core.learners import ekf
 from lifelong.core.learners.base import Learners, rows_not_finite
-from lifelong.core.tasks import assign, grow_rows, grown
+from lifelong.core.tasks import grow_rows, grown
 from lifelong.storage import wire
 
 JITTER = 1e-2  # added to the prior covariance of codes, so that it stays positive definite
@@ -98,8 +98,8 @@ class KnowledgeBase:
         if n_tasks > cap:
             new_cap = grown(n_tasks, cap, self.cfg.max_resident_tasks)
             self.mu, self.S = (grow_rows(a, new_cap) for a in (self.mu, self.S))
-        assign(self.mu, slice(self._n, n_tasks), self.prior_mu)
-        assign(self.S, slice(self._n, n_tasks), self.prior_S)
+        self.mu[self._n : n_tasks] = self.prior_mu
+        self.S[self._n : n_tasks] = self.prior_S
         self._n = n_tasks
 
     # --- prediction and learning ---

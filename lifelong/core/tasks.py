@@ -48,8 +48,9 @@ def grow_rows(old: torch.Tensor, size: int, fill: float | None = None) -> torch.
 
 
 def assign(table: torch.Tensor, rows: Any, value: Any) -> None:
-    """``table[rows] = value``; for a CPU table in numpy (torch's cost per assignment is ~10x numpy's, ~4 µs against
-    0.4, which admitting a task pays nine times)."""
+    """``table[rows] = value``; for a CPU table in numpy (torch's cost per assignment of a scalar to a few rows is
+    several times numpy's, ~4 µs against ~1 with the view taken; a tensor's rows gain nothing: its view costs
+    as much)."""
     if table.device.type != "cpu":
         table[rows] = value
         return

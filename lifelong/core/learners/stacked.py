@@ -10,7 +10,7 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.learners import ekf
 from lifelong.core.learners.base import Learners, rows_not_finite
-from lifelong.core.tasks import assign, grow_rows, grown
+from lifelong.core.tasks import grow_rows, grown
 from lifelong.errors import ConfigError
 
 EKF_MAX_DIM = 256  # optimizer "auto" uses the EKF up to this many features (its state is quadratic in them)
@@ -78,9 +78,9 @@ class TorchLearners(Learners):
                     store[name] = grow_rows(old, new_cap)  # rows past ``_n``: set up below
         new = slice(self._n, n_tasks)
         for name, p in self.params.items():
-            assign(p, new, self._init(name, self._n, n_tasks - self._n))
+            p[new] = self._init(name, self._n, n_tasks - self._n)
         for acc in self.accum.values():
-            assign(acc, new, ADAGRAD_INIT)
+            acc[new] = ADAGRAD_INIT
         self._n = n_tasks
 
     def _init(self, name: str, first: int, n: int) -> torch.Tensor | float:
