@@ -40,7 +40,10 @@ THEN = "lifelong_then"
 def extract(rev: str, into: Path) -> None:
     """Revision ``rev``'s ``lifelong`` package as ``into/lifelong_then``, importing itself under that name."""
     root = Path(__file__).resolve().parent.parent
-    tar = subprocess.run(["git", "archive", rev, "lifelong"], cwd=root, capture_output=True, check=True).stdout
+    done = subprocess.run(["git", "archive", rev, "lifelong"], cwd=root, capture_output=True)
+    if done.returncode:
+        raise SystemExit(f"git archive {rev} lifelong: {done.stderr.decode().strip()} (a shallow clone lacks it?)")
+    tar = done.stdout
     with tarfile.open(fileobj=BytesIO(tar)) as archive:
         archive.extractall(into, filter="data")
     (into / "lifelong").rename(into / THEN)
