@@ -20,7 +20,7 @@ import torch
 from lifelong.config import EngineConfig
 from lifelong.core.knowledge import KnowledgeBase
 from lifelong.core.learners.base import Learners
-from lifelong.core.tasks import STATS, TaskTable
+from lifelong.core.tasks import STATS, TaskTable, assign
 from lifelong.errors import StateError
 from lifelong.storage import wire
 from lifelong.storage.task_store import TaskStore, pack_rows, unpack_rows
@@ -171,10 +171,7 @@ class Residency:
         """Rows freed by ``_evict`` that take new tasks: as ``init_rows`` sets up new rows."""
         at = torch.as_tensor(rows, device=self.device)
         for table in self.tasks.cols.values():
-            if table.device.type == "cpu":  # numpy's fancy assignment: several times cheaper on small batches
-                table.numpy()[rows] = 0
-            else:
-                table[at] = 0
+            assign(table, at, 0)
         self.tasks.start(self.tasks.cols, at, self.kb.basis_at)
         self.learners.reset(at)
         self.kb.mu[at], self.kb.S[at] = self.kb.prior_mu, self.kb.prior_S
