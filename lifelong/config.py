@@ -91,9 +91,10 @@ class EngineConfig:
     # tasks held in the engine's tensors (about 3 KB each at dim 20); the least recently used others live in the
     # task store (RocksDB) on disk and are read back when their next event comes
     max_resident_tasks: int = 100_000
-    # torch CPU threads of a `lifelong run` or `lifelong evaluate` process (0: torch's default, one per core). The
-    # engine's batched operations are small: more threads mostly spin (and wait on the task store's background
-    # threads), and replicas sharing a machine oversubscribe it.
+    # torch CPU threads of a `lifelong run` or `lifelong evaluate` process, and of the River estimators' engine
+    # calls (the caller's setting restored after) (0: as they are; torch's default is one per core). The engine's
+    # batched operations are small: more threads mostly spin (and wait on the task store's background threads),
+    # and replicas sharing a machine oversubscribe it.
     threads: int = 1
 
 

@@ -1,5 +1,7 @@
 """The River estimators: River's own estimator checks, and the same results as the engine."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 from river import checks
@@ -125,3 +127,30 @@ def test_one_at_a_time_and_many_at_once_mix_freely():
 
 def test_a_regressor_that_learned_nothing_predicts_the_middle_of_its_range():
     assert LifelongRegressor(target_range=(0.0, 10.0)).predict_one({"task": "a", "f": 3.0}) == pytest.approx(5.0)
+
+
+def test_the_engine_works_on_its_own_threads_and_leaves_the_callers():
+    """A notebook's torch keeps its thread setting; the engine's small torch operations (a publication: 4x slower
+    on two threads than on one here) run on ``engine.threads``, one by default, or on the caller's with 0."""
+    import torch
+
+    rows = list(related_rows(n_tasks=6, events=30))
+    before = torch.get_num_threads()
+    try:
+        for threads, want in ((1, 1), (0, 3)):
+            torch.set_num_threads(3)
+            model = LifelongClassifier(dim=8, engine={"publish_every": 16, "threads": threads})
+            seen: list[int] = []
+
+            def publish(seen: list[int] = seen, then: Any = model._engine._publish) -> None:
+                seen.append(torch.get_num_threads())
+                then()
+
+            model._engine._publish = publish  # type: ignore[method-assign]
+            for x, y in rows:
+                model.predict_proba_one(x)
+                model.learn_one(x, y)
+            assert len(seen) == len(rows) // 16 and set(seen) == {want}
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
