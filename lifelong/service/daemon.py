@@ -13,7 +13,6 @@ one interface, chosen once here.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import signal
@@ -30,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from lifelong.config import Config
 from lifelong.core.engine import Engine
 from lifelong.core.events import Schema
-from lifelong.core.warmup import use_threads, warm_up
+from lifelong.core.warmup import quiet_collector, use_threads, warm_up
 from lifelong.errors import ConfigError, InvalidEvent, LifelongError, started
 from lifelong.kafka.admin import ensure_topics
 from lifelong.kafka.factory import open_sink, open_source
@@ -48,10 +47,6 @@ log = logging.getLogger(__name__)
 # The main loop refreshes the engine values that /metrics serves every second, or less often where a refresh
 # (which reads every task) would take more than STATUS_SHARE of the loop's time: hundreds of thousands of tasks.
 STATUS_EVERY_S, STATUS_SHARE = 1.0, 0.02
-# The loop makes thousands of short-lived objects per batch (records, events, predictions): Python's default
-# (a young collection every 700 of them, a full one every 100 young ones at most) collected several times per
-# batch and every few tenths of a second in full; collecting every 50,000 is faster and lowers the p99 latency.
-GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class DaemonError(LifelongError):
@@ -238,28 +233,8 @@ class Daemon:
                 log.info("engine kernels ready in %.1f s", warm_up(self.cfg.engine, self.cfg.labels))
             self.source = self.open_source(self.cfg, self._on_assign, self._on_revoke, self._on_lost)
             self.source.start()
-            # what start-up loaded (torch, numba, the clients: millions of objects) is never garbage: left out
-            # of the collector's full passes, which otherwise cost a large share of the loop's time under load
-            gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
-            while not self.stopping.is_set():
-                self.last_progress = time.monotonic()
-                if self.source.error is not None:
-                    raise DaemonError(f"the poll loop stopped: {self.source.error!r}")
-                if self.last_progress - self.status_at >= self.status_every:
-                    self._refresh_status()
-                if self.storage_error is not None:  # no new work (nor predictions) until state is saved again
-                    if self.checkpointer.due_retry():
-                        self.checkpoint(timeout=30.0)
-                    else:
-                        self.stopping.wait(0.1)
-                    continue
-                batches = self._collect()
-                if batches:
-                    self._process(batches)
-                self.replica.tick()
-                if (self.dirty or self.checkpointer.again) and self.checkpointer.due(self.cfg.checkpoint.interval_s):
-                    self.checkpoint(timeout=30.0, commit_by="queue")
+            with quiet_collector():  # what start-up loaded is never garbage
+                self._loop()
             self._shutdown()
         except LifelongError as exc:
             log.error("stopping without a checkpoint: %s", exc)
@@ -267,6 +242,28 @@ class Daemon:
         finally:
             self._close()
         return code
+
+    def _loop(self) -> None:
+        """Poll, learn and predict, checkpoint when due, until asked to stop."""
+        source = started(self.source)
+        while not self.stopping.is_set():
+            self.last_progress = time.monotonic()
+            if source.error is not None:
+                raise DaemonError(f"the poll loop stopped: {source.error!r}")
+            if self.last_progress - self.status_at >= self.status_every:
+                self._refresh_status()
+            if self.storage_error is not None:  # no new work (nor predictions) until state is saved again
+                if self.checkpointer.due_retry():
+                    self.checkpoint(timeout=30.0)
+                else:
+                    self.stopping.wait(0.1)
+                continue
+            batches = self._collect()
+            if batches:
+                self._process(batches)
+            self.replica.tick()
+            if (self.dirty or self.checkpointer.again) and self.checkpointer.due(self.cfg.checkpoint.interval_s):
+                self.checkpoint(timeout=30.0, commit_by="queue")
 
     def _refresh_status(self) -> None:
         """Engine values for /metrics, taken here (where the engine is consistent): a scrape never waits."""

@@ -19,7 +19,7 @@ import numpy as np
 from lifelong.config import Config
 from lifelong.core.engine import Engine
 from lifelong.core.events import Event, Schema, decode_many
-from lifelong.core.warmup import use_threads, warm_up
+from lifelong.core.warmup import quiet_collector, use_threads, warm_up
 from lifelong.errors import LifelongError, require
 
 READ_CHUNK = 8192  # lines read and decoded together (``decode_many``), then fed to every pass
@@ -229,12 +229,13 @@ def evaluate(
     chosen = [runs[name]() for name in PASSES if name in passes]
     meter = Progress(Path(path).stat().st_size, "evaluate") if progress else None
     events = bad = 0
-    for chunk, invalid, done in read_chunks(path, cfg):
-        events, bad = events + len(chunk), bad + invalid
-        for run in chosen:
-            run.feed(chunk)
-        if meter:
-            meter.update(done, events, "  ".join(f"{r.name} {r.error:.4f}" for r in chosen))
+    with quiet_collector():
+        for chunk, invalid, done in read_chunks(path, cfg):
+            events, bad = events + len(chunk), bad + invalid
+            for run in chosen:
+                run.feed(chunk)
+            if meter:
+                meter.update(done, events, "  ".join(f"{r.name} {r.error:.4f}" for r in chosen))
     if meter:
         meter.close()
     by_name = {r.name: r for r in chosen}

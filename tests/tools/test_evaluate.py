@@ -81,3 +81,24 @@ def test_passes_flag_and_the_two_panel_plot(related, tmp_path, capsys):
         rgb = np.array(matplotlib.colors.to_rgb(colour))
         near = np.abs(image - rgb).max(-1) < 0.08
         assert near[:, :half].sum() > 200 and near[:, half:].sum() > 200, colour
+
+
+def test_the_passes_leave_what_start_up_loaded_out_of_collections_and_the_collector_as_it_was(related, monkeypatch):
+    """While the passes run, the objects loaded before (torch, numba: a full collection over them takes ~100 ms)
+    are frozen and young collections are rarer; afterwards the caller's thresholds are back."""
+    import gc
+
+    from lifelong.core.warmup import GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, int, int], int]] = []
+    feed = ev.Pass.feed
+
+    def watched(self: ev.Pass, chunk: list) -> None:
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+        feed(self, chunk)
+
+    monkeypatch.setattr(ev.Pass, "feed", watched)
+    ev.evaluate(related, load_config(env={}), progress=False)
+    assert gc.get_threshold() == before
+    assert len(seen) == 3 and all(t == GC_THRESHOLDS and frozen > 10_000 for t, frozen in seen)
