@@ -37,7 +37,7 @@ import numpy as np
 from lifelong.config import EngineConfig
 from lifelong.core.engine import Engine
 from lifelong.core.events import Event
-from lifelong.core.warmup import use_threads, warm_up
+from lifelong.core.warmup import quiet_collector, use_threads, warm_up
 from lifelong.tools.broker import free_port
 
 from record import save
@@ -85,13 +85,14 @@ def one(kind: str, args: argparse.Namespace) -> dict[str, float]:
     engine = Engine(cfg)
     gen_s, t0 = 0.0, time.perf_counter()
     it = batches(kind, args.events, args.many if kind == "many" else args.few, args.batch, args.seed)
-    while True:
-        g = time.perf_counter()
-        evs = next(it, None)
-        gen_s += time.perf_counter() - g
-        if evs is None:
-            break
-        engine.process(evs)
+    with quiet_collector():  # as `lifelong run` and `evaluate` run their loops
+        while True:
+            g = time.perf_counter()
+            evs = next(it, None)
+            gen_s += time.perf_counter() - g
+            if evs is None:
+                break
+            engine.process(evs)
     seconds = time.perf_counter() - t0 - gen_s
     return {
         "tasks": engine.n_known,
