@@ -35,6 +35,7 @@ from lifelong.config import EngineConfig
 from lifelong.core.engine import Engine
 from lifelong.core.events import Event, hash_index
 from lifelong.core.single import OneEvent
+from lifelong.core.warmup import use_threads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,14 +53,12 @@ def _engine_threads(method: Method) -> Method:
 
     @functools.wraps(method)
     def on_engine_threads(self: _Lifelong, *args: Any) -> Any:
-        wanted, before = self._engine.cfg.threads, torch.get_num_threads()
-        if not wanted or wanted == before:
-            return method(self, *args)
-        torch.set_num_threads(wanted)
+        before = use_threads(self._engine.cfg)
         try:
             return method(self, *args)
         finally:
-            torch.set_num_threads(before)
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
     return on_engine_threads  # type: ignore[return-value]
 

@@ -21,10 +21,12 @@ from lifelong.core.events import Event
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def use_threads(cfg: EngineConfig) -> None:
-    """Set this process's torch CPU threads to ``engine.threads`` (0 leaves torch's default)."""
-    if cfg.threads > 0:
+def use_threads(cfg: EngineConfig) -> int:
+    """Set this process's torch CPU threads to ``engine.threads`` (0 leaves them as they are); the count before."""
+    before = torch.get_num_threads()
+    if cfg.threads > 0 and cfg.threads != before:
         torch.set_num_threads(cfg.threads)
+    return before
 
 
 def warm_up(cfg: EngineConfig, labels: LabelsConfig | None = None) -> float:
